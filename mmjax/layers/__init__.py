@@ -1,0 +1,18 @@
+"""Small, model-agnostic building blocks. Every parameter carries logical axis names.
+
+Logical axis names used for parameters (mapped to mesh axes by config rules):
+  embed     model width                       mlp       feed-forward hidden width
+  heads     query heads                       kv_heads  key/value heads (grouped-query)
+  head_dim  per-head width                    vocab     vocabulary
+  latents   learned resampler latents         length    positions in a learned position table
+  patch     flattened patch pixels (ViT stem)
+Activations use: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
+"""
+
+from mmjax.layers.attention import Attention, attention_mask
+from mmjax.layers.dense import Dense
+from mmjax.layers.embeddings import LearnedPositions, apply_rope
+from mmjax.layers.mlp import Mlp
+from mmjax.layers.norms import Norm
+
+__all__ = ["Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope", "attention_mask"]

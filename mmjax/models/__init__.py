@@ -1,0 +1,1 @@
+"""Architectures, one file per piece: vit, lm, perceiver, xattn, flamingo."""

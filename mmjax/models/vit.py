@@ -1,0 +1,124 @@
+"""Vision Transformer in the CLIP layout.
+
+Patch embedding (a strided projection without bias), class token, learned positions,
+`ln_pre`, pre-norm blocks, and `ln_post` on the class token followed by a projection.
+Patch tokens can be read from any layer: Flamingo uses the last, LLaVA the penultimate.
+"""
+
+import dataclasses
+from typing import Literal
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.layers import Attention, Dense, Mlp, Norm
+from mmjax.models.common import dtype as to_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """CLIP-style ViT.
+
+  Attributes:
+    output_dim: width of the pooled, projected embedding; None for no projection.
+    token_norm: apply `ln_post` to the returned patch tokens. open_clip >= 2.23 does;
+      open_clip <= 2.22 (and so the OpenFlamingo checkpoints) returns them un-normed.
+  """
+
+  image_size: int = 224
+  patch_size: int = 14
+  width: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  mlp_dim: int | None = None
+  activation: str = "quick_gelu"
+  norm_eps: float = 1e-5
+  channels: int = 3
+  output_dim: int | None = 768
+  token_norm: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: Literal["xla", "cudnn"] | None = None
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of "
+                       f"patch_size={self.patch_size}.")
+    if self.width % self.num_heads:
+      raise ValueError(f"ViTConfig: width={self.width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm bidirectional block, `"b n d -> b n d"`."""
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+    x = x + Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads,
+                      use_bias=True, implementation=cfg.attention_impl, name="attn", **kw)(
+                          Norm("layernorm", cfg.norm_eps, name="attn_norm", **kw)(x))
+    x = x + Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True, name="mlp",
+                **kw)(Norm("layernorm", cfg.norm_eps, name="mlp_norm", **kw)(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class ViT(nn.Module):
+  """`images "b h w c" -> {"tokens": "b n d", "pooled": "b e"}`."""
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, feature_layer: int = -1) -> dict[str, jax.Array]:
+    """Encodes images.
+
+    Args:
+      images: `"b h w c"`, normalised pixels.
+      feature_layer: which hidden state the patch tokens come from, counted like Hugging
+        Face's `hidden_states`: 0 is the input to the first block, `depth` (or -1) the
+        output of the last, -2 the penultimate. Blocks after it are not run, and
+        "pooled" is returned only when the last block runs.
+    Returns:
+      "tokens": `"b n d"` patch tokens (class token dropped); "pooled": `"b e"`.
+    """
+    cfg = self.config
+    kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+      raise ValueError(f"ViT expects images 'b h w c' of shape (*, {cfg.image_size}, "
+                       f"{cfg.image_size}, {cfg.channels}), got {images.shape}.")
+    layer = feature_layer % (cfg.depth + 1)
+    p = cfg.patch_size
+    patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+    x = Dense(cfg.width, ("patch", "embed"), name="patch_embed", **kw)(patches)
+    cls = self.param("cls_token", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), kw["param_dtype"])
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width)), x],
+                        axis=1)
+    pos = self.param("positions", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.width ** -0.5), ("length", "embed")),
+                     (cfg.num_patches + 1, cfg.width), kw["param_dtype"])
+    x = x + pos.astype(x.dtype)
+    x = Norm("layernorm", cfg.norm_eps, name="pre_norm", **kw)(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    for i in range(layer):
+      x = EncoderBlock(cfg, name=f"layers_{i}")(x)
+
+    post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
+    tokens = x[:, 1:]
+    out = {"tokens": post_norm(tokens) if cfg.token_norm else tokens}
+    if layer == cfg.depth:
+      pooled = post_norm(x[:, 0])
+      if cfg.output_dim is not None:
+        pooled = Dense(cfg.output_dim, ("embed", None), name="head", **kw)(pooled)
+      out["pooled"] = pooled
+    return out

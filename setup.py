@@ -1,0 +1,33 @@
+"""mmjax: multimodal vision-language pretraining in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal vision-language pretraining in JAX/Flax: Flamingo, BLIP-2, CLIP, LLaVA and friends.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6,<0.11",
+        "jaxlib>=0.6,<0.11",
+        "flax>=0.10.4,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.10,<0.3",
+        "tensorflow-datasets>=4.9.7,<4.10",
+        "einops>=0.8,<0.9",
+        "ml-collections>=1.0,<1.2",
+        "sentencepiece>=0.2,<0.3",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+        ],
+    },
+)
