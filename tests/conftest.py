@@ -1,0 +1,51 @@
+"""Toy shapes shared by the tests: small enough to compile in seconds on a CPU."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mmjax.models.flamingo import Flamingo, FlamingoConfig
+from mmjax.models.lm import LMConfig
+from mmjax.models.perceiver import ResamplerConfig
+from mmjax.models.vit import ViTConfig
+from mmjax.models.xattn import XAttnConfig
+
+MEDIA, ENDOFCHUNK, PAD = 1, 2, 0
+
+GPT2_LIKE = LMConfig(vocab_size=64, width=32, depth=4, num_heads=4, max_len=64)
+LLAMA_LIKE = LMConfig(vocab_size=64, width=32, depth=4, num_heads=4, num_kv_heads=2,
+                      activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,
+                      use_bias=False, position="rope", tie_embeddings=False, mlp_dim=48)
+
+
+def flamingo_config(lm: LMConfig = LLAMA_LIKE, **xattn) -> FlamingoConfig:
+  return FlamingoConfig(
+      vision=ViTConfig(image_size=16, patch_size=8, width=32, depth=2, num_heads=4,
+                       output_dim=16),
+      resampler=ResamplerConfig(depth=2, num_heads=2, head_dim=8, num_latents=3),
+      lm=lm,
+      xattn=XAttnConfig(**{"every": 2, "num_heads": 2, "head_dim": 8, **xattn}),
+      media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK)
+
+
+def random_gates(params, rng=jax.random.key(7)):
+  """Trained-looking gates: nonzero, so the cross-attention branches matter."""
+  def perturb(path, x):
+    if "gate" in jax.tree_util.keystr(path):
+      return jax.random.uniform(rng, x.shape, minval=0.5, maxval=1.0)
+    return x
+  return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+@pytest.fixture(scope="module")
+def toy_flamingo():
+  """A toy Flamingo, its params with nonzero gates, and one interleaved batch."""
+  model = Flamingo(flamingo_config())
+  # row 0: text, <image>, text, <|endofchunk|>, <image>, text ...; row 1: right-padded.
+  tokens = jnp.array([[5, 6, MEDIA, 7, 8, ENDOFCHUNK, MEDIA, 9, 10, 11, ENDOFCHUNK, 12],
+                      [MEDIA, 13, 14, ENDOFCHUNK, 15, 16, 17, PAD, PAD, PAD, PAD, PAD]])
+  images = jax.random.normal(jax.random.key(0), (2, 2, 1, 16, 16, 3))
+  num_images = jnp.array([2, 1])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens, images, num_images)["params"])
+  return model, random_gates(params), tokens, images, num_images

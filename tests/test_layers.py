@@ -1,0 +1,141 @@
+"""Building blocks against naive references: attention, GQA, norms, MLP, RoPE, Dense."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.layers import Attention, Dense, Mlp, Norm, apply_rope
+from mmjax.layers.attention import attention_mask
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def naive_attention(params, x, kv, mask, num_heads, num_kv_heads, head_dim):
+  """Softmax attention written out with numpy, one head at a time."""
+  x, kv = np.asarray(x, np.float64), np.asarray(kv, np.float64)
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  q = np.einsum("btd,dhk->bthk", x, p["query"]["kernel"])
+  k = np.einsum("bsd,dhk->bshk", kv, p["key"]["kernel"])
+  v = np.einsum("bsd,dhk->bshk", kv, p["value"]["kernel"])
+  group = num_heads // num_kv_heads
+  out = np.zeros(q.shape)
+  for h in range(num_heads):
+    logits = np.einsum("btk,bsk->bts", q[:, :, h], k[:, :, h // group]) / np.sqrt(head_dim)
+    logits = np.where(mask, logits, -np.inf)
+    row_max = np.where(mask.any(-1, keepdims=True), logits.max(-1, keepdims=True), 0.0)
+    w = np.exp(logits - row_max)
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)  # fully masked rows -> 0
+    out[:, :, h] = np.einsum("bts,bsk->btk", w, v[:, :, h // group])
+  return np.einsum("bthk,hkd->btd", out, p["out"]["kernel"])
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_masked_cross_attention_matches_naive_softmax(num_kv_heads):
+  rng = np.random.default_rng(0)
+  x, kv = rng.normal(size=(2, 5, 16)), rng.normal(size=(2, 7, 12))
+  mask = rng.random((2, 5, 7)) < 0.5
+  mask[0, 2] = False  # a query with nothing to attend to
+  attn = Attention(num_heads=4, head_dim=8, num_kv_heads=num_kv_heads, cross=True)
+  params = nn.unbox(attn.init(jax.random.key(0), x, kv, mask=mask)["params"])
+  out = jax.jit(attn.apply)({"params": params}, x, kv, mask=jnp.asarray(mask))
+  ref = naive_attention(params, x, kv, mask, 4, num_kv_heads, 8)
+  np.testing.assert_allclose(out, ref, **TOL)
+  np.testing.assert_array_equal(out[0, 2], 0.0)  # exactly zero, not a uniform average
+
+
+def test_causal_attention_with_padding_matches_naive():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 6, 16))
+  key_valid = np.array([[True] * 6, [False, False, True, True, True, True]])
+  attn = Attention(num_heads=2, head_dim=8, causal=True)
+  params = nn.unbox(attn.init(jax.random.key(0), x)["params"])
+  full_mask = np.tril(np.ones((6, 6), bool))[None] & key_valid[:, None, :]
+  ref = naive_attention(params, x, x, full_mask, 2, 2, 8)
+  out = attn.apply({"params": params}, x, mask=attention_mask(jnp.asarray(key_valid)))
+  np.testing.assert_allclose(out[1, 2:], ref[1, 2:], **TOL)
+  np.testing.assert_allclose(out[0], ref[0], **TOL)
+  # The is_causal fast path (no explicit mask) equals the explicit causal mask.
+  np.testing.assert_allclose(attn.apply({"params": params}, x)[0], ref[0], **TOL)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 6, 16))
+  gqa = Attention(num_heads=4, head_dim=8, num_kv_heads=2, causal=True, rope_theta=10_000.0)
+  mha = Attention(num_heads=4, head_dim=8, causal=True, rope_theta=10_000.0)
+  params = nn.unbox(gqa.init(jax.random.key(0), x)["params"])
+  repeated = dict(params)
+  for name in ("key", "value"):  # kv head g serves query heads 2g, 2g+1
+    repeated[name] = {"kernel": jnp.repeat(params[name]["kernel"], 2, axis=1)}
+  np.testing.assert_allclose(gqa.apply({"params": params}, x),
+                             mha.apply({"params": repeated}, x), **TOL)
+
+
+def test_incremental_decoding_equals_full_attention():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
+  attn = Attention(num_heads=4, head_dim=4, num_kv_heads=2, causal=True, qk_norm="rmsnorm",
+                   rope_theta=10_000.0)
+  params = nn.unbox(attn.init(jax.random.key(0), x)["params"])
+  full = attn.apply({"params": params}, x)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  _, state = attn.apply({"params": params}, x, positions=positions, decode=True,
+                        mutable=["cache"])
+  cache = jax.tree_util.tree_map(jnp.zeros_like, state["cache"])
+  step = jax.jit(lambda cache, x, positions: attn.apply(
+      {"params": params, "cache": cache}, x, positions=positions, decode=True,
+      mutable=["cache"]))
+  outs = []
+  for start, stop in [(0, 3), (3, 4), (4, 5), (5, 8)]:  # a prefill, then steps
+    out, state = step(cache, x[:, start:stop], positions[:, start:stop])
+    cache = state["cache"]
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+
+
+def test_rope_depends_only_on_relative_position():
+  rng = np.random.default_rng(4)
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32) for _ in range(2))
+  def score(pq, pk):
+    return jnp.sum(apply_rope(q, jnp.array([[pq]])) * apply_rope(k, jnp.array([[pk]])))
+  np.testing.assert_allclose(score(3, 1), score(10, 8), **TOL)
+  np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), **TOL)
+  assert abs(float(score(3, 1)) - float(score(3, 2))) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norms_match_formula(kind):
+  x = (np.random.default_rng(5).normal(size=(3, 10)) * 4 + 1).astype(np.float32)
+  norm = Norm(kind, epsilon=1e-6)
+  params = {"scale": jnp.arange(1.0, 11.0), **({"bias": jnp.ones(10)} if kind == "layernorm" else {})}
+  y = norm.apply({"params": params}, x)
+  if kind == "layernorm":
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    ref = ref * np.arange(1, 11) + 1
+  else:
+    ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(1, 11)
+  np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_swiglu_matches_formula():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 8)), jnp.float32)
+  mlp = Mlp(16, "silu", gated=True)
+  p = nn.unbox(mlp.init(jax.random.key(0), x)["params"])
+  ref = (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+  np.testing.assert_allclose(mlp.apply({"params": p}, x), ref, **TOL)
+
+
+def test_dense_multi_axis_kernel_has_true_fan_in_and_logical_axes():
+  x = jnp.ones((4, 2, 64))
+  dense = Dense((8, 16), ("embed", "heads", "head_dim"), use_bias=True)
+  variables = dense.init(jax.random.key(0), x)
+  specs = nn.get_partition_spec(variables)["params"]
+  assert tuple(specs["kernel"]) == ("embed", "heads", "head_dim")
+  assert tuple(specs["bias"]) == ("heads", "head_dim")
+  kernel = nn.unbox(variables)["params"]["kernel"]
+  assert kernel.shape == (64, 8, 16)
+  np.testing.assert_allclose(np.std(kernel), 64 ** -0.5, rtol=0.1)  # lecun: 1/sqrt(fan_in)
+  with pytest.raises(ValueError, match="must name 1 input and 2 output axes"):
+    Dense((8, 16), ("embed", "heads")).init(jax.random.key(0), x)
