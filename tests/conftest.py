@@ -32,7 +32,7 @@ def flamingo_config(lm: LMConfig = LLAMA_LIKE, **xattn) -> FlamingoConfig:
 def random_gates(params, rng=jax.random.key(7)):
   """Trained-looking gates: nonzero, so the cross-attention branches matter."""
   def perturb(path, x):
-    if "gate" in jax.tree_util.keystr(path):
+    if getattr(path[-1], "key", None) in ("attn_gate", "mlp_gate"):
       return jax.random.uniform(rng, x.shape, minval=0.5, maxval=1.0)
     return x
   return jax.tree_util.tree_map_with_path(perturb, params)

@@ -212,3 +212,29 @@ def test_config_from_dict_and_errors():
   with pytest.raises(ValueError, match="'b T F h w c'"):
     model = Flamingo(cfg)
     model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2, 16, 16, 3)))
+
+
+def test_every_parameter_carries_logical_axis_names(toy_flamingo):
+  model, _, tokens, images, num_images = toy_flamingo
+  boxed = jax.eval_shape(model.init, jax.random.key(0), tokens, images, num_images)["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  unnamed = [jax.tree_util.keystr(path) for path, leaf in leaves
+             if not isinstance(leaf, nn.LogicallyPartitioned) or len(leaf.names) != leaf.value.ndim]
+  assert len(leaves) > 50 and not unnamed
+
+
+def test_bfloat16_compute_with_float32_params(toy_flamingo):
+  import dataclasses
+  model, params, tokens, images, num_images = toy_flamingo
+  cfg = model.config
+  bf16 = Flamingo(dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
+      resampler=dataclasses.replace(cfg.resampler, dtype="bfloat16"),
+      lm=dataclasses.replace(cfg.lm, dtype="bfloat16")))
+  logits32 = logits_fn(model)(params, tokens, images, num_images)
+  logits16 = logits_fn(bf16)(params, tokens, images, num_images)
+  assert logits16.dtype == jnp.bfloat16
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda p: p.dtype == jnp.float32, params))
+  # bf16 keeps ~3 significant digits; the toy logits are O(1).
+  np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=0.1)

@@ -14,7 +14,8 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),     # torch nn.GELU(); OpenFlamingo
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2 "gelu_new"
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),    # OpenAI CLIP
-    "relu": jax.nn.relu,                                      # OPT
+    "relu": jax.nn.relu,                                      # OPT, IDEFICS resampler
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),     # Flamingo (paper)
     "silu": jax.nn.silu,                                      # LLaMA (gated)
 }
 

@@ -1,0 +1,98 @@
+"""Inspects a model config: parameter counts, then a compiled forward pass and generation.
+
+  python -m mmjax.summary --config=configs/flamingo.py[:variant] [--run=false]
+
+Counts come from abstract shapes (`jax.eval_shape`), so any size can be inspected on a
+laptop; `--run` then initialises random weights and times one compiled forward pass and
+one batched generation on a random interleaved batch.
+"""
+
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.",
+                                          lock_config=True)
+_RUN = flags.DEFINE_bool("run", True, "Also run a compiled forward pass and generation.")
+
+
+def param_table(params, trainable: str) -> list[tuple[str, int, bool]]:
+  """`(group, count, trains)` rows: per top-level module, gated blocks grouped together."""
+  rows: dict[tuple[str, bool], int] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    group = re.sub(r"^lm/xattn_\d+/.*", "lm/xattn_*", name)
+    group = group if group == "lm/xattn_*" else name.split("/")[0]
+    trains = re.search(trainable, name) is not None
+    rows[(group, trains)] = rows.get((group, trains), 0) + int(np.prod(leaf.shape))
+  return [(group, count, trains) for (group, trains), count in rows.items()]
+
+
+def example_batch(config, rng):
+  """A random interleaved batch: `<image> text <|endofchunk|>` chunks, right-padded."""
+  s, m = config.summary, config.model
+  tokens = np.array(jax.random.randint(rng, (s.batch_size, s.seq_len), 5,
+                                         m.lm["vocab_size"]))
+  chunk = s.seq_len // s.num_images
+  for i in range(s.num_images):
+    tokens[:, i * chunk] = m.media_token_id
+    tokens[:, (i + 1) * chunk - 1] = m.endofchunk_token_id
+  v = m.vision
+  images = jax.random.normal(rng, (s.batch_size, s.num_images, 1, v["image_size"],
+                                   v["image_size"], 3))
+  return jnp.asarray(tokens), images, jnp.full((s.batch_size,), s.num_images, jnp.int32)
+
+
+def timed(fn, *args, **kwargs):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  return out, time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  model = Flamingo(FlamingoConfig.from_dict(config.model.to_dict()))
+  tokens, images, num_images = example_batch(config, jax.random.key(0))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens, images,
+                                                      num_images)["params"]))
+  rows = param_table(shapes, config.trainable)
+  total = sum(count for _, count, _ in rows)
+  print(f"Flamingo '{config.variant}': {total / 1e6:,.2f}M parameters")
+  for group, count, trains in sorted(rows):
+    print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")
+  print(f"  trainable: {sum(count for _, count, trains in rows if trains) / 1e6:,.2f}M")
+  if not _RUN.value:
+    return
+
+  params, init_s = timed(jax.jit(lambda: nn.unbox(
+      model.init(jax.random.key(0), tokens, images, num_images)["params"])))
+  forward = jax.jit(lambda p, t, i, n: model.apply({"params": p}, t, i, n))
+  logits, compile_s = timed(forward, params, tokens, images, num_images)
+  _, step_s = timed(forward, params, tokens, images, num_images)
+  print(f"forward {tuple(tokens.shape)} with {num_images[0]} images/row: logits "
+        f"{tuple(logits.shape)}, first call {compile_s:.2f}s (compiles), then {step_s:.3f}s")
+  s = config.summary
+  prompt_len = s.seq_len // 2
+  gen_kw = dict(images=images, num_images=num_images, max_new_tokens=s.max_new_tokens,
+                stop_ids=(config.model.endofchunk_token_id, config.tokens.eos),
+                pad_id=config.tokens.pad)
+  lengths = jnp.full((s.batch_size,), prompt_len, jnp.int32)
+  prompt = tokens[:, :prompt_len]
+  out, compile_s = timed(generate, model, params, prompt, lengths, jax.random.key(1), **gen_kw)
+  _, step_s = timed(generate, model, params, prompt, lengths, jax.random.key(1), **gen_kw)
+  print(f"greedy generation of up to {s.max_new_tokens} tokens: lengths "
+        f"{np.asarray(out.lengths).tolist()}, first call {compile_s:.2f}s, then {step_s:.3f}s")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
