@@ -75,9 +75,12 @@ def init_cache(apply_fn: Callable[..., tuple[Any, dict]], *args, **kwargs) -> Ca
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+GREEDY = SamplingConfig()
+
+
 def generate(step_fn: StepFn, cache: Cache, prompt: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-             sampling: SamplingConfig = SamplingConfig(),
+             sampling: SamplingConfig = GREEDY,
              prefill_fn: StepFn | None = None) -> Generated:
   """Continues each prompt until a stop token or `max_new_tokens`.
 

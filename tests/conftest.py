@@ -29,8 +29,9 @@ def flamingo_config(lm: LMConfig = LLAMA_LIKE, **xattn) -> FlamingoConfig:
       media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK)
 
 
-def random_gates(params, rng=jax.random.key(7)):
+def random_gates(params, seed: int = 7):
   """Trained-looking gates: nonzero, so the cross-attention branches matter."""
+  rng = jax.random.key(seed)
   def perturb(path, x):
     if getattr(path[-1], "key", None) in ("attn_gate", "mlp_gate"):
       return jax.random.uniform(rng, x.shape, minval=0.5, maxval=1.0)

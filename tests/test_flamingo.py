@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ENDOFCHUNK, MEDIA, PAD, flamingo_config, random_gates
+from conftest import ENDOFCHUNK, MEDIA, PAD, flamingo_config
 from mmjax.decoding import SamplingConfig
 from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
 from mmjax.models.lm import LanguageModel
@@ -49,7 +49,7 @@ def _changed_positions(model, params, tokens, images, num_images, row, image):
 
   other = images.at[row, image].set(jax.random.normal(jax.random.key(9), images.shape[2:]))
   result = []
-  for base, new in zip(run(images), run(other)):
+  for base, new in zip(run(images), run(other), strict=True):
     changed = np.abs(np.asarray(new - base)).max(axis=-1) > 1e-6
     for r in range(tokens.shape[0]):
       np.testing.assert_array_equal(new[r][~changed[r]], base[r][~changed[r]])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax.layers import Attention, Dense, Mlp, Norm, apply_rope
-from mmjax.layers.attention import attention_mask
+from mmjax.layers import padding_mask
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -53,7 +53,7 @@ def test_causal_attention_with_padding_matches_naive():
   params = nn.unbox(attn.init(jax.random.key(0), x)["params"])
   full_mask = np.tril(np.ones((6, 6), bool))[None] & key_valid[:, None, :]
   ref = naive_attention(params, x, x, full_mask, 2, 2, 8)
-  out = attn.apply({"params": params}, x, mask=attention_mask(jnp.asarray(key_valid)))
+  out = attn.apply({"params": params}, x, mask=padding_mask(jnp.asarray(key_valid)))
   np.testing.assert_allclose(out[1, 2:], ref[1, 2:], **TOL)
   np.testing.assert_allclose(out[0], ref[0], **TOL)
   # The is_causal fast path (no explicit mask) equals the explicit causal mask.
@@ -139,3 +139,15 @@ def test_dense_multi_axis_kernel_has_true_fan_in_and_logical_axes():
   np.testing.assert_allclose(np.std(kernel), 64 ** -0.5, rtol=0.1)  # lecun: 1/sqrt(fan_in)
   with pytest.raises(ValueError, match="must name 1 input and 2 output axes"):
     Dense((8, 16), ("embed", "heads")).init(jax.random.key(0), x)
+
+
+def test_attention_misuse_is_explained():
+  x = jnp.ones((1, 3, 8))
+  with pytest.raises(ValueError, match=r"construct Attention\(cross=True\)"):
+    Attention(num_heads=2, head_dim=4).init(jax.random.key(0), x, x)
+  with pytest.raises(ValueError, match="RoPE is defined for self-attention only"):
+    Attention(num_heads=2, head_dim=4, cross=True, rope_theta=1e4).init(jax.random.key(0), x, x)
+  with pytest.raises(ValueError, match="multiple of num_kv_heads=3"):
+    Attention(num_heads=4, head_dim=4, num_kv_heads=3).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="decoding needs the absolute `positions`"):
+    Attention(num_heads=2, head_dim=4, causal=True).init(jax.random.key(0), x, decode=True)

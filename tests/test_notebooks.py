@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom (code cells in order, in the notebooks folder)."""
 
 import json
-import os
 import pathlib
 
 import pytest

@@ -9,10 +9,10 @@ Logical axis names used for parameters (mapped to mesh axes by config rules):
 Activations use: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
 """
 
-from mmjax.layers.attention import Attention, attention_mask
+from mmjax.layers.attention import Attention, padding_mask
 from mmjax.layers.dense import Dense
 from mmjax.layers.embeddings import LearnedPositions, apply_rope
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
 
-__all__ = ["Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope", "attention_mask"]
+__all__ = ["Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope", "padding_mask"]

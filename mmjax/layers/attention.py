@@ -26,22 +26,12 @@ def causal_mask(length: int) -> jax.Array:
   return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
-def attention_mask(key_valid: jax.Array | None = None, *, causal: bool = False,
-                   length: int | None = None) -> jax.Array | None:
-  """Combines a causal rule and key validity (padding) into `"b 1 t s"`.
+def padding_mask(key_valid: jax.Array) -> jax.Array:
+  """`key_valid "b s"` (True for real keys) -> `"b 1 1 s"`, hiding padding from every query.
 
-  Args:
-    key_valid: `"b s"` True for real keys, or None.
-    causal: whether query i sees only keys 0..i (then `t == s`).
-    length: sequence length, needed when `key_valid` is None and `causal` is True.
+  `Attention(causal=True)` combines it with the causal rule.
   """
-  mask = None
-  if causal:
-    mask = causal_mask(length if key_valid is None else key_valid.shape[1])
-  if key_valid is not None:
-    pad = key_valid[:, None, None, :]
-    mask = pad if mask is None else mask & pad
-  return mask
+  return key_valid[:, None, None, :]
 
 
 class Attention(nn.Module):
@@ -104,6 +94,9 @@ class Attention(nn.Module):
                        f"num_kv_heads={num_kv_heads}.")
     if self.cross and self.rope_theta is not None:
       raise ValueError(f"{self.name}: RoPE is defined for self-attention only.")
+    if not self.cross and kv is not None:
+      raise ValueError(f"{self.name}: `kv` was passed to a self-attention; construct "
+                       "Attention(cross=True) for cross-attention.")
     b, t, d = x.shape
 
     q = self._dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), "query")(x)
@@ -117,8 +110,6 @@ class Attention(nn.Module):
                          "first decode call.")
     else:
       source = kv if self.cross else x
-      if source is None:
-        raise ValueError(f"{self.name}: self-attention takes no `kv`.")
       kv_axes = ("embed", "kv_heads", "head_dim")
       k = self._dense((num_kv_heads, self.head_dim), kv_axes, "key")(source)
       v = self._dense((num_kv_heads, self.head_dim), kv_axes, "value")(source)
@@ -136,8 +127,7 @@ class Attention(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
       q = apply_rope(q, positions, self.rope_theta)
-      if not (self.cross and kv is None):
-        k = apply_rope(k, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
 
     is_causal = False
     if self.causal and decode:

@@ -134,7 +134,7 @@ def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: ja
              rng: jax.Array, *, images: jax.Array | None = None,
              num_images: jax.Array | None = None, media: jax.Array | None = None,
              max_new_tokens: int, stop_ids: Sequence[int] | None = None, pad_id: int = 0,
-             sampling: decoding.SamplingConfig = decoding.SamplingConfig()
+             sampling: decoding.SamplingConfig = decoding.GREEDY
              ) -> decoding.Generated:
   """Continues interleaved prompts; media are encoded once and their projections cached.
 

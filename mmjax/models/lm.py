@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm
+from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
@@ -132,9 +132,12 @@ class LanguageModel(nn.Module):
       if decode:
         raise ValueError("LanguageModel: token_mask is not supported when decoding; "
                          "right-pad prompts and pass their positions instead.")
-      mask = token_mask[:, None, None, :]
+      mask = padding_mask(token_mask)
 
     xattn_layers = self.xattn.layer_indices(cfg.depth) if self.xattn is not None else ()
+    if xattn_layers and media_mask is None:
+      raise ValueError("LanguageModel: gated cross-attention blocks need `media_mask` (and "
+                       "`media`, except in decode mode after the first call).")
     for i in range(cfg.depth):
       if i in xattn_layers:
         x = GatedCrossAttentionBlock(self.xattn, implementation=cfg.attention_impl,

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers import Attention, Mlp, Norm
-from mmjax.models.common import dtype as to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
