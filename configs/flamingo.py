@@ -10,8 +10,11 @@ Inspect a variant (parameter counts, a compiled forward pass and generation):
 
 import ml_collections
 
-# Token ids shared by the embedded tokenizer and the model.
-PAD, EOS, BOS, MEDIA, ENDOFCHUNK = 0, 1, 2, 3, 4
+from mmjax.data.tokenizer import BOS_ID as BOS
+from mmjax.data.tokenizer import ENDOFCHUNK_ID as ENDOFCHUNK
+from mmjax.data.tokenizer import EOS_ID as EOS
+from mmjax.data.tokenizer import MEDIA_ID as MEDIA
+from mmjax.data.tokenizer import PAD_ID as PAD
 
 VARIANTS = {
     "tiny": dict(

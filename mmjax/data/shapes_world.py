@@ -1,0 +1,258 @@
+"""Shapes world: the embedded default data, generated procedurally and deterministically.
+
+Small RGB images of objects with a shape, colour, size, position and count; their
+captions; question/answer pairs; interleaved documents of several image-text chunks; and
+a naming task that can only be solved in context. Nothing is downloaded: item `i` of a
+split is a pure function of `(seed, split, i)`.
+
+Compositional hold-out: some (shape, colour) pairs never occur in the "train" split and
+are the only pairs of the "eval" split, so captioning and VQA evaluation measure
+generalisation rather than recall.
+
+In-context naming: each episode gives fresh made-up names to the colours it shows
+("this is a dax.") in its support examples; the query asks for the name of a new image.
+The names exist only inside the episode, so accuracy above chance needs in-context
+learning.
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = {
+    "red": (220, 45, 45), "green": (45, 175, 65), "blue": (55, 85, 225),
+    "yellow": (235, 215, 40), "purple": (150, 65, 195), "orange": (245, 140, 30),
+}
+SIZES = {"small": 0.10, "large": 0.18}  # object radius as a fraction of the image side
+COUNT_WORDS = ("zero", "one", "two", "three")
+REGIONS = (("top left", "top", "top right"), ("left", "centre", "right"),
+           ("bottom left", "bottom", "bottom right"))
+
+MEDIA_TOKEN = "<image>"
+ENDOFCHUNK_TOKEN = "<|endofchunk|>"
+
+# Held out of training: every shape keeps some colours, every colour some shapes.
+HELDOUT_PAIRS = frozenset((s, c) for i, s in enumerate(SHAPES)
+                          for j, c in enumerate(COLOURS) if (2 * i + j) % 5 == 0)
+SPLITS = ("train", "eval")
+
+_CONSONANTS = "bdfgklmnprstvwz"
+_VOWELS = "aeiou"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """`count` copies of one (shape, colour, size) object.
+
+  `centres` are pixel `(y, x)`; `region` is where the first object sits on a 3x3 grid
+  (what captions say when count == 1).
+  """
+
+  shape: str
+  colour: str
+  size: str
+  count: int
+  centres: tuple[tuple[int, int], ...]
+  region: str
+
+
+def region_of(centre: tuple[int, int], image_size: int) -> str:
+  third = image_size / 3
+  return REGIONS[min(int(centre[0] // third), 2)][min(int(centre[1] // third), 2)]
+
+
+def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
+  """The (shape, colour) pairs a split draws from."""
+  if split not in SPLITS:
+    raise ValueError(f"Unknown shapes-world split {split!r}; expected one of {SPLITS}.")
+  pairs = itertools.product(SHAPES, COLOURS)
+  return tuple(p for p in pairs if (p in HELDOUT_PAIRS) == (split == "eval"))
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+  return np.random.default_rng([seed, *stream])
+
+
+def sample_scene(rng: np.random.Generator, image_size: int,
+                 pairs: Sequence[tuple[str, str]], max_count: int = 3) -> Scene:
+  """Draws a scene whose objects do not overlap."""
+  shape, colour = pairs[rng.integers(len(pairs))]
+  size = ("small", "large")[rng.integers(2)]
+  radius = SIZES[size] * image_size
+  count = int(rng.integers(1, max_count + 1)) if size == "small" else int(rng.integers(1, 3))
+  centres: list[tuple[int, int]] = []
+  lo, hi = radius + 1, image_size - radius - 1
+  while len(centres) < count:  # rejection sampling; sizes leave ample room
+    y, x = rng.uniform(lo, hi, size=2)
+    if all((y - cy) ** 2 + (x - cx) ** 2 > (2.2 * radius) ** 2 for cy, cx in centres):
+      centres.append((int(round(y)), int(round(x))))
+  return Scene(shape, colour, size, count, tuple(centres), region_of(centres[0], image_size))
+
+
+def shape_mask(shape: str, centre: tuple[int, int], radius: float, image_size: int) -> np.ndarray:
+  """Boolean `"h w"` mask of one object."""
+  ys, xs = np.mgrid[:image_size, :image_size].astype(np.float32)
+  dy, dx = ys - centre[0], xs - centre[1]
+  if shape == "circle":
+    return dy ** 2 + dx ** 2 <= radius ** 2
+  if shape == "square":
+    side = radius * 0.85
+    return (np.abs(dy) <= side) & (np.abs(dx) <= side)
+  if shape == "diamond":
+    return np.abs(dy) + np.abs(dx) <= radius
+  if shape == "triangle":  # apex up
+    return (dy >= -radius) & (dy <= radius * 0.8) & (np.abs(dx) <= (dy + radius) * 0.6)
+  if shape == "cross":
+    arm = radius / 3
+    return (((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+            | ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)))
+  raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+
+
+def render(scene: Scene, image_size: int, rng: np.random.Generator) -> np.ndarray:
+  """`"h w 3"` uint8: a noisy dark background and the scene's objects."""
+  background = rng.integers(20, 60, size=3)
+  image = np.broadcast_to(background, (image_size, image_size, 3)).astype(np.float32)
+  image = image + rng.normal(0, 6, size=image.shape)
+  colour = np.asarray(COLOURS[scene.colour], np.float32)
+  for centre in scene.centres:
+    mask = shape_mask(scene.shape, centre, SIZES[scene.size] * image_size, image_size)
+    image[mask] = colour + rng.normal(0, 8, size=(int(mask.sum()), 3))
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def caption(scene: Scene) -> str:
+  if scene.count == 1:
+    where = "in the centre" if scene.region == "centre" else f"on the {scene.region}"
+    return f"a {scene.size} {scene.colour} {scene.shape} {where}."
+  plural = scene.shape + ("es" if scene.shape.endswith("s") else "s")
+  return f"{COUNT_WORDS[scene.count]} {scene.size} {scene.colour} {plural}."
+
+
+QUESTIONS = ("colour", "shape", "count", "size")
+
+
+def question_answer(scene: Scene, kind: str) -> tuple[str, str]:
+  if kind == "colour":
+    return f"what colour is the {scene.shape}?", scene.colour
+  if kind == "shape":
+    return f"what shape is the {scene.colour} object?", scene.shape
+  if kind == "count":
+    return "how many objects are there?", COUNT_WORDS[scene.count]
+  if kind == "size":
+    return f"is the {scene.shape} small or large?", scene.size
+  raise ValueError(f"Unknown question kind {kind!r}; expected one of {QUESTIONS}.")
+
+
+def made_up_name(rng: np.random.Generator) -> str:
+  """A pronounceable nonsense word: two or three consonant-vowel syllables."""
+  syllables = rng.integers(2, 4)
+  return "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(5)]
+                 for _ in range(syllables))
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One image with everything that can be said about it."""
+
+  image: np.ndarray
+  scene: Scene
+  caption: str
+  question: str
+  answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NamingEpisode:
+  """Support examples named in context, and a query whose answer is one of the names."""
+
+  support_images: np.ndarray  # "k h w 3"
+  support_names: tuple[str, ...]
+  query_image: np.ndarray     # "h w 3"
+  answer: str
+  names: dict[str, str]       # colour -> made-up name, valid for this episode only
+
+
+def naming_text(name: str | None) -> str:
+  """The text of one naming chunk; the query prompt stops before the name."""
+  return "this is a" if name is None else f"this is a {name}."
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesWorld:
+  """Deterministic generator. Every method takes the item index and derives its own RNG."""
+
+  seed: int = 0
+  image_size: int = 64
+
+  def example(self, split: str, index: int) -> Example:
+    rng = _rng(self.seed, SPLITS.index(split), 0, index)
+    scene = sample_scene(rng, self.image_size, split_pairs(split))
+    question, answer = question_answer(scene, QUESTIONS[rng.integers(len(QUESTIONS))])
+    return Example(render(scene, self.image_size, rng), scene, caption(scene), question, answer)
+
+  def naming_episode(self, split: str, index: int, shots: int, ways: int = 2) -> NamingEpisode:
+    """`shots` support images over `ways` colours (each colour at least once when shots
+    allow), then a query of one of those colours, with a shape not seen in support."""
+    if not 1 <= ways <= len(COLOURS):
+      raise ValueError(f"ways must be in [1, {len(COLOURS)}], got {ways}.")
+    rng = _rng(self.seed, SPLITS.index(split), 1, index)
+    colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), ways, replace=False)]
+    names: dict[str, str] = {}
+    while len(names) < ways:
+      name = made_up_name(rng)
+      if name not in names.values():
+        names[colours[len(names)]] = name
+    support_colours = [colours[i % ways] for i in range(shots)]
+    rng.shuffle(support_colours)
+    query_colour = colours[rng.integers(ways)]
+
+    def draw(colour: str, shapes: Sequence[str]) -> np.ndarray:
+      shape = shapes[rng.integers(len(shapes))]
+      scene = sample_scene(rng, self.image_size, [(shape, colour)], max_count=2)
+      return render(scene, self.image_size, rng)
+
+    support = [draw(c, SHAPES) for c in support_colours]
+    query = draw(query_colour, SHAPES)
+    empty = np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+    return NamingEpisode(np.stack(support) if support else empty,
+                         tuple(names[c] for c in support_colours), query, names[query_colour],
+                         names)
+
+  def document(self, split: str, index: int, max_images: int = 4) -> dict:
+    """An interleaved document: a few image-text chunks of one kind.
+
+    Kinds: captions, question/answer pairs, or a naming episode whose last chunk is
+    the query answered (so training on documents teaches the in-context task).
+    Returns `{"images": uint8 "n h w 3", "text": str}` with one `<image>` per image and
+    `<|endofchunk|>` after each chunk's text.
+    """
+    rng = _rng(self.seed, SPLITS.index(split), 2, index)
+    num_images = int(rng.integers(1, max_images + 1))
+    kind = ("captions", "vqa", "naming")[rng.integers(3)]
+    if kind == "naming":
+      episode = self.naming_episode(split, int(rng.integers(2 ** 31)), num_images - 1,
+                                    ways=int(rng.integers(1, 3)))
+      images = np.concatenate([episode.support_images, episode.query_image[None]])
+      texts = [naming_text(n) for n in (*episode.support_names, episode.answer)]
+    else:
+      examples = [self.example(split, int(rng.integers(2 ** 31))) for _ in range(num_images)]
+      images = np.stack([e.image for e in examples])
+      if kind == "captions":
+        texts = [e.caption for e in examples]
+      else:
+        texts = [f"question: {e.question} answer: {e.answer}" for e in examples]
+    text = "".join(f"{MEDIA_TOKEN}{t}{ENDOFCHUNK_TOKEN}" for t in texts)
+    return {"images": images, "text": text}
+
+  def corpus(self, num_documents: int, split: str = "train") -> list[str]:
+    """Text of the first documents and examples: what the tokenizer is trained on."""
+    lines = []
+    for i in range(num_documents):
+      lines.append(self.document(split, i)["text"])
+      e = self.example(split, i)
+      lines.append(f"{e.caption} question: {e.question} answer: {e.answer}")
+    return lines
