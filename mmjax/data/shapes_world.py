@@ -64,10 +64,15 @@ def region_of(centre: tuple[int, int], image_size: int) -> str:
   return REGIONS[min(int(centre[0] // third), 2)][min(int(centre[1] // third), 2)]
 
 
-def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
-  """The (shape, colour) pairs a split draws from."""
+def split_id(split: str) -> int:
   if split not in SPLITS:
     raise ValueError(f"Unknown shapes-world split {split!r}; expected one of {SPLITS}.")
+  return SPLITS.index(split)
+
+
+def split_pairs(split: str) -> tuple[tuple[str, str], ...]:
+  """The (shape, colour) pairs a split draws from."""
+  split_id(split)
   pairs = itertools.product(SHAPES, COLOURS)
   return tuple(p for p in pairs if (p in HELDOUT_PAIRS) == (split == "eval"))
 
@@ -189,7 +194,7 @@ class ShapesWorld:
   image_size: int = 64
 
   def example(self, split: str, index: int) -> Example:
-    rng = _rng(self.seed, SPLITS.index(split), 0, index)
+    rng = _rng(self.seed, split_id(split), 0, index)
     scene = sample_scene(rng, self.image_size, split_pairs(split))
     question, answer = question_answer(scene, QUESTIONS[rng.integers(len(QUESTIONS))])
     return Example(render(scene, self.image_size, rng), scene, caption(scene), question, answer)
@@ -199,7 +204,7 @@ class ShapesWorld:
     allow), then a query of one of those colours, with a shape not seen in support."""
     if not 1 <= ways <= len(COLOURS):
       raise ValueError(f"ways must be in [1, {len(COLOURS)}], got {ways}.")
-    rng = _rng(self.seed, SPLITS.index(split), 1, index)
+    rng = _rng(self.seed, split_id(split), 1, index)
     colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), ways, replace=False)]
     names: dict[str, str] = {}
     while len(names) < ways:
@@ -230,7 +235,7 @@ class ShapesWorld:
     Returns `{"images": uint8 "n h w 3", "text": str}` with one `<image>` per image and
     `<|endofchunk|>` after each chunk's text.
     """
-    rng = _rng(self.seed, SPLITS.index(split), 2, index)
+    rng = _rng(self.seed, split_id(split), 2, index)
     num_images = int(rng.integers(1, max_images + 1))
     kind = ("captions", "vqa", "naming")[rng.integers(3)]
     if kind == "naming":
