@@ -1,0 +1,111 @@
+"""Interleaved image-text documents -> fixed-shape training sequences with label masks.
+
+A document is `{"images": uint8 "n h w c", "text": str}` whose text holds one `<image>`
+per image, in order, and `<|endofchunk|>` after each image's text (the OpenFlamingo
+format; image-caption pairs are one-chunk documents). Building a sequence:
+
+1. tokenize `BOS + text + EOS`; keep the first `max_images` images and cut the text
+   before the next `<image>` (counted in the stats, never silent);
+2. truncate to `seq_len + 1` tokens, dropping images whose `<image>` token was cut;
+3. shift: `tokens = ids[:-1]`, `targets = ids[1:]`;
+4. mask the loss (as OpenFlamingo does): no loss on padding, on `<image>` targets, on
+   text before the first image, and on the gap after `<|endofchunk|>` up to the next
+   `<image>` (the `<|endofchunk|>` itself is predicted: it is how the model learns to stop).
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from mmjax.data.tokenizer import Tokenizer
+
+
+class CorruptRecord(ValueError):
+  """A record that cannot become a training sequence; `reason` names the category."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSpec:
+  """Shapes of built sequences."""
+
+  seq_len: int
+  max_images: int
+  image_size: int
+  channels: int = 3
+
+
+def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,
+              pad_id: int) -> np.ndarray:
+  """`targets "t"` -> float32 `"t"`: 1 where predicting the target is trained."""
+  mask = np.zeros(targets.shape, np.float32)
+  in_chunk = False  # inside an image's text: after <image>, up to its <|endofchunk|>
+  for i, target in enumerate(targets):
+    if target == media_id:
+      in_chunk = True
+      continue
+    if in_chunk and target != pad_id:
+      mask[i] = 1.0
+    if target == endofchunk_id:
+      in_chunk = False
+  return mask
+
+
+def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
+                   spec: SequenceSpec) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """One document -> fixed-shape arrays and per-record stats.
+
+  Returns:
+    ({"tokens": int32 "t", "targets": int32 "t", "loss_mask": float32 "t",
+      "images": uint8 "m 1 h w c", "num_images": int32}, stats) where `t = seq_len`,
+    `m = max_images` and stats counts images dropped by the image limit or truncation.
+  Raises:
+    CorruptRecord: empty text, images that do not match the `<image>` tokens, or
+      images of the wrong shape or type.
+  """
+  text, images = document.get("text"), document.get("images")
+  if not isinstance(text, str) or not text.strip():
+    raise CorruptRecord("empty_text", "the record has no text")
+  images = np.asarray(images if images is not None else np.zeros((0,)), dtype=None)
+  expected = (spec.image_size, spec.image_size, spec.channels)
+  if images.size and (images.ndim != 4 or images.shape[1:] != expected
+                      or images.dtype != np.uint8):
+    raise CorruptRecord("bad_image", f"images must be uint8 'n {' '.join(map(str, expected))}'"
+                        f", got {images.dtype} {images.shape}")
+  num_given = len(images) if images.size else 0
+  ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
+  media_positions = np.flatnonzero(ids == tokenizer.media_id)
+  if len(media_positions) != num_given:
+    raise CorruptRecord("image_token_mismatch", f"{len(media_positions)} <image> tokens for "
+                        f"{num_given} images")
+  stats = {"images_over_limit": 0, "images_truncated": 0}
+  if num_given > spec.max_images:
+    stats["images_over_limit"] = num_given - spec.max_images
+    ids = ids[:media_positions[spec.max_images]]
+  if len(ids) > spec.seq_len + 1:
+    ids = ids[:spec.seq_len + 1]
+  num_images = int(np.sum(ids[:-1] == tokenizer.media_id))  # an image needs text after it
+  if num_images < np.sum(ids == tokenizer.media_id):
+    ids = ids[:-1]
+  stats["images_truncated"] = min(num_given, spec.max_images) - num_images
+  if num_images == 0:
+    raise CorruptRecord("no_image_left", "no <image> token survives truncation to "
+                        f"seq_len={spec.seq_len}")
+
+  padded = np.full(spec.seq_len + 1, tokenizer.pad_id, np.int32)
+  padded[:len(ids)] = ids
+  tokens, targets = padded[:-1], padded[1:]
+  out_images = np.zeros((spec.max_images, 1, *expected), np.uint8)
+  out_images[:num_images, 0] = images[:num_images]
+  return {
+      "tokens": tokens,
+      "targets": targets,
+      "loss_mask": loss_mask(targets, media_id=tokenizer.media_id,
+                             endofchunk_id=tokenizer.endofchunk_id, pad_id=tokenizer.pad_id),
+      "images": out_images,
+      "num_images": np.int32(num_images),
+  }, stats
