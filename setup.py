@@ -15,7 +15,7 @@ setuptools.setup(
         "jax>=0.6,<0.11",
         "jaxlib>=0.6,<0.11",
         "flax>=0.10.4,<0.13",
-        "optax>=0.2.4,<0.3",
+        "optax>=0.2.6,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.10,<0.3",
         "tensorflow-datasets>=4.9.7,<4.10",

@@ -67,3 +67,13 @@ def test_corrupt_records_name_their_reason(record, reason):
   with pytest.raises(CorruptRecord) as error:
     build_sequence(record, TOK, SPEC)
   assert error.value.reason == reason
+
+
+def test_text_only_sequences_train_every_real_token():
+  text = f"{IMG}a red circle.{EOC}{IMG}two blue squares.{EOC}"
+  out, stats = build_sequence({"text": text, "images": images(2)}, TOK,
+                              SequenceSpec(seq_len=40, text_only=True))
+  assert set(out) == {"tokens", "targets", "loss_mask"} and not stats
+  on = TOK.decode(out["targets"][out["loss_mask"] == 1])
+  assert on == text + TOK.decode([TOK.eos_id])
+  assert np.all(out["loss_mask"][out["targets"] == TOK.pad_id] == 0)

@@ -55,3 +55,11 @@ def test_wrong_image_shape_is_explained(vit):
   model, params, _ = vit
   with pytest.raises(ValueError, match=r"ViT expects images 'b h w c' of shape \(\*, 16, 16, 3\)"):
     model.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
+
+
+def test_uint8_pixels_are_normalised_with_the_config_statistics(vit):
+  model, params, _ = vit
+  pixels = jax.random.randint(jax.random.key(3), (2, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  normalised = (pixels / 255.0 - jnp.asarray(CFG.pixel_mean)) / jnp.asarray(CFG.pixel_std)
+  np.testing.assert_allclose(model.apply({"params": params}, pixels)["tokens"],
+                             model.apply({"params": params}, normalised)["tokens"], **TOL)

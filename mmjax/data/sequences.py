@@ -31,12 +31,17 @@ class CorruptRecord(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
-  """Shapes of built sequences."""
+  """Shapes of built sequences.
+
+  `text_only` builds language-model sequences: the whole text (media tokens included, as
+  ordinary tokens) is kept and every non-padding target is trained; no images.
+  """
 
   seq_len: int
-  max_images: int
-  image_size: int
+  max_images: int = 0
+  image_size: int = 0
   channels: int = 3
+  text_only: bool = False
 
 
 def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,
@@ -70,6 +75,8 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
   text, images = document.get("text"), document.get("images")
   if not isinstance(text, str) or not text.strip():
     raise CorruptRecord("empty_text", "the record has no text")
+  if spec.text_only:
+    return _text_sequence(text, tokenizer, spec.seq_len), {}
   images = np.asarray(images if images is not None else np.zeros((0,)), dtype=None)
   expected = (spec.image_size, spec.image_size, spec.channels)
   if images.size and (images.ndim != 4 or images.shape[1:] != expected
@@ -109,3 +116,12 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
       "images": out_images,
       "num_images": np.int32(num_images),
   }, stats
+
+
+def _text_sequence(text: str, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  ids = np.asarray(tokenizer.encode(text, bos=True, eos=True)[:seq_len + 1], np.int32)
+  padded = np.full(seq_len + 1, tokenizer.pad_id, np.int32)
+  padded[:len(ids)] = ids
+  targets = padded[1:]
+  return {"tokens": padded[:-1], "targets": targets,
+          "loss_mask": (targets != tokenizer.pad_id).astype(np.float32)}

@@ -25,6 +25,8 @@ class ViTConfig:
     output_dim: width of the pooled, projected embedding; None for no projection.
     token_norm: apply `ln_post` to the returned patch tokens. open_clip >= 2.23 does;
       open_clip <= 2.22 (and so the OpenFlamingo checkpoints) returns them un-normed.
+    pixel_mean, pixel_std: integer images are scaled to [0, 1] and normalised with these
+      (CLIP's statistics by default); float images are taken as already normalised.
   """
 
   image_size: int = 224
@@ -38,6 +40,8 @@ class ViTConfig:
   channels: int = 3
   output_dim: int | None = 768
   token_norm: bool = False
+  pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+  pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
@@ -82,7 +86,7 @@ class ViT(nn.Module):
     """Encodes images.
 
     Args:
-      images: `"b h w c"`, normalised pixels.
+      images: `"b h w c"`: uint8 pixels, or float pixels already normalised.
       feature_layer: which hidden state the patch tokens come from, counted like Hugging
         Face's `hidden_states`: 0 is the input to the first block, `depth` (or -1) the
         output of the last, -2 the penultimate. Blocks after it are not run, and
@@ -95,6 +99,9 @@ class ViT(nn.Module):
     if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
       raise ValueError(f"ViT expects images 'b h w c' of shape (*, {cfg.image_size}, "
                        f"{cfg.image_size}, {cfg.channels}), got {images.shape}.")
+    if jnp.issubdtype(images.dtype, jnp.integer):
+      mean, std = jnp.asarray(cfg.pixel_mean), jnp.asarray(cfg.pixel_std)
+      images = (images.astype(jnp.float32) / 255.0 - mean) / std
     layer = feature_layer % (cfg.depth + 1)
     p = cfg.patch_size
     patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)

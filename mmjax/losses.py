@@ -1,0 +1,28 @@
+"""Losses, written as (sum, count) pairs so that accumulated micro-batches average exactly
+as one large batch would."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                    loss_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Masked next-token cross-entropy.
+
+  Args:
+    logits: `"b t v"`; targets: `"b t"`; loss_mask: `"b t"` (1 where trained);
+    loss_weight: `"b"` per-example weight (a dataset's loss weight in a mixture).
+  Returns:
+    `(sum of weighted token losses, number of trained tokens)`, both float32 scalars.
+    The mean is `sum / max(count, 1)`: a batch whose labels are all masked gives 0, not NaN.
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  mask = loss_mask.astype(jnp.float32)
+  weights = mask if loss_weight is None else mask * loss_weight[:, None].astype(jnp.float32)
+  # where(), not a product: a masked position must not leak inf/NaN into the sum.
+  return jnp.sum(jnp.where(weights > 0, ce * weights, 0.0)), jnp.sum(mask)
+
+
+def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  return total / jnp.maximum(count, 1.0)

@@ -1,0 +1,22 @@
+"""Language-model pretraining: next-token prediction on text."""
+
+import jax.numpy as jnp
+
+from mmjax import losses
+from mmjax.models.common import config_from_dict
+from mmjax.models.lm import LanguageModel, LMConfig
+
+
+def build_model(config) -> LanguageModel:
+  return LanguageModel(config_from_dict(LMConfig, config.model.to_dict()))
+
+
+def init_inputs(config):
+  return (jnp.zeros((1, config.data.seq_len), jnp.int32),), {}
+
+
+def loss_terms(model, params, batch):
+  logits = model.apply({"params": params}, batch["tokens"])
+  total, count = losses.next_token_loss(logits, batch["targets"], batch["loss_mask"],
+                                        batch.get("loss_weight"))
+  return total, count, {}

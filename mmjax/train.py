@@ -1,0 +1,317 @@
+"""Trains a recipe: python -m mmjax.train --config=configs/<recipe>.py[:variant] --workdir=DIR
+
+Reads top to bottom: config -> data -> model and parameters (trainable / frozen) ->
+optimizer -> train step -> checkpoints -> loop. Re-running the same command resumes from
+the latest complete checkpoint and follows exactly the loss curve of an uninterrupted
+run; SIGTERM saves a checkpoint and exits cleanly.
+
+Config overrides come from the command line: `--config.optim.lr=1e-4`.
+"""
+
+import json
+import pathlib
+import re
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import traverse_util
+from ml_collections import config_flags
+
+from mmjax import losses
+from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
+from mmjax.data.sequences import SequenceSpec
+from mmjax.data.tokenizer import Tokenizer
+from mmjax.tasks import get_task
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the config go here.")
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised (with the step and the offending part) when the policy is to abort."""
+
+
+# ---------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------
+def sequence_spec(config) -> SequenceSpec:
+  d = config.data
+  return SequenceSpec(seq_len=d.seq_len, max_images=d.get("max_images", 0),
+                      image_size=d.get("image_size", 0), text_only=d.get("text_only", False))
+
+
+def make_data(config, datasets_config, *, seed: int, health: DataHealth) -> grain.IterDataset:
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  return make_dataset(
+      [dataset_from_config(d) for d in datasets_config], Tokenizer(), sequence_spec(config),
+      batch_size=config.data.batch_size // jax.process_count(), seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), health=health)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters: which train, which stay frozen.
+# ---------------------------------------------------------------------------------------
+def _flat(params) -> dict[str, Any]:
+  return traverse_util.flatten_dict(params, sep="/")
+
+
+def partition_params(params, trainable: str) -> tuple[dict, dict]:
+  """Splits params by a regex on '/'-joined paths into (trainable, frozen) trees."""
+  flat = _flat(params)
+  train = {k: v for k, v in flat.items() if re.search(trainable, k)}
+  if not train:
+    raise ValueError(f"config.trainable={trainable!r} matches no parameter; paths look "
+                     f"like {sorted(flat)[:3]}.")
+  frozen = {k: v for k, v in flat.items() if k not in train}
+  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/") if d else {}
+  return unflat(train), unflat(frozen)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  return traverse_util.unflatten_dict({**_flat(frozen), **_flat(trainable)}, sep="/")
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer: AdamW with warmup + cosine, clipping, decay on selected parameters.
+# ---------------------------------------------------------------------------------------
+def make_optimizer(config, trainable: dict):
+  o, steps = config.optim, config.train.steps
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+      decay_steps=max(steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_fraction)
+  decay_mask = traverse_util.unflatten_dict(
+      {k: re.search(o.decay_pattern, k) is not None for k in _flat(trainable)}, sep="/")
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                  mask=decay_mask))
+  return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------
+# The train step: exact gradient accumulation, non-finite detection.
+# ---------------------------------------------------------------------------------------
+def make_train_step(task, model, tx, schedule, config):
+  accum = config.optim.accum_steps
+  skip_nonfinite = config.train.nonfinite == "skip"
+
+  def loss_sum(trainable, frozen, batch):
+    total, count, metrics = task.loss_terms(model, merge_params(trainable, frozen), batch)
+    return total, (count, metrics)
+
+  def step(state, batch):
+    # Micro-batches are summed, then divided by the total token count: the same update
+    # as one batch of `accum` times the size.
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+      grads, total, count = carry
+      (t, (c, _)), g = jax.value_and_grad(loss_sum, has_aux=True)(
+          state["params"], state["frozen"], mb)
+      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+    zero = jnp.zeros((), jnp.float32)
+    (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, zero, zero), micro)
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    loss = losses.safe_mean(total, count)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    params = optax.apply_updates(state["params"], updates)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree_util.tree_map(
+          lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g)) for k, g in _flat(grads).items()}
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
+               "lr": schedule(state["step"]),
+               "tokens": count, "finite": finite}
+    return new_state, metrics, nonfinite_grads
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(task, model):
+  @jax.jit
+  def step(trainable, frozen, batch):
+    total, count, _ = task.loss_terms(model, merge_params(trainable, frozen), batch)
+    return total, count
+  return step
+
+
+def check_finite(step: int, metrics, nonfinite_grads) -> None:
+  if bool(metrics["finite"]):
+    return
+  bad = [k for k, v in nonfinite_grads.items() if bool(v)]
+  if bad:
+    where = f"non-finite gradients in {len(bad)} parameter(s), first {bad[:5]}"
+  elif np.isfinite(float(metrics["loss"])):
+    where = (f"loss and gradients are finite but the update is not "
+             f"(update_norm={float(metrics['update_norm'])}): check optim.lr")
+  else:
+    where = "the loss is not finite but its gradients are"
+  raise NonFiniteError(
+      f"Non-finite training step {step}: loss={float(metrics['loss'])}, "
+      f"grad_norm={float(metrics['grad_norm'])}; {where}. Lower optim.lr or raise "
+      "optim.warmup_steps, or set train.nonfinite='skip' to skip such updates.")
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: train state and data iterator together, saved atomically.
+# ---------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.train.keep_checkpoints,
+          save_interval_steps=config.train.checkpoint_every,
+          enable_async_checkpointing=True),
+      item_names=("state", "data"))
+
+
+def save(manager, step: int, state, iterator, *, force: bool = False) -> bool:
+  if step in manager.all_steps():
+    return False
+  return manager.save(step, force=force, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+
+
+def restore(manager, step: int, abstract_state, iterator):
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(iterator)))
+  return restored["state"]
+
+
+# ---------------------------------------------------------------------------------------
+# Logging.
+# ---------------------------------------------------------------------------------------
+class MetricsLog:
+  """Appends one JSON object per logged step to `workdir/metrics.jsonl` and prints a
+  progress line with throughput and ETA."""
+
+  def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
+    self.path = workdir / "metrics.jsonl"
+    self.total, self.start = total_steps, start_step
+    self.t0 = time.perf_counter()
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+
+  def progress(self, step: int, values: dict[str, float], examples: int) -> None:
+    elapsed = time.perf_counter() - self.t0
+    done = step - self.start
+    rate = done / max(elapsed, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    print(f"step {step}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+          f"grad_norm {values['grad_norm']:.3f} | {rate * examples:.1f} ex/s "
+          f"{values['tokens_per_s']:.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
+  logged metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  task = get_task(config.task)
+
+  health = DataHealth()
+  train_data = make_data(config, config.data.datasets, seed=config.seed, health=health)
+  iterator = iter(train_data)
+
+  model = task.build_model(config)
+  args, kwargs = task.init_inputs(config)
+  init = jax.jit(lambda rng: nn.unbox(model.init(rng, *args, **kwargs)["params"]))
+  trainable, frozen = partition_params(init(jax.random.key(config.seed)), config.trainable)
+  tx, schedule = make_optimizer(config, trainable)
+  state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
+           "opt_state": tx.init(trainable)}
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  logging.info("Parameters: %d trainable, %d frozen.", count(trainable), count(frozen))
+
+  manager = checkpoint_manager(workdir, config)
+  start = manager.latest_step() or 0
+  if start:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = restore(manager, start, abstract, iterator)
+    print(f"Resumed from the checkpoint at step {start}.", flush=True)
+
+  train_step = make_train_step(task, model, tx, schedule, config)
+  eval_step = make_eval_step(task, model)
+  log = MetricsLog(workdir, config.train.steps, start)
+  stop = {"requested": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+  last: dict[str, float] = {}
+  try:
+    step = start
+    while step < config.train.steps:
+      if stop["requested"]:
+        save(manager, step, state, iterator, force=True)
+        manager.wait_until_finished()
+        print(f"SIGTERM: saved the checkpoint at step {step}; exiting.", flush=True)
+        return last
+      batch = next(iterator)
+      t = time.perf_counter()
+      state, metrics, nonfinite_grads = train_step(state, batch)
+      if config.train.nonfinite == "abort":
+        check_finite(step + 1, metrics, nonfinite_grads)
+      step += 1
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        values = {k: float(v) for k, v in metrics.items()}
+        values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - t, 1e-9)
+        values.update({f"data/{k}": v for k, v in health.counts().items()})
+        log.write(step, values)
+        log.progress(step, values, config.data.batch_size)
+        last = values
+      if config.train.eval_every and step % config.train.eval_every == 0:
+        last["eval_loss"] = evaluate_loss(config, eval_step, state)
+        log.write(step, {"eval_loss": last["eval_loss"]})
+        print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
+      save(manager, step, state, iterator, force=step == config.train.steps)
+    manager.wait_until_finished()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    manager.close()
+  return last
+
+
+def evaluate_loss(config, eval_step, state) -> float:
+  """Mean loss over the first `train.eval_batches` batches of `data.eval_datasets`."""
+  data = make_data(config, config.data.eval_datasets, seed=config.seed, health=DataHealth())
+  total = count = 0.0
+  for _, batch in zip(range(config.train.eval_batches), data, strict=False):
+    t, c = eval_step(state["params"], state["frozen"], batch)
+    total, count = total + float(t), count + float(c)
+  return total / max(count, 1.0)
+
+
+def main(argv):
+  del argv
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

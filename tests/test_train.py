@@ -1,0 +1,199 @@
+"""Trainer: learning, exact resume after a kill, SIGTERM, freezing, accumulation, NaNs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import flamingo as flamingo_recipe
+from configs import lm as lm_recipe
+from mmjax import train
+from mmjax.tasks import get_task
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY_LM = {"model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.max_len": 64,
+           "data.seq_len": 32, "data.batch_size": 4, "train.log_every": 1,
+           "train.eval_every": 0, "train.checkpoint_every": 3, "optim.warmup_steps": 2}
+
+
+def lm_config(**overrides):
+  config = lm_recipe.get_config()
+  for key, value in {**TINY_LM, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def flamingo_config(**overrides):
+  """The LM recipe's training sections around a small Flamingo; vision and LM frozen."""
+  config = lm_config(**overrides)
+  model = flamingo_recipe.get_config().model.to_dict()
+  model["vision"].update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2)
+  model["resampler"].update(depth=1, num_heads=2, head_dim=16, num_latents=4)
+  model["lm"].update(width=32, depth=2, num_heads=2, max_len=64)
+  model["xattn"].update(every=2, num_heads=2, head_dim=16)
+  source = dict(kind="shapes_world_documents", image_size=32, max_images=2)
+  with config.unlocked():
+    config.task = "flamingo"
+    config.model = model
+    config.trainable = flamingo_recipe.get_config().trainable
+    config.data = dict(seq_len=48, batch_size=4, max_images=2, image_size=32,
+                       datasets=[dict(name="docs", source=source)], eval_datasets=[])
+  return config
+
+
+def losses_by_step(workdir):
+  """{step: loss}, checking that a step logged twice (replayed after a kill) agreed."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      assert out.setdefault(record["step"], record["loss"]) == record["loss"], record
+  return out
+
+
+def cli(workdir, steps):
+  args = [f"--config.{k}={v}" for k, v in {**TINY_LM, "train.steps": steps}.items()]
+  return [sys.executable, "-m", "mmjax.train", f"--config={ROOT / 'configs/lm.py'}",
+          f"--workdir={workdir}", *args]
+
+
+def wait_for_step(workdir, step, process, timeout=240):
+  metrics = pathlib.Path(workdir) / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and len(losses_by_step(workdir)) >= step:
+      return
+    assert process.poll() is None, "training ended before it could be interrupted"
+    time.sleep(0.05)
+  raise TimeoutError(f"no step {step} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  train.run(lm_config(**{"train.steps": 40}), workdir)
+  return losses_by_step(workdir)
+
+
+def test_short_run_learns_and_writes_its_config(uninterrupted, tmp_path):
+  assert len(uninterrupted) == 40
+  first, last = np.mean([uninterrupted[s] for s in (1, 2, 3)]), uninterrupted[40]
+  assert last < first - 0.5, (first, last)
+
+
+@pytest.mark.parametrize("kill_after", [5])
+def test_killed_run_resumes_on_the_same_loss_curve(uninterrupted, tmp_path, kill_after):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  process = subprocess.Popen(cli(tmp_path, 40), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    wait_for_step(tmp_path, kill_after, process)
+  finally:
+    process.kill()
+    process.wait()
+  assert len(losses_by_step(tmp_path)) < 40
+  train.run(lm_config(**{"train.steps": 40}), tmp_path)  # the same command, re-run
+  assert losses_by_step(tmp_path) == uninterrupted
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
+  process = subprocess.Popen(cli(tmp_path, 40), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  wait_for_step(tmp_path, 4, process)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0 and "SIGTERM: saved the checkpoint at step" in out
+  stopped = int(out.split("saved the checkpoint at step ")[1].split(";")[0])
+  assert stopped in {int(p.name) for p in (tmp_path / "checkpoints").iterdir()}
+  train.run(lm_config(**{"train.steps": 40}), tmp_path)
+  assert losses_by_step(tmp_path) == uninterrupted
+
+
+def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_path):
+  config = flamingo_config(**{"train.steps": 3})
+  task = get_task("flamingo")
+  model = task.build_model(config)
+  args, _ = task.init_inputs(config)
+  import flax.linen as nn
+  init = nn.unbox(jax.jit(model.init)(jax.random.key(config.seed), *args)["params"])
+  train.run(config, tmp_path)
+
+  trainable0, frozen0 = train.partition_params(init, config.trainable)
+  state = {"step": jnp.int32(0), "params": trainable0, "frozen": frozen0,
+           "opt_state": train.make_optimizer(config, trainable0)[0].init(trainable0)}
+  manager = train.checkpoint_manager(tmp_path, config)
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  restored = manager.restore(3, args=train.ocp.args.Composite(
+      state=train.ocp.args.StandardRestore(abstract)))["state"]
+  assert set(restored["frozen"]) == {"vision", "lm"} and set(restored["params"]) == {
+      "resampler", "lm"}
+  assert all(k.startswith("xattn_") for k in restored["params"]["lm"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored["frozen"], frozen0)
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), restored["params"],
+                                   trainable0)
+  assert all(jax.tree_util.tree_leaves(changed))
+  n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable0))
+  n_opt = sum(x.size for x in jax.tree_util.tree_leaves(restored["opt_state"]))
+  assert n_opt < 2 * n_trainable + 10  # Adam's two moments of the trainable params only
+
+
+def _one_step(config, batch):
+  task = get_task(config.task)
+  model = task.build_model(config)
+  args, kwargs = task.init_inputs(config)
+  import flax.linen as nn
+  params = nn.unbox(model.init(jax.random.key(0), *args, **kwargs)["params"])
+  trainable, frozen = train.partition_params(params, config.trainable)
+  tx, schedule = train.make_optimizer(config, trainable)
+  state = {"step": jnp.int32(5), "params": trainable, "frozen": frozen,
+           "opt_state": tx.init(trainable)}
+  step = train.make_train_step(task, model, tx, schedule, config)
+  return step(state, batch)
+
+
+def _lm_batch(config, seed=0):
+  data = train.make_data(config, config.data.datasets, seed=seed, health=train.DataHealth())
+  return next(iter(data))
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  config = lm_config(**{"data.batch_size": 8})
+  batch = _lm_batch(config)
+  batch["loss_mask"][:4, 10:] = 0  # micro-batches with different token counts
+  big, big_metrics, _ = _one_step(config, batch)
+  accumulated, acc_metrics, _ = _one_step(lm_config(**{"data.batch_size": 8,
+                                                       "optim.accum_steps": 4}), batch)
+  np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         accumulated["params"], big["params"])
+
+
+def test_a_batch_with_every_label_masked_gives_zero_loss_not_nan():
+  config = lm_config()
+  batch = _lm_batch(config)
+  batch["loss_mask"][:] = 0
+  state, metrics, _ = _one_step(config, batch)
+  assert float(metrics["loss"]) == 0.0 and bool(metrics["finite"])
+
+
+def test_nonfinite_updates_abort_with_the_step_or_are_skipped(tmp_path):
+  config = lm_config(**{"optim.lr": float("nan"), "train.steps": 3})
+  with pytest.raises(train.NonFiniteError, match=r"step 1: .*update is not .*optim.lr"):
+    train.run(config, tmp_path / "abort")
+  skip = lm_config(**{"optim.lr": float("nan"), "train.nonfinite": "skip"})
+  batch = _lm_batch(skip)
+  state, metrics, _ = _one_step(skip, batch)
+  assert not bool(metrics["finite"])
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
