@@ -8,7 +8,7 @@ setuptools.setup(
     description="Multimodal vision-language pretraining in JAX/Flax: Flamingo, BLIP-2, CLIP, LLaVA and friends.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
     package_data={"mmjax": ["data/assets/*.model"]},
     python_requires=">=3.10",
     install_requires=[

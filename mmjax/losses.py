@@ -26,3 +26,16 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
+
+
+def contrastive_loss(image: jax.Array, text: jax.Array,
+                     logit_scale: jax.Array) -> jax.Array:
+  """Symmetric InfoNCE (CLIP): `image, text "b e"` normalised, row i matches column i.
+
+  The mean of the image->text and text->image cross-entropies over the batch.
+  """
+  logits = logit_scale * image @ text.T
+  labels = jnp.arange(logits.shape[0])
+  image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+  return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2

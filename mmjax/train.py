@@ -8,7 +8,10 @@ run; SIGTERM saves a checkpoint and exits cleanly.
 Config overrides come from the command line: `--config.optim.lr=1e-4`.
 """
 
+import hashlib
+import importlib
 import json
+import os
 import pathlib
 import re
 import signal
@@ -27,7 +30,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from mmjax import losses
+from mmjax import checkpoints, losses
 from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import Tokenizer
@@ -48,7 +51,7 @@ class NonFiniteError(FloatingPointError):
 def sequence_spec(config) -> SequenceSpec:
   d = config.data
   return SequenceSpec(seq_len=d.seq_len, max_images=d.get("max_images", 0),
-                      image_size=d.get("image_size", 0), text_only=d.get("text_only", False))
+                      image_size=d.get("image_size", 0), mode=d.get("mode", "interleaved"))
 
 
 def make_data(config, datasets_config, *, seed: int, health: DataHealth) -> grain.IterDataset:
@@ -140,8 +143,7 @@ def make_train_step(task, model, tx, schedule, config):
     nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g)) for k, g in _flat(grads).items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
-               "lr": schedule(state["step"]),
-               "tokens": count, "finite": finite}
+               "lr": schedule(state["step"]), "loss_terms": count, "finite": finite}
     return new_state, metrics, nonfinite_grads
 
   return jax.jit(step, donate_argnums=0)
@@ -173,30 +175,42 @@ def check_finite(step: int, metrics, nonfinite_grads) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints: train state and data iterator together, saved atomically.
+# Pretrained backbones: each `config.init` entry grafts a finished run's parameters.
 # ---------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.train.keep_checkpoints,
-          save_interval_steps=config.train.checkpoint_every,
-          enable_async_checkpointing=True),
-      item_names=("state", "data"))
+def cache_root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
 
 
-def save(manager, step: int, state, iterator, *, force: bool = False) -> bool:
-  if step in manager.all_steps():
-    return False
-  return manager.save(step, force=force, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+def pretrained_workdir(init) -> pathlib.Path:
+  """The run behind an init entry: `init.workdir` if given, else the recipe
+  `configs/<init.recipe>.py:<init.variant>` trained once and cached under a hash of its
+  config (resumed if a previous attempt was interrupted)."""
+  if init.get("workdir"):
+    return pathlib.Path(init["workdir"])
+  recipe = importlib.import_module(f"configs.{init['recipe']}").get_config(init.get("variant"))
+  digest = hashlib.sha256(recipe.to_json(sort_keys=True).encode()).hexdigest()[:12]
+  workdir = cache_root() / "backbones" / f"{init['recipe']}-{digest}"
+  mngr = checkpoints.manager(workdir)
+  done = mngr.latest_step() == recipe.train.steps
+  mngr.close()
+  if not done:
+    print(f"Pretraining '{init['target']}' with configs/{init['recipe']}.py (cached in "
+          f"{workdir}).",
+          flush=True)
+    run(recipe, workdir)
+  return workdir
 
 
-def restore(manager, step: int, abstract_state, iterator):
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(iterator)))
-  return restored["state"]
+def load_pretrained(params: dict, config) -> dict:
+  for init in config.get("init", ()):
+    workdir = pretrained_workdir(init)
+    source = checkpoints.load_params(workdir)
+    for part in filter(None, init.get("source", "").split("/")):
+      source = source[part]
+    params = checkpoints.graft(params, init["target"], source, may_stay_new=config.trainable,
+                               origin=f"the checkpoint of {workdir}")
+    print(f"Initialised '{init['target']}' from {workdir}.", flush=True)
+  return params
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,24 +218,31 @@ def restore(manager, step: int, abstract_state, iterator):
 # ---------------------------------------------------------------------------------------
 class MetricsLog:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl` and prints a
-  progress line with throughput and ETA."""
+  progress line. Throughput is measured over the steps since the previous log line (the
+  first window includes compilation); tokens are input tokens, padding included."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
+  def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int,
+               examples_per_step: int, tokens_per_step: int):
     self.path = workdir / "metrics.jsonl"
-    self.total, self.start = total_steps, start_step
-    self.t0 = time.perf_counter()
+    self.total = total_steps
+    self.examples, self.tokens = examples_per_step, tokens_per_step
+    self.last_step, self.last_time = start_step, time.perf_counter()
 
   def write(self, step: int, values: dict[str, float]) -> None:
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, **values}) + "\n")
 
-  def progress(self, step: int, values: dict[str, float], examples: int) -> None:
-    elapsed = time.perf_counter() - self.t0
-    done = step - self.start
-    rate = done / max(elapsed, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
+  def throughput(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return {"steps_per_s": steps_per_s, "examples_per_s": steps_per_s * self.examples,
+            "tokens_per_s": steps_per_s * self.tokens}
+
+  def progress(self, step: int, values: dict[str, float]) -> None:
+    eta = (self.total - step) / max(values["steps_per_s"], 1e-9)
     print(f"step {step}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-          f"grad_norm {values['grad_norm']:.3f} | {rate * examples:.1f} ex/s "
+          f"grad_norm {values['grad_norm']:.3f} | {values['examples_per_s']:.1f} ex/s "
           f"{values['tokens_per_s']:.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s",
           flush=True)
 
@@ -244,23 +265,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   model = task.build_model(config)
   args, kwargs = task.init_inputs(config)
   init = jax.jit(lambda rng: nn.unbox(model.init(rng, *args, **kwargs)["params"]))
-  trainable, frozen = partition_params(init(jax.random.key(config.seed)), config.trainable)
+  params = load_pretrained(init(jax.random.key(config.seed)), config)
+  trainable, frozen = partition_params(params, config.trainable)
   tx, schedule = make_optimizer(config, trainable)
   state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
            "opt_state": tx.init(trainable)}
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   logging.info("Parameters: %d trainable, %d frozen.", count(trainable), count(frozen))
 
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
   start = manager.latest_step() or 0
   if start:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore(manager, start, abstract, iterator)
+    state = checkpoints.restore(manager, start, abstract, iterator)
     print(f"Resumed from the checkpoint at step {start}.", flush=True)
 
   train_step = make_train_step(task, model, tx, schedule, config)
   eval_step = make_eval_step(task, model)
-  log = MetricsLog(workdir, config.train.steps, start)
+  log = MetricsLog(workdir, config.train.steps, start, config.data.batch_size,
+                   config.data.batch_size * config.data.seq_len)
   stop = {"requested": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
   last: dict[str, float] = {}
@@ -268,28 +291,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     step = start
     while step < config.train.steps:
       if stop["requested"]:
-        save(manager, step, state, iterator, force=True)
+        checkpoints.save(manager, step, state, iterator)
         manager.wait_until_finished()
         print(f"SIGTERM: saved the checkpoint at step {step}; exiting.", flush=True)
         return last
       batch = next(iterator)
-      t = time.perf_counter()
       state, metrics, nonfinite_grads = train_step(state, batch)
       if config.train.nonfinite == "abort":
         check_finite(step + 1, metrics, nonfinite_grads)
       step += 1
       if step % config.train.log_every == 0 or step == config.train.steps:
         values = {k: float(v) for k, v in metrics.items()}
-        values["tokens_per_s"] = values["tokens"] / max(time.perf_counter() - t, 1e-9)
+        values.update(log.throughput(step))
         values.update({f"data/{k}": v for k, v in health.counts().items()})
         log.write(step, values)
-        log.progress(step, values, config.data.batch_size)
+        log.progress(step, values)
         last = values
       if config.train.eval_every and step % config.train.eval_every == 0:
         last["eval_loss"] = evaluate_loss(config, eval_step, state)
         log.write(step, {"eval_loss": last["eval_loss"]})
         print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
-      save(manager, step, state, iterator, force=step == config.train.steps)
+      if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+        checkpoints.save(manager, step, state, iterator)
     manager.wait_until_finished()
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -72,8 +72,20 @@ def test_corrupt_records_name_their_reason(record, reason):
 def test_text_only_sequences_train_every_real_token():
   text = f"{IMG}a red circle.{EOC}{IMG}two blue squares.{EOC}"
   out, stats = build_sequence({"text": text, "images": images(2)}, TOK,
-                              SequenceSpec(seq_len=40, text_only=True))
+                              SequenceSpec(seq_len=40, mode="text"))
   assert set(out) == {"tokens", "targets", "loss_mask"} and not stats
   on = TOK.decode(out["targets"][out["loss_mask"] == 1])
   assert on == text + TOK.decode([TOK.eos_id])
   assert np.all(out["loss_mask"][out["targets"] == TOK.pad_id] == 0)
+
+
+def test_pairs_keep_one_image_and_the_caption_ending_in_eos():
+  record = {"text": f"{IMG}a red circle on the left.{EOC}", "images": images(1)}
+  out, _ = build_sequence(record, TOK, SequenceSpec(seq_len=6, image_size=8, mode="pair"))
+  assert out["tokens"].shape == (6,) and out["tokens"][0] == TOK.bos_id
+  assert out["tokens"][-1] == TOK.eos_id  # truncated, but still pooled at an EOS
+  assert TOK.decode(out["tokens"][1:-1]) == "a red circle on"
+  np.testing.assert_array_equal(out["image"], images(1)[0])
+  with pytest.raises(CorruptRecord, match="exactly one image"):
+    build_sequence({"text": "x", "images": images(2)}, TOK,
+                   SequenceSpec(seq_len=6, image_size=8, mode="pair"))

@@ -15,7 +15,9 @@ import pytest
 
 from configs import flamingo as flamingo_recipe
 from configs import lm as lm_recipe
-from mmjax import train
+import orbax.checkpoint as ocp
+
+from mmjax import checkpoints, train
 from mmjax.tasks import get_task
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -133,10 +135,10 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
   trainable0, frozen0 = train.partition_params(init, config.trainable)
   state = {"step": jnp.int32(0), "params": trainable0, "frozen": frozen0,
            "opt_state": train.make_optimizer(config, trainable0)[0].init(trainable0)}
-  manager = train.checkpoint_manager(tmp_path, config)
+  manager = checkpoints.manager(tmp_path)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  restored = manager.restore(3, args=train.ocp.args.Composite(
-      state=train.ocp.args.StandardRestore(abstract)))["state"]
+  restored = manager.restore(3, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
   assert set(restored["frozen"]) == {"vision", "lm"} and set(restored["params"]) == {
       "resampler", "lm"}
   assert all(k.startswith("xattn_") for k in restored["params"]["lm"])
@@ -197,3 +199,70 @@ def test_nonfinite_updates_abort_with_the_step_or_are_skipped(tmp_path):
   state, metrics, _ = _one_step(skip, batch)
   assert not bool(metrics["finite"])
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_contrastive_loss_matches_naive_infonce():
+  from mmjax import losses
+  rng = np.random.default_rng(0)
+  image, text = (rng.normal(size=(5, 8)) for _ in range(2))
+  image /= np.linalg.norm(image, axis=1, keepdims=True)
+  text /= np.linalg.norm(text, axis=1, keepdims=True)
+  logits = 10.0 * image @ text.T
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(1, keepdims=True))
+  naive = -(np.mean(np.diag(log_softmax(logits))) + np.mean(np.diag(log_softmax(logits.T)))) / 2
+  np.testing.assert_allclose(losses.contrastive_loss(jnp.asarray(image, jnp.float32),
+                                                     jnp.asarray(text, jnp.float32), 10.0),
+                             naive, rtol=1e-5)
+
+
+def test_clip_recipe_learns_to_match_pairs(tmp_path):
+  from configs import clip as clip_recipe
+  config = clip_recipe.get_config()
+  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, num_heads=2,
+                             output_dim=32)
+  config.model.text.update(width=32, depth=1, num_heads=2)
+  config.model.embed_dim = 32
+  config.data.update(image_size=32, batch_size=16)
+  config.data.datasets[0]["source"]["image_size"] = 32
+  config.train.update(steps=80, log_every=1, eval_every=0, checkpoint_every=80)
+  config.optim.update(warmup_steps=5, lr=3e-3)
+  train.run(config, tmp_path)
+  losses = losses_by_step(tmp_path)
+  chance = np.log(16)  # uniform over the batch
+  assert np.mean([losses[s] for s in (1, 2)]) > chance - 0.1
+  assert np.mean([losses[s] for s in range(71, 81)]) < chance - 1.0
+
+
+def test_graft_names_what_does_not_fit():
+  params = {"vision": {"w": np.zeros((2, 3)), "b": np.zeros(3)}, "lm": {"xattn_1": {"g": np.zeros(1)}}}
+  grafted = checkpoints.graft(params, "vision", {"w": np.ones((2, 3)), "b": np.ones(3)})
+  np.testing.assert_array_equal(grafted["vision"]["w"], 1.0)
+  with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+    checkpoints.graft(params, "vision", {"w": np.ones((2, 3)), "b": np.ones(3), "extra": 1})
+  with pytest.raises(ValueError, match=r"missing keys \['b'\]"):
+    checkpoints.graft(params, "vision", {"w": np.ones((2, 3))})
+  with pytest.raises(ValueError, match=r"w: \(3, 2\) in checkpoint, \(2, 3\) in the model"):
+    checkpoints.graft(params, "vision", {"w": np.ones((3, 2)), "b": np.ones(3)})
+  # New (trainable) parameters may stay as initialised; frozen ones may not.
+  checkpoints.graft(params, "lm", {}, may_stay_new=r"^lm/xattn_")
+
+
+def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
+  lm_run = lm_config(**{"train.steps": 2})
+  with lm_run.unlocked():
+    lm_run.model = flamingo_config().model["lm"]
+  train.run(lm_run, tmp_path / "lm")
+  config = flamingo_config(**{"train.steps": 1})
+  with config.unlocked():
+    config.init = [dict(target="lm", workdir=str(tmp_path / "lm"))]
+  task = get_task("flamingo")
+  model = task.build_model(config)
+  args, _ = task.init_inputs(config)
+  import flax.linen as nn
+  params = train.load_pretrained(nn.unbox(model.init(jax.random.key(0), *args)["params"]),
+                                 config)
+  pretrained = checkpoints.load_params(tmp_path / "lm")
+  for key in pretrained:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params["lm"][key], pretrained[key])
+  assert any(k.startswith("xattn_") for k in params["lm"]) and not any(
+      k.startswith("xattn_") for k in pretrained)

@@ -14,10 +14,11 @@ format; image-caption pairs are one-chunk documents). Building a sequence:
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -31,17 +32,26 @@ class CorruptRecord(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
-  """Shapes of built sequences.
+  """What to build, and its shapes.
 
-  `text_only` builds language-model sequences: the whole text (media tokens included, as
-  ordinary tokens) is kept and every non-padding target is trained; no images.
+  Modes:
+    "interleaved": Flamingo sequences (tokens, targets, loss_mask, images, num_images).
+    "text": language-model sequences: the whole text (media tokens included, as ordinary
+      tokens), every non-padding target trained; no images.
+    "pair": contrastive pairs: exactly one image and its text without media markup,
+      `BOS text EOS` right-padded (EOS kept when truncating).
   """
 
   seq_len: int
   max_images: int = 0
   image_size: int = 0
   channels: int = 3
-  text_only: bool = False
+  mode: Literal["interleaved", "text", "pair"] = "interleaved"
+
+  def __post_init__(self):
+    if self.mode not in ("interleaved", "text", "pair"):
+      raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
+                       "'text' or 'pair'.")
 
 
 def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,
@@ -75,7 +85,7 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
   text, images = document.get("text"), document.get("images")
   if not isinstance(text, str) or not text.strip():
     raise CorruptRecord("empty_text", "the record has no text")
-  if spec.text_only:
+  if spec.mode == "text":
     return _text_sequence(text, tokenizer, spec.seq_len), {}
   images = np.asarray(images if images is not None else np.zeros((0,)), dtype=None)
   expected = (spec.image_size, spec.image_size, spec.channels)
@@ -84,6 +94,10 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
     raise CorruptRecord("bad_image", f"images must be uint8 'n {' '.join(map(str, expected))}'"
                         f", got {images.dtype} {images.shape}")
   num_given = len(images) if images.size else 0
+  if spec.mode == "pair":
+    if num_given != 1:
+      raise CorruptRecord("image_count", f"a pair needs exactly one image, got {num_given}")
+    return _pair(text, images[0], tokenizer, spec.seq_len), {}
   ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
   media_positions = np.flatnonzero(ids == tokenizer.media_id)
   if len(media_positions) != num_given:
@@ -125,3 +139,14 @@ def _text_sequence(text: str, tokenizer: Tokenizer, seq_len: int) -> dict[str, n
   targets = padded[1:]
   return {"tokens": padded[:-1], "targets": targets,
           "loss_mask": (targets != tokenizer.pad_id).astype(np.float32)}
+
+
+def _pair(text: str, image: np.ndarray, tokenizer: Tokenizer,
+          seq_len: int) -> dict[str, np.ndarray]:
+  caption = text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip()
+  if not caption:
+    raise CorruptRecord("empty_text", "the pair has no text besides media markup")
+  ids = tokenizer.encode(caption, bos=True)[:seq_len - 1] + [tokenizer.eos_id]
+  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  return {"tokens": tokens, "image": image}

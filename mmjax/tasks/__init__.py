@@ -10,7 +10,7 @@ The trainer picks the module named by `config.task`.
 import importlib
 from types import ModuleType
 
-TASKS = ("lm", "flamingo")
+TASKS = ("lm", "clip", "flamingo")
 
 
 def get_task(name: str) -> ModuleType:

@@ -1,0 +1,40 @@
+"""Contrastive pretraining (CLIP) of the vision tower on shapes-world image-caption pairs:
+the frozen vision encoder of the Flamingo recipe.
+
+  python -m mmjax.train --config=configs/clip.py[:variant] --workdir=/tmp/clip
+
+The vision tower's shape is that of the same-named variant of configs/flamingo.py.
+"""
+
+import copy
+
+import ml_collections
+
+from configs import flamingo
+
+PAIRS = dict(name="shapes_world_pairs", source=dict(kind="shapes_world_pairs", split="train"))
+HELDOUT_PAIRS = dict(name="shapes_world_pairs_eval",
+                     source=dict(kind="shapes_world_pairs", split="eval", size=4096))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  vision = dict(flamingo.VARIANTS[variant]["vision"])
+  config = ml_collections.ConfigDict()
+  config.task = "clip"
+  config.seed = 0
+  config.model = dict(
+      vision=vision,
+      text=dict(vocab_size=1024, width=128, depth=2, num_heads=4, max_len=32,
+                activation="quick_gelu"),
+      embed_dim=vision["output_dim"], pad_id=flamingo.PAD)
+  config.trainable = r".*"
+  config.data = dict(seq_len=24, batch_size=64, image_size=vision["image_size"], mode="pair",
+                     datasets=copy.deepcopy([PAIRS]),
+                     eval_datasets=copy.deepcopy([HELDOUT_PAIRS]))
+  config.optim = dict(lr=1e-3, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.98,
+                      eps=1e-6, weight_decay=0.1, decay_pattern=r"kernel$",
+                      clip_norm=1.0, accum_steps=1)
+  config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=4,
+                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort")
+  return config

@@ -1,0 +1,84 @@
+"""Checkpoints: the train state and the data iterator saved together by Orbax, and the
+parameters of a finished run grafted into another model (pretrained backbones)."""
+
+import pathlib
+from typing import Any
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+
+def manager(workdir: str | pathlib.Path, keep: int | None = None) -> ocp.CheckpointManager:
+  """Checkpoints under `workdir/checkpoints`. Orbax writes each step to a temporary
+  directory and renames it when complete, so a half-written step is never listed."""
+  return ocp.CheckpointManager(
+      pathlib.Path(workdir).absolute() / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+      item_names=("state", "data"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator) -> bool:
+  """Saves (asynchronously) unless `step` is already saved."""
+  if step in mngr.all_steps():
+    return False
+  return mngr.save(step, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator):
+  """Restores the state (shaped like `abstract_state`) and, in place, the iterator."""
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(iterator)))
+  return restored["state"]
+
+
+def load_params(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
+  """All parameters (trainable and frozen) of a run's checkpoint, as numpy arrays."""
+  mngr = manager(workdir)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No complete checkpoint under {pathlib.Path(workdir) / 'checkpoints'}.")
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  flat = {**_flat(state.get("frozen") or {}), **_flat(state["params"])}
+  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep="/")
+
+
+def _flat(tree) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/") if tree else {}
+
+
+def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None = None,
+          origin: str = "checkpoint") -> dict:
+  """Replaces the subtree `target` ('/'-separated) of `params` with `source`.
+
+  Every source parameter must exist in the target with the same shape. Target parameters
+  absent from the source keep their initial values only if their full path matches the
+  regex `may_stay_new` (e.g. Flamingo's new gated blocks); otherwise it is an error, since
+  a 'pretrained' backbone would silently stay random.
+  """
+  import re
+  flat = _flat(params)
+  prefix = f"{target}/" if target else ""
+  target_keys = {k[len(prefix):] for k in flat if k.startswith(prefix)}
+  source_flat = _flat(source)
+  unexpected = sorted(set(source_flat) - target_keys)
+  missing = sorted(k for k in target_keys - set(source_flat)
+                   if not (may_stay_new and re.search(may_stay_new, prefix + k)))
+  shapes = sorted(f"{k}: {np.shape(v)} in {origin}, {np.shape(flat[prefix + k])} in the model"
+                  for k, v in source_flat.items()
+                  if k in target_keys and np.shape(v) != np.shape(flat[prefix + k]))
+  if unexpected or missing or shapes:
+    raise ValueError(
+        f"Cannot load {origin} into '{target}': "
+        + "; ".join(f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                    for what, items in (("unexpected keys", unexpected),
+                                        ("missing keys", missing),
+                                        ("shape mismatches", shapes)) if items)
+        + ". Check that the model config matches the one the checkpoint was trained with.")
+  for key, value in source_flat.items():
+    flat[prefix + key] = np.asarray(value, dtype=np.asarray(flat[prefix + key]).dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")

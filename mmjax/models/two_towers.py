@@ -1,0 +1,72 @@
+"""CLIP-style dual encoder: a ViT image tower and a causal text transformer, projected
+into one space where matching pairs have high cosine similarity."""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.layers import Dense
+from mmjax.models.common import config_from_dict
+from mmjax.models.lm import LanguageModel, LMConfig
+from mmjax.models.vit import ViT, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowersConfig:
+  """`vision.output_dim` must equal `embed_dim`; the text tower is an `LMConfig` whose
+  final hidden state at the last real token (EOS) is projected to `embed_dim`."""
+
+  vision: ViTConfig
+  text: LMConfig
+  embed_dim: int
+  pad_id: int = 0
+  init_temperature: float = 0.07
+
+  def __post_init__(self):
+    if self.vision.output_dim != self.embed_dim:
+      raise ValueError(f"TwoTowersConfig: vision.output_dim={self.vision.output_dim} must "
+                       f"equal embed_dim={self.embed_dim}.")
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TwoTowersConfig":
+    values = dict(values)
+    values["vision"] = config_from_dict(ViTConfig, values["vision"])
+    values["text"] = config_from_dict(LMConfig, values["text"])
+    return config_from_dict(cls, values)
+
+
+class TwoTowers(nn.Module):
+  """`images "b h w c", tokens "b t" -> (image "b e", text "b e", logit_scale)`;
+  embeddings are L2-normalised, `logit_scale` is `1 / temperature`."""
+
+  config: TwoTowersConfig
+
+  def setup(self):
+    cfg = self.config
+    self.image = ViT(cfg.vision)
+    self.text = LanguageModel(cfg.text)
+    self.text_head = Dense(cfg.embed_dim, ("embed", None), name="text_head")
+    self.log_scale = self.param("log_scale", nn.with_logical_partitioning(
+        nn.initializers.constant(math.log(1 / cfg.init_temperature)), ()), ())
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    return _l2_normalise(self.image(images)["pooled"])
+
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    """Pools each right-padded row at its last real token (the EOS)."""
+    hidden = self.text(tokens, return_hidden=True)
+    last = jnp.sum(tokens != self.config.pad_id, axis=1) - 1
+    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return _l2_normalise(self.text_head(pooled))
+
+  def __call__(self, images: jax.Array, tokens: jax.Array):
+    return self.encode_image(images), self.encode_text(tokens), jnp.exp(self.log_scale)
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)

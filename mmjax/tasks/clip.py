@@ -1,0 +1,26 @@
+"""Contrastive image-text pretraining (CLIP): symmetric InfoNCE, learned temperature."""
+
+import jax.numpy as jnp
+
+from mmjax import losses
+from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
+
+
+def build_model(config) -> TwoTowers:
+  if config.optim.accum_steps != 1:
+    raise ValueError("The contrastive loss needs every negative in one batch: set "
+                     "optim.accum_steps=1 and choose data.batch_size directly.")
+  return TwoTowers(TwoTowersConfig.from_dict(config.model.to_dict()))
+
+
+def init_inputs(config):
+  size = config.model.vision["image_size"]
+  return (jnp.zeros((1, size, size, 3), jnp.uint8),
+          jnp.ones((1, config.data.seq_len), jnp.int32)), {}
+
+
+def loss_terms(model, params, batch):
+  image, text, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
+  batch_size = jnp.float32(image.shape[0])
+  # As a (sum, count) pair so that the trainer's mean is the loss itself.
+  return losses.contrastive_loss(image, text, scale) * batch_size, batch_size, {}
