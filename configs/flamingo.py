@@ -1,8 +1,18 @@
-"""Flamingo: frozen ViT + Perceiver Resampler + frozen LM with gated cross-attention.
+"""Flamingo: frozen ViT + Perceiver Resampler + frozen LM with gated cross-attention,
+trained on interleaved shapes-world documents mixed with image-caption pairs, then
+evaluated few-shot.
+
+  python -m mmjax.train --config=configs/flamingo.py --workdir=/tmp/flamingo
+
+The frozen backbones are the runs of configs/clip.py (vision tower) and configs/lm.py
+(language model) of the same variant: trained on first use, cached under
+$MMJAX_CACHE (default ~/.cache/mmjax) by a hash of their config, reused afterwards.
+Point `config.init[i].workdir` at another run (or a converted checkpoint) to use it.
 
 Variants (`--config=configs/flamingo.py:<variant>`):
   tiny   the embedded default: 64px images, a 4-layer LM; runs on a laptop CPU.
-  base   width 768, 12 LM layers, a ViT-B/16: the CPU benchmark size.
+  base   width 768, 12 LM layers, a ViT-B/16 and a 32k vocabulary: model shapes for
+         benchmarks and `mmjax.summary`; not trainable on the embedded tokenizer.
 
 Inspect a variant (parameter counts, a compiled forward pass and generation):
   python -m mmjax.summary --config=configs/flamingo.py:base
@@ -38,13 +48,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "tiny"
   if variant not in VARIANTS:
     raise ValueError(f"Unknown flamingo variant {variant!r}; choose from {sorted(VARIANTS)}.")
+  image_size = VARIANTS[variant]["vision"]["image_size"]
   config = ml_collections.ConfigDict()
+  config.task = "flamingo"
   config.variant = variant
+  config.seed = 0
   config.model = dict(
       **VARIANTS[variant], media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK,
       vision_feature_layer=-1)
   # Parameters that train (a regex on '/'-joined paths); everything else stays frozen.
   config.trainable = r"^(resampler|lm/xattn_\d+)/"
+  config.init = [dict(target="vision", recipe="clip", variant=variant, source="image"),
+                 dict(target="lm", recipe="lm", variant=variant, source="")]
+  documents = dict(kind="shapes_world_documents", image_size=image_size, max_images=4)
+  config.data = dict(
+      seq_len=64, batch_size=16, max_images=4, image_size=image_size, mode="interleaved",
+      datasets=[
+          dict(name="documents", source=dict(documents, split="train"), weight=3.0),
+          dict(name="pairs", weight=1.0, loss_weight=0.5,
+               source=dict(kind="shapes_world_pairs", split="train", image_size=image_size)),
+      ],
+      eval_datasets=[dict(name="documents_eval",
+                          source=dict(documents, split="eval", size=4096))])
+  config.optim = dict(lr=5e-4, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.98,
+                      eps=1e-8, weight_decay=0.05, decay_pattern=r"kernel$",
+                      clip_norm=1.0, accum_steps=1)
+  config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=8,
+                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort")
+  config.evaluate = dict(shots=(0, 1, 2, 4), episodes=64, max_new_tokens=12, seed=0)
   config.tokens = dict(pad=PAD, eos=EOS, bos=BOS)
   config.summary = dict(batch_size=2, num_images=2, seq_len=64, max_new_tokens=16)
   return config

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from mmjax import checkpoints, losses
+from mmjax import checkpoints, evaluate, losses
 from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import Tokenizer
@@ -262,10 +262,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   train_data = make_data(config, config.data.datasets, seed=config.seed, health=health)
   iterator = iter(train_data)
 
+  manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
+  start = manager.latest_step() or 0
   model = task.build_model(config)
   args, kwargs = task.init_inputs(config)
   init = jax.jit(lambda rng: nn.unbox(model.init(rng, *args, **kwargs)["params"]))
-  params = load_pretrained(init(jax.random.key(config.seed)), config)
+  params = init(jax.random.key(config.seed))
+  if not start:  # a resumed run gets every parameter from its own checkpoint
+    params = load_pretrained(params, config)
   trainable, frozen = partition_params(params, config.trainable)
   tx, schedule = make_optimizer(config, trainable)
   state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
@@ -273,8 +277,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   logging.info("Parameters: %d trainable, %d frozen.", count(trainable), count(frozen))
 
-  manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
-  start = manager.latest_step() or 0
   if start:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore(manager, start, abstract, iterator)
@@ -317,6 +319,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   finally:
     signal.signal(signal.SIGTERM, previous)
     manager.close()
+  if config.get("evaluate") and config.task == "flamingo":
+    last["few_shot"] = evaluate.evaluate_workdir(workdir)
   return last
 
 

@@ -227,17 +227,20 @@ class ShapesWorld:
                          tuple(names[c] for c in support_colours), query, names[query_colour],
                          names)
 
-  def document(self, split: str, index: int, max_images: int = 4) -> dict:
+  def document(self, split: str, index: int, max_images: int = 4,
+               naming_fraction: float = 1 / 3) -> dict:
     """An interleaved document: a few image-text chunks of one kind.
 
-    Kinds: captions, question/answer pairs, or a naming episode whose last chunk is
-    the query answered (so training on documents teaches the in-context task).
+    Kinds: a naming episode whose last chunk is the query answered (so training on
+    documents teaches the in-context task) with probability `naming_fraction`, else
+    captions or question/answer pairs in equal shares.
     Returns `{"images": uint8 "n h w 3", "text": str}` with one `<image>` per image and
     `<|endofchunk|>` after each chunk's text.
     """
     rng = _rng(self.seed, split_id(split), 2, index)
     num_images = int(rng.integers(1, max_images + 1))
-    kind = ("captions", "vqa", "naming")[rng.integers(3)]
+    other = (1 - naming_fraction) / 2
+    kind = ("captions", "vqa", "naming")[rng.choice(3, p=[other, other, naming_fraction])]
     if kind == "naming":
       episode = self.naming_episode(split, int(rng.integers(2 ** 31)), num_images - 1,
                                     ways=int(rng.integers(1, 3)))

@@ -1,0 +1,165 @@
+"""Few-shot evaluation of a trained Flamingo on held-out shapes-world data.
+
+  python -m mmjax.evaluate --workdir=/tmp/flamingo [--shots=0,1,2,4] [--episodes=64]
+
+Reads the config in force from `workdir/config.json` and the latest checkpoint. Tasks,
+each prompted with k solved examples followed by the query and answered by greedy
+generation:
+
+  naming      2-way in-context naming: support images are named with made-up words
+              ("this is a dax."); the query's name can only be inferred from them.
+              `chance` is the accuracy of answering a random name seen in the support.
+  vqa         question answering on held-out (shape, colour) pairs, exact match.
+  captioning  captions of held-out pairs: exact match, and the fraction of the
+              caption's attribute words (count, size, colour, shape) reproduced.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from mmjax import checkpoints
+from mmjax.data import shapes_world as sw
+from mmjax.data.tokenizer import Tokenizer
+from mmjax.decoding import SamplingConfig
+from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
+
+IMG, EOC = sw.MEDIA_TOKEN, sw.ENDOFCHUNK_TOKEN
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  text: str
+  images: np.ndarray  # "n h w 3"
+  answer: str
+
+
+def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int) -> tuple[list[Prompt], float]:
+  prompts, chance = [], []
+  for i in range(episodes):
+    ep = world.naming_episode("eval", i, shots=shots, ways=2)
+    text = "".join(f"{IMG}{sw.naming_text(n)}{EOC}" for n in ep.support_names)
+    images = np.concatenate([ep.support_images, ep.query_image[None]])
+    prompts.append(Prompt(text + IMG + sw.naming_text(None), images, ep.answer))
+    seen = set(ep.support_names)
+    chance.append(ep.answer in seen and 1 / len(seen))
+  return prompts, float(np.mean(chance))
+
+
+def example_prompts(world: sw.ShapesWorld, shots: int, episodes: int, task: str) -> list[Prompt]:
+  """VQA or captioning prompts; support examples are other held-out examples."""
+  chunk = {"vqa": lambda e: (f"question: {e.question} answer:", f" {e.answer}"),
+           "captioning": lambda e: ("", e.caption)}[task]
+  prompts = []
+  for i in range(episodes):
+    support = [world.example("eval", 10_000 + (shots + 1) * i + j) for j in range(shots)]
+    query = world.example("eval", i)
+    text = "".join(f"{IMG}{chunk(e)[0]}{chunk(e)[1]}{EOC}" for e in support)
+    images = np.stack([e.image for e in support] + [query.image])
+    prompts.append(Prompt(text + IMG + chunk(query)[0], images, chunk(query)[1].strip()))
+  return prompts
+
+
+def answer_text(tokenizer: Tokenizer, tokens: np.ndarray, length: int, task: str) -> str:
+  text = tokenizer.decode(tokens[:length]).split(EOC)[0]
+  if task == "naming":
+    text = text.split(".")[0]
+  return text.strip()
+
+
+def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
+                max_new_tokens: int, task: str) -> list[str]:
+  ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
+  lengths = np.array([len(i) for i in ids], np.int32)
+  tokens = np.full((len(ids), lengths.max()), tokenizer.pad_id, np.int32)
+  for row, i in enumerate(ids):
+    tokens[row, :len(i)] = i
+  images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
+  out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
+                 images=jnp.asarray(images), max_new_tokens=max_new_tokens,
+                 stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id), pad_id=tokenizer.pad_id,
+                 sampling=SamplingConfig())
+  tokens_out, lengths_out = np.asarray(out.tokens), np.asarray(out.lengths)
+  return [answer_text(tokenizer, t, n, task) for t, n in zip(tokens_out, lengths_out, strict=True)]
+
+
+def _is_attribute(word: str) -> bool:
+  singular = {word, word.removesuffix("s"), word.removesuffix("es")}
+  return (word in sw.COLOURS or word in sw.SIZES or word in sw.COUNT_WORDS
+          or bool(singular & set(sw.SHAPES)))
+
+
+def attribute_recall(prediction: str, reference: str) -> float:
+  """Fraction of the reference caption's count/size/colour/shape words in the prediction."""
+  words = [w for w in reference.rstrip(".").split() if _is_attribute(w)]
+  predicted = set(prediction.rstrip(".").split())
+  return float(np.mean([w in predicted for w in words])) if words else 0.0
+
+
+def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=None) -> dict:
+  """{task: {shots: {metric: value}}} for a Flamingo config and its parameters."""
+  e = config.evaluate
+  shots = [int(s) for s in (shots or e.shots)]
+  episodes = episodes or e.episodes
+  model = Flamingo(FlamingoConfig.from_dict(config.model.to_dict()))
+  tokenizer = Tokenizer()
+  world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
+  results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
+  for k in shots:
+    prompts, chance = naming_prompts(world, k, episodes)
+    answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, "naming")
+    results["naming"][k] = {
+        "accuracy": float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)])),
+        "chance": chance}
+    for task in ("vqa", "captioning"):
+      prompts = example_prompts(world, k, episodes, task)
+      answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, task)
+      exact = float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)]))
+      results[task][k] = {"exact_match": exact}
+      if task == "captioning":
+        results[task][k]["attribute_recall"] = float(np.mean(
+            [attribute_recall(a, p.answer) for a, p in zip(answers, prompts, strict=True)]))
+  return results
+
+
+def format_table(results: dict) -> str:
+  shots = sorted({k for task in results.values() for k in task})
+  rows = [("naming (in-context)", "accuracy"), ("naming (in-context)", "chance"),
+          ("vqa", "exact_match"), ("captioning", "exact_match"),
+          ("captioning", "attribute_recall")]
+  lines = [f"{'task':<20} {'metric':<17}" + "".join(f"{f'{k}-shot':>9}" for k in shots)]
+  for task, metric in rows:
+    key = task.split()[0]
+    lines.append(f"{task:<20} {metric:<17}" + "".join(
+        f"{results[key][k][metric]:>9.3f}" for k in shots))
+  return "\n".join(lines)
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, **kwargs) -> dict:
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  results = evaluate(config, checkpoints.load_params(workdir), **kwargs)
+  print(format_table(results), flush=True)
+  (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  evaluate_workdir(f.workdir, shots=f.shots, episodes=f.episodes)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: the trainer imports this module and has its own flags.
+  flags.DEFINE_string("workdir", None, "A Flamingo training run's workdir.")
+  flags.DEFINE_list("shots", None, "Shot counts (default: config.evaluate.shots).")
+  flags.DEFINE_integer("episodes", None, "Queries per task and shot count.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
