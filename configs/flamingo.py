@@ -31,7 +31,10 @@ VARIANTS = {
         vision=dict(image_size=64, patch_size=8, width=128, depth=4, num_heads=4,
                     output_dim=128, activation="quick_gelu"),
         resampler=dict(depth=2, num_heads=4, head_dim=32, num_latents=16),
-        lm=dict(vocab_size=1024, width=256, depth=4, num_heads=4, max_len=256),
+        # Rotary positions: with learned ones the LM did not learn to repeat names from its
+        # context in 500 steps (3/50 one-way episodes; 22/50 with RoPE).
+        lm=dict(vocab_size=1024, width=256, depth=4, num_heads=4, max_len=256,
+                position="rope"),
         xattn=dict(every=1, num_heads=4, head_dim=32),
     ),
     "base": dict(

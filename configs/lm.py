@@ -34,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = dict(lr=1e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.98,
                       eps=1e-8, weight_decay=0.05, decay_pattern=r"kernel$|embedding$",
                       clip_norm=1.0, accum_steps=1)
-  # 500 steps reach the held-out loss plateau (~0.79 nats/token; the made-up names of
-  # naming episodes are irreducible).
+  # 500 steps: held-out loss 0.73 nats/token (measured with the tiny variant); the
+  # made-up names are mostly irreducible, and copying them from context is still forming.
   config.train = dict(steps=500, log_every=50, eval_every=250, eval_batches=8,
                       checkpoint_every=250, keep_checkpoints=2, nonfinite="abort")
   return config
