@@ -23,6 +23,7 @@ setuptools.setup(
         "ml-collections>=1.0,<1.2",
         "sentencepiece>=0.2,<0.3",
         "absl-py>=2.1,<3",
+        "tensorboardX>=2.6,<3",
         "numpy>=1.26,<3",
     ],
     extras_require={

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorboardX
 from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
@@ -217,13 +218,15 @@ def load_pretrained(params: dict, config) -> dict:
 # Logging.
 # ---------------------------------------------------------------------------------------
 class MetricsLog:
-  """Appends one JSON object per logged step to `workdir/metrics.jsonl` and prints a
-  progress line. Throughput is measured over the steps since the previous log line (the
-  first window includes compilation); tokens are input tokens, padding included."""
+  """Appends one JSON object per logged step to `workdir/metrics.jsonl`, writes the same
+  scalars as TensorBoard events under `workdir/tensorboard`, and prints a progress line.
+  Throughput is measured over the steps since the previous log line (the first window
+  includes compilation); tokens are input tokens, padding included."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int,
                examples_per_step: int, tokens_per_step: int):
     self.path = workdir / "metrics.jsonl"
+    self.events = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
     self.total = total_steps
     self.examples, self.tokens = examples_per_step, tokens_per_step
     self.last_step, self.last_time = start_step, time.perf_counter()
@@ -231,6 +234,12 @@ class MetricsLog:
   def write(self, step: int, values: dict[str, float]) -> None:
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, **values}) + "\n")
+    for name, value in values.items():
+      self.events.add_scalar(name, value, step)
+    self.events.flush()
+
+  def close(self) -> None:
+    self.events.close()
 
   def throughput(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -319,6 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   finally:
     signal.signal(signal.SIGTERM, previous)
     manager.close()
+    log.close()
   if config.get("evaluate") and config.task == "flamingo":
     last["few_shot"] = evaluate.evaluate_workdir(workdir)
   return last

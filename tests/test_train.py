@@ -266,3 +266,31 @@ def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params["lm"][key], pretrained[key])
   assert any(k.startswith("xattn_") for k in params["lm"]) and not any(
       k.startswith("xattn_") for k in pretrained)
+
+
+def read_scalars(event_dir) -> dict[str, dict[int, float]]:
+  """Scalars of TensorBoard event files, read from their TFRecord framing."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  scalars: dict[str, dict[int, float]] = {}
+  for path in pathlib.Path(event_dir).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_metrics_go_to_tensorboard_events(tmp_path):
+  train.run(lm_config(**{"train.steps": 4, "train.log_every": 2}), tmp_path)
+  scalars = read_scalars(tmp_path / "tensorboard")
+  assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(scalars)
+  logged = losses_by_step(tmp_path)
+  assert set(scalars["loss"]) == {2, 4}
+  for step, loss in scalars["loss"].items():
+    assert abs(loss - logged[step]) < 1e-6
