@@ -2,6 +2,7 @@
 parameters of a finished run grafted into another model (pretrained backbones)."""
 
 import pathlib
+import re
 from typing import Any
 
 import grain
@@ -60,7 +61,6 @@ def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None =
   regex `may_stay_new` (e.g. Flamingo's new gated blocks); otherwise it is an error, since
   a 'pretrained' backbone would silently stay random.
   """
-  import re
   flat = _flat(params)
   prefix = f"{target}/" if target else ""
   target_keys = {k[len(prefix):] for k in flat if k.startswith(prefix)}

@@ -48,7 +48,7 @@ def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int) -> tuple[li
     images = np.concatenate([ep.support_images, ep.query_image[None]])
     prompts.append(Prompt(text + IMG + sw.naming_text(None), images, ep.answer))
     seen = set(ep.support_names)
-    chance.append(ep.answer in seen and 1 / len(seen))
+    chance.append(1 / len(seen) if ep.answer in seen else 0.0)
   return prompts, float(np.mean(chance))
 
 
