@@ -44,12 +44,18 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> dict[st
     raise FileNotFoundError(f"No complete checkpoint under {pathlib.Path(workdir) / 'checkpoints'}.")
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   mngr.close()
-  flat = {**_flat(state.get("frozen") or {}), **_flat(state["params"])}
-  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep="/")
+  flat = {**flat_params(state.get("frozen") or {}), **flat_params(state["params"])}
+  return tree_params({k: np.asarray(v) for k, v in flat.items()})
 
 
-def _flat(tree) -> dict[str, Any]:
+def flat_params(tree) -> dict[str, Any]:
+  """`{"a/b/kernel": leaf}`: the '/'-joined paths that freezing and grafting patterns match."""
   return traverse_util.flatten_dict(tree, sep="/") if tree else {}
+
+
+def tree_params(flat: dict[str, Any]) -> dict:
+  """The inverse of `flat_params`."""
+  return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
 
 
 def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None = None,
@@ -61,10 +67,10 @@ def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None =
   regex `may_stay_new` (e.g. Flamingo's new gated blocks); otherwise it is an error, since
   a 'pretrained' backbone would silently stay random.
   """
-  flat = _flat(params)
+  flat = flat_params(params)
   prefix = f"{target}/" if target else ""
   target_keys = {k[len(prefix):] for k in flat if k.startswith(prefix)}
-  source_flat = _flat(source)
+  source_flat = flat_params(source)
   unexpected = sorted(set(source_flat) - target_keys)
   missing = sorted(k for k in target_keys - set(source_flat)
                    if not (may_stay_new and re.search(may_stay_new, prefix + k)))
@@ -81,4 +87,4 @@ def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None =
         + ". Check that the model config matches the one the checkpoint was trained with.")
   for key, value in source_flat.items():
     flat[prefix + key] = np.asarray(value, dtype=np.asarray(flat[prefix + key]).dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return tree_params(flat)

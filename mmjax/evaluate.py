@@ -26,9 +26,10 @@ from absl import app, flags
 
 from mmjax import checkpoints
 from mmjax.data import shapes_world as sw
+from mmjax.data.sequences import right_pad
 from mmjax.data.tokenizer import Tokenizer
-from mmjax.decoding import SamplingConfig
-from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
+from mmjax.models.flamingo import Flamingo, generate
+from mmjax.tasks import flamingo as flamingo_task
 
 IMG, EOC = sw.MEDIA_TOKEN, sw.ENDOFCHUNK_TOKEN
 
@@ -77,14 +78,11 @@ def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Pro
                 max_new_tokens: int, task: str) -> list[str]:
   ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
   lengths = np.array([len(i) for i in ids], np.int32)
-  tokens = np.full((len(ids), lengths.max()), tokenizer.pad_id, np.int32)
-  for row, i in enumerate(ids):
-    tokens[row, :len(i)] = i
+  tokens = np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids])
   images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
   out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
                  images=jnp.asarray(images), max_new_tokens=max_new_tokens,
-                 stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id), pad_id=tokenizer.pad_id,
-                 sampling=SamplingConfig())
+                 stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id), pad_id=tokenizer.pad_id)
   tokens_out, lengths_out = np.asarray(out.tokens), np.asarray(out.lengths)
   return [answer_text(tokenizer, t, n, task) for t, n in zip(tokens_out, lengths_out, strict=True)]
 
@@ -107,7 +105,7 @@ def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=
   e = config.evaluate
   shots = [int(s) for s in (shots or e.shots)]
   episodes = episodes or e.episodes
-  model = Flamingo(FlamingoConfig.from_dict(config.model.to_dict()))
+  model = flamingo_task.build_model(config)
   tokenizer = Tokenizer()
   world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
   results: dict = {"naming": {}, "vqa": {}, "captioning": {}}

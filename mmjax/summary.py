@@ -17,7 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
+from mmjax import checkpoints
+from mmjax.models.flamingo import generate
+from mmjax.tasks import flamingo as flamingo_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.",
                                           lock_config=True)
@@ -27,8 +29,7 @@ _RUN = flags.DEFINE_bool("run", True, "Also run a compiled forward pass and gene
 def param_table(params, trainable: str) -> list[tuple[str, int, bool]]:
   """`(group, count, trains)` rows: per top-level module, gated blocks grouped together."""
   rows: dict[tuple[str, bool], int] = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+  for name, leaf in checkpoints.flat_params(params).items():
     group = re.sub(r"^lm/xattn_\d+/.*", "lm/xattn_*", name)
     group = group if group == "lm/xattn_*" else name.split("/")[0]
     trains = re.search(trainable, name) is not None
@@ -60,7 +61,7 @@ def timed(fn, *args, **kwargs):
 def main(argv):
   del argv
   config = _CONFIG.value
-  model = Flamingo(FlamingoConfig.from_dict(config.model.to_dict()))
+  model = flamingo_task.build_model(config)
   tokens, images, num_images = example_batch(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens, images,
                                                       num_images)["params"]))

@@ -16,7 +16,6 @@ import pathlib
 import re
 import signal
 import time
-from typing import Any
 
 import flax.linen as nn
 import grain
@@ -28,7 +27,6 @@ import optax
 import orbax.checkpoint as ocp
 import tensorboardX
 from absl import app, flags, logging
-from flax import traverse_util
 from ml_collections import config_flags
 
 from mmjax import checkpoints, evaluate, losses
@@ -68,24 +66,20 @@ def make_data(config, datasets_config, *, seed: int, health: DataHealth) -> grai
 # ---------------------------------------------------------------------------------------
 # Parameters: which train, which stay frozen.
 # ---------------------------------------------------------------------------------------
-def _flat(params) -> dict[str, Any]:
-  return traverse_util.flatten_dict(params, sep="/")
-
-
 def partition_params(params, trainable: str) -> tuple[dict, dict]:
   """Splits params by a regex on '/'-joined paths into (trainable, frozen) trees."""
-  flat = _flat(params)
+  flat = checkpoints.flat_params(params)
   train = {k: v for k, v in flat.items() if re.search(trainable, k)}
   if not train:
     raise ValueError(f"config.trainable={trainable!r} matches no parameter; paths look "
                      f"like {sorted(flat)[:3]}.")
   frozen = {k: v for k, v in flat.items() if k not in train}
-  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/") if d else {}
-  return unflat(train), unflat(frozen)
+  return checkpoints.tree_params(train), checkpoints.tree_params(frozen)
 
 
 def merge_params(trainable: dict, frozen: dict) -> dict:
-  return traverse_util.unflatten_dict({**_flat(frozen), **_flat(trainable)}, sep="/")
+  return checkpoints.tree_params({**checkpoints.flat_params(frozen),
+                                  **checkpoints.flat_params(trainable)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,8 +90,8 @@ def make_optimizer(config, trainable: dict):
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
       decay_steps=max(steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_fraction)
-  decay_mask = traverse_util.unflatten_dict(
-      {k: re.search(o.decay_pattern, k) is not None for k in _flat(trainable)}, sep="/")
+  decay_mask = checkpoints.tree_params(
+      {k: re.search(o.decay_pattern, k) is not None for k in checkpoints.flat_params(trainable)})
   tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
@@ -141,7 +135,8 @@ def make_train_step(task, model, tx, schedule, config):
       keep = lambda new, old: jax.tree_util.tree_map(
           lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
-    nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g)) for k, g in _flat(grads).items()}
+    nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g))
+                       for k, g in checkpoints.flat_params(grads).items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
                "lr": schedule(state["step"]), "loss_terms": count, "finite": finite}

@@ -22,6 +22,13 @@ from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
 
+def right_pad(ids, length: int, pad_id: int) -> np.ndarray:
+  """int32 `"length"`: `ids` (at most `length` of them) followed by padding."""
+  out = np.full(length, pad_id, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
 class CorruptRecord(ValueError):
   """A record that cannot become a training sequence; `reason` names the category."""
 
@@ -117,8 +124,7 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
     raise CorruptRecord("no_image_left", "no <image> token survives truncation to "
                         f"seq_len={spec.seq_len}")
 
-  padded = np.full(spec.seq_len + 1, tokenizer.pad_id, np.int32)
-  padded[:len(ids)] = ids
+  padded = right_pad(ids, spec.seq_len + 1, tokenizer.pad_id)
   tokens, targets = padded[:-1], padded[1:]
   out_images = np.zeros((spec.max_images, 1, *expected), np.uint8)
   out_images[:num_images, 0] = images[:num_images]
@@ -134,8 +140,7 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
 
 def _text_sequence(text: str, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   ids = np.asarray(tokenizer.encode(text, bos=True, eos=True)[:seq_len + 1], np.int32)
-  padded = np.full(seq_len + 1, tokenizer.pad_id, np.int32)
-  padded[:len(ids)] = ids
+  padded = right_pad(ids, seq_len + 1, tokenizer.pad_id)
   targets = padded[1:]
   return {"tokens": padded[:-1], "targets": targets,
           "loss_mask": (targets != tokenizer.pad_id).astype(np.float32)}
@@ -147,6 +152,4 @@ def _pair(text: str, image: np.ndarray, tokenizer: Tokenizer,
   if not caption:
     raise CorruptRecord("empty_text", "the pair has no text besides media markup")
   ids = tokenizer.encode(caption, bos=True)[:seq_len - 1] + [tokenizer.eos_id]
-  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
-  tokens[:len(ids)] = ids
-  return {"tokens": tokens, "image": image}
+  return {"tokens": right_pad(ids, seq_len, tokenizer.pad_id), "image": image}

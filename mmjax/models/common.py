@@ -12,13 +12,24 @@ def dtype(name: str | Any):
 
 
 def config_from_dict(cls, values: dict[str, Any] | Any):
-  """Builds a config dataclass from a (nested) dict, naming any unknown field."""
+  """Builds a config dataclass from a (nested) dict, naming any unknown or missing field.
+
+  Fields whose type is itself a config dataclass are built recursively from their dicts.
+  """
   if isinstance(values, cls):
     return values
   values = dict(values)
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - fields)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
   if unknown:
     raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are "
                      f"{sorted(fields)}.")
+  missing = sorted(name for name, f in fields.items() if name not in values
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING)
+  if missing:
+    raise ValueError(f"{cls.__name__}: missing field(s) {missing}.")
+  for name, value in values.items():
+    if dataclasses.is_dataclass(fields[name].type) and not isinstance(value, fields[name].type):
+      values[name] = config_from_dict(fields[name].type, value)
   return cls(**values)

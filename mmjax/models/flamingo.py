@@ -45,12 +45,6 @@ class FlamingoConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "FlamingoConfig":
-    values = dict(values)
-    parts = dict(vision=ViTConfig, resampler=ResamplerConfig, lm=LMConfig, xattn=XAttnConfig)
-    for key, part in parts.items():
-      if key not in values:
-        raise ValueError(f"FlamingoConfig: missing section {key!r}.")
-      values[key] = config_from_dict(part, values[key])
     return config_from_dict(cls, values)
 
 

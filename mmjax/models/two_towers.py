@@ -3,14 +3,12 @@ into one space where matching pairs have high cosine similarity."""
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.layers import Dense
-from mmjax.models.common import config_from_dict
 from mmjax.models.lm import LanguageModel, LMConfig
 from mmjax.models.vit import ViT, ViTConfig
 
@@ -30,13 +28,6 @@ class TwoTowersConfig:
     if self.vision.output_dim != self.embed_dim:
       raise ValueError(f"TwoTowersConfig: vision.output_dim={self.vision.output_dim} must "
                        f"equal embed_dim={self.embed_dim}.")
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "TwoTowersConfig":
-    values = dict(values)
-    values["vision"] = config_from_dict(ViTConfig, values["vision"])
-    values["text"] = config_from_dict(LMConfig, values["text"])
-    return config_from_dict(cls, values)
 
 
 class TwoTowers(nn.Module):

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 
 from mmjax import losses
+from mmjax.models.common import config_from_dict
 from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
 
 
@@ -10,7 +11,7 @@ def build_model(config) -> TwoTowers:
   if config.optim.accum_steps != 1:
     raise ValueError("The contrastive loss needs every negative in one batch: set "
                      "optim.accum_steps=1 and choose data.batch_size directly.")
-  return TwoTowers(TwoTowersConfig.from_dict(config.model.to_dict()))
+  return TwoTowers(config_from_dict(TwoTowersConfig, config.model.to_dict()))
 
 
 def init_inputs(config):
