@@ -22,6 +22,7 @@ from absl import logging
 
 from mmjax.data import shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
+from mmjax.data.sources import ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -166,9 +167,17 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
 
 
 def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
-  """`{"name", "source": {"kind", ...}, "weight", "loss_weight"}` -> `Dataset`."""
+  """`{"name", "source": {"kind", ...}, "weight", "loss_weight"}` -> `Dataset`.
+
+  E.g. `{"name": "cc", "source": {"kind": "arrayrecord_pairs", "paths":
+  "/data/cc-*.array_record", "image_size": 224}}`; the other keys of `source` are the
+  arguments of the kind's class.
+  """
   kinds = {"shapes_world_documents": ShapesWorldDocuments,
-           "shapes_world_pairs": ShapesWorldPairs}
+           "shapes_world_pairs": ShapesWorldPairs,
+           "arrayrecord_documents": ArrayRecordDocuments,
+           "arrayrecord_pairs": ArrayRecordPairs,
+           "tfds": TfdsPairs}
   source = dict(config["source"])
   kind = source.pop("kind")
   if kind not in kinds:

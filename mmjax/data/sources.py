@@ -1,0 +1,331 @@
+"""Real data on disk: ArrayRecord shards written by `mmjax.data.convert`, and TFDS sources.
+
+Record format (one ArrayRecord record, written with `group_size:1` for random access):
+a msgpack map `{"v": 1, "content": [item, ...]}` where each item is either a `str`
+(a piece of text) or `bytes` (one encoded image, JPEG or PNG, any size). An image-caption
+pair is `[image, caption]`; an interleaved document lists its texts and images in reading
+order, each image placed before the text it illustrates. msgpack keeps `str` and `bytes`
+apart, so no schema beyond this is needed, and any language with a msgpack library can
+read the shards.
+
+Reading a record turns it into a pipeline document `{"images": uint8 "n s s 3", "text"}`
+in the OpenFlamingo layout: text before the first image stays as leading text; each image
+starts a chunk `<image>text ... <|endofchunk|>`; texts that follow an image (up to the
+next image) join its chunk, separated by `text_separator`.
+
+Images are decoded with Pillow at read time, made RGB (transparent pixels over white) and
+brought to `image_size` the way CLIP preprocesses: the shorter side is resized to
+`image_size` (bicubic) and the centre square is kept. Records that cannot be read raise
+`CorruptRecord` ("bad_record", "bad_image", "empty_text", "image_count"), which the
+pipeline counts per reason; nothing is dropped silently.
+"""
+
+import dataclasses
+import io
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from etils import epath
+from PIL import Image
+
+from mmjax.data.sequences import CorruptRecord
+from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
+
+RECORD_VERSION = 1
+SHARD_PATTERN = re.compile(r"-(\d{5})-of-(\d{5})\.array_record$")
+
+
+# ------------------------------------------------------------------------------------ records
+
+def encode_record(content: Sequence[str | bytes]) -> bytes:
+  """Texts (`str`) and encoded images (`bytes`) in reading order -> one record."""
+  for i, item in enumerate(content):
+    if not isinstance(item, (str, bytes)):
+      raise TypeError(f"Record item {i} is a {type(item).__name__}; items must be str "
+                      "(text) or bytes (an encoded image).")
+  return msgpack.packb({"v": RECORD_VERSION, "content": list(content)}, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> list[str | bytes]:
+  """One record -> its content; `CorruptRecord("bad_record")` if it is not one."""
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except Exception as error:
+    raise CorruptRecord("bad_record", f"not a msgpack record ({type(error).__name__}: "
+                        f"{error})") from error
+  if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
+    version = record.get("v") if isinstance(record, dict) else None
+    raise CorruptRecord("bad_record", f"expected a version-{RECORD_VERSION} mmjax record, got "
+                        f"version {version!r}; re-convert the data with mmjax.data.convert")
+  content = record.get("content")
+  if not isinstance(content, list) or not all(isinstance(x, (str, bytes)) for x in content):
+    raise CorruptRecord("bad_record", "'content' must be a list of str and bytes items")
+  return content
+
+
+def interleave(content: Sequence[str | bytes],
+               text_separator: str = " ") -> tuple[str, list[bytes]]:
+  """Content items -> (text in the OpenFlamingo layout, the images in order)."""
+  parts: list[str] = []
+  images: list[bytes] = []
+  texts: list[str] = []  # the texts of the current chunk (or the leading text)
+
+  def flush():
+    parts.append(text_separator.join(texts))
+    texts.clear()
+
+  for item in content:
+    if isinstance(item, bytes):
+      flush()
+      if images:
+        parts.append(ENDOFCHUNK_TOKEN)
+      parts.append(MEDIA_TOKEN)
+      images.append(item)
+    elif item:
+      texts.append(item)
+  flush()
+  if images:
+    parts.append(ENDOFCHUNK_TOKEN)
+  return "".join(parts), images
+
+
+# ------------------------------------------------------------------------------------- images
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """RGB, with transparent pixels over white (their own colour is arbitrary, often black)."""
+  if image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")
+  if image.mode in ("RGBA", "LA", "PA"):
+    image = image.convert("RGBA")
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+  return image.convert("RGB")
+
+
+def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+  """Fully decoded image from encoded bytes; raises on any decoding problem.
+
+  `draft_size` lets JPEG decoding downscale by a power of two while both sides stay at
+  least that large: much faster for large photos, and the later resize is unaffected.
+  """
+  image = Image.open(io.BytesIO(data))
+  if draft_size is not None and image.format == "JPEG":
+    image.draft("RGB", (draft_size, draft_size))
+  image.load()  # decoding is lazy: truncated data fails here, not later
+  return image
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+  """uint8 `"size size 3"`: shorter side resized to `size` (bicubic), centre square kept."""
+  image = to_rgb(image)
+  width, height = image.size
+  side = min(width, height)
+  box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+  return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8)
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable."""
+  try:
+    return resize_center_crop(open_image(data, draft_size=size), size)
+  except Exception as error:
+    raise CorruptRecord("bad_image", f"cannot decode a {len(data)}-byte image "
+                        f"({type(error).__name__}: {error})") from error
+
+
+def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
+  return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------------------- shards
+
+def resolve_shards(paths: str | Sequence[str]) -> list[str]:
+  """Globs or file names (local or any `etils.epath` file system) -> shard paths.
+
+  Raises when a glob matches nothing, or matches an incomplete set of
+  `NAME-iiiii-of-nnnnn.array_record` shards: a partly copied data set would otherwise
+  train on a silent subset. Files named one by one are taken as given.
+  """
+  patterns = [paths] if isinstance(paths, str) else list(paths)
+  if not patterns:
+    raise ValueError("No ArrayRecord paths given; pass a glob such as '/data/cc-*.array_record'.")
+  files: list[str] = []
+  for pattern in patterns:
+    path = epath.Path(pattern)
+    if not any(c in pattern for c in "*?["):
+      if not path.exists():
+        raise FileNotFoundError(f"ArrayRecord file {pattern!r} does not exist.")
+      files.append(str(path))
+      continue
+    if any(c in str(path.parent) for c in "*?["):
+      raise ValueError(f"Wildcards are supported in file names only, not in directories: "
+                       f"{pattern!r}.")
+    matches = sorted(str(p) for p in path.parent.glob(path.name))
+    if not matches:
+      raise FileNotFoundError(f"No ArrayRecord files match {pattern!r}; check the path, or "
+                              "write shards with `python -m mmjax.data.convert`.")
+    _check_complete(pattern, matches)
+    files.extend(matches)
+  return files
+
+
+def _check_complete(pattern: str, files: list[str]):
+  sets: dict[tuple[str, int], set[int]] = {}
+  for file in files:
+    if match := SHARD_PATTERN.search(file):
+      sets.setdefault((file[:match.start()], int(match[2])), set()).add(int(match[1]))
+  for (prefix, count), found in sets.items():
+    if len(found) != count:
+      missing = sorted(set(range(count)) - found)
+      raise FileNotFoundError(
+          f"{pattern!r} matches only {len(found)} of the {count} shards of {prefix!r} (missing "
+          f"shards {missing[:5]}{' ...' * (len(missing) > 5)}); copy the complete set.")
+
+
+# ------------------------------------------------------------------------------------ sources
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecordDocuments:
+  """Interleaved image-text documents from ArrayRecord shards (see the module docstring).
+
+  Attributes:
+    paths: a glob, a file, or a list of them.
+    image_size: images come out `"image_size image_size 3"`.
+    text_separator: joins consecutive texts of one chunk.
+  """
+
+  paths: str | tuple[str, ...]
+  image_size: int
+  text_separator: str = " "
+  _records: ArrayRecordDataSource = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    if not isinstance(self.paths, str):
+      object.__setattr__(self, "paths", tuple(self.paths))
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    object.__setattr__(self, "_records", ArrayRecordDataSource(resolve_shards(self.paths)))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def content(self, index: int) -> list[str | bytes]:
+    """Record `index` as stored: texts and encoded images."""
+    return decode_record(self._records[index])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    text, encoded = interleave(self.content(index), self.text_separator)
+    images = []
+    for i, data in enumerate(encoded):
+      try:
+        images.append(decode_image(data, self.image_size))
+      except CorruptRecord as error:
+        raise CorruptRecord(error.reason, f"image {i} of {len(encoded)}: {error}") from error
+    if not text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip():
+      raise CorruptRecord("empty_text", "the record holds no text")
+    return {"images": _stack(images, self.image_size), "text": text}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecordPairs(ArrayRecordDocuments):
+  """Image-caption pairs from ArrayRecord shards, as one-chunk documents.
+
+  Reads the same records as `ArrayRecordDocuments` but insists on exactly one image, so a
+  documents shard given by mistake is reported (`image_count`) instead of training a
+  contrastive model on multi-image records.
+  """
+
+  def content(self, index: int) -> list[str | bytes]:
+    content = super().content(index)
+    num_images = sum(isinstance(x, bytes) for x in content)
+    if num_images != 1:
+      raise CorruptRecord("image_count", f"a pair needs exactly one image, the record has "
+                          f"{num_images}; is this a documents shard?")
+    return content
+
+
+def _lookup(example: dict[str, Any], key: str, name: str) -> Any:
+  """`example["a"]["b"]` for `key="a/b"`, with an error that lists what is there."""
+  value: Any = example
+  for part in key.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      available = sorted(value) if isinstance(value, dict) else type(value).__name__
+      raise KeyError(f"TFDS dataset {name!r} has no feature {key!r} (at {part!r}: found "
+                     f"{available}); set image_key / text_key.")
+    value = value[part]
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsPairs:
+  """Image-caption pairs from a prepared TFDS data set, read with `tfds.data_source`.
+
+  The data set must have been prepared with `file_format="array_record"`: random access
+  needs it, and reading it then needs no TensorFlow. Images are read as encoded bytes and
+  decoded like ArrayRecord images. When the text feature holds several captions, record
+  `i` takes caption `i % count`: deterministic, and every caption is used across records.
+
+  Attributes:
+    name: the TFDS name, optionally with config and version (`"coco_captions/2017:1.1.0"`).
+    image_key: an Image feature; `"/"` reaches into nested features.
+    text_key: a Text feature or a sequence of them (`"captions/text"`).
+  """
+
+  name: str
+  image_size: int
+  split: str = "train"
+  data_dir: str | None = None
+  image_key: str = "image"
+  text_key: str = "caption"
+  _source: Any = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    decoders: dict[str, Any] = {}
+    node = decoders
+    *parents, leaf = self.image_key.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = tfds.decode.SkipDecoding()
+    try:
+      source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                download=False, decoders=decoders)
+    except Exception as error:
+      raise ValueError(
+          f"Cannot open TFDS data set {self.name!r} (split {self.split!r}, data_dir "
+          f"{self.data_dir!r}). It must be prepared in data_dir with "
+          "file_format='array_record' (e.g. `tfds build NAME --file_format=array_record "
+          "--data_dir=DIR`); nothing is downloaded here. TFDS said: "
+          f"{type(error).__name__}: {error}") from error
+    object.__setattr__(self, "_source", source)
+    if len(source):  # a wrong feature name fails here, not as endless unreadable records
+      example = source[0]
+      image = _lookup(example, self.image_key, self.name)
+      if not isinstance(image, bytes):
+        raise ValueError(f"TFDS feature {self.image_key!r} of {self.name!r} holds a "
+                         f"{type(image).__name__}, not an encoded image; image_key must name "
+                         "a tfds.features.Image.")
+      _lookup(example, self.text_key, self.name)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._source[index]
+    image = decode_image(_lookup(example, self.image_key, self.name), self.image_size)
+    text = _lookup(example, self.text_key, self.name)
+    if isinstance(text, (list, tuple, np.ndarray)):
+      if len(text) == 0:
+        raise CorruptRecord("empty_text", f"feature {self.text_key!r} holds no captions")
+      text = text[index % len(text)]
+    if isinstance(text, (bytes, np.bytes_)):
+      text = bytes(text).decode("utf-8")
+    if not isinstance(text, str) or not text.strip():
+      raise CorruptRecord("empty_text", f"feature {self.text_key!r} is empty")
+    return {"images": image[None], "text": f"{MEDIA_TOKEN}{text.strip()}{ENDOFCHUNK_TOKEN}"}
+
