@@ -187,5 +187,6 @@ def test_tfds_pairs_read_an_array_record_dataset_without_tensorflow(tmp_path):
   with pytest.raises(ValueError, match="holds a int, not an encoded image"):
     sources.TfdsPairs("tiny_captions", SIZE, data_dir=str(tmp_path), image_key="id",
                       text_key="captions")
-  with pytest.raises(ValueError, match="Cannot open TFDS data set 'missing_set'.*array_record.*not found"):
+  with pytest.raises(ValueError,
+                     match="Cannot open TFDS data set 'missing_set'.*array_record.*not found"):
     sources.TfdsPairs("missing_set", SIZE, data_dir=str(tmp_path))
