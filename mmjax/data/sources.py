@@ -110,7 +110,8 @@ def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
   """Fully decoded image from encoded bytes; raises on any decoding problem.
 
   `draft_size` lets JPEG decoding downscale by a power of two while both sides stay at
-  least that large: much faster for large photos, and the later resize is unaffected.
+  least that large: much faster for large photos, and the later resize still samples
+  down from at least the target size.
   """
   image = Image.open(io.BytesIO(data))
   if draft_size is not None and image.format == "JPEG":
