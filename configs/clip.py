@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = dict(
       vision=vision,
-      text=dict(vocab_size=1024, width=128, depth=2, num_heads=4, max_len=32,
+      text=dict(vocab_size=flamingo.VOCAB_SIZE, width=128, depth=2, num_heads=4, max_len=32,
                 activation="quick_gelu"),
       embed_dim=vision["output_dim"], pad_id=flamingo.PAD)
   config.trainable = r".*"

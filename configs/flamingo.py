@@ -25,6 +25,7 @@ from mmjax.data.tokenizer import ENDOFCHUNK_ID as ENDOFCHUNK
 from mmjax.data.tokenizer import EOS_ID as EOS
 from mmjax.data.tokenizer import MEDIA_ID as MEDIA
 from mmjax.data.tokenizer import PAD_ID as PAD
+from mmjax.data.tokenizer import VOCAB_SIZE
 
 VARIANTS = {
     "tiny": dict(
@@ -33,7 +34,7 @@ VARIANTS = {
         resampler=dict(depth=2, num_heads=4, head_dim=32, num_latents=16),
         # Rotary positions: with learned ones the LM did not learn to repeat names from its
         # context in 500 steps (3/50 one-way episodes; 22/50 with RoPE).
-        lm=dict(vocab_size=1024, width=256, depth=4, num_heads=4, max_len=256,
+        lm=dict(vocab_size=VOCAB_SIZE, width=256, depth=4, num_heads=4, max_len=256,
                 position="rope"),
         xattn=dict(every=1, num_heads=4, head_dim=32),
     ),
@@ -77,7 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       eps=1e-8, weight_decay=0.05, decay_pattern=r"kernel$",
                       clip_norm=1.0, accum_steps=1)
   config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=8,
-                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort")
+                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort",
+                      few_shot_every=0)
+  # Run at the end of training, and every `train.few_shot_every` steps when that is set.
   config.evaluate = dict(shots=(0, 1, 2, 4), episodes=64, max_new_tokens=12, seed=0)
   config.tokens = dict(pad=PAD, eos=EOS, bos=BOS)
   config.summary = dict(batch_size=2, num_images=2, seq_len=64, max_new_tokens=16)

@@ -16,7 +16,7 @@ from configs import flamingo
 # skill the Flamingo recipe's in-context naming builds on.
 SHAPES_WORLD_TEXT = dict(name="shapes_world_text",
                          source=dict(kind="shapes_world_documents", split="train",
-                                     naming_fraction=0.6))
+                                     naming_fraction=0.6, max_images=6))
 HELDOUT_TEXT = dict(name="shapes_world_text_eval",
                     source=dict(kind="shapes_world_documents", split="eval", size=4096))
 
@@ -37,5 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 500 steps: held-out loss 0.73 nats/token (measured with the tiny variant); the
   # made-up names are mostly irreducible, and copying them from context is still forming.
   config.train = dict(steps=500, log_every=50, eval_every=250, eval_batches=8,
-                      checkpoint_every=250, keep_checkpoints=2, nonfinite="abort")
+                      checkpoint_every=250, keep_checkpoints=2, nonfinite="abort",
+                      few_shot_every=0)
+  # Run at the end of training, and every `train.few_shot_every` steps when that is set.
+  # In-context recall of names from the text of naming prompts (see mmjax.evaluate).
+  config.evaluate = dict(shots=(0, 1, 2, 4), episodes=256, seed=0)
   return config

@@ -6,12 +6,19 @@ Reads the config in force from `workdir/config.json` and the latest checkpoint. 
 each prompted with k solved examples followed by the query and answered by greedy
 generation:
 
-  naming      2-way in-context naming: support images are named with made-up words
-              ("this is a dax."); the query's name can only be inferred from them.
-              `chance` is the accuracy of answering a random name seen in the support.
+  naming      2-way in-context naming: support images are named with made-up words bound
+              to their colour for this episode only ("this is a red dax."); the model
+              completes the query's "this is a" with a colour and a name. `accuracy`: the
+              name is right, which needs the query's colour perceived and its name
+              retrieved from the prompt; `colour`: the colour is right; `chance`: the
+              accuracy of answering a random name seen in the support.
   vqa         question answering on held-out (shape, colour) pairs, exact match.
   captioning  captions of held-out pairs: exact match, and the fraction of the
               caption's attribute words (count, size, colour, shape) reproduced.
+
+A language-model run (`configs/lm.py`) is evaluated on the text of the naming task: the
+query's colour is written out ("... this is a red") and the model's next token must be
+the name the prompt bound to it (`recall`), the skill Flamingo's naming builds on.
 """
 
 import dataclasses
@@ -30,6 +37,7 @@ from mmjax.data.sequences import right_pad
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models.flamingo import Flamingo, generate
 from mmjax.tasks import flamingo as flamingo_task
+from mmjax.tasks import lm as lm_task
 
 IMG, EOC = sw.MEDIA_TOKEN, sw.ENDOFCHUNK_TOKEN
 
@@ -39,15 +47,20 @@ class Prompt:
   text: str
   images: np.ndarray  # "n h w 3"
   answer: str
+  colour: str = ""  # naming: the query's colour
 
 
-def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int) -> tuple[list[Prompt], float]:
+def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int, *,
+                   with_colour: bool = False) -> tuple[list[Prompt], float]:
+  """Naming prompts ending at the query's "this is a" (or, `with_colour`, at its colour)."""
   prompts, chance = [], []
   for i in range(episodes):
     ep = world.naming_episode("eval", i, shots=shots, ways=2)
-    text = "".join(f"{IMG}{sw.naming_text(n)}{EOC}" for n in ep.support_names)
+    text = "".join(f"{IMG}{sw.naming_text(c, n)}{EOC}"
+                   for c, n in zip(ep.support_colours, ep.support_names, strict=True))
+    text += IMG + sw.naming_text() + (f" {ep.query_colour}" if with_colour else "")
     images = np.concatenate([ep.support_images, ep.query_image[None]])
-    prompts.append(Prompt(text + IMG + sw.naming_text(None), images, ep.answer))
+    prompts.append(Prompt(text, images, ep.answer, ep.query_colour))
     seen = set(ep.support_names)
     chance.append(1 / len(seen) if ep.answer in seen else 0.0)
   return prompts, float(np.mean(chance))
@@ -72,6 +85,14 @@ def answer_text(tokenizer: Tokenizer, tokens: np.ndarray, length: int, task: str
   if task == "naming":
     text = text.split(".")[0]
   return text.strip()
+
+
+def naming_scores(answers: list[str], prompts: list[Prompt]) -> dict[str, float]:
+  """Name and colour accuracy of "<colour> <name>" answers."""
+  words = [a.split() for a in answers]
+  return {
+      "accuracy": float(np.mean([w[-1:] == [p.answer] for w, p in zip(words, prompts, strict=True)])),
+      "colour": float(np.mean([w[:1] == [p.colour] for w, p in zip(words, prompts, strict=True)]))}
 
 
 def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
@@ -100,11 +121,34 @@ def attribute_recall(prediction: str, reference: str) -> float:
   return float(np.mean([w in predicted for w in words])) if words else 0.0
 
 
+def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
+              episodes: int) -> dict:
+  """{"naming": {shots: {"recall", "chance"}}}: the language model's next token after the
+  text of a naming prompt that ends with the query's colour."""
+  model = lm_task.build_model(config)
+  tokenizer = Tokenizer()
+  world = sw.ShapesWorld(seed=config.evaluate.seed, image_size=16)  # images are not used
+  apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+  results = {}
+  for k in shots:
+    prompts, chance = naming_prompts(world, k, episodes, with_colour=True)
+    ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
+    lengths = np.array([len(i) for i in ids])
+    tokens = np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids])
+    logits = np.asarray(apply(jnp.asarray(tokens)))
+    predicted = logits[np.arange(len(ids)), lengths - 1].argmax(-1)
+    expected = [tokenizer.word_id(p.answer) for p in prompts]
+    results[k] = {"recall": float(np.mean(predicted == expected)), "chance": chance}
+  return {"naming": results}
+
+
 def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=None) -> dict:
-  """{task: {shots: {metric: value}}} for a Flamingo config and its parameters."""
+  """{task: {shots: {metric: value}}} for a Flamingo or LM config and its parameters."""
   e = config.evaluate
   shots = [int(s) for s in (shots or e.shots)]
   episodes = episodes or e.episodes
+  if config.task == "lm":
+    return lm_recall(config, params, shots, episodes)
   model = flamingo_task.build_model(config)
   tokenizer = Tokenizer()
   world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
@@ -112,9 +156,7 @@ def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=
   for k in shots:
     prompts, chance = naming_prompts(world, k, episodes)
     answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, "naming")
-    results["naming"][k] = {
-        "accuracy": float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)])),
-        "chance": chance}
+    results["naming"][k] = {**naming_scores(answers, prompts), "chance": chance}
     for task in ("vqa", "captioning"):
       prompts = example_prompts(world, k, episodes, task)
       answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, task)
@@ -128,9 +170,13 @@ def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=
 
 def format_table(results: dict) -> str:
   shots = sorted({k for task in results.values() for k in task})
-  rows = [("naming (in-context)", "accuracy"), ("naming (in-context)", "chance"),
-          ("vqa", "exact_match"), ("captioning", "exact_match"),
-          ("captioning", "attribute_recall")]
+  if set(results) == {"naming"}:  # a language model's
+    rows = [("naming (text)", "recall"), ("naming (text)", "chance")]
+  else:
+    rows = [("naming (in-context)", "accuracy"), ("naming (in-context)", "chance"),
+            ("naming (in-context)", "colour"),
+            ("vqa", "exact_match"), ("captioning", "exact_match"),
+            ("captioning", "attribute_recall")]
   lines = [f"{'task':<20} {'metric':<17}" + "".join(f"{f'{k}-shot':>9}" for k in shots)]
   for task, metric in rows:
     key = task.split()[0]
@@ -143,9 +189,14 @@ def evaluate_workdir(workdir: str | pathlib.Path, **kwargs) -> dict:
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   results = evaluate(config, checkpoints.load_params(workdir), **kwargs)
+  report(results, workdir)
+  return results
+
+
+def report(results: dict, workdir: pathlib.Path) -> None:
+  """Prints the table and writes `workdir/eval.json`."""
   print(format_table(results), flush=True)
   (workdir / "eval.json").write_text(json.dumps(results, indent=2))
-  return results
 
 
 def main(argv):

@@ -317,16 +317,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         last["eval_loss"] = evaluate_loss(config, eval_step, state)
         log.write(step, {"eval_loss": last["eval_loss"]})
         print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
+      every = config.train.get("few_shot_every")
+      if config.get("evaluate") and every and step % every == 0 and step < config.train.steps:
+        results = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]))
+        log.write(step, few_shot_scalars(results))
+        print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results)}", flush=True)
       if step % config.train.checkpoint_every == 0 or step == config.train.steps:
         checkpoints.save(manager, step, state, iterator)
     manager.wait_until_finished()
+    if config.get("evaluate"):
+      last["few_shot"] = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]))
+      log.write(step, few_shot_scalars(last["few_shot"]))
+      evaluate.report(last["few_shot"], workdir)
   finally:
     signal.signal(signal.SIGTERM, previous)
     manager.close()
     log.close()
-  if config.get("evaluate") and config.task == "flamingo":
-    last["few_shot"] = evaluate.evaluate_workdir(workdir)
   return last
+
+
+def few_shot_scalars(results: dict) -> dict[str, float]:
+  """`{"few_shot/<task>/<metric>/<k>shot": value}` of an `evaluate.evaluate` result."""
+  return {f"few_shot/{task}/{metric}/{k}shot": value
+          for task, by_shots in results.items() for k, metrics in by_shots.items()
+          for metric, value in metrics.items()}
 
 
 def evaluate_loss(config, eval_step, state) -> float:

@@ -20,6 +20,14 @@ def test_naming_prompts_end_before_the_name_and_chance_is_support_guessing():
   for p in prompts:
     assert p.text.endswith(f"{sw.MEDIA_TOKEN}this is a")
     assert p.text.count(sw.MEDIA_TOKEN) == len(p.images) == 3
+    # Support chunks bind a colour to a name: "<image>this is a red dax.<|endofchunk|>".
+    assert p.text.startswith(f"{sw.MEDIA_TOKEN}this is a ") and sw.ENDOFCHUNK_TOKEN in p.text
+  # The query's colour and name are shown in the support whenever it shows that name.
+  for p in prompts:
+    if f" {p.answer}." in p.text:
+      assert f" {p.colour} {p.answer}." in p.text
+  with_colour, _ = evaluate.naming_prompts(WORLD, shots=2, episodes=5, with_colour=True)
+  assert all(p.text.endswith(f"this is a {p.colour}") for p in with_colour)
   # With two support examples of two ways, the support shows one or both names.
   assert 0.5 <= chance <= 1.0
   assert evaluate.naming_prompts(WORLD, shots=0, episodes=5)[1] == 0.0
@@ -36,9 +44,14 @@ def test_vqa_and_caption_prompts_use_heldout_examples():
 
 def test_answers_are_parsed_and_captions_scored_by_attributes():
   tok = Tokenizer()
-  ids = tok.encode(" dax. this is<|endofchunk|><image>more")
-  assert evaluate.answer_text(tok, np.array(ids), len(ids), "naming") == "dax"
-  assert evaluate.answer_text(tok, np.array(ids), len(ids), "vqa") == "dax. this is"
+  ids = tok.encode(" red dax. this is<|endofchunk|><image>more")
+  assert evaluate.answer_text(tok, np.array(ids), len(ids), "naming") == "red dax"
+  assert evaluate.answer_text(tok, np.array(ids), len(ids), "vqa") == "red dax. this is"
+  prompts = [evaluate.Prompt("", np.zeros((1, 2, 2, 3)), "dax", "red"),
+             evaluate.Prompt("", np.zeros((1, 2, 2, 3)), "wug", "blue")]
+  assert evaluate.naming_scores(["red dax", "red wug"], prompts) == {"accuracy": 1.0,
+                                                                     "colour": 0.5}
+  assert evaluate.naming_scores(["dax", ""], prompts) == {"accuracy": 0.5, "colour": 0.0}
   assert evaluate.attribute_recall("two large red crosses.", "two large red crosses.") == 1.0
   assert evaluate.attribute_recall("two small red squares.", "two large red crosses.") == 0.5
   assert evaluate.attribute_recall("a small red cross on the left.",
@@ -64,6 +77,20 @@ def test_evaluation_runs_end_to_end_on_a_toy_model():
   assert results["naming"][0]["chance"] == 0.0
   table = evaluate.format_table(results)
   assert "0-shot" in table and "naming (in-context)" in table
+
+
+def test_a_language_model_is_scored_on_recalling_names_from_prompt_text():
+  config = lm_recipe.get_config()
+  config.model.update(width=32, depth=1, num_heads=2)
+  config.evaluate.update(shots=(0, 2), episodes=6)
+  task = get_task("lm")
+  args, _ = task.init_inputs(config)
+  params = nn.unbox(jax.jit(task.build_model(config).init)(jax.random.key(0), *args)["params"])
+  results = evaluate.evaluate(config, params)
+  assert set(results) == {"naming"} and set(results["naming"]) == {0, 2}
+  assert all(0.0 <= r["recall"] <= 1.0 for r in results["naming"].values())
+  assert results["naming"][0]["chance"] == 0.0 < results["naming"][2]["chance"]
+  assert "naming (text)" in evaluate.format_table(results)
 
 
 def test_recipes_agree_on_the_backbone_shapes():

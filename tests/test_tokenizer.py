@@ -8,7 +8,7 @@ from mmjax.data import tokenizer as tok
 
 
 def test_shipped_model_is_what_the_script_trains():
-  assert tok.train(tok.shapes_world_corpus(), 1024) == tok.EMBEDDED.read_bytes()
+  assert tok.train(tok.shapes_world_corpus(), tok.VOCAB_SIZE) == tok.EMBEDDED.read_bytes()
 
 
 def test_special_ids_agree_with_the_recipe_and_round_trip():
@@ -37,3 +37,18 @@ def test_a_model_without_media_tokens_is_rejected(tmp_path):
     tok.Tokenizer(path)
   with pytest.raises(FileNotFoundError, match="train one with"):
     tok.Tokenizer(tmp_path / "missing.model")
+
+
+def test_names_and_colours_are_single_pieces_that_captions_never_use():
+  """In-context naming is scored on one token per name; names must carry no other meaning."""
+  t = tok.Tokenizer()
+  for word in (*sw.NAMES, *sw.COLOURS):
+    assert t.encode(f"a {word}")[1:] == [t.word_id(word)], word
+  with pytest.raises(ValueError, match="not a single piece"):
+    t.word_id("zebra")
+  world = sw.ShapesWorld()
+  words = set()
+  for i in range(200):
+    e = world.example("train", i)
+    words.update(f"{e.caption} {e.question} {e.answer}".replace(".", " ").split())
+  assert words.isdisjoint(sw.NAMES) and words & set(sw.COLOURS)

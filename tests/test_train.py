@@ -26,8 +26,12 @@ TINY_LM = {"model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.max
            "train.eval_every": 0, "train.checkpoint_every": 3, "optim.warmup_steps": 2}
 
 
-def lm_config(**overrides):
+def lm_config(few_shot: bool = False, **overrides):
+  """The LM recipe at toy size; its few-shot evaluation is left out unless `few_shot`."""
   config = lm_recipe.get_config()
+  if not few_shot:
+    with config.unlocked():
+      del config["evaluate"]
   for key, value in {**TINY_LM, **overrides}.items():
     *parents, leaf = key.split(".")
     node = config
@@ -66,7 +70,8 @@ def losses_by_step(workdir):
 
 
 def cli(workdir, steps):
-  args = [f"--config.{k}={v}" for k, v in {**TINY_LM, "train.steps": steps}.items()]
+  overrides = {**TINY_LM, "train.steps": steps, "evaluate.episodes": 2}
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
   return [sys.executable, "-m", "mmjax.train", f"--config={ROOT / 'configs/lm.py'}",
           f"--workdir={workdir}", *args]
 
@@ -294,3 +299,18 @@ def test_metrics_go_to_tensorboard_events(tmp_path):
   assert set(scalars["loss"]) == {2, 4}
   for step, loss in scalars["loss"].items():
     assert abs(loss - logged[step]) < 1e-6
+
+
+def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(tmp_path):
+  config = lm_config(few_shot=True, **{"train.steps": 4, "train.few_shot_every": 2,
+                                       "evaluate.episodes": 4, "evaluate.shots": (0, 2)})
+  last = train.run(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = {r["step"]: r for r in records if "few_shot/naming/recall/2shot" in r}
+  assert set(logged) == {2, 4}
+  assert set(last["few_shot"]["naming"]) == {0, 2}
+  assert last["few_shot"]["naming"][0]["chance"] == 0.0
+  report = json.loads((tmp_path / "eval.json").read_text())
+  assert report["naming"]["2"]["recall"] == logged[4]["few_shot/naming/recall/2shot"]
+  scalars = read_scalars(tmp_path / "tensorboard")
+  assert set(scalars["few_shot/naming/recall/0shot"]) == {2, 4}

@@ -9,10 +9,11 @@ Compositional hold-out: some (shape, colour) pairs never occur in the "train" sp
 are the only pairs of the "eval" split, so captioning and VQA evaluation measure
 generalisation rather than recall.
 
-In-context naming: each episode gives fresh made-up names to the colours it shows
-("this is a dax.") in its support examples; the query asks for the name of a new image.
-The names exist only inside the episode, so accuracy above chance needs in-context
-learning.
+In-context naming: each episode binds made-up names, drawn afresh, to the colours it shows
+("this is a red dax.") in its support examples; the query shows a new image of one of
+those colours and asks for its name ("this is a" -> "red dax."). The binding exists only
+inside the episode, so naming the query needs the colour perceived in its image and the
+name retrieved from the prompt: accuracy above chance needs in-context learning.
 """
 
 import dataclasses
@@ -39,8 +40,11 @@ HELDOUT_PAIRS = frozenset((s, c) for i, s in enumerate(SHAPES)
                           for j, c in enumerate(COLOURS) if (2 * i + j) % 5 == 0)
 SPLITS = ("train", "eval")
 
-_CONSONANTS = "bdfgklmnprstvwz"
-_VOWELS = "aeiou"
+# Made-up names: one word (and one token of the embedded tokenizer) each, never a word
+# of the captions or questions; an episode binds a few of them to colours at random.
+NAMES = ("dax", "wug", "fep", "zib", "toma", "blick", "kiki", "modi", "tupa", "lorp",
+         "gazz", "mib", "pilk", "sarp", "vek", "yoll", "zup", "bix", "dorf", "jaff", "kell",
+         "nup", "quib", "howt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +156,6 @@ def question_answer(scene: Scene, kind: str) -> tuple[str, str]:
   raise ValueError(f"Unknown question kind {kind!r}; expected one of {QUESTIONS}.")
 
 
-def made_up_name(rng: np.random.Generator) -> str:
-  """A pronounceable nonsense word: two or three consonant-vowel syllables."""
-  syllables = rng.integers(2, 4)
-  return "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(5)]
-                 for _ in range(syllables))
-
-
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One image with everything that can be said about it."""
@@ -180,10 +177,19 @@ class NamingEpisode:
   answer: str
   names: dict[str, str]       # colour -> made-up name, valid for this episode only
 
+  @property
+  def query_colour(self) -> str:
+    return next(c for c, n in self.names.items() if n == self.answer)
 
-def naming_text(name: str | None) -> str:
-  """The text of one naming chunk; the query prompt stops before the name."""
-  return "this is a" if name is None else f"this is a {name}."
+  @property
+  def support_colours(self) -> tuple[str, ...]:
+    colour_of = {n: c for c, n in self.names.items()}
+    return tuple(colour_of[n] for n in self.support_names)
+
+
+def naming_text(colour: str | None = None, name: str | None = None) -> str:
+  """The text of one naming chunk; the query prompt stops before the colour."""
+  return "this is a" if name is None else f"this is a {colour} {name}."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,16 +207,13 @@ class ShapesWorld:
 
   def naming_episode(self, split: str, index: int, shots: int, ways: int = 2) -> NamingEpisode:
     """`shots` support images over `ways` colours (each colour at least once when shots
-    allow), then a query of one of those colours, with a shape not seen in support."""
+    allow), then a query of one of those colours and any shape."""
     if not 1 <= ways <= len(COLOURS):
       raise ValueError(f"ways must be in [1, {len(COLOURS)}], got {ways}.")
     rng = _rng(self.seed, split_id(split), 1, index)
     colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), ways, replace=False)]
-    names: dict[str, str] = {}
-    while len(names) < ways:
-      name = made_up_name(rng)
-      if name not in names.values():
-        names[colours[len(names)]] = name
+    names = dict(zip(colours, (NAMES[i] for i in rng.choice(len(NAMES), ways, replace=False)),
+                     strict=True))
     support_colours = [colours[i % ways] for i in range(shots)]
     rng.shuffle(support_colours)
     query_colour = colours[rng.integers(ways)]
@@ -243,9 +246,11 @@ class ShapesWorld:
     kind = ("captions", "vqa", "naming")[rng.choice(3, p=[other, other, naming_fraction])]
     if kind == "naming":
       episode = self.naming_episode(split, int(rng.integers(2 ** 31)), num_images - 1,
-                                    ways=int(rng.integers(1, 3)))
+                                    ways=int(rng.integers(1, 4)))
       images = np.concatenate([episode.support_images, episode.query_image[None]])
-      texts = [naming_text(n) for n in (*episode.support_names, episode.answer)]
+      texts = [naming_text(c, n) for c, n in zip(
+          (*episode.support_colours, episode.query_colour),
+          (*episode.support_names, episode.answer), strict=True)]
     else:
       examples = [self.example(split, int(rng.integers(2 ** 31))) for _ in range(num_images)]
       images = np.stack([e.image for e in examples])

@@ -22,6 +22,7 @@ from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, ShapesWorld
 
 EMBEDDED = pathlib.Path(__file__).parent / "assets" / "shapes_world.model"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MEDIA_ID, ENDOFCHUNK_ID = range(6)
+VOCAB_SIZE = 512  # of the embedded tokenizer: the corpus has few words
 
 
 def train(lines: Iterable[str], vocab_size: int) -> bytes:
@@ -70,6 +71,15 @@ class Tokenizer:
     ids = self._sp.EncodeAsIds(text)
     return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
+  def word_id(self, word: str) -> int:
+    """The id of `word` as one piece following a space, as it is inside a sentence."""
+    piece = "\u2581" + word
+    i = self._sp.PieceToId(piece)
+    if self._sp.IdToPiece(i) != piece:
+      raise ValueError(f"{word!r} is not a single piece of this tokenizer; "
+                       "retrain it (python -m mmjax.data.tokenizer) on a corpus that uses it.")
+    return i
+
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Drops padding; special tokens other than pad are spelled out."""
     return self._sp.DecodeIds([int(i) for i in ids if int(i) != self.pad_id])
@@ -79,7 +89,7 @@ class Tokenizer:
 
 
 _OUTPUT = flags.DEFINE_string("output", None, "Path prefix; writes PREFIX.model.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Number of pieces.")
+_VOCAB = flags.DEFINE_integer("vocab_size", VOCAB_SIZE, "Number of pieces.")
 _DOCS = flags.DEFINE_integer("num_documents", 4000, "Shapes-world documents to train on.")
 _SEED = flags.DEFINE_integer("seed", 0, "Shapes-world seed.")
 
