@@ -71,3 +71,11 @@ def test_unknown_split_is_explained():
   with pytest.raises(ValueError, match="Unknown shapes-world split 'test'"):
     WORLD.example("test", 0)
 
+
+def test_scenes_fit_small_images_and_impossible_ones_are_refused():
+  """Placement restarts when its first objects leave no room for the rest."""
+  world = sw.ShapesWorld(seed=0, image_size=8)
+  for i in range(50):
+    assert world.naming_episode("eval", i, shots=4).support_images.shape == (4, 8, 8, 3)
+  with pytest.raises(ValueError, match="larger image_size"):
+    sw.sample_scene(np.random.default_rng(0), 4, [("circle", "red")], max_count=3)

@@ -94,10 +94,17 @@ def sample_scene(rng: np.random.Generator, image_size: int,
   count = int(rng.integers(1, max_count + 1)) if size == "small" else int(rng.integers(1, 3))
   centres: list[tuple[int, int]] = []
   lo, hi = radius + 1, image_size - radius - 1
-  while len(centres) < count:  # rejection sampling; sizes leave ample room
+  for attempt in range(10_000):  # rejection sampling, restarted when the first centres
+    if attempt and attempt % 100 == 0:  # leave no room for the rest
+      centres = []
     y, x = rng.uniform(lo, hi, size=2)
     if all((y - cy) ** 2 + (x - cx) ** 2 > (2.2 * radius) ** 2 for cy, cx in centres):
       centres.append((int(round(y)), int(round(x))))
+    if len(centres) == count:
+      break
+  else:
+    raise ValueError(f"Cannot place {count} {size} objects without overlap in a "
+                     f"{image_size}px image; use a larger image_size.")
   return Scene(shape, colour, size, count, tuple(centres), region_of(centres[0], image_size))
 
 
