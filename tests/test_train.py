@@ -156,15 +156,23 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
   assert n_opt < 2 * n_trainable + 10  # Adam's two moments of the trainable params only
 
 
+def _init_params(config):
+  import flax.linen as nn
+  task = get_task(config.task)
+  args, kwargs = task.init_inputs(config)
+  return nn.unbox(task.build_model(config).init(jax.random.key(0), *args, **kwargs)["params"])
+
+
 def _one_step(config, batch):
+  """One train step from the initial parameters, at the peak learning rate (no warmup:
+  the first update of a warmup starting at 0 would be zero)."""
+  config = config.copy_and_resolve_references()
+  config.optim.warmup_steps = 0
   task = get_task(config.task)
   model = task.build_model(config)
-  args, kwargs = task.init_inputs(config)
-  import flax.linen as nn
-  params = nn.unbox(model.init(jax.random.key(0), *args, **kwargs)["params"])
-  trainable, frozen = train.partition_params(params, config.trainable)
+  trainable, frozen = train.partition_params(_init_params(config), config.trainable)
   tx, schedule = train.make_optimizer(config, trainable)
-  state = {"step": jnp.int32(5), "params": trainable, "frozen": frozen,
+  state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
            "opt_state": tx.init(trainable)}
   step = train.make_train_step(task, model, tx, schedule, config)
   return step(state, batch)
@@ -183,7 +191,10 @@ def test_gradient_accumulation_equals_one_large_batch():
   accumulated, acc_metrics, _ = _one_step(lm_config(**{"data.batch_size": 8,
                                                        "optim.accum_steps": 4}), batch)
   np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+  assert float(big_metrics["update_norm"]) > 0
+  # Adam's first update is about lr * g / |g|: float32 summation-order differences show
+  # where |g| is tiny, so the updates agree to 0.1% of the learning rate (1e-3).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                          accumulated["params"], big["params"])
 
 
