@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "clip"
   config.seed = 0
+  # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
+  config.compute_dtype = "float32"
   config.model = dict(
       vision=vision,
       text=dict(vocab_size=flamingo.VOCAB_SIZE, width=128, depth=2, num_heads=4, max_len=32,

@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = "flamingo"
   config.variant = variant
   config.seed = 0
+  # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
+  config.compute_dtype = "float32"
   config.model = dict(
       **VARIANTS[variant], media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK,
       vision_feature_layer=-1)

@@ -26,6 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "lm"
   config.seed = 0
+  # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
+  config.compute_dtype = "float32"
   config.model = dict(flamingo.VARIANTS[variant]["lm"])
   config.trainable = r".*"
   config.data = dict(seq_len=64, batch_size=32, mode="text",

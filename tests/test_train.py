@@ -198,6 +198,25 @@ def test_gradient_accumulation_equals_one_large_batch():
                          accumulated["params"], big["params"])
 
 
+def test_bf16_compute_keeps_float32_master_weights_and_tracks_the_float32_step():
+  config, mixed_config = lm_config(), lm_config(compute_dtype="bfloat16")
+  batch = _lm_batch(config)
+  full, full_metrics, _ = _one_step(config, batch)
+  mixed, mixed_metrics, _ = _one_step(mixed_config, batch)
+  logits = get_task("lm").build_model(mixed_config).apply({"params": mixed["params"]},
+                                                          jnp.asarray(batch["tokens"]))
+  assert logits.dtype == jnp.bfloat16
+  dtypes = lambda tree: {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)}
+  assert dtypes(mixed["params"]) == {"float32"}
+  assert dtypes(mixed["opt_state"]) <= {"float32", "int32"}
+  np.testing.assert_allclose(mixed_metrics["loss"], full_metrics["loss"], rtol=2e-2)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+  start = flat(_init_params(config))
+  full_update, mixed_update = flat(full["params"]) - start, flat(mixed["params"]) - start
+  cosine = full_update @ mixed_update / np.linalg.norm(full_update) / np.linalg.norm(mixed_update)
+  assert cosine > 0.9, cosine
+
+
 def test_a_batch_with_every_label_masked_gives_zero_loss_not_nan():
   config = lm_config()
   batch = _lm_batch(config)

@@ -3,15 +3,15 @@
 import jax.numpy as jnp
 
 from mmjax import losses
-from mmjax.models.common import config_from_dict
 from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
+from mmjax.tasks import model_config
 
 
 def build_model(config) -> TwoTowers:
   if config.optim.accum_steps != 1:
     raise ValueError("The contrastive loss needs every negative in one batch: set "
                      "optim.accum_steps=1 and choose data.batch_size directly.")
-  return TwoTowers(config_from_dict(TwoTowersConfig, config.model.to_dict()))
+  return TwoTowers(model_config(TwoTowersConfig, config))
 
 
 def init_inputs(config):

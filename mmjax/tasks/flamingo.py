@@ -4,10 +4,11 @@ import jax.numpy as jnp
 
 from mmjax import losses
 from mmjax.models.flamingo import Flamingo, FlamingoConfig
+from mmjax.tasks import model_config
 
 
 def build_model(config) -> Flamingo:
-  return Flamingo(FlamingoConfig.from_dict(config.model.to_dict()))
+  return Flamingo(model_config(FlamingoConfig, config))
 
 
 def init_inputs(config):

@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 
 from mmjax import losses
-from mmjax.models.common import config_from_dict
 from mmjax.models.lm import LanguageModel, LMConfig
+from mmjax.tasks import model_config
 
 
 def build_model(config) -> LanguageModel:
-  return LanguageModel(config_from_dict(LMConfig, config.model.to_dict()))
+  return LanguageModel(model_config(LMConfig, config))
 
 
 def init_inputs(config):
