@@ -13,6 +13,15 @@ Variants (`--config=configs/flamingo.py:<variant>`):
   tiny   the embedded default: 64px images, a 4-layer LM; runs on a laptop CPU.
   base   width 768, 12 LM layers, a ViT-B/16 and a 32k vocabulary: model shapes for
          benchmarks and `mmjax.summary`; not trainable on the embedded tokenizer.
+  3b, 9b, 80b
+         the paper's shapes (Alayrac et al. 2022, Table 4 and its Chinchilla LMs: 1.4B,
+         7B and 70B): Perceiver Resampler of 6 layers, 64 latents, 16 heads of 128 over
+         1536-wide features; gated blocks with 128-wide heads before every LM layer (3B),
+         every 4th (9B: 8 blocks) or every 7th (80B: 12 blocks); squared ReLU in both.
+         The paper's NFNet-F6 is replaced by a ViT of its feature width (1536) and size
+         (~450M parameters) at its 320px resolution; rotary positions stand in for the
+         LMs' relative ones. Totals: 3.1B, 8.6B and 73.7B parameters, of which 1.3B, 1.6B
+         and 8.5B train. For `mmjax.summary`, FLOP counts and fit checks.
 
 Inspect a variant (parameter counts, a compiled forward pass and generation):
   python -m mmjax.summary --config=configs/flamingo.py:base
@@ -45,6 +54,27 @@ VARIANTS = {
         lm=dict(vocab_size=32000, width=768, depth=12, num_heads=12, max_len=1024),
         xattn=dict(every=1, num_heads=8, head_dim=64),
     ),
+}
+
+
+def _paper_variant(lm_width: int, lm_depth: int, lm_heads: int, every: int,
+                   placement: str) -> dict:
+  return dict(
+      vision=dict(image_size=320, patch_size=16, width=1536, depth=16, num_heads=16,
+                  output_dim=1536, activation="gelu"),
+      resampler=dict(depth=6, num_heads=16, head_dim=128, num_latents=64,
+                     activation="squared_relu"),
+      lm=dict(vocab_size=32000, width=lm_width, depth=lm_depth, num_heads=lm_heads,
+              head_dim=128, norm="rmsnorm", use_bias=False, position="rope", max_len=2048),
+      xattn=dict(every=every, placement=placement, num_heads=lm_heads, head_dim=128,
+                 activation="squared_relu"),
+  )
+
+
+VARIANTS |= {
+    "3b": _paper_variant(2048, 24, 16, every=1, placement="openflamingo"),
+    "9b": _paper_variant(4096, 32, 32, every=4, placement="openflamingo"),
+    "80b": _paper_variant(8192, 80, 64, every=7, placement="idefics"),
 }
 
 

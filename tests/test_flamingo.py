@@ -238,3 +238,21 @@ def test_bfloat16_compute_with_float32_params(toy_flamingo):
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda p: p.dtype == jnp.float32, params))
   # bf16 keeps ~3 significant digits; the toy logits are O(1).
   np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=0.1)
+
+
+@pytest.mark.parametrize("variant, total, blocks", [("3b", 3.2e9, 24), ("9b", 9.3e9, 8),
+                                                    ("80b", 80e9, 12)])
+def test_paper_variants_have_the_papers_shapes(variant, total, blocks):
+  """Sizes of Flamingo-3B/9B/80B (Alayrac et al. 2022): totals within 10% (the vision
+  tower is a ViT standing in for NFNet-F6), the resampler's 194M parameters within 5%."""
+  from configs import flamingo as recipe
+  from mmjax.tasks import get_task
+  config = recipe.get_config(variant)
+  task = get_task("flamingo")
+  args, kwargs = task.init_inputs(config)
+  shapes = nn.unbox(jax.eval_shape(task.build_model(config).init, jax.random.key(0), *args,
+                                   **kwargs)["params"])
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  assert count(shapes) == pytest.approx(total, rel=0.1)
+  assert count(shapes["resampler"]) == pytest.approx(194e6, rel=0.05)
+  assert sum(name.startswith("xattn_") for name in shapes["lm"]) == blocks
