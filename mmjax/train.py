@@ -279,7 +279,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
            "opt_state": tx.init(trainable)}
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-  logging.info("Parameters: %d trainable, %d frozen.", count(trainable), count(frozen))
+  print(f"{config.task}: {count(trainable):,} trainable and {count(frozen):,} frozen "
+        "parameters.", flush=True)
 
   if start:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
@@ -355,6 +356,8 @@ def evaluate_loss(config, eval_step, state) -> float:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # keep the console to progress and results;
+    logging.set_verbosity(logging.WARNING)  # --verbosity=0 shows Orbax's INFO logs again
   run(_CONFIG.value, _WORKDIR.value)
 
 
