@@ -37,6 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = dict(lr=1e-3, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.98,
                       eps=1e-6, weight_decay=0.1, decay_pattern=r"kernel$",
                       clip_norm=1.0, accum_steps=1)
-  config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=4,
-                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort")
+  config.train = dict(steps=300, log_every=50, eval_every=150, eval_batches=4,
+                      checkpoint_every=150, keep_checkpoints=2, nonfinite="abort")
   return config

@@ -109,8 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = dict(lr=5e-4, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.98,
                       eps=1e-8, weight_decay=0.05, decay_pattern=r"kernel$",
                       clip_norm=1.0, accum_steps=1)
-  config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=8,
-                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort",
+  config.train = dict(steps=500, log_every=50, eval_every=250, eval_batches=8,
+                      checkpoint_every=250, keep_checkpoints=2, nonfinite="abort",
                       few_shot_every=0)
   # Run at the end of training, and every `train.few_shot_every` steps when that is set.
   config.evaluate = dict(shots=(0, 1, 2, 4), episodes=64, max_new_tokens=12, seed=0)
