@@ -95,11 +95,16 @@ def naming_scores(answers: list[str], prompts: list[Prompt]) -> dict[str, float]
       "colour": float(np.mean([w[:1] == [p.colour] for w, p in zip(words, prompts, strict=True)]))}
 
 
-def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
-                max_new_tokens: int, task: str) -> list[str]:
+def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded token ids `"b t"` of the prompts' texts and their lengths `"b"`."""
   ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
   lengths = np.array([len(i) for i in ids], np.int32)
-  tokens = np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids])
+  return np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids]), lengths
+
+
+def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
+                max_new_tokens: int, task: str) -> list[str]:
+  tokens, lengths = encode_prompts(tokenizer, prompts)
   images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
   out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
                  images=jnp.asarray(images), max_new_tokens=max_new_tokens,
@@ -132,11 +137,9 @@ def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
   results = {}
   for k in shots:
     prompts, chance = naming_prompts(world, k, episodes, with_colour=True)
-    ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
-    lengths = np.array([len(i) for i in ids])
-    tokens = np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids])
+    tokens, lengths = encode_prompts(tokenizer, prompts)
     logits = np.asarray(apply(jnp.asarray(tokens)))
-    predicted = logits[np.arange(len(ids)), lengths - 1].argmax(-1)
+    predicted = logits[np.arange(len(prompts)), lengths - 1].argmax(-1)
     expected = [tokenizer.word_id(p.answer) for p in prompts]
     results[k] = {"recall": float(np.mean(predicted == expected)), "chance": chance}
   return {"naming": results}
