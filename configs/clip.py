@@ -23,8 +23,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "clip"
   config.seed = 0
+  # Devices: a (data, fsdp, tensor) mesh, -1 filling with the remaining devices, and the
+  # sharding preset ("data_parallel", "fsdp", "fsdp_tensor"; see mmjax.sharding).
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = "fsdp"
   # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
   config.compute_dtype = "float32"
+  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.remat).
+  config.remat = "none"
   config.model = dict(
       vision=vision,
       text=dict(vocab_size=flamingo.VOCAB_SIZE, width=128, depth=2, num_heads=4, max_len=32,

@@ -26,8 +26,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "lm"
   config.seed = 0
+  # Devices: a (data, fsdp, tensor) mesh, -1 filling with the remaining devices, and the
+  # sharding preset ("data_parallel", "fsdp", "fsdp_tensor"; see mmjax.sharding).
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.sharding = "fsdp"
   # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
   config.compute_dtype = "float32"
+  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.remat).
+  config.remat = "none"
   config.model = dict(flamingo.VARIANTS[variant]["lm"])
   config.trainable = r".*"
   config.data = dict(seq_len=64, batch_size=32, mode="text",

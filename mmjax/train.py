@@ -1,11 +1,14 @@
 """Trains a recipe: python -m mmjax.train --config=configs/<recipe>.py[:variant] --workdir=DIR
 
-Reads top to bottom: config -> data -> model and parameters (trainable / frozen) ->
-optimizer -> train step -> checkpoints -> loop. Re-running the same command resumes from
+Reads top to bottom: config -> mesh -> data -> model and parameters (trainable / frozen,
+initialised directly sharded) -> optimizer -> train step (one `jax.jit` with in/out
+shardings and donated state) -> checkpoints -> loop. Re-running the same command resumes from
 the latest complete checkpoint and follows exactly the loss curve of an uninterrupted
 run; SIGTERM saves a checkpoint and exits cleanly.
 
-Config overrides come from the command line: `--config.optim.lr=1e-4`.
+Config overrides come from the command line: `--config.optim.lr=1e-4`. The mesh and the
+sharding preset are config too (`--config.mesh.fsdp=-1 --config.mesh.data=1`; see
+`mmjax.sharding`); several hosts are started by the scripts in launch/.
 """
 
 import hashlib
@@ -16,6 +19,7 @@ import pathlib
 import re
 import signal
 import time
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import grain
@@ -24,20 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tensorboardX
 from absl import app, flags, logging
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from mmjax import checkpoints, evaluate, losses
+from mmjax import checkpoints, evaluate, losses, sharding
 from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.tasks import get_task
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the config go here.")
 
 
 class NonFiniteError(FloatingPointError):
@@ -100,9 +100,74 @@ def make_optimizer(config, trainable: dict):
 
 
 # ---------------------------------------------------------------------------------------
+# Mesh, model and the sharded train state.
+# ---------------------------------------------------------------------------------------
+class Parts(NamedTuple):
+  """What the train and eval steps are built from. `shardings` and `abstract` are trees
+  shaped like the train state `{"step", "params", "frozen", "opt_state"}`: where each
+  leaf lives on the mesh, and its shape and dtype (with that sharding)."""
+
+  task: Any
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shardings: dict
+  abstract: dict
+
+
+def build(config, devices=None) -> Parts:
+  """Mesh, model and optimizer of `config`, and the layout of its train state; nothing
+  is allocated."""
+  mesh = sharding.make_mesh(config.get("mesh") or {"data": -1}, devices)
+  rules = sharding.rules(config.get("sharding", "fsdp"))
+  task = get_task(config.task)
+  model = task.build_model(config)
+  args, kwargs = task.init_inputs(config)
+  boxed = jax.eval_shape(lambda rng: model.init(rng, *args, **kwargs)["params"],
+                         jax.random.key(0))
+  param_sh = sharding.tree_shardings(boxed, mesh, rules)
+  params = nn.unbox(boxed)
+  trainable, frozen = partition_params(params, config.trainable)
+  trainable_sh, frozen_sh = partition_params(param_sh, config.trainable)
+  tx, schedule = make_optimizer(config, trainable)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_state, trainable_sh,
+                                 transform_non_params=lambda _: replicated)
+  shardings = {"step": replicated, "params": trainable_sh, "frozen": frozen_sh,
+               "opt_state": opt_sh}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": trainable,
+              "frozen": frozen, "opt_state": opt_state}
+  abstract = jax.tree_util.tree_map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract)
+
+
+def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
+  """A fresh train state, each array created on its own devices (never whole on one
+  host), with `config.init`'s pretrained backbones grafted in when `pretrained`."""
+  args, kwargs = parts.task.init_inputs(config)
+  param_sh = merge_params(parts.shardings["params"], parts.shardings["frozen"])
+  init = jax.jit(lambda rng: nn.unbox(parts.model.init(rng, *args, **kwargs)["params"]),
+                 out_shardings=param_sh)
+  params = init(jax.random.key(config.seed))
+  if pretrained:
+    params = sharding.place(load_pretrained(params, config), param_sh)
+  trainable, frozen = partition_params(params, config.trainable)
+  opt_state = jax.jit(parts.tx.init, out_shardings=parts.shardings["opt_state"])(trainable)
+  step = jax.device_put(jnp.int32(0), parts.shardings["step"])
+  return {"step": step, "params": trainable, "frozen": frozen, "opt_state": opt_state}
+
+
+# ---------------------------------------------------------------------------------------
 # The train step: exact gradient accumulation, non-finite detection.
 # ---------------------------------------------------------------------------------------
-def make_train_step(task, model, tx, schedule, config):
+def make_train_step(config, parts: Parts):
+  """`(state, batch) -> (state, metrics, nonfinite_grads)`: one `jax.jit` over the mesh;
+  the state is donated, the batch is a global array split along its examples."""
+  task, model, tx, schedule = parts.task, parts.model, parts.tx, parts.schedule
   accum = config.optim.accum_steps
   skip_nonfinite = config.train.nonfinite == "skip"
 
@@ -110,10 +175,16 @@ def make_train_step(task, model, tx, schedule, config):
     total, count, metrics = task.loss_terms(model, merge_params(trainable, frozen), batch)
     return total, (count, metrics)
 
+  def micro_batches(x):
+    # Micro-batch j takes rows j, j + accum, ...: each device's contiguous rows hold a
+    # share of every micro-batch, so splitting the batch moves no data between devices.
+    x = jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
   def step(state, batch):
     # Micro-batches are summed, then divided by the total token count: the same update
     # as one batch of `accum` times the size.
-    micro = jax.tree_util.tree_map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+    micro = jax.tree_util.tree_map(micro_batches, batch)
 
     def accumulate(carry, mb):
       grads, total, count = carry
@@ -142,15 +213,17 @@ def make_train_step(task, model, tx, schedule, config):
                "lr": schedule(state["step"]), "loss_terms": count, "finite": finite}
     return new_state, metrics, nonfinite_grads
 
-  return jax.jit(step, donate_argnums=0)
+  replicated = NamedSharding(parts.mesh, PartitionSpec())
+  return jax.jit(sharding.with_rules(step, parts.mesh, parts.rules),
+                 in_shardings=(parts.shardings, sharding.batch_sharding(parts.mesh, parts.rules)),
+                 out_shardings=(parts.shardings, replicated, replicated), donate_argnums=0)
 
 
-def make_eval_step(task, model):
-  @jax.jit
+def make_eval_step(parts: Parts):
   def step(trainable, frozen, batch):
-    total, count, _ = task.loss_terms(model, merge_params(trainable, frozen), batch)
+    total, count, _ = parts.task.loss_terms(parts.model, merge_params(trainable, frozen), batch)
     return total, count
-  return step
+  return jax.jit(sharding.with_rules(step, parts.mesh, parts.rules))
 
 
 def check_finite(step: int, metrics, nonfinite_grads) -> None:
@@ -216,17 +289,21 @@ class MetricsLog:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl`, writes the same
   scalars as TensorBoard events under `workdir/tensorboard`, and prints a progress line.
   Throughput is measured over the steps since the previous log line (the first window
-  includes compilation); tokens are input tokens, padding included."""
+  includes compilation); tokens are input tokens, padding included. With several
+  processes, process 0 writes the files for all."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int,
                examples_per_step: int, tokens_per_step: int):
     self.path = workdir / "metrics.jsonl"
-    self.events = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    self.events = (tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+                   if jax.process_index() == 0 else None)
     self.total = total_steps
     self.examples, self.tokens = examples_per_step, tokens_per_step
     self.last_step, self.last_time = start_step, time.perf_counter()
 
   def write(self, step: int, values: dict[str, float]) -> None:
+    if self.events is None:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps({"step": step, **values}) + "\n")
     for name, value in values.items():
@@ -234,7 +311,8 @@ class MetricsLog:
     self.events.flush()
 
   def close(self) -> None:
-    self.events.close()
+    if self.events is not None:
+      self.events.close()
 
   def throughput(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -254,13 +332,14 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
-  logged metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        devices=None) -> dict[str, float]:
+  """Trains `config` in `workdir` on `devices` (default: all), resuming from its latest
+  checkpoint, whatever mesh saved it; returns the last logged metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  task = get_task(config.task)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   health = DataHealth()
   train_data = make_data(config, config.data.datasets, seed=config.seed, health=health)
@@ -268,27 +347,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
   manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
   start = manager.latest_step() or 0
-  model = task.build_model(config)
-  args, kwargs = task.init_inputs(config)
-  init = jax.jit(lambda rng: nn.unbox(model.init(rng, *args, **kwargs)["params"]))
-  params = init(jax.random.key(config.seed))
-  if not start:  # a resumed run gets every parameter from its own checkpoint
-    params = load_pretrained(params, config)
-  trainable, frozen = partition_params(params, config.trainable)
-  tx, schedule = make_optimizer(config, trainable)
-  state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
-           "opt_state": tx.init(trainable)}
+  parts = build(config, devices)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-  print(f"{config.task}: {count(trainable):,} trainable and {count(frozen):,} frozen "
-        "parameters.", flush=True)
-
-  if start:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore(manager, start, abstract, iterator)
+  print(f"{config.task}: {count(parts.abstract['params']):,} trainable and "
+        f"{count(parts.abstract['frozen']):,} frozen parameters on a mesh "
+        f"{dict(parts.mesh.shape)}.", flush=True)
+  if start:  # a resumed run gets every parameter from its own checkpoint, resharded
+    state = checkpoints.restore(manager, start, parts.abstract, iterator)
     print(f"Resumed from the checkpoint at step {start}.", flush=True)
+  else:
+    state = init_state(config, parts)
 
-  train_step = make_train_step(task, model, tx, schedule, config)
-  eval_step = make_eval_step(task, model)
+  train_step = make_train_step(config, parts)
+  eval_step = make_eval_step(parts)
+  batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
   log = MetricsLog(workdir, config.train.steps, start, config.data.batch_size,
                    config.data.batch_size * config.data.seq_len)
   stop = {"requested": False}
@@ -302,7 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         manager.wait_until_finished()
         print(f"SIGTERM: saved the checkpoint at step {step}; exiting.", flush=True)
         return last
-      batch = next(iterator)
+      batch = sharding.global_batch(next(iterator), batch_sharding)
       state, metrics, nonfinite_grads = train_step(state, batch)
       if config.train.nonfinite == "abort":
         check_finite(step + 1, metrics, nonfinite_grads)
@@ -315,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         log.progress(step, values)
         last = values
       if config.train.eval_every and step % config.train.eval_every == 0:
-        last["eval_loss"] = evaluate_loss(config, eval_step, state)
+        last["eval_loss"] = evaluate_loss(config, eval_step, state, batch_sharding)
         log.write(step, {"eval_loss": last["eval_loss"]})
         print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
       every = config.train.get("few_shot_every")
@@ -344,12 +416,13 @@ def few_shot_scalars(results: dict) -> dict[str, float]:
           for metric, value in metrics.items()}
 
 
-def evaluate_loss(config, eval_step, state) -> float:
+def evaluate_loss(config, eval_step, state, batch_sharding) -> float:
   """Mean loss over the first `train.eval_batches` batches of `data.eval_datasets`."""
   data = make_data(config, config.data.eval_datasets, seed=config.seed, health=DataHealth())
   total = count = 0.0
   for _, batch in zip(range(config.train.eval_batches), data, strict=False):
-    t, c = eval_step(state["params"], state["frozen"], batch)
+    t, c = eval_step(state["params"], state["frozen"],
+                     sharding.global_batch(batch, batch_sharding))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 
@@ -358,9 +431,13 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # keep the console to progress and results;
     logging.set_verbosity(logging.WARNING)  # --verbosity=0 shows Orbax's INFO logs again
-  run(_CONFIG.value, _WORKDIR.value)
+  sharding.initialize_distributed()
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that other entry points can import the trainer.
+  config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the config go here.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

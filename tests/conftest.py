@@ -1,15 +1,27 @@
-"""Toy shapes shared by the tests: small enough to compile in seconds on a CPU."""
+"""Toy shapes shared by the tests: small enough to compile in seconds on a CPU.
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import pytest
+The tests see 8 CPU devices, so that sharded runs are tested against one device in the
+same process; code that should run on one device asks for `jax.devices()[:1]`.
+"""
 
-from mmjax.models.flamingo import Flamingo, FlamingoConfig
-from mmjax.models.lm import LMConfig
-from mmjax.models.perceiver import ResamplerConfig
-from mmjax.models.vit import ViTConfig
-from mmjax.models.xattn import XAttnConfig
+import os
+
+# CPU only: with libtpu installed (for ahead-of-time TPU compilation), JAX would otherwise
+# probe for TPU hardware, also in the tests' subprocesses.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+from mmjax.models.flamingo import Flamingo, FlamingoConfig  # noqa: E402
+from mmjax.models.lm import LMConfig  # noqa: E402
+from mmjax.models.perceiver import ResamplerConfig  # noqa: E402
+from mmjax.models.vit import ViTConfig  # noqa: E402
+from mmjax.models.xattn import XAttnConfig  # noqa: E402
 
 MEDIA, ENDOFCHUNK, PAD = 1, 2, 0
 

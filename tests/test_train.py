@@ -17,13 +17,18 @@ from configs import flamingo as flamingo_recipe
 from configs import lm as lm_recipe
 import orbax.checkpoint as ocp
 
-from mmjax import checkpoints, train
+from mmjax import checkpoints, sharding, train
 from mmjax.tasks import get_task
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY_LM = {"model.width": 32, "model.depth": 2, "model.num_heads": 2, "model.max_len": 64,
            "data.seq_len": 32, "data.batch_size": 4, "train.log_every": 1,
            "train.eval_every": 0, "train.checkpoint_every": 3, "optim.warmup_steps": 2}
+
+
+def run(config, workdir):
+  """Trains on one device, as the command-line runs these tests compare with do."""
+  return train.run(config, workdir, devices=jax.devices()[:1])
 
 
 def lm_config(few_shot: bool = False, **overrides):
@@ -90,7 +95,7 @@ def wait_for_step(workdir, step, process, timeout=240):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  train.run(lm_config(**{"train.steps": 40}), workdir)
+  run(lm_config(**{"train.steps": 40}), workdir)
   return losses_by_step(workdir)
 
 
@@ -111,7 +116,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(uninterrupted, tmp_path, kill
     process.kill()
     process.wait()
   assert len(losses_by_step(tmp_path)) < 40
-  train.run(lm_config(**{"train.steps": 40}), tmp_path)  # the same command, re-run
+  run(lm_config(**{"train.steps": 40}), tmp_path)  # the same command, re-run
   assert losses_by_step(tmp_path) == uninterrupted
 
 
@@ -124,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
   assert process.returncode == 0 and "SIGTERM: saved the checkpoint at step" in out
   stopped = int(out.split("saved the checkpoint at step ")[1].split(";")[0])
   assert stopped in {int(p.name) for p in (tmp_path / "checkpoints").iterdir()}
-  train.run(lm_config(**{"train.steps": 40}), tmp_path)
+  run(lm_config(**{"train.steps": 40}), tmp_path)
   assert losses_by_step(tmp_path) == uninterrupted
 
 
@@ -135,7 +140,7 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
   args, _ = task.init_inputs(config)
   import flax.linen as nn
   init = nn.unbox(jax.jit(model.init)(jax.random.key(config.seed), *args)["params"])
-  train.run(config, tmp_path)
+  run(config, tmp_path)
 
   trainable0, frozen0 = train.partition_params(init, config.trainable)
   state = {"step": jnp.int32(0), "params": trainable0, "frozen": frozen0,
@@ -163,19 +168,16 @@ def _init_params(config):
   return nn.unbox(task.build_model(config).init(jax.random.key(0), *args, **kwargs)["params"])
 
 
-def _one_step(config, batch):
+def _one_step(config, batch, devices=None):
   """One train step from the initial parameters, at the peak learning rate (no warmup:
   the first update of a warmup starting at 0 would be zero)."""
   config = config.copy_and_resolve_references()
   config.optim.warmup_steps = 0
-  task = get_task(config.task)
-  model = task.build_model(config)
-  trainable, frozen = train.partition_params(_init_params(config), config.trainable)
-  tx, schedule = train.make_optimizer(config, trainable)
-  state = {"step": jnp.int32(0), "params": trainable, "frozen": frozen,
-           "opt_state": tx.init(trainable)}
-  step = train.make_train_step(task, model, tx, schedule, config)
-  return step(state, batch)
+  parts = train.build(config, devices or jax.devices()[:1])
+  state = train.init_state(config, parts, pretrained=False)
+  step = train.make_train_step(config, parts)
+  return step(state, sharding.global_batch(batch, sharding.batch_sharding(parts.mesh,
+                                                                          parts.rules)))
 
 
 def _lm_batch(config, seed=0):
@@ -228,7 +230,7 @@ def test_a_batch_with_every_label_masked_gives_zero_loss_not_nan():
 def test_nonfinite_updates_abort_with_the_step_or_are_skipped(tmp_path):
   config = lm_config(**{"optim.lr": float("nan"), "train.steps": 3})
   with pytest.raises(train.NonFiniteError, match=r"step 1: .*update is not .*optim.lr"):
-    train.run(config, tmp_path / "abort")
+    run(config, tmp_path / "abort")
   skip = lm_config(**{"optim.lr": float("nan"), "train.nonfinite": "skip"})
   batch = _lm_batch(skip)
   state, metrics, _ = _one_step(skip, batch)
@@ -261,7 +263,7 @@ def test_clip_recipe_learns_to_match_pairs(tmp_path):
   config.data.datasets[0]["source"]["image_size"] = 32
   config.train.update(steps=80, log_every=1, eval_every=0, checkpoint_every=80)
   config.optim.update(warmup_steps=5, lr=3e-3)
-  train.run(config, tmp_path)
+  run(config, tmp_path)
   losses = losses_by_step(tmp_path)
   chance = np.log(16)  # uniform over the batch
   assert np.mean([losses[s] for s in (1, 2)]) > chance - 0.1
@@ -286,7 +288,7 @@ def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
   lm_run = lm_config(**{"train.steps": 2})
   with lm_run.unlocked():
     lm_run.model = flamingo_config().model["lm"]
-  train.run(lm_run, tmp_path / "lm")
+  run(lm_run, tmp_path / "lm")
   config = flamingo_config(**{"train.steps": 1})
   with config.unlocked():
     config.init = [dict(target="lm", workdir=str(tmp_path / "lm"))]
@@ -322,7 +324,7 @@ def read_scalars(event_dir) -> dict[str, dict[int, float]]:
 
 
 def test_metrics_go_to_tensorboard_events(tmp_path):
-  train.run(lm_config(**{"train.steps": 4, "train.log_every": 2}), tmp_path)
+  run(lm_config(**{"train.steps": 4, "train.log_every": 2}), tmp_path)
   scalars = read_scalars(tmp_path / "tensorboard")
   assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(scalars)
   logged = losses_by_step(tmp_path)
@@ -334,7 +336,7 @@ def test_metrics_go_to_tensorboard_events(tmp_path):
 def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(tmp_path):
   config = lm_config(few_shot=True, **{"train.steps": 4, "train.few_shot_every": 2,
                                        "evaluate.episodes": 4, "evaluate.shots": (0, 2)})
-  last = train.run(config, tmp_path)
+  last = run(config, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   logged = {r["step"]: r for r in records if "few_shot/naming/recall/2shot" in r}
   assert set(logged) == {2, 4}
