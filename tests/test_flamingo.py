@@ -256,3 +256,23 @@ def test_paper_variants_have_the_papers_shapes(variant, total, blocks):
   assert count(shapes) == pytest.approx(total, rel=0.1)
   assert count(shapes["resampler"]) == pytest.approx(194e6, rel=0.05)
   assert sum(name.startswith("xattn_") for name in shapes["lm"]) == blocks
+
+
+@pytest.mark.parametrize("policy", ["minimal", "save_qkv_proj", "full"])
+def test_remat_policies_keep_gradients_and_save_fewer_activations(toy_flamingo, policy):
+  from mmjax.tasks import with_fields
+  model, params, tokens, images, num_images = toy_flamingo
+  rematted = Flamingo(with_fields(model.config, remat=policy))  # every sub-model
+
+  def loss(m):
+    return lambda p: jnp.sum(m.apply({"params": p}, tokens, images, num_images) ** 2)
+
+  grads, remat_grads = jax.grad(loss(model))(params), jax.grad(loss(rematted))(params)
+  # Recomputed activations may be fused differently: float32 noise, relative to the
+  # largest gradient (~30).
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(grads))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale),
+                         remat_grads, grads)
+  # The residuals the backward pass keeps are the leaves of the VJP closure.
+  saved = lambda m: sum(x.size for x in jax.tree_util.tree_leaves(jax.vjp(loss(m), params)[1]))
+  assert saved(rematted) < saved(model)

@@ -14,5 +14,7 @@ from mmjax.layers.dense import Dense
 from mmjax.layers.embeddings import LearnedPositions, apply_rope
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
+from mmjax.layers.remat import REMAT_POLICIES, remat
 
-__all__ = ["Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope", "padding_mask"]
+__all__ = ["REMAT_POLICIES", "Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope",
+           "padding_mask", "remat"]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.layers.dense import Dense
 from mmjax.layers.embeddings import apply_rope
@@ -145,9 +146,13 @@ class Attention(nn.Module):
       else:
         mask = _as_4d(mask) & causal_mask(t)
 
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    # Named for the "save_qkv_proj" remat policy (mmjax.layers.remat).
+    q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim")),
+                        "query_proj")
+    k = checkpoint_name(nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim")),
+                        "key_proj")
+    v = checkpoint_name(nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim")),
+                        "value_proj")
     mask = None if mask is None else _as_4d(mask)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,

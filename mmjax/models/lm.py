@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask
+from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask, remat
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
@@ -42,6 +42,7 @@ class LMConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
+  remat: str = "none"  # policy for each layer and gated block: mmjax.layers.remat
 
   def __post_init__(self):
     if self.head_dim is None and self.width % self.num_heads:
@@ -64,7 +65,7 @@ class DecoderLayer(nn.Module):
   config: LMConfig
 
   @nn.compact
-  def __call__(self, x, *, mask, positions, decode):
+  def __call__(self, x, mask=None, positions=None, decode=False):
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, name=name, **kw)
@@ -138,13 +139,14 @@ class LanguageModel(nn.Module):
     if xattn_layers and media_mask is None:
       raise ValueError("LanguageModel: gated cross-attention blocks need `media_mask` (and "
                        "`media`, except in decode mode after the first call).")
+    policy = "none" if decode else cfg.remat  # nothing to save memory for when decoding
+    xattn_block = remat(GatedCrossAttentionBlock, policy, static_argnums=(4,))
+    layer = remat(DecoderLayer, policy, static_argnums=(4,))
     for i in range(cfg.depth):
       if i in xattn_layers:
-        x = GatedCrossAttentionBlock(self.xattn, implementation=cfg.attention_impl,
-                                     name=f"xattn_{i}", **kw)(x, media, media_mask,
-                                                              decode=decode)
-      x = DecoderLayer(cfg, name=f"layers_{i}")(x, mask=mask, positions=positions,
-                                                 decode=decode)
+        x = xattn_block(self.xattn, implementation=cfg.attention_impl, name=f"xattn_{i}",
+                        **kw)(x, media, media_mask, decode)
+      x = layer(cfg, name=f"layers_{i}")(x, mask, positions, decode)
     x = Norm(cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, name="final_norm", **kw)(x)
     if return_hidden:
       return x

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Mlp, Norm
+from mmjax.layers import Attention, Mlp, Norm, remat
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -35,6 +35,7 @@ class ResamplerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
+  remat: str = "none"  # policy for each layer: mmjax.layers.remat
 
 
 class ResamplerLayer(nn.Module):
@@ -84,7 +85,8 @@ class PerceiverResampler(nn.Module):
         nn.initializers.normal(1.0), ("latents", "embed")), (cfg.num_latents, width),
                          kw["param_dtype"])
     latents = jnp.broadcast_to(latents.astype(x.dtype), (x.shape[0], *latents.shape))
+    layer = remat(ResamplerLayer, cfg.remat)
     for i in range(cfg.depth):
-      latents = ResamplerLayer(cfg, name=f"layers_{i}")(x, latents)
+      latents = layer(cfg, name=f"layers_{i}")(x, latents)
     latents = Norm("layernorm", cfg.norm_eps, name="final_norm", **kw)(latents)
     return einops.rearrange(latents, "(b T) n d -> b T n d", b=b)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, Mlp, Norm
+from mmjax.layers import Attention, Dense, Mlp, Norm, remat
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -45,6 +45,7 @@ class ViTConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
+  remat: str = "none"  # policy for each block: mmjax.layers.remat
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -117,8 +118,9 @@ class ViT(nn.Module):
     x = Norm("layernorm", cfg.norm_eps, name="pre_norm", **kw)(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+    block = remat(EncoderBlock, cfg.remat)
     for i in range(layer):
-      x = EncoderBlock(cfg, name=f"layers_{i}")(x)
+      x = block(cfg, name=f"layers_{i}")(x)
 
     post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
     tokens = x[:, 1:]

@@ -93,7 +93,7 @@ class GatedCrossAttentionBlock(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, media: jax.Array | None, mask: jax.Array, *,
+  def __call__(self, x: jax.Array, media: jax.Array | None, mask: jax.Array,
                decode: bool = False) -> jax.Array:
     cfg = self.config
     width = x.shape[-1]

@@ -23,24 +23,28 @@ def get_task(name: str) -> ModuleType:
 
 
 def model_config(cls, config):
-  """`config.model` as the dataclass `cls`, computing in `config.compute_dtype` if set.
+  """`config.model` as the dataclass `cls`, with the recipe-wide settings applied to it
+  and to every nested sub-model config:
 
   `compute_dtype="bfloat16"` is mixed precision: every sub-model computes in bf16 while
   its parameters (the optimizer's master weights) stay in their `param_dtype`, float32 by
   default; losses upcast logits to float32.
+  `remat="full"` (or another `mmjax.layers.REMAT_POLICIES` name) rematerialises every
+  layer of every sub-model.
   """
   model = config_from_dict(cls, config.model.to_dict())
-  compute = config.get("compute_dtype")
-  return with_dtype(model, compute) if compute else model
+  overrides = {"dtype": config.get("compute_dtype"), "remat": config.get("remat")}
+  return with_fields(model, **{k: v for k, v in overrides.items() if v})
 
 
-def with_dtype(model_config, dtype: str):
-  """`model_config` with `dtype` set on it and on each nested config that has one."""
+def with_fields(model_config, **values):
+  """`model_config` with the fields `values` set on it and on each nested config that
+  has them."""
   changes = {}
   for field in dataclasses.fields(model_config):
     value = getattr(model_config, field.name)
-    if field.name == "dtype":
-      changes["dtype"] = dtype
+    if field.name in values:
+      changes[field.name] = values[field.name]
     elif dataclasses.is_dataclass(value):
-      changes[field.name] = with_dtype(value, dtype)
+      changes[field.name] = with_fields(value, **values)
   return dataclasses.replace(model_config, **changes)

@@ -1,0 +1,36 @@
+"""Rematerialisation (gradient checkpointing) of a layer by named policy.
+
+A policy says which intermediate values of a layer's forward pass are kept for the
+backward pass; the rest are recomputed. Less memory for more compute:
+
+  none           keep everything (no remat).
+  minimal        keep the outputs of matmuls with weights (projections, feed-forward),
+                 recompute attention scores, norms and activations.
+  save_qkv_proj  keep only the query/key/value projections.
+  full           keep nothing but the layer's input; recompute the whole layer.
+"""
+
+import flax.linen as nn
+import jax
+
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj"),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat(layer: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()
+          ) -> type[nn.Module]:
+  """`layer` rematerialised under the named `policy` ("none" returns it unchanged).
+
+  Parameters keep their names and shapes, so checkpoints do not depend on the policy.
+  `static_argnums` index the call's positional arguments, `self` being 0.
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
+  if policy == "none":
+    return layer
+  return nn.remat(layer, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
