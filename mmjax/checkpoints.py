@@ -1,14 +1,18 @@
 """Checkpoints: the train state and the data iterator saved together by Orbax, and the
 parameters of a finished run grafted into another model (pretrained backbones)."""
 
+import json
 import pathlib
 import re
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from mmjax.data.pipeline import resplit_position
 
 
 def manager(workdir: str | pathlib.Path, keep: int | None = None) -> ocp.CheckpointManager:
@@ -29,21 +33,45 @@ def save(mngr: ocp.CheckpointManager, step: int, state, iterator) -> bool:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator):
-  """Restores the state (shaped like `abstract_state`) and, in place, the iterator."""
+  """Restores the state and, in place, the data iterator.
+
+  Arrays come back with the shardings of `abstract_state` (a tree of
+  `jax.ShapeDtypeStruct`), whatever mesh saved them. Iterator states saved by another
+  number of processes are re-split over this run's processes (`resplit_position`).
+  """
+  saved = {int(p.name.split("-of-")[0].removeprefix("process_")): p for p in
+           (pathlib.Path(mngr.directory) / str(step) / "data").glob("process_*-of-*.json")}
+  if len(saved) in (0, jax.process_count()):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    return restored["state"]
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(iterator)))
+      state=ocp.args.StandardRestore(abstract_state)))
+  states = [json.loads(saved[i].read_text()) for i in sorted(saved)]
+  iterator.set_state(resplit_position(states, jax.process_index(), jax.process_count()))
   return restored["state"]
 
 
 def load_params(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, Any]:
-  """All parameters (trainable and frozen) of a run's checkpoint, as numpy arrays."""
+  """All parameters (trainable and frozen) of a run's checkpoint, as numpy arrays, on
+  whatever mesh or number of processes saved it."""
   mngr = manager(workdir)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No complete checkpoint under {pathlib.Path(workdir) / 'checkpoints'}.")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  path = pathlib.Path(mngr.directory) / str(step) / "state"
   mngr.close()
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path).item_metadata
+    parts = {k: metadata[k] for k in ("params", "frozen") if k in metadata}
+    # Read onto this process's first device, then to the host.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), parts)
+    state = checkpointer.restore(path, ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
   flat = {**flat_params(state.get("frozen") or {}), **flat_params(state["params"])}
   return tree_params({k: np.asarray(v) for k, v in flat.items()})
 

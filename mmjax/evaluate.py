@@ -197,9 +197,10 @@ def evaluate_workdir(workdir: str | pathlib.Path, **kwargs) -> dict:
 
 
 def report(results: dict, workdir: pathlib.Path) -> None:
-  """Prints the table and writes `workdir/eval.json`."""
-  print(format_table(results), flush=True)
-  (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+  """Prints the table and writes `workdir/eval.json` (process 0 of several does both)."""
+  if jax.process_index() == 0:
+    print(format_table(results), flush=True)
+    (workdir / "eval.json").write_text(json.dumps(results, indent=2))
 
 
 def main(argv):

@@ -1,15 +1,20 @@
 """Sharded training on 8 simulated CPU devices agrees with one device; checkpoints move
 between meshes of different sizes."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-from test_train import _lm_batch, _one_step, flamingo_config, lm_config, losses_by_step
+from test_train import (ROOT, TINY_LM, _lm_batch, _one_step, flamingo_config, lm_config,
+                        losses_by_step)
 
 from mmjax import sharding, train
+from mmjax.data.pipeline import resplit_position
 
 # One train step, sharded vs on one device: the losses agree to float32 reduction-order
 # noise (rtol 1e-5). Adam's first update is about lr * g / |g| per parameter, so where a
@@ -124,3 +129,43 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
   with pytest.raises(ValueError, match="6 examples cannot be split over the 8 devices"):
     sharding.global_batch({"tokens": np.zeros((6, 4))},
                           sharding.batch_sharding(mesh, sharding.rules("fsdp")))
+
+
+def test_data_positions_resplit_over_another_number_of_processes():
+  # Two processes read examples 0, 2, 4, ... and 1, 3, 5, ...; each has read 16.
+  even = [{"next_index": 16}, {"next_index": 16}]
+  assert resplit_position(even, 0, 1) == {"next_index": 32}
+  assert [resplit_position(even, q, 4)["next_index"] for q in range(4)] == [8, 8, 8, 8]
+  # Unequal counts (skipped records): resume at the first example not read by all.
+  assert resplit_position([{"next_index": 5}, {"next_index": 4}], 0, 1) == {"next_index": 9}
+  with pytest.raises(ValueError, match="process count that saved them"):
+    resplit_position([{"next_index": 3, "epoch": 1}], 0, 2)
+
+
+def test_two_local_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
+  """launch/local.sh: 2 processes (one CPU device each, jax.distributed over localhost),
+  per-process data, an Orbax checkpoint written by both; then one process resumes it."""
+  overrides = {**TINY_LM, "data.batch_size": 8, "train.steps": 6, "train.checkpoint_every": 4}
+  command = [str(ROOT / "launch/local.sh"), "2", sys.executable, "-m", "mmjax.train",
+             f"--config={ROOT / 'configs/lm.py'}", f"--workdir={tmp_path / 'two'}",
+             "--config.evaluate.episodes=2", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:]
+  assert "[1] lm:" in done.stdout and "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in done.stdout
+
+  # One process resumes the two processes' checkpoint of step 4.
+  shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+  (tmp_path / "resumed" / "metrics.jsonl").unlink()
+  config = lm_config(**{"data.batch_size": 8, "train.steps": 6})
+  train.run(config, tmp_path / "resumed", devices=jax.devices()[:1])
+  train.run(config, tmp_path / "one", devices=jax.devices()[:1])
+  two, one = losses_by_step(tmp_path / "two"), losses_by_step(tmp_path / "one")
+  resumed = losses_by_step(tmp_path / "resumed")
+  # Each global batch holds the same examples whether 1 or 2 processes read them, also
+  # after resuming with another process count: only the summation order differs.
+  assert sorted(two) == sorted(one) == list(range(1, 7)) and sorted(resumed) == [5, 6]
+  np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=LOSS_RTOL)
+  np.testing.assert_allclose([resumed[s] for s in (5, 6)], [one[s] for s in (5, 6)],
+                             rtol=LOSS_RTOL)

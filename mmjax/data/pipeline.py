@@ -166,6 +166,24 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
           .batch(batch_size, drop_remainder=True))
 
 
+def resplit_position(states: Sequence[Mapping[str, Any]], process_index: int,
+                     process_count: int) -> dict[str, int]:
+  """This process's iterator state, from the states another number of processes saved.
+
+  Process p of P reads the global stream's examples p, p + P, p + 2P, ... (`make_dataset`),
+  and its state counts those it has read. Reading resumes at the first example some
+  process had not read yet, so no example is skipped; with equal counts (no skipped
+  records) that is exactly where the saved run stood, and every later global batch holds
+  the same examples as if the process count had never changed.
+  """
+  if not states or any(set(s) != {"next_index"} for s in states):
+    raise ValueError(f"Cannot re-split data iterator states {list(states)[:2]} over "
+                     f"{process_count} processes: expected one {{'next_index': n}} per "
+                     "saved process. Resume with the process count that saved them.")
+  first_unread = min(p + len(states) * s["next_index"] for p, s in enumerate(states))
+  return {"next_index": max(0, -(-(first_unread - process_index) // process_count))}
+
+
 def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
   """`{"name", "source": {"kind", ...}, "weight", "loss_weight"}` -> `Dataset`.
 
