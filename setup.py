@@ -33,6 +33,9 @@ setuptools.setup(
         "dev": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
+            # libtpu's compiler, for `mmjax.compile` (TPU fit checks on any host); the
+            # version jax[tpu] pairs with the jax below.
+            "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],
     },
 )

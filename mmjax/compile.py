@@ -1,0 +1,183 @@
+"""Compiles a recipe's train step ahead of time for a TPU topology, on any host.
+
+  python -m mmjax.compile --config=configs/flamingo.py:9b --topology=v5p-128 \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.remat=full \
+      --config.compute_dtype=bfloat16 --config.data.batch_size=256
+
+The real train step (the one `mmjax.train` runs: same mesh, sharding rules, remat
+policy, donated state) is lowered for the chips of `--topology` and compiled by libtpu's
+compiler on this machine, no TPU attached (`pip install libtpu`; it must match the jax
+version). Printed: the mesh, the memory each chip needs (XLA's `memory_analysis`) against
+its HBM, and the compiled FLOPs next to the analytic model FLOPs (`mmjax.flops`), so an
+out-of-memory configuration is caught before anyone pays for chips.
+
+Topologies are Cloud TPU accelerator types (`v5p-128`, `v5litepod-256` or `v5e-256`,
+`v4-64`, `v6e-16`) or explicit chip grids (`v5p:4x4x4`, `v5e:16x16`).
+"""
+
+import json
+import math
+import time
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax import flops, sharding, train
+from mmjax.checkpoints import flat_params
+from mmjax.data.pipeline import DataHealth
+
+GIB = 2 ** 30
+# Per chip: HBM and peak bf16 dense FLOP/s (Cloud TPU documentation).
+CHIPS = {
+    "v4": dict(hbm_gib=32, peak_flops=275e12, cores_per_chip=2, dims=3),
+    "v5e": dict(hbm_gib=16, peak_flops=197e12, cores_per_chip=1, dims=2),
+    "v5p": dict(hbm_gib=95, peak_flops=459e12, cores_per_chip=2, dims=3),
+    "v6e": dict(hbm_gib=32, peak_flops=918e12, cores_per_chip=1, dims=2),
+}
+_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+
+
+def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
+  """The most cubic (or square) power-of-two grid of `chips`, as Cloud TPU lays slices
+  out: 64 -> (4, 4, 4), 16 -> (2, 2, 4), 4 -> (2, 2, 1), 256 (2-D) -> (16, 16)."""
+  if chips < 1 or chips & (chips - 1):
+    raise ValueError(f"{chips} chips: slices have a power-of-two number of chips.")
+  grid = [1] * dims
+  for i in range(int(math.log2(chips))):
+    grid[i % dims] *= 2
+  grid = sorted(grid)
+  return tuple([g for g in grid if g > 1] + [g for g in grid if g == 1])
+
+
+def parse_topology(name: str) -> tuple[str, str]:
+  """`"v5p-128"` -> `("v5p", "v5p:4x4x4")`; `"v5e:4x8"` passes through."""
+  if ":" in name:
+    generation = _ALIASES.get(name.split(":")[0], name.split(":")[0])
+    grid = name.split(":")[1]
+  else:
+    prefix, _, count = name.rpartition("-")
+    generation = _ALIASES.get(prefix, prefix)
+    if generation not in CHIPS or not count.isdigit():
+      raise ValueError(f"Unknown TPU topology {name!r}; expected e.g. v5p-128, v5e-256, "
+                       f"v4-64, v6e-16 or an explicit grid like v5p:4x4x4 ({sorted(CHIPS)}).")
+    spec = CHIPS[generation]
+    chips = int(count) // spec["cores_per_chip"]
+    grid = "x".join(map(str, chip_grid(chips, spec["dims"])))
+  if generation not in CHIPS:
+    raise ValueError(f"Unknown TPU generation {generation!r}; known: {sorted(CHIPS)}.")
+  return generation, f"{generation}:{grid}"
+
+
+def tpu_devices(topology: str) -> tuple[str, list]:
+  """The (abstract) devices of a TPU topology, described by libtpu on this host."""
+  from jax.experimental import topologies
+  generation, grid = parse_topology(topology)
+  try:
+    desc = topologies.get_topology_desc(grid, "tpu")
+  except Exception as e:  # noqa: BLE001 (no libtpu, or one that does not match jax)
+    raise RuntimeError(
+        f"Cannot describe TPU topology {grid}: {e}. Ahead-of-time TPU compilation needs "
+        "the libtpu package that matches this jax (`pip install \"jax[tpu]==<jax version>\"` "
+        "or the pinned `libtpu` of the dev extra).") from e
+  return generation, list(desc.devices)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, parts: train.Parts) -> dict:
+  """The global batch's shapes and shardings, from one example of the real pipeline."""
+  probe = config.copy_and_resolve_references()
+  probe.data.batch_size = jax.process_count()
+  example = next(iter(train.make_data(probe, probe.data.datasets, seed=0,
+                                      health=DataHealth())))
+  batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((config.data.batch_size, *x.shape[1:]), x.dtype,
+                                     sharding=batch_sharding), example)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices, generation: str | None = None
+                       ) -> dict:
+  """Lowers and compiles the train step of `config` for `devices`; returns a report."""
+  parts = train.build(config, devices)
+  step = train.make_train_step(config, parts)
+  batch = abstract_batch(config, parts)
+  start = time.perf_counter()
+  compiled = step.lower(parts.abstract, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  memory = compiled.memory_analysis()
+  per_chip = {
+      "arguments_gib": memory.argument_size_in_bytes / GIB,
+      "outputs_gib": memory.output_size_in_bytes / GIB,
+      "aliased_gib": memory.alias_size_in_bytes / GIB,
+      "temporaries_gib": memory.temp_size_in_bytes / GIB,
+      "code_gib": memory.generated_code_size_in_bytes / GIB,
+  }
+  # Donated state is aliased: it is counted once, as an argument.
+  per_chip["total_gib"] = (per_chip["arguments_gib"] + per_chip["outputs_gib"]
+                           - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
+                           + per_chip["code_gib"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  paths = list(flat_params(parts.abstract["params"])) + list(
+      flat_params(parts.abstract["frozen"]))
+  analytic = flops.train_step_flops(config, paths)
+  report = {
+      "devices": len(devices),
+      "mesh": dict(parts.mesh.shape),
+      "sharding": config.get("sharding"),
+      "remat": config.get("remat"),
+      "compute_dtype": config.get("compute_dtype"),
+      "batch_size": config.data.batch_size,
+      "compile_s": compile_s,
+      "memory_per_chip": per_chip,
+      # XLA counts every floating-point op of the compiled program on one chip
+      # (recomputation, elementwise ops and collectives' reductions included).
+      "compiled_flops_per_chip": float(cost.get("flops", 0.0)),
+      "compiled_flops": float(cost.get("flops", 0.0)) * len(devices),
+      "model_flops": analytic["total"],
+      "model_flops_by_kind": analytic,
+  }
+  if generation:
+    chip = CHIPS[generation]
+    report["hbm_gib"] = chip["hbm_gib"]
+    report["fits"] = per_chip["total_gib"] <= chip["hbm_gib"]
+    report["step_s_at_100pct_mfu"] = analytic["total"] / (len(devices) * chip["peak_flops"])
+  return report
+
+
+def format_report(topology: str, report: dict) -> str:
+  m = report["memory_per_chip"]
+  lines = [
+      f"topology {topology}: {report['devices']} chips, mesh {report['mesh']}, sharding "
+      f"{report['sharding']}, remat {report['remat']}, {report['compute_dtype']} compute, "
+      f"global batch {report['batch_size']}; compiled in {report['compile_s']:.1f}s",
+      f"memory per chip: {m['total_gib']:.2f} GiB of {report.get('hbm_gib', '?')} GiB HBM "
+      f"({'fits' if report.get('fits') else 'DOES NOT FIT'}): arguments "
+      f"{m['arguments_gib']:.2f}, outputs {m['outputs_gib']:.2f}, aliased "
+      f"{m['aliased_gib']:.2f}, temporaries {m['temporaries_gib']:.2f}, code "
+      f"{m['code_gib']:.2f}",
+      f"FLOPs per step: compiled {report['compiled_flops']:.3e} "
+      f"({report['compiled_flops_per_chip']:.3e} per chip), model (analytic) "
+      f"{report['model_flops']:.3e}; ratio {report['compiled_flops'] / report['model_flops']:.2f}",
+  ]
+  if "step_s_at_100pct_mfu" in report:
+    lines.append(f"step time at 100% MFU: {report['step_s_at_100pct_mfu'] * 1e3:.1f} ms")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  topology = flags.FLAGS.topology
+  generation, devices = tpu_devices(topology)
+  report = compile_train_step(flags.FLAGS.config, devices, generation)
+  print(format_report(topology, report))
+  print(json.dumps({"topology": topology, **report}))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU type, e.g. v5p-128 or v5e:16x16.")
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)

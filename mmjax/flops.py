@@ -1,0 +1,147 @@
+"""Analytic model FLOPs of a train step, counted as MaxText counts them.
+
+2 FLOPs per multiply-add of every matmul (projections, attention scores and values, the
+feed-forward, the output head); norms, activations and softmax are not counted. Causal
+attention is counted over the whole `t x t` score matrix, as the kernels compute it.
+
+A train step costs, per component, its forward FLOPs times
+  1  for a frozen component that no gradient passes through (e.g. the frozen ViT),
+  2  for a frozen component that gradients pass through on their way to trainable
+     parameters upstream of it (activation backward only: the frozen LM layers from
+     Flamingo's first gated block on; not those below it, which see no trainable input),
+  3  for a component with trainable parameters (activation and weight backward).
+Rematerialisation's recomputation is not counted: MFU measures useful work.
+"""
+
+import re
+from collections.abc import Iterable
+
+import ml_collections
+
+from mmjax.models.flamingo import FlamingoConfig
+from mmjax.models.lm import LMConfig
+from mmjax.models.perceiver import ResamplerConfig
+from mmjax.models.two_towers import TwoTowersConfig
+from mmjax.models.vit import ViTConfig
+from mmjax.models.xattn import XAttnConfig
+from mmjax.tasks import model_config
+
+
+def attention(queries: int, keys: int, width_in: int, heads: int, head_dim: int,
+              kv_heads: int | None = None, kv_width: int | None = None) -> int:
+  """Projections, scores and weighted values of one attention layer."""
+  kv_heads, kv_width = kv_heads or heads, kv_width or width_in
+  projections = 2 * queries * width_in * heads * head_dim * 2  # query and output
+  projections += 2 * keys * kv_width * kv_heads * head_dim * 2  # key and value
+  return projections + 2 * 2 * queries * keys * heads * head_dim
+
+
+def mlp(tokens: int, width: int, hidden: int, gated: bool = False) -> int:
+  return 2 * tokens * width * hidden * (3 if gated else 2)
+
+
+def vit_layer(cfg: ViTConfig) -> int:
+  n = cfg.num_patches + 1
+  return (attention(n, n, cfg.width, cfg.num_heads, cfg.width // cfg.num_heads)
+          + mlp(n, cfg.width, cfg.mlp_dim or 4 * cfg.width))
+
+
+def vit(cfg: ViTConfig, feature_layer: int = -1) -> list[tuple[str, int]]:
+  """`[(parameter path prefix, forward FLOPs per image)]` in the order they run."""
+  layers = feature_layer % (cfg.depth + 1)
+  stem = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.channels * cfg.width
+  parts = [("patch_embed", stem)] + [(f"layers_{i}", vit_layer(cfg)) for i in range(layers)]
+  if layers == cfg.depth and cfg.output_dim:
+    parts.append(("head", 2 * cfg.width * cfg.output_dim))
+  return parts
+
+
+def resampler(cfg: ResamplerConfig, media_tokens: int, width: int) -> list[tuple[str, int]]:
+  """Per image of `media_tokens` visual tokens (all frames) of `width`."""
+  context = media_tokens + cfg.num_latents
+  layer = (attention(cfg.num_latents, context, width, cfg.num_heads, cfg.head_dim)
+           + mlp(cfg.num_latents, width, cfg.ff_mult * width))
+  return [(f"layers_{i}", layer) for i in range(cfg.depth)]
+
+
+def lm(cfg: LMConfig, tokens: int, xattn: XAttnConfig | None = None, media_tokens: int = 0,
+       media_width: int = 0) -> list[tuple[str, int]]:
+  """Per sequence of `tokens`; gated blocks read `media_tokens` visual tokens."""
+  layer = (attention(tokens, tokens, cfg.width, cfg.num_heads, cfg.dims_per_head,
+                     cfg.num_kv_heads)
+           + mlp(tokens, cfg.width, cfg.mlp_dim or 4 * cfg.width, cfg.gated_mlp))
+  blocks = set(xattn.layer_indices(cfg.depth)) if xattn else set()
+  parts = []
+  for i in range(cfg.depth):
+    if i in blocks:
+      block = (attention(tokens, media_tokens, cfg.width, xattn.num_heads, xattn.head_dim,
+                         kv_width=media_width)
+               + mlp(tokens, cfg.width, xattn.ff_mult * cfg.width, xattn.gated_ff))
+      parts.append((f"xattn_{i}", block))
+    parts.append((f"layers_{i}", layer))
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  return parts + [(head, 2 * tokens * cfg.width * cfg.vocab_size)]
+
+
+def step_flops(parts: Iterable[tuple[str, int, str]], param_paths: Iterable[str],
+               trainable: str) -> dict[str, float]:
+  """Train-step FLOPs by kind and in total.
+
+  Args:
+    parts: `(parameter path prefix, forward FLOPs, stream)` in execution order. Streams
+      are "media" (vision tower, resampler), "text" (the LM) and "join" (a gated block:
+      a text component that also reads the media stream).
+    param_paths: every parameter's '/'-joined path; trainable: the trainable regex.
+  """
+  paths = list(param_paths)
+  totals = dict.fromkeys(("forward", "frozen_forward_only", "frozen_backprop", "trainable",
+                          "total"), 0.0)
+  media_trains = text_trains = joined = False
+  for prefix, fwd, stream in parts:
+    trains = any(re.search(trainable, p) for p in paths if p.startswith(prefix + "/"))
+    joined |= stream == "join"
+    upstream = media_trains if stream == "media" else text_trains or (joined and media_trains)
+    kind, factor = (("trainable", 3) if trains else ("frozen_backprop", 2) if upstream
+                    else ("frozen_forward_only", 1))
+    totals[kind] += factor * fwd
+    totals["forward"] += fwd
+    totals["total"] += factor * fwd
+    if stream == "media":
+      media_trains |= trains
+    else:
+      text_trains |= trains
+  return totals
+
+
+def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
+  """`(parameter path prefix, forward FLOPs per step, stream)` of the recipe's model, in
+  execution order (see `step_flops`)."""
+  batch, seq_len = config.data.batch_size, config.data.seq_len
+
+  def scale(parts, n, prefix, stream):
+    return [(f"{prefix}/{p}".lstrip("/"), n * f,
+             "join" if p.startswith("xattn_") else stream) for p, f in parts]
+
+  if config.task == "lm":
+    return scale(lm(model_config(LMConfig, config), seq_len), batch, "", "text")
+  if config.task == "clip":
+    cfg = model_config(TwoTowersConfig, config)
+    return (scale(vit(cfg.vision), batch, "image", "media")
+            + scale(lm(cfg.text, seq_len)[:-1], batch, "text", "text")
+            + [("text_head", batch * 2 * cfg.text.width * cfg.embed_dim, "text")])
+  if config.task == "flamingo":
+    cfg = model_config(FlamingoConfig, config)
+    images = batch * config.data.max_images
+    media_tokens = config.data.max_images * cfg.resampler.num_latents
+    return (scale(vit(cfg.vision, cfg.vision_feature_layer), images, "vision", "media")
+            + scale(resampler(cfg.resampler, cfg.vision.num_patches, cfg.vision.width),
+                    images, "resampler", "media")
+            + scale(lm(cfg.lm, seq_len, cfg.xattn, media_tokens, cfg.vision.width), batch,
+                    "lm", "text"))
+  raise ValueError(f"No FLOP count for task {config.task!r}.")
+
+
+def train_step_flops(config: ml_collections.ConfigDict, param_paths: Iterable[str]
+                     ) -> dict[str, float]:
+  """Model FLOPs of one train step of `config` (global batch), by kind and in total."""
+  return step_flops(components(config), param_paths, config.trainable)
