@@ -71,11 +71,12 @@ def _paper_variant(lm_width: int, lm_depth: int, lm_heads: int, every: int,
   )
 
 
-VARIANTS |= {
+PAPER_VARIANTS = {
     "3b": _paper_variant(2048, 24, 16, every=1, placement="openflamingo"),
     "9b": _paper_variant(4096, 32, 32, every=4, placement="openflamingo"),
     "80b": _paper_variant(8192, 80, 64, every=7, placement="idefics"),
 }
+VARIANTS |= PAPER_VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -93,13 +94,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding = "fsdp"
   # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
   config.compute_dtype = "float32"
-  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.remat).
+  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.stack).
   config.remat = "none"
+  # Each layer stack as one scanned layer: compiles once whatever the depth.
+  config.scan_layers = variant in PAPER_VARIANTS
   config.model = dict(
       **VARIANTS[variant], media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK,
       vision_feature_layer=-1)
   # Parameters that train (a regex on '/'-joined paths); everything else stays frozen.
-  config.trainable = r"^(resampler|lm/xattn_\d+)/"
+  config.trainable = r"^(resampler|lm/(groups/)?xattn_\d+)/"
   config.init = [dict(target="vision", recipe="clip", variant=variant, source="image"),
                  dict(target="lm", recipe="lm", variant=variant, source="")]
   documents = dict(kind="shapes_world_documents", image_size=image_size, max_images=4)

@@ -32,8 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding = "fsdp"
   # "bfloat16": mixed precision, float32 parameters and optimizer state (mmjax.tasks).
   config.compute_dtype = "float32"
-  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.remat).
+  # Rematerialise every layer: "none", "minimal", "save_qkv_proj", "full" (mmjax.layers.stack).
   config.remat = "none"
+  # Each layer stack as one scanned layer: compiles once whatever the depth.
+  config.scan_layers = variant in flamingo.PAPER_VARIANTS
   config.model = dict(flamingo.VARIANTS[variant]["lm"])
   config.trainable = r".*"
   config.data = dict(seq_len=64, batch_size=32, mode="text",

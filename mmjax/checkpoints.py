@@ -86,25 +86,91 @@ def tree_params(flat: dict[str, Any]) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
 
 
+# ---------------------------------------------------------------------------------------
+# Scanned and per-layer layouts (mmjax.layers.scan).
+# ---------------------------------------------------------------------------------------
+def _group_sizes(keys) -> dict[str, int]:
+  """Layers per scanned group, by the path before its `groups` segment."""
+  sizes: dict[str, int] = {}
+  for key in keys:
+    parts = key.split("/")
+    if "groups" in parts:
+      i = parts.index("groups")
+      match = re.fullmatch(r"layers_(\d+)", parts[i + 1])
+      if match:
+        prefix = "/".join(parts[:i])
+        sizes[prefix] = max(sizes.get(prefix, 0), int(match[1]) + 1)
+  return sizes
+
+
+def _unstacked_keys(key: str, length: int, sizes: dict[str, int]) -> list[str] | None:
+  """The per-layer keys of the `length` entries stacked in a scanned `key`, or None
+  if `key` is not scanned. `.../layers/<rest>` entry i is `.../layers_<i>/<rest>`;
+  `.../groups/<name>_<j>/<rest>` entry k is `.../<name>_<k * group + j>/<rest>`."""
+  parts = key.split("/")
+  if "layers" in parts:
+    i = parts.index("layers")
+    return ["/".join(parts[:i] + [f"layers_{n}"] + parts[i + 1:]) for n in range(length)]
+  if "groups" in parts:
+    i = parts.index("groups")
+    name, j = parts[i + 1].rsplit("_", 1)
+    group = sizes["/".join(parts[:i])]
+    return ["/".join(parts[:i] + [f"{name}_{k * group + int(j)}"] + parts[i + 2:])
+            for k in range(length)]
+  return None
+
+
+def per_layer(flat: dict[str, Any], take=lambda value, i: value[i]) -> dict[str, Any]:
+  """A flat parameter dict with scanned (stacked) entries split into one per layer;
+  `take(value, i)` picks entry i (the default indexes arrays)."""
+  sizes = _group_sizes(flat)
+  out = {}
+  for key, value in flat.items():
+    shape = getattr(value, "shape", None) or np.shape(value)
+    names = _unstacked_keys(key, shape[0] if shape else 0, sizes)
+    if names is None:
+      out[key] = value
+    else:
+      out.update({name: take(value, i) for i, name in enumerate(names)})
+  return out
+
+
+def match_layout(source: dict[str, Any], target_shapes: dict[str, tuple[int, ...]]
+                 ) -> tuple[dict[str, np.ndarray], set[str]]:
+  """Flat `source` arrays rearranged into the layout of the flat `target_shapes`
+  (scanned or per layer, either way round); returns them and the per-layer source keys
+  that found no place. Target keys that cannot be filled are left out."""
+  available = {k: np.asarray(v) for k, v in per_layer(source).items()}
+  sizes = _group_sizes(target_shapes)
+  out, used = {}, set()
+  for key, shape in target_shapes.items():
+    names = _unstacked_keys(key, shape[0] if shape else 0, sizes) or [key]
+    if all(name in available for name in names):
+      out[key] = (available[key] if names == [key]
+                  else np.stack([available[name] for name in names]))
+      used.update(names)
+  return out, set(available) - used
+
+
 def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None = None,
           origin: str = "checkpoint") -> dict:
   """Replaces the subtree `target` ('/'-separated) of `params` with `source`.
 
-  Every source parameter must exist in the target with the same shape. Target parameters
+  Every source parameter must exist in the target with the same shape; scanned and
+  per-layer layouts are converted (`match_layout`). Target parameters
   absent from the source keep their initial values only if their full path matches the
   regex `may_stay_new` (e.g. Flamingo's new gated blocks); otherwise it is an error, since
   a 'pretrained' backbone would silently stay random.
   """
   flat = flat_params(params)
   prefix = f"{target}/" if target else ""
-  target_keys = {k[len(prefix):] for k in flat if k.startswith(prefix)}
-  source_flat = flat_params(source)
-  unexpected = sorted(set(source_flat) - target_keys)
-  missing = sorted(k for k in target_keys - set(source_flat)
+  target_shapes = {k[len(prefix):]: np.shape(v) for k, v in flat.items() if k.startswith(prefix)}
+  source_flat, unexpected = match_layout(flat_params(source), target_shapes)
+  unexpected = sorted(unexpected)
+  missing = sorted(k for k in set(target_shapes) - set(source_flat)
                    if not (may_stay_new and re.search(may_stay_new, prefix + k)))
-  shapes = sorted(f"{k}: {np.shape(v)} in {origin}, {np.shape(flat[prefix + k])} in the model"
-                  for k, v in source_flat.items()
-                  if k in target_keys and np.shape(v) != np.shape(flat[prefix + k]))
+  shapes = sorted(f"{k}: {np.shape(v)} in {origin}, {target_shapes[k]} in the model"
+                  for k, v in source_flat.items() if np.shape(v) != target_shapes[k])
   if unexpected or missing or shapes:
     raise ValueError(
         f"Cannot load {origin} into '{target}': "
@@ -114,5 +180,5 @@ def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None =
                                         ("shape mismatches", shapes)) if items)
         + ". Check that the model config matches the one the checkpoint was trained with.")
   for key, value in source_flat.items():
-    flat[prefix + key] = np.asarray(value, dtype=np.asarray(flat[prefix + key]).dtype)
+    flat[prefix + key] = np.asarray(value, dtype=flat[prefix + key].dtype)
   return tree_params(flat)

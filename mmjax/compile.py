@@ -120,15 +120,15 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, generation: s
                            + per_chip["code_gib"])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  paths = list(flat_params(parts.abstract["params"])) + list(
-      flat_params(parts.abstract["frozen"]))
-  analytic = flops.train_step_flops(config, paths)
+  params = {**flat_params(parts.abstract["params"]), **flat_params(parts.abstract["frozen"])}
+  analytic = flops.train_step_flops(config, params)
   report = {
       "devices": len(devices),
       "mesh": dict(parts.mesh.shape),
       "sharding": config.get("sharding"),
       "remat": config.get("remat"),
       "compute_dtype": config.get("compute_dtype"),
+      "scan_layers": bool(config.get("scan_layers")),
       "batch_size": config.data.batch_size,
       "compile_s": compile_s,
       "memory_per_chip": per_chip,
@@ -149,10 +149,13 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, generation: s
 
 def format_report(topology: str, report: dict) -> str:
   m = report["memory_per_chip"]
+  ratio = report["compiled_flops"] / report["model_flops"]
   lines = [
       f"topology {topology}: {report['devices']} chips, mesh {report['mesh']}, sharding "
-      f"{report['sharding']}, remat {report['remat']}, {report['compute_dtype']} compute, "
-      f"global batch {report['batch_size']}; compiled in {report['compile_s']:.1f}s",
+      f"{report['sharding']}, remat {report['remat']}, "
+      f"{'scanned' if report['scan_layers'] else 'per-layer'} layers, "
+      f"{report['compute_dtype']} compute, global batch {report['batch_size']}; compiled in "
+      f"{report['compile_s']:.1f}s",
       f"memory per chip: {m['total_gib']:.2f} GiB of {report.get('hbm_gib', '?')} GiB HBM "
       f"({'fits' if report.get('fits') else 'DOES NOT FIT'}): arguments "
       f"{m['arguments_gib']:.2f}, outputs {m['outputs_gib']:.2f}, aliased "
@@ -160,7 +163,9 @@ def format_report(topology: str, report: dict) -> str:
       f"{m['code_gib']:.2f}",
       f"FLOPs per step: compiled {report['compiled_flops']:.3e} "
       f"({report['compiled_flops_per_chip']:.3e} per chip), model (analytic) "
-      f"{report['model_flops']:.3e}; ratio {report['compiled_flops'] / report['model_flops']:.2f}",
+      f"{report['model_flops']:.3e}; ratio {ratio:.2f}"
+      + (" (XLA counts a scanned loop's body once, not per layer)" if report["scan_layers"]
+         else ""),
   ]
   if "step_s_at_100pct_mfu" in report:
     lines.append(f"step time at 100% MFU: {report['step_s_at_100pct_mfu'] * 1e3:.1f} ms")

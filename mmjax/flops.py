@@ -15,9 +15,11 @@ Rematerialisation's recomputation is not counted: MFU measures useful work.
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 
+from mmjax.checkpoints import per_layer
 from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.lm import LMConfig
 from mmjax.models.perceiver import ResamplerConfig
@@ -91,7 +93,8 @@ def step_flops(parts: Iterable[tuple[str, int, str]], param_paths: Iterable[str]
     parts: `(parameter path prefix, forward FLOPs, stream)` in execution order. Streams
       are "media" (vision tower, resampler), "text" (the LM) and "join" (a gated block:
       a text component that also reads the media stream).
-    param_paths: every parameter's '/'-joined path; trainable: the trainable regex.
+    param_paths: every parameter's '/'-joined path, one entry per layer (see
+      `mmjax.checkpoints.per_layer`); trainable: the trainable regex.
   """
   paths = list(param_paths)
   totals = dict.fromkeys(("forward", "frozen_forward_only", "frozen_backprop", "trainable",
@@ -141,7 +144,9 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
   raise ValueError(f"No FLOP count for task {config.task!r}.")
 
 
-def train_step_flops(config: ml_collections.ConfigDict, param_paths: Iterable[str]
+def train_step_flops(config: ml_collections.ConfigDict, params: dict[str, Any]
                      ) -> dict[str, float]:
-  """Model FLOPs of one train step of `config` (global batch), by kind and in total."""
-  return step_flops(components(config), param_paths, config.trainable)
+  """Model FLOPs of one train step of `config` (global batch), by kind and in total;
+  `params` is the model's flat parameter dict (arrays or shapes), scanned or not."""
+  paths = per_layer(params, take=lambda value, i: value)
+  return step_flops(components(config), paths, config.trainable)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ENDOFCHUNK, MEDIA, PAD, flamingo_config
+from conftest import ENDOFCHUNK, MEDIA, PAD, flamingo_config, random_gates
 from mmjax.decoding import SamplingConfig
 from mmjax.models.flamingo import Flamingo, FlamingoConfig, generate
 from mmjax.models.lm import LanguageModel
@@ -255,7 +255,11 @@ def test_paper_variants_have_the_papers_shapes(variant, total, blocks):
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   assert count(shapes) == pytest.approx(total, rel=0.1)
   assert count(shapes["resampler"]) == pytest.approx(194e6, rel=0.05)
-  assert sum(name.startswith("xattn_") for name in shapes["lm"]) == blocks
+  # Scanned (the variants' default): count the blocks in the per-layer layout.
+  from mmjax.checkpoints import flat_params, per_layer
+  paths = per_layer(flat_params(shapes["lm"]), take=lambda value, i: value)
+  assert "groups" in shapes["lm"]
+  assert len({path.split("/")[0] for path in paths if path.startswith("xattn_")}) == blocks
 
 
 @pytest.mark.parametrize("policy", ["minimal", "save_qkv_proj", "full"])
@@ -276,3 +280,49 @@ def test_remat_policies_keep_gradients_and_save_fewer_activations(toy_flamingo, 
   # The residuals the backward pass keeps are the leaves of the VJP closure.
   saved = lambda m: sum(x.size for x in jax.tree_util.tree_leaves(jax.vjp(loss(m), params)[1]))
   assert saved(rematted) < saved(model)
+
+
+@pytest.mark.parametrize("placement, every", [("openflamingo", 2), ("idefics", 3)])
+def test_scanned_layers_compute_what_per_layer_layers_compute(toy_flamingo, placement, every):
+  """Scanned ViT, resampler and LM (groups of `every` layers with their gated block, and
+  with idefics/3 a 4th layer after the scan) against the per-layer model, with the same
+  weights moved between layouts by `match_layout`; KV-cached generation included."""
+  from mmjax.checkpoints import flat_params, match_layout, tree_params
+  from mmjax.tasks import with_fields
+  _, _, tokens, images, num_images = toy_flamingo
+  model = Flamingo(flamingo_config(placement=placement, every=every))
+  scanned = Flamingo(with_fields(model.config, scan_layers=True))
+  params = random_gates(nn.unbox(jax.jit(model.init)(jax.random.key(4), tokens, images,
+                                                     num_images)["params"]))
+  target = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(4), tokens, images,
+                                   num_images)["params"])
+  moved, unused = match_layout(flat_params(params),
+                               {k: v.shape for k, v in flat_params(target).items()})
+  assert not unused and set(moved) == set(flat_params(target))
+  assert "lm/groups/layers_0/attn/query/kernel" in moved and "vision/layers/mlp/up/bias" in moved
+  scanned_params = tree_params(moved)
+
+  np.testing.assert_allclose(logits_fn(scanned)(scanned_params, tokens, images, num_images),
+                             logits_fn(model)(params, tokens, images, num_images), **TOL)
+  back, _ = match_layout(moved, {k: v.shape for k, v in flat_params(params).items()})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, tree_params(back), params)
+
+  prompt, lengths = jnp.array([[5, MEDIA, 7, 8], [MEDIA, 13, PAD, PAD]]), jnp.array([4, 2])
+  run = lambda m, p: generate(m, p, prompt, lengths, jax.random.key(0), images=images,
+                              num_images=num_images, max_new_tokens=5).tokens
+  np.testing.assert_array_equal(run(scanned, scanned_params), run(model, params))
+
+
+def test_a_scanned_plain_lm_matches_the_per_layer_lm():
+  from conftest import LLAMA_LIKE
+  from mmjax.checkpoints import flat_params, match_layout, tree_params
+  import dataclasses
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, LLAMA_LIKE.vocab_size)
+  model = LanguageModel(LLAMA_LIKE)
+  scanned = LanguageModel(dataclasses.replace(LLAMA_LIKE, scan_layers=True, remat="full"))
+  params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+  target = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(1), tokens)["params"])
+  moved, _ = match_layout(flat_params(params), {k: v.shape for k, v in flat_params(target).items()})
+  assert moved["layers/attn/query/kernel"].shape[0] == LLAMA_LIKE.depth
+  np.testing.assert_allclose(scanned.apply({"params": tree_params(moved)}, tokens),
+                             model.apply({"params": params}, tokens), **TOL)

@@ -305,6 +305,24 @@ def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
       k.startswith("xattn_") for k in pretrained)
 
 
+def test_a_scanned_rematerialised_flamingo_trains_from_a_per_layer_lm_run(tmp_path):
+  lm_run = lm_config(**{"train.steps": 2})
+  with lm_run.unlocked():
+    lm_run.model = flamingo_config().model["lm"]
+  run(lm_run, tmp_path / "lm")
+  config = flamingo_config(**{"train.steps": 2, "scan_layers": True, "remat": "full"})
+  with config.unlocked():
+    config.init = [dict(target="lm", workdir=str(tmp_path / "lm"))]
+  run(config, tmp_path / "flamingo")
+  trained = checkpoints.load_params(tmp_path / "flamingo")
+  assert "groups" in trained["lm"] and "layers" in trained["vision"]
+  layers = lambda tree: checkpoints.per_layer(checkpoints.flat_params(tree))
+  pretrained, lm = layers(checkpoints.load_params(tmp_path / "lm")), layers(trained["lm"])
+  for key, value in pretrained.items():  # grafted across layouts and kept frozen
+    np.testing.assert_array_equal(lm[key], value)
+  assert losses_by_step(tmp_path / "flamingo").keys() == {1, 2}
+
+
 def read_scalars(event_dir) -> dict[str, dict[int, float]]:
   """Scalars of TensorBoard event files, read from their TFRecord framing."""
   import struct

@@ -6,6 +6,7 @@ Logical axis names used for parameters (mapped to mesh axes by config rules):
   head_dim  per-head width                    vocab     vocabulary
   latents   learned resampler latents         length    positions in a learned position table
   patch     flattened patch pixels (ViT stem)
+  layers    the stacking axis of scanned layers (`scan`)
 Activations use: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
 """
 
@@ -14,7 +15,7 @@ from mmjax.layers.dense import Dense
 from mmjax.layers.embeddings import LearnedPositions, apply_rope
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
-from mmjax.layers.remat import REMAT_POLICIES, remat
+from mmjax.layers.stack import REMAT_POLICIES, remat, scan
 
 __all__ = ["REMAT_POLICIES", "Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope",
-           "padding_mask", "remat"]
+           "padding_mask", "remat", "scan"]

@@ -146,7 +146,7 @@ class Attention(nn.Module):
       else:
         mask = _as_4d(mask) & causal_mask(t)
 
-    # Named for the "save_qkv_proj" remat policy (mmjax.layers.remat).
+    # Named for the "save_qkv_proj" remat policy (mmjax.layers.stack).
     q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim")),
                         "query_proj")
     k = checkpoint_name(nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim")),

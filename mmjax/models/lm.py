@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask, remat
+from mmjax.layers import (Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask, remat,
+                          scan)
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
@@ -42,7 +43,10 @@ class LMConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
-  remat: str = "none"  # policy for each layer and gated block: mmjax.layers.remat
+  remat: str = "none"  # policy for each layer and gated block: mmjax.layers.stack
+  # One scanned layer (or, with gated blocks, one scanned group of `xattn.every` layers
+  # and its block), parameters stacked under "layers" (or "groups").
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.head_dim is None and self.width % self.num_heads:
@@ -80,6 +84,42 @@ class DecoderLayer(nn.Module):
             use_bias=cfg.use_bias, name="mlp", **kw)(norm("mlp_norm")(x))
     x = x + h
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _layer(cfg: LMConfig, decode: bool) -> type[DecoderLayer]:
+  # Nothing to save memory for when decoding.
+  return remat(DecoderLayer, "none" if decode else cfg.remat, static_argnums=(4,))
+
+
+def _layer_and_block(x, cfg: LMConfig, xattn: XAttnConfig | None, layer_name: str,
+                     block_name: str, media, media_mask, mask, positions, decode):
+  """One decoder layer, preceded by a gated cross-attention block when `xattn` is given;
+  called inside a compact method, whose submodules they become."""
+  kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+  if xattn is not None:
+    block = remat(GatedCrossAttentionBlock, "none" if decode else cfg.remat,
+                  static_argnums=(4,))
+    x = block(xattn, implementation=cfg.attention_impl, name=block_name, **kw)(
+        x, media, media_mask, decode)
+  return _layer(cfg, decode)(cfg, name=layer_name)(x, mask, positions, decode)
+
+
+class DecoderGroup(nn.Module):
+  """`xattn.every` consecutive layers with their gated block: what a scanned Flamingo LM
+  repeats. Names are in-group indices: `layers_<j>`, and `xattn_<j>` before layer j, so
+  group k's `layers_<j>` is the LM's layer `k * every + j`."""
+
+  config: LMConfig
+  xattn: XAttnConfig
+
+  @nn.compact
+  def __call__(self, x, media, media_mask, mask, positions, decode):
+    blocks = self.xattn.layer_indices(self.xattn.every)
+    for j in range(self.xattn.every):
+      x = _layer_and_block(x, self.config, self.xattn if j in blocks else None,
+                           f"layers_{j}", f"xattn_{j}", media, media_mask, mask, positions,
+                           decode)
+    return x
 
 
 class LanguageModel(nn.Module):
@@ -139,14 +179,18 @@ class LanguageModel(nn.Module):
     if xattn_layers and media_mask is None:
       raise ValueError("LanguageModel: gated cross-attention blocks need `media_mask` (and "
                        "`media`, except in decode mode after the first call).")
-    policy = "none" if decode else cfg.remat  # nothing to save memory for when decoding
-    xattn_block = remat(GatedCrossAttentionBlock, policy, static_argnums=(4,))
-    layer = remat(DecoderLayer, policy, static_argnums=(4,))
-    for i in range(cfg.depth):
-      if i in xattn_layers:
-        x = xattn_block(self.xattn, implementation=cfg.attention_impl, name=f"xattn_{i}",
-                        **kw)(x, media, media_mask, decode)
-      x = layer(cfg, name=f"layers_{i}")(x, mask, positions, decode)
+    inputs = (media, media_mask, mask, positions, decode)
+    group = self.xattn.every if xattn_layers else 1
+    scanned = cfg.depth // group if cfg.scan_layers else 0
+    if scanned and xattn_layers:
+      x = scan(DecoderGroup(cfg, self.xattn, name="groups"), scanned, x,
+               lambda module, x: module(x, *inputs))
+    elif scanned:
+      x = scan(_layer(cfg, decode)(cfg, name="layers"), scanned, x,
+               lambda module, x: module(x, mask, positions, decode))
+    for i in range(scanned * group, cfg.depth):  # all layers, or those after the scan
+      x = _layer_and_block(x, cfg, self.xattn if i in xattn_layers else None, f"layers_{i}",
+                           f"xattn_{i}", *inputs)
     x = Norm(cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, name="final_norm", **kw)(x)
     if return_hidden:
       return x

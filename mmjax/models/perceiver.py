@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Mlp, Norm, remat
+from mmjax.layers import Attention, Mlp, Norm, remat, scan
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -35,7 +35,8 @@ class ResamplerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
-  remat: str = "none"  # policy for each layer: mmjax.layers.remat
+  remat: str = "none"  # policy for each layer: mmjax.layers.stack
+  scan_layers: bool = False  # one scanned layer, parameters stacked under "layers"
 
 
 class ResamplerLayer(nn.Module):
@@ -86,7 +87,11 @@ class PerceiverResampler(nn.Module):
                          kw["param_dtype"])
     latents = jnp.broadcast_to(latents.astype(x.dtype), (x.shape[0], *latents.shape))
     layer = remat(ResamplerLayer, cfg.remat)
-    for i in range(cfg.depth):
-      latents = layer(cfg, name=f"layers_{i}")(x, latents)
+    if cfg.scan_layers:
+      latents = scan(layer(cfg, name="layers"), cfg.depth, latents,
+                     lambda module, latents: module(x, latents))
+    else:
+      for i in range(cfg.depth):
+        latents = layer(cfg, name=f"layers_{i}")(x, latents)
     latents = Norm("layernorm", cfg.norm_eps, name="final_norm", **kw)(latents)
     return einops.rearrange(latents, "(b T) n d -> b T n d", b=b)

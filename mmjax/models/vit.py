@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, Mlp, Norm, remat
+from mmjax.layers import Attention, Dense, Mlp, Norm, remat, scan
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -45,7 +45,8 @@ class ViTConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
-  remat: str = "none"  # policy for each block: mmjax.layers.remat
+  remat: str = "none"  # policy for each block: mmjax.layers.stack
+  scan_layers: bool = False  # one scanned block, parameters stacked under "layers"
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -119,8 +120,11 @@ class ViT(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = remat(EncoderBlock, cfg.remat)
-    for i in range(layer):
-      x = block(cfg, name=f"layers_{i}")(x)
+    if cfg.scan_layers and layer:
+      x = scan(block(cfg, name="layers"), layer, x)
+    else:
+      for i in range(layer):
+        x = block(cfg, name=f"layers_{i}")(x)
 
     post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
     tokens = x[:, 1:]

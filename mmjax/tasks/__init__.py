@@ -31,10 +31,12 @@ def model_config(cls, config):
   default; losses upcast logits to float32.
   `remat="full"` (or another `mmjax.layers.REMAT_POLICIES` name) rematerialises every
   layer of every sub-model.
+  `scan_layers=True` runs every layer stack as one scanned layer (`mmjax.layers.scan`).
   """
   model = config_from_dict(cls, config.model.to_dict())
-  overrides = {"dtype": config.get("compute_dtype"), "remat": config.get("remat")}
-  return with_fields(model, **{k: v for k, v in overrides.items() if v})
+  overrides = {"dtype": config.get("compute_dtype"), "remat": config.get("remat"),
+               "scan_layers": config.get("scan_layers")}
+  return with_fields(model, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def with_fields(model_config, **values):

@@ -1,6 +1,6 @@
-"""Rematerialisation (gradient checkpointing) of a layer by named policy.
+"""Layer stacks: rematerialisation by named policy, and scanning over repeated layers.
 
-A policy says which intermediate values of a layer's forward pass are kept for the
+Rematerialisation (gradient checkpointing): a policy says which intermediate values of a layer's forward pass are kept for the
 backward pass; the rest are recomputed. Less memory for more compute:
 
   none           keep everything (no remat).
@@ -9,6 +9,9 @@ backward pass; the rest are recomputed. Less memory for more compute:
   save_qkv_proj  keep only the query/key/value projections.
   full           keep nothing but the layer's input; recompute the whole layer.
 """
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,3 +37,22 @@ def remat(layer: type[nn.Module], policy: str, static_argnums: tuple[int, ...] =
   if policy == "none":
     return layer
   return nn.remat(layer, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
+def scan(layer: nn.Module, length: int, carry: Any,
+         call: Callable[[nn.Module, Any], Any] = lambda module, carry: module(carry)) -> Any:
+  """Applies `length` copies of `layer` in sequence, `carry -> call(copy, carry)`, as one
+  `jax.lax.scan`: the layer is traced and compiled once, whatever the depth.
+
+  The copies' parameters (and decoding caches) are stacked along a new leading axis with
+  the logical name "layers", under `layer`'s name; `mmjax.checkpoints.match_layout`
+  converts between this layout and one entry per layer (`<name>_<i>`). Values `call`
+  closes over (masks, positions) are the same for every copy.
+  """
+  def body(module, carry, _):
+    return call(module, carry), None
+
+  scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True}, length=length,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return scanned(layer, carry, None)[0]
