@@ -93,6 +93,26 @@ def test_every_parameter_of_the_lm_shards_and_trains_like_one_device():
   assert moments and all(m.sharding.spec == embed.sharding.spec for m in moments)
 
 
+def test_the_contrastive_loss_over_a_sharded_batch_equals_one_device():
+  """CLIP's InfoNCE needs every example's embedding as a negative: with the batch split
+  over devices the logits matrix still spans the global batch."""
+  from configs import clip as clip_recipe
+  config = clip_recipe.get_config()
+  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2,
+                             output_dim=16)
+  config.model.text.update(width=32, depth=1, num_heads=2)
+  config.model.embed_dim = 16
+  config.data.update(batch_size=8, image_size=32)
+  config.data.datasets[0]["source"]["image_size"] = 32
+  batch = _lm_batch(config)
+  ref_state, ref_metrics, _ = _one_step(config, batch)
+  state, metrics, _ = _one_step(_sharded(config, dict(data=2, fsdp=2, tensor=2), "fsdp_tensor"),
+                                batch, jax.devices())
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=LOSS_RTOL)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL),
+                         state["params"], ref_state["params"])
+
+
 def test_a_checkpoint_saved_on_8_devices_resumes_on_4_and_on_1(tmp_path):
   config = _sharded(lm_config(**{"data.batch_size": 8, "train.checkpoint_every": 3}),
                     dict(fsdp=-1), "fsdp")
