@@ -17,6 +17,8 @@ Topologies are Cloud TPU accelerator types (`v5p-128`, `v5litepod-256` or `v5e-2
 
 import json
 import math
+import os
+import re
 import time
 
 import jax
@@ -74,8 +76,14 @@ def tpu_devices(topology: str) -> tuple[str, list]:
   """The (abstract) devices of a TPU topology, described by libtpu on this host."""
   from jax.experimental import topologies
   generation, grid = parse_topology(topology)
+  # Compiling needs no exclusive hold on TPU hardware: let several processes load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  dims = [int(d) for d in grid.split(":")[1].split("x")]
+  kwargs = {}
+  if math.prod(dims) < 4:  # slices smaller than one 4-chip host
+    kwargs["chips_per_host_bounds"] = (*dims, 1, 1)[:3]
   try:
-    desc = topologies.get_topology_desc(grid, "tpu")
+    desc = topologies.get_topology_desc(grid, "tpu", **kwargs)
   except Exception as e:  # noqa: BLE001 (no libtpu, or one that does not match jax)
     raise RuntimeError(
         f"Cannot describe TPU topology {grid}: {e}. Ahead-of-time TPU compilation needs "
@@ -96,14 +104,44 @@ def abstract_batch(config: ml_collections.ConfigDict, parts: train.Parts) -> dic
                                      sharding=batch_sharding), example)
 
 
+def per_chip_gib(abstract: dict) -> float:
+  """Bytes of one device's shards of a tree of sharded `jax.ShapeDtypeStruct`s, in GiB."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree_util.tree_leaves(abstract)) / GIB
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices, generation: str | None = None
                        ) -> dict:
-  """Lowers and compiles the train step of `config` for `devices`; returns a report."""
+  """Lowers and compiles the train step of `config` for `devices`; returns a report.
+
+  A step that XLA cannot fit in the chips' memory is reported (`fits: False`, with the
+  compiler's message and the train state's bytes per chip), not raised.
+  """
   parts = train.build(config, devices)
   step = train.make_train_step(config, parts)
   batch = abstract_batch(config, parts)
+  report = {
+      "devices": len(devices),
+      "mesh": dict(parts.mesh.shape),
+      "sharding": config.get("sharding"),
+      "remat": config.get("remat"),
+      "compute_dtype": config.get("compute_dtype"),
+      "scan_layers": bool(config.get("scan_layers")),
+      "batch_size": config.data.batch_size,
+      "state_gib_per_chip": per_chip_gib(parts.abstract),
+  }
+  if generation:
+    report["hbm_gib"] = CHIPS[generation]["hbm_gib"]
   start = time.perf_counter()
-  compiled = step.lower(parts.abstract, batch).compile()
+  try:
+    compiled = step.lower(parts.abstract, batch).compile()
+  except jax.errors.JaxRuntimeError as error:
+    if "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(error))
+    return {**report, "fits": False, "compile_s": time.perf_counter() - start,
+            "error": str(error).splitlines()[0][:500],
+            "temporaries_gib": float(needed[1]) if needed else None}
   compile_s = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
@@ -122,14 +160,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, generation: s
   cost = cost[0] if isinstance(cost, list) else cost
   params = {**flat_params(parts.abstract["params"]), **flat_params(parts.abstract["frozen"])}
   analytic = flops.train_step_flops(config, params)
-  report = {
-      "devices": len(devices),
-      "mesh": dict(parts.mesh.shape),
-      "sharding": config.get("sharding"),
-      "remat": config.get("remat"),
-      "compute_dtype": config.get("compute_dtype"),
-      "scan_layers": bool(config.get("scan_layers")),
-      "batch_size": config.data.batch_size,
+  report.update({
       "compile_s": compile_s,
       "memory_per_chip": per_chip,
       # XLA counts every floating-point op of the compiled program on one chip
@@ -138,24 +169,27 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, generation: s
       "compiled_flops": float(cost.get("flops", 0.0)) * len(devices),
       "model_flops": analytic["total"],
       "model_flops_by_kind": analytic,
-  }
+  })
   if generation:
     chip = CHIPS[generation]
-    report["hbm_gib"] = chip["hbm_gib"]
     report["fits"] = per_chip["total_gib"] <= chip["hbm_gib"]
     report["step_s_at_100pct_mfu"] = analytic["total"] / (len(devices) * chip["peak_flops"])
   return report
 
 
 def format_report(topology: str, report: dict) -> str:
-  m = report["memory_per_chip"]
-  ratio = report["compiled_flops"] / report["model_flops"]
-  lines = [
+  header = (
       f"topology {topology}: {report['devices']} chips, mesh {report['mesh']}, sharding "
       f"{report['sharding']}, remat {report['remat']}, "
       f"{'scanned' if report['scan_layers'] else 'per-layer'} layers, "
-      f"{report['compute_dtype']} compute, global batch {report['batch_size']}; compiled in "
-      f"{report['compile_s']:.1f}s",
+      f"{report['compute_dtype']} compute, global batch {report['batch_size']}; train state "
+      f"{report['state_gib_per_chip']:.2f} GiB per chip")
+  if "error" in report:
+    return f"{header}\nDOES NOT FIT: {report['error']}"
+  m = report["memory_per_chip"]
+  ratio = report["compiled_flops"] / report["model_flops"]
+  lines = [
+      f"{header}; compiled in {report['compile_s']:.1f}s",
       f"memory per chip: {m['total_gib']:.2f} GiB of {report.get('hbm_gib', '?')} GiB HBM "
       f"({'fits' if report.get('fits') else 'DOES NOT FIT'}): arguments "
       f"{m['arguments_gib']:.2f}, outputs {m['outputs_gib']:.2f}, aliased "

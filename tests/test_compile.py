@@ -60,17 +60,21 @@ def test_unknown_topologies_are_refused_with_examples():
     aot.parse_topology("v5e-12")
 
 
-def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu():
+def _tpu(topology):
   pytest.importorskip("libtpu", reason="libtpu is not installed (it comes with the dev "
                       "extra where a wheel exists for this platform)")
+  try:
+    return aot.tpu_devices(topology)
+  except RuntimeError as error:  # a libtpu that does not match the installed jax
+    pytest.skip(str(error))
+
+
+def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu():
   config = flamingo_config()
   config.data.batch_size = 8
   config.mesh = {"data": 1, "fsdp": -1, "tensor": 1}
   config.remat = "full"
-  try:
-    generation, devices = aot.tpu_devices("v5e-4")
-  except RuntimeError as error:  # a libtpu that does not match the installed jax
-    pytest.skip(str(error))
+  generation, devices = _tpu("v5e-4")
   assert len(devices) == 4 and devices[0].platform == "tpu"
   report = aot.compile_train_step(config, devices, generation)
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -79,3 +83,13 @@ def test_the_train_step_compiles_for_a_tpu_slice_without_a_tpu():
   # Full remat recomputes the forward pass: more compiled than model FLOPs.
   assert report["compiled_flops"] > report["model_flops"] > 0
   assert "memory per chip" in aot.format_report("v5e-4", report)
+
+
+def test_a_step_too_large_for_the_chips_is_reported_not_raised():
+  config = flamingo_config()
+  config.data.batch_size = 2 ** 16  # activations of ~10^5 sequences on one 16 GiB chip
+  generation, devices = _tpu("v5e-1")
+  report = aot.compile_train_step(config, devices, generation)
+  assert report["fits"] is False and "RESOURCE_EXHAUSTED" in report["error"]
+  assert report["temporaries_gib"] > report["hbm_gib"] > report["state_gib_per_chip"] > 0
+  assert "DOES NOT FIT" in aot.format_report("v5e-1", report)
