@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-from test_train import (ROOT, TINY_LM, _lm_batch, _one_step, flamingo_config, lm_config,
-                        losses_by_step)
+from test_train import (ROOT, TINY_LM, _lm_batch, _one_step, clip_config, flamingo_config,
+                        lm_config, losses_by_step)
 
 from mmjax import sharding, train
 from mmjax.data.pipeline import resplit_position
@@ -96,14 +96,7 @@ def test_every_parameter_of_the_lm_shards_and_trains_like_one_device():
 def test_the_contrastive_loss_over_a_sharded_batch_equals_one_device():
   """CLIP's InfoNCE needs every example's embedding as a negative: with the batch split
   over devices the logits matrix still spans the global batch."""
-  from configs import clip as clip_recipe
-  config = clip_recipe.get_config()
-  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2,
-                             output_dim=16)
-  config.model.text.update(width=32, depth=1, num_heads=2)
-  config.model.embed_dim = 16
-  config.data.update(batch_size=8, image_size=32)
-  config.data.datasets[0]["source"]["image_size"] = 32
+  config = clip_config(vision_depth=1, embed_dim=16, batch_size=8)
   batch = _lm_batch(config)
   ref_state, ref_metrics, _ = _one_step(config, batch)
   state, metrics, _ = _one_step(_sharded(config, dict(data=2, fsdp=2, tensor=2), "fsdp_tensor"),

@@ -252,15 +252,21 @@ def test_contrastive_loss_matches_naive_infonce():
                              naive, rtol=1e-5)
 
 
-def test_clip_recipe_learns_to_match_pairs(tmp_path):
+def clip_config(vision_depth: int, embed_dim: int, batch_size: int):
+  """The CLIP recipe with 32px images and 32-wide towers."""
   from configs import clip as clip_recipe
   config = clip_recipe.get_config()
-  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, num_heads=2,
-                             output_dim=32)
+  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=vision_depth,
+                             num_heads=2, output_dim=embed_dim)
   config.model.text.update(width=32, depth=1, num_heads=2)
-  config.model.embed_dim = 32
-  config.data.update(image_size=32, batch_size=16)
+  config.model.embed_dim = embed_dim
+  config.data.update(image_size=32, batch_size=batch_size)
   config.data.datasets[0]["source"]["image_size"] = 32
+  return config
+
+
+def test_clip_recipe_learns_to_match_pairs(tmp_path):
+  config = clip_config(vision_depth=2, embed_dim=32, batch_size=16)
   config.train.update(steps=80, log_every=1, eval_every=0, checkpoint_every=80)
   config.optim.update(warmup_steps=5, lr=3e-3)
   run(config, tmp_path)
