@@ -30,7 +30,7 @@ def param_table(params, trainable: str) -> list[tuple[str, int, bool]]:
   """`(group, count, trains)` rows: per top-level module, gated blocks grouped together."""
   rows: dict[tuple[str, bool], int] = {}
   for name, leaf in checkpoints.flat_params(params).items():
-    group = re.sub(r"^lm/xattn_\d+/.*", "lm/xattn_*", name)
+    group = re.sub(r"^lm/(groups/)?xattn_\d+/.*", "lm/xattn_*", name)  # scanned or not
     group = group if group == "lm/xattn_*" else name.split("/")[0]
     trains = re.search(trainable, name) is not None
     rows[(group, trains)] = rows.get((group, trains), 0) + int(np.prod(leaf.shape))
