@@ -62,16 +62,17 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> dict[st
     raise FileNotFoundError(f"No complete checkpoint under {pathlib.Path(workdir) / 'checkpoints'}.")
   path = pathlib.Path(mngr.directory) / str(step) / "state"
   mngr.close()
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path).item_metadata
-    parts = {k: metadata[k] for k in ("params", "frozen") if k in metadata}
-    # Read onto this process's first device, then to the host.
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), parts)
-    state = checkpointer.restore(path, ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  handler = ocp.PyTreeCheckpointHandler()
+  metadata = handler.metadata(path)
+  parts = {k: metadata[k] for k in ("params", "frozen") if k in metadata}
+  # Read onto this process's first device, then to the host.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), parts)
+  state = handler.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  handler.close()
   flat = {**flat_params(state.get("frozen") or {}), **flat_params(state["params"])}
   return tree_params({k: np.asarray(v) for k, v in flat.items()})
 
