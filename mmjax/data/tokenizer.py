@@ -88,21 +88,22 @@ class Tokenizer:
     return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
 
 
-_OUTPUT = flags.DEFINE_string("output", None, "Path prefix; writes PREFIX.model.")
-_VOCAB = flags.DEFINE_integer("vocab_size", VOCAB_SIZE, "Number of pieces.")
-_DOCS = flags.DEFINE_integer("num_documents", 4000, "Shapes-world documents to train on.")
-_SEED = flags.DEFINE_integer("seed", 0, "Shapes-world seed.")
-
 
 def main(argv):
   del argv
-  model = train(shapes_world_corpus(_DOCS.value, _SEED.value), _VOCAB.value)
-  path = pathlib.Path(_OUTPUT.value + ".model")
+  f = flags.FLAGS
+  model = train(shapes_world_corpus(f.num_documents, f.seed), f.vocab_size)
+  path = pathlib.Path(f.output + ".model")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model)
   print(f"wrote {path} ({Tokenizer(path).vocab_size} pieces, {len(model)} bytes)")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: every entry point imports this module.
+  flags.DEFINE_string("output", None, "Path prefix; writes PREFIX.model.")
+  flags.DEFINE_integer("vocab_size", VOCAB_SIZE, "Number of pieces.")
+  flags.DEFINE_integer("num_documents", 4000, "Shapes-world documents to train on.")
+  flags.DEFINE_integer("seed", 0, "Shapes-world seed.")
   flags.mark_flag_as_required("output")
   app.run(main)
