@@ -28,6 +28,7 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "tensorboardX>=2.6,<3",
         "numpy>=1.26,<3",
+        "safetensors>=0.4,<1",  # reading Hugging Face checkpoints (mmjax.convert)
     ],
     extras_require={
         "dev": [
@@ -36,6 +37,10 @@ setuptools.setup(
             # libtpu's compiler, for `mmjax.compile` (TPU fit checks on any host); the
             # version jax[tpu] pairs with the jax below.
             "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            # The reference implementations of the checkpoint-conversion parity tests; the
+            # CPU build of torch.
+            "torch==2.13.0",
+            "transformers>=4.57,<6",
         ],
     },
 )

@@ -1,0 +1,270 @@
+"""Converts pretrained checkpoints into mmjax: an Orbax checkpoint and the model config.
+
+  python -m mmjax.convert --hf_dir=/models/Llama-3.2-1B --output=/ckpt/llama-1b
+
+reads a Hugging Face model directory (config.json and model.safetensors, sharded
+safetensors with their index, or pytorch_model.bin; nothing is downloaded) and writes
+`output/checkpoints/0` (the parameters, as a run's checkpoint) and `output/config.json`
+(`{"task": "lm", "model": ...}`). A recipe uses it as a frozen backbone with
+`config.init = [dict(target="lm", workdir="/ckpt/llama-1b")]` and the same model config.
+
+Language models: GPT-2 (`gpt2`), OPT (`opt`, pre-norm sizes: all but 350m) and the LLaMA
+family (`llama`, `mistral` without sliding window): grouped-query attention, RoPE, RMSNorm,
+SwiGLU, tied or untied output. The parameters are float32, numerically equal to the
+reference implementation (tests compare logits with transformers').
+"""
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+from mmjax.models.lm import LMConfig
+
+LM_TYPES = ("gpt2", "opt", "llama", "mistral")
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not match what its config describes."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a Hugging Face directory.
+# ---------------------------------------------------------------------------------------
+def read_hf_dir(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """`(config.json as a dict, {parameter name: float32 array})` of a local model dir."""
+  path = pathlib.Path(path)
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model "
+                            "directory (save_pretrained's output).")
+  config = json.loads((path / "config.json").read_text())
+  files = sorted(path.glob("*.safetensors"))
+  if files:
+    from safetensors.numpy import load_file
+    state = {}
+    for f in files:
+      state.update(load_file(str(f)))
+  elif (path / "pytorch_model.bin").exists():
+    import torch
+    state = {k: v.float().numpy() for k, v in torch.load(
+        path / "pytorch_model.bin", map_location="cpu", weights_only=True).items()}
+  else:
+    raise FileNotFoundError(f"{path} has neither *.safetensors nor pytorch_model.bin.")
+  return config, {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Language models.
+# ---------------------------------------------------------------------------------------
+def lm_config(hf: dict[str, Any]) -> LMConfig:
+  """The `LMConfig` of a Hugging Face LM config."""
+  kind = hf.get("model_type")
+  if kind == "gpt2":
+    activation = {"gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    return LMConfig(
+        vocab_size=hf["vocab_size"], width=hf["n_embd"], depth=hf["n_layer"],
+        num_heads=hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+        activation=activation[hf.get("activation_function", "gelu_new")],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_len=hf["n_positions"],
+        tie_embeddings=hf.get("tie_word_embeddings", True))
+  if kind == "opt":
+    if not hf.get("do_layer_norm_before", True) or (
+        hf.get("word_embed_proj_dim", hf["hidden_size"]) != hf["hidden_size"]):
+      raise ConversionError("OPT with post-norm or projected embeddings (opt-350m) is not "
+                            "supported; every other OPT size is.")
+    return LMConfig(
+        vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], mlp_dim=hf["ffn_dim"],
+        activation=hf.get("activation_function", "relu"), use_bias=hf.get("enable_bias", True),
+        max_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", True))
+  if kind in ("llama", "mistral"):
+    # transformers >= 5 writes `rope_parameters`; earlier versions `rope_theta` and
+    # `rope_scaling`.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+      raise ConversionError(f"RoPE scaling {rope} is not supported yet; only unscaled RoPE "
+                            "converts exactly.")
+    if kind == "mistral" and hf.get("sliding_window"):
+      raise ConversionError("Mistral's sliding-window attention is not supported.")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+      raise ConversionError("LLaMA variants with attention or MLP biases are not supported.")
+    return LMConfig(
+        vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"), mlp_dim=hf["intermediate_size"],
+        activation=hf.get("hidden_act", "silu"), gated_mlp=True, norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
+        max_len=hf["max_position_embeddings"], rope_theta=theta,
+        tie_embeddings=hf.get("tie_word_embeddings", False))
+  raise ConversionError(f"model_type {kind!r} is not a supported LM; expected one of "
+                        f"{LM_TYPES}.")
+
+
+class _Reader:
+  """Takes parameters out of a state dict by name, checking shapes, and lists leftovers."""
+
+  def __init__(self, state: dict[str, np.ndarray], prefixes: tuple[str, ...]):
+    self.state = dict(state)
+    self.prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
+    self.used: set[str] = set()
+
+  def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    key = self.prefix + name
+    if key not in self.state:
+      raise ConversionError(f"Missing parameter {key!r} in the checkpoint.")
+    value = self.state[key]
+    if shape is not None and value.shape != tuple(shape):
+      raise ConversionError(f"Parameter {key!r} has shape {value.shape}; the config implies "
+                            f"{tuple(shape)}.")
+    self.used.add(key)
+    return value
+
+  def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
+    left = sorted(k for k in self.state if k not in self.used
+                  and not any(part in k for part in ignore))
+    if left:
+      raise ConversionError(f"Unexpected parameters in the checkpoint: {left[:8]}"
+                            f"{' ...' if len(left) > 8 else ''}.")
+
+
+def _dense(kernel: np.ndarray, bias: np.ndarray | None, in_shape, out_shape) -> dict:
+  out = {"kernel": kernel.reshape(*in_shape, *out_shape)}
+  if bias is not None:
+    out["bias"] = bias.reshape(out_shape)
+  return out
+
+
+def _norm(scale, bias=None) -> dict:
+  return {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
+
+
+def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -> dict:
+  """mmjax `LanguageModel` parameters from a Hugging Face LM state dict."""
+  kind = hf["model_type"]
+  d, h, k = cfg.width, cfg.num_heads, cfg.dims_per_head
+  g, m = cfg.num_kv_heads or h, cfg.mlp_dim or 4 * cfg.width
+  params: dict[str, Any] = {}
+  if kind == "gpt2":
+    read = _Reader(state, ("transformer.",))
+    params["embed"] = {"embedding": read("wte.weight", (cfg.vocab_size, d))}
+    params["positions"] = {"embedding": read("wpe.weight", (cfg.max_len, d))}
+    for i in range(cfg.depth):
+      p = f"h.{i}."
+      qkv_w = read(p + "attn.c_attn.weight", (d, 3 * d))  # Conv1D: [in, out]
+      qkv_b = read(p + "attn.c_attn.bias", (3 * d,))
+      q, kk, v = (_dense(w, b, (d,), (h, k)) for w, b in zip(
+          np.split(qkv_w, 3, axis=1), np.split(qkv_b, 3), strict=True))
+      params[f"layers_{i}"] = {
+          "attn_norm": _norm(read(p + "ln_1.weight"), read(p + "ln_1.bias")),
+          "attn": {"query": q, "key": kk, "value": v, "out": _dense(
+              read(p + "attn.c_proj.weight", (d, d)), read(p + "attn.c_proj.bias"), (h, k), (d,))},
+          "mlp_norm": _norm(read(p + "ln_2.weight"), read(p + "ln_2.bias")),
+          "mlp": {"up": _dense(read(p + "mlp.c_fc.weight", (d, m)), read(p + "mlp.c_fc.bias"),
+                               (d,), (m,)),
+                  "down": _dense(read(p + "mlp.c_proj.weight", (m, d)),
+                                 read(p + "mlp.c_proj.bias"), (m,), (d,))}}
+    params["final_norm"] = _norm(read("ln_f.weight"), read("ln_f.bias"))
+    read.check_all_used(ignore=("attn.bias", "attn.masked_bias", "lm_head.weight"))
+    return params
+
+  if kind == "opt":
+    read = _Reader(state, ("model.decoder.", "decoder."))
+    params["embed"] = {"embedding": read("embed_tokens.weight", (cfg.vocab_size, d))}
+    # OPT's learned positions are offset by 2 (a fairseq legacy).
+    params["positions"] = {"embedding": read("embed_positions.weight",
+                                             (cfg.max_len + 2, d))[2:]}
+    linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
+        read(name + ".weight", (n_out, n_in)).T, read(name + ".bias") if cfg.use_bias else None,
+        in_shape, out_shape)
+    for i in range(cfg.depth):
+      p = f"layers.{i}."
+      ln = lambda name, p=p: _norm(read(p + name + ".weight"), read(p + name + ".bias"))
+      params[f"layers_{i}"] = {
+          "attn_norm": ln("self_attn_layer_norm"),
+          "attn": {name: linear(p + f"self_attn.{name[0]}_proj", d, h * k, (d,), (h, k))
+                   for name in ("query", "key", "value")}
+                  | {"out": linear(p + "self_attn.out_proj", h * k, d, (h, k), (d,))},
+          "mlp_norm": ln("final_layer_norm"),
+          "mlp": {"up": linear(p + "fc1", d, m, (d,), (m,)),
+                  "down": linear(p + "fc2", m, d, (m,), (d,))}}
+    params["final_norm"] = _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))
+    read.check_all_used(ignore=("lm_head.weight",))
+    return params
+
+  read = _Reader(state, ("model.",))  # the LLaMA family
+  params["embed"] = {"embedding": read("embed_tokens.weight", (cfg.vocab_size, d))}
+  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
+      read(name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
+  for i in range(cfg.depth):
+    p = f"layers.{i}."
+    params[f"layers_{i}"] = {
+        "attn_norm": _norm(read(p + "input_layernorm.weight", (d,))),
+        "attn": {"query": linear(p + "self_attn.q_proj", d, h * k, (d,), (h, k)),
+                 "key": linear(p + "self_attn.k_proj", d, g * k, (d,), (g, k)),
+                 "value": linear(p + "self_attn.v_proj", d, g * k, (d,), (g, k)),
+                 "out": linear(p + "self_attn.o_proj", h * k, d, (h, k), (d,))},
+        "mlp_norm": _norm(read(p + "post_attention_layernorm.weight", (d,))),
+        "mlp": {"gate": linear(p + "mlp.gate_proj", d, m, (d,), (m,)),
+                "up": linear(p + "mlp.up_proj", d, m, (d,), (m,)),
+                "down": linear(p + "mlp.down_proj", m, d, (m,), (d,))}}
+  params["final_norm"] = _norm(read("norm.weight", (d,)))
+  if not cfg.tie_embeddings:
+    read.prefix = ""
+    params["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  read.check_all_used(ignore=("rotary_emb.inv_freq",) + (
+      ("lm_head.weight",) if cfg.tie_embeddings else ()))
+  return params
+
+
+def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
+  """`(LMConfig, parameters)` of a Hugging Face LM directory."""
+  hf, state = read_hf_dir(hf_dir)
+  cfg = lm_config(hf)
+  return cfg, lm_params(hf, state, cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Output: a run-shaped checkpoint that `config.init` entries can point at.
+# ---------------------------------------------------------------------------------------
+def save(output: str | pathlib.Path, task: str, model_config, params: dict) -> None:
+  """Writes `output/checkpoints/0` (params, as a finished run's) and `output/config.json`."""
+  import orbax.checkpoint as ocp
+
+  from mmjax import checkpoints
+  output = pathlib.Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  mngr = checkpoints.manager(output)
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+  mngr.wait_until_finished()
+  mngr.close()
+  (output / "config.json").write_text(json.dumps(
+      {"task": task, "model": dataclasses.asdict(model_config)}, indent=2))
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax's INFO logs only with --verbosity=0
+    logging.set_verbosity(logging.WARNING)
+  hf_dir, output = flags.FLAGS.hf_dir, flags.FLAGS.output
+  cfg, params = convert_lm(hf_dir)
+  save(output, "lm", cfg, params)
+  count = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+  print(f"Converted {hf_dir} ({count:,} parameters) to {output}.")
+
+
+def _leaves(tree):
+  for value in tree.values():
+    yield from (_leaves(value) if isinstance(value, dict) else (value,))
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that the library API imports cleanly anywhere.
+  flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
+  flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
+  flags.mark_flags_as_required(["hf_dir", "output"])
+  app.run(main)

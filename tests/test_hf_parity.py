@@ -1,0 +1,118 @@
+"""Converted Hugging Face language models give transformers' logits (float32, max abs
+difference below 1e-4) on batched, right-padded rows, and the same greedy tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra")
+
+from mmjax import checkpoints, convert  # noqa: E402
+from mmjax.models.lm import LanguageModel  # noqa: E402
+
+VOCAB = 96
+
+
+def _gpt2():
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40))
+
+
+def _opt():
+  return transformers.OPTForCausalLM(transformers.OPTConfig(
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+      num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=32,
+      pad_token_id=0))
+
+
+def _llama(tie=False):
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
+      rope_theta=500.0, tie_word_embeddings=tie))
+
+
+MODELS = {"gpt2": _gpt2, "opt": _opt, "llama": _llama, "llama_tied": lambda: _llama(tie=True)}
+
+
+def _saved(tmp_path, make, seed=0):
+  """A random model (weights far from their tiny init, so that every term matters),
+  saved by save_pretrained (safetensors)."""
+  torch.manual_seed(seed)
+  model = make().eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.3)
+  model.save_pretrained(tmp_path)
+  return model
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, VOCAB, size=(3, 12))
+  lengths = np.array([12, 7, 3])  # right-padded rows of different lengths
+  valid = np.arange(12)[None] < lengths[:, None]
+  return np.where(valid, tokens, 0), valid
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_converted_lm_logits_match_transformers(name, batch, tmp_path):
+  model = _saved(tmp_path, MODELS[name])
+  tokens, valid = batch
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(tokens),
+                     attention_mask=torch.tensor(valid.astype(np.int64))).logits.numpy()
+  cfg, params = convert.convert_lm(tmp_path)
+  logits = LanguageModel(cfg).apply({"params": params}, jnp.asarray(tokens),
+                                    token_mask=jnp.asarray(valid))
+  diff = np.abs(np.asarray(logits) - expected)[valid]
+  assert diff.max() < 1e-4, diff.max()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_greedy_generation_gives_transformers_tokens(name, tmp_path):
+  from mmjax import decoding
+  model = _saved(tmp_path, MODELS[name], seed=1)
+  prompt = np.array([[5, 17, 33, 2, 9]])
+  with torch.no_grad():
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
+                              min_new_tokens=8, pad_token_id=0)[0, 5:].numpy()
+  cfg, params = convert.convert_lm(tmp_path)
+  lm = LanguageModel(cfg)
+
+  def step(cache, tokens, positions):
+    logits, state = lm.apply({"params": params, "cache": cache}, tokens, positions=positions,
+                             decode=True, mutable=["cache"])
+    return logits, state["cache"]
+
+  cache = decoding.init_cache(lm.apply, {"params": params}, jnp.zeros((1, 13), jnp.int32),
+                              positions=jnp.arange(13)[None], decode=True, mutable=["cache"])
+  out = decoding.generate(step, cache, jnp.asarray(prompt), jnp.array([5]), jax.random.key(0),
+                          max_new_tokens=8, stop_ids=(), pad_id=0)
+  np.testing.assert_array_equal(np.asarray(out.tokens[0]), expected)
+
+
+def test_the_converted_checkpoint_loads_as_a_backbone(tmp_path):
+  _saved(tmp_path / "hf", _llama)
+  cfg, params = convert.convert_lm(tmp_path / "hf")
+  convert.save(tmp_path / "out", "lm", cfg, params)
+  loaded = checkpoints.load_params(tmp_path / "out")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_a_wrong_checkpoint_names_the_offending_parameter(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  _saved(tmp_path, _llama)
+  state = load_file(str(tmp_path / "model.safetensors"))
+  state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:40]
+  del state["model.norm.weight"]
+  save_file(state, str(tmp_path / "model.safetensors"))
+  with pytest.raises(convert.ConversionError,
+                     match=r"model.layers.1.mlp.up_proj.weight' has shape \(40, 32\).*"
+                           r"implies \(48, 32\)"):
+    convert.convert_lm(tmp_path)
+  with pytest.raises(convert.ConversionError, match="not a supported LM"):
+    convert.lm_config({"model_type": "bert"})
