@@ -10,8 +10,10 @@ safetensors with their index, or pytorch_model.bin; nothing is downloaded) and w
 
 Language models: GPT-2 (`gpt2`), OPT (`opt`, pre-norm sizes: all but 350m) and the LLaMA
 family (`llama`, `mistral` without sliding window): grouped-query attention, RoPE, RMSNorm,
-SwiGLU, tied or untied output. The parameters are float32, numerically equal to the
-reference implementation (tests compare logits with transformers').
+SwiGLU, tied or untied output. CLIP (`clip`): the dual encoder (`task: "clip"`); its
+vision tower alone is the `image` subtree (`config.init` entry `source="image"`). The
+parameters are float32, numerically equal to the reference implementation (tests compare
+logits and features with transformers').
 """
 
 import dataclasses
@@ -23,6 +25,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from mmjax.models.lm import LMConfig
+from mmjax.models.two_towers import TwoTowersConfig
+from mmjax.models.vit import ViTConfig
 
 LM_TYPES = ("gpt2", "opt", "llama", "mistral")
 
@@ -143,6 +147,25 @@ def _norm(scale, bias=None) -> dict:
   return {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
 
 
+def _linear_layer(read: _Reader, p: str, names: tuple[str, str, str, str], d: int, h: int,
+                  k: int, m: int, bias: bool = True) -> dict:
+  """A pre-norm layer stored as torch Linear weights (`[out, in]`): `self_attn.{q,k,v,out}
+  _proj`, two LayerNorms and a two-matrix MLP, named `(attn_norm, mlp_norm, up, down)`
+  after `p` (OPT, CLIP)."""
+  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
+      read(p + name + ".weight", (n_out, n_in)).T, read(p + name + ".bias") if bias else None,
+      in_shape, out_shape)
+  ln = lambda name: _norm(read(p + name + ".weight", (d,)), read(p + name + ".bias", (d,)))
+  attn_norm, mlp_norm, up, down = names
+  return {
+      "attn_norm": ln(attn_norm),
+      "attn": {name: linear(f"self_attn.{name[0]}_proj", d, h * k, (d,), (h, k))
+               for name in ("query", "key", "value")}
+              | {"out": linear("self_attn.out_proj", h * k, d, (h, k), (d,))},
+      "mlp_norm": ln(mlp_norm),
+      "mlp": {"up": linear(up, d, m, (d,), (m,)), "down": linear(down, m, d, (m,), (d,))}}
+
+
 def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -> dict:
   """mmjax `LanguageModel` parameters from a Hugging Face LM state dict."""
   kind = hf["model_type"]
@@ -178,20 +201,10 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
     # OPT's learned positions are offset by 2 (a fairseq legacy).
     params["positions"] = {"embedding": read("embed_positions.weight",
                                              (cfg.max_len + 2, d))[2:]}
-    linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
-        read(name + ".weight", (n_out, n_in)).T, read(name + ".bias") if cfg.use_bias else None,
-        in_shape, out_shape)
     for i in range(cfg.depth):
-      p = f"layers.{i}."
-      ln = lambda name, p=p: _norm(read(p + name + ".weight"), read(p + name + ".bias"))
-      params[f"layers_{i}"] = {
-          "attn_norm": ln("self_attn_layer_norm"),
-          "attn": {name: linear(p + f"self_attn.{name[0]}_proj", d, h * k, (d,), (h, k))
-                   for name in ("query", "key", "value")}
-                  | {"out": linear(p + "self_attn.out_proj", h * k, d, (h, k), (d,))},
-          "mlp_norm": ln("final_layer_norm"),
-          "mlp": {"up": linear(p + "fc1", d, m, (d,), (m,)),
-                  "down": linear(p + "fc2", m, d, (m,), (d,))}}
+      params[f"layers_{i}"] = _linear_layer(
+          read, f"layers.{i}.", ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"),
+          d, h, k, m, cfg.use_bias)
     params["final_norm"] = _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))
     read.check_all_used(ignore=("lm_head.weight",))
     return params
@@ -219,6 +232,81 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
   read.check_all_used(ignore=("rotary_emb.inv_freq",) + (
       ("lm_head.weight",) if cfg.tie_embeddings else ()))
   return params
+
+
+# ---------------------------------------------------------------------------------------
+# CLIP: the vision tower, and the dual encoder.
+# ---------------------------------------------------------------------------------------
+def vit_config(hf: dict[str, Any], projection_dim: int | None) -> ViTConfig:
+  """The `ViTConfig` of a Hugging Face CLIP vision config (`vision_config`)."""
+  return ViTConfig(
+      image_size=hf["image_size"], patch_size=hf["patch_size"], width=hf["hidden_size"],
+      depth=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+      mlp_dim=hf["intermediate_size"], activation=hf.get("hidden_act", "quick_gelu"),
+      norm_eps=hf.get("layer_norm_eps", 1e-5), channels=hf.get("num_channels", 3),
+      output_dim=projection_dim)
+
+
+def vit_params(read: _Reader, cfg: ViTConfig, projection: str | None) -> dict:
+  """ViT parameters from `vision_model.*` (read relative to it) and `projection`."""
+  d, p, c = cfg.width, cfg.patch_size, cfg.channels
+  # Conv weights [d, c, p, q] -> the (p q c) order of the ViT's flattened patches.
+  conv = read("embeddings.patch_embedding.weight", (d, c, p, p))
+  params = {
+      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(p * p * c, d)},
+      "cls_token": read("embeddings.class_embedding", (d,)),
+      "positions": read("embeddings.position_embedding.weight", (cfg.num_patches + 1, d)),
+      "pre_norm": _norm(read("pre_layrnorm.weight"), read("pre_layrnorm.bias")),
+      "post_norm": _norm(read("post_layernorm.weight"), read("post_layernorm.bias")),
+  }
+  for i in range(cfg.depth):
+    params[f"layers_{i}"] = _linear_layer(
+        read, f"encoder.layers.{i}.", ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"), d,
+        cfg.num_heads, d // cfg.num_heads, cfg.mlp_dim or 4 * d)
+  if projection:
+    prefix, read.prefix = read.prefix, ""
+    params["head"] = {"kernel": read(projection, (cfg.output_dim, d)).T}
+    read.prefix = prefix
+  return params
+
+
+def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
+  """`(TwoTowersConfig, parameters)` of a Hugging Face CLIPModel directory; the vision
+  tower alone is `params["image"]` with `config.vision`."""
+  hf, state = read_hf_dir(hf_dir)
+  if hf.get("model_type") != "clip":
+    raise ConversionError(f"model_type {hf.get('model_type')!r} is not 'clip'.")
+  vision_hf, text_hf = hf["vision_config"], hf["text_config"]
+  embed_dim = hf.get("projection_dim", 512)
+  vision = vit_config(vision_hf, embed_dim)
+  text = LMConfig(
+      vocab_size=text_hf["vocab_size"], width=text_hf["hidden_size"],
+      depth=text_hf["num_hidden_layers"], num_heads=text_hf["num_attention_heads"],
+      mlp_dim=text_hf["intermediate_size"], activation=text_hf.get("hidden_act", "quick_gelu"),
+      norm_eps=text_hf.get("layer_norm_eps", 1e-5),
+      max_len=text_hf["max_position_embeddings"])
+  cfg = TwoTowersConfig(vision=vision, text=text, embed_dim=embed_dim,
+                        pad_id=text_hf.get("pad_token_id") or 0)
+  read = _Reader(state, ("vision_model.",))
+  read.prefix = "vision_model."
+  image = vit_params(read, vision, "visual_projection.weight")
+  read.prefix = "text_model."
+  d, h = text.width, text.num_heads
+  text_params = {
+      "embed": {"embedding": read("embeddings.token_embedding.weight", (text.vocab_size, d))},
+      "positions": {"embedding": read("embeddings.position_embedding.weight",
+                                      (text.max_len, d))},
+      "final_norm": _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))}
+  for i in range(text.depth):
+    text_params[f"layers_{i}"] = _linear_layer(
+        read, f"encoder.layers.{i}.", ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"), d,
+        h, d // h, text.mlp_dim)
+  read.prefix = ""
+  params = {"image": image, "text": text_params,
+            "text_head": {"kernel": read("text_projection.weight", (embed_dim, d)).T},
+            "log_scale": read("logit_scale").reshape(())}
+  read.check_all_used(ignore=("position_ids",))
+  return cfg, params
 
 
 def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
@@ -251,8 +339,13 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO logs only with --verbosity=0
     logging.set_verbosity(logging.WARNING)
   hf_dir, output = flags.FLAGS.hf_dir, flags.FLAGS.output
-  cfg, params = convert_lm(hf_dir)
-  save(output, "lm", cfg, params)
+  kind = json.loads((pathlib.Path(hf_dir) / "config.json").read_text()).get("model_type")
+  if kind == "clip":
+    cfg, params = convert_clip(hf_dir)
+    save(output, "clip", cfg, params)
+  else:
+    cfg, params = convert_lm(hf_dir)
+    save(output, "lm", cfg, params)
   count = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
   print(f"Converted {hf_dir} ({count:,} parameters) to {output}.")
 

@@ -116,3 +116,37 @@ def test_a_wrong_checkpoint_names_the_offending_parameter(tmp_path):
     convert.convert_lm(tmp_path)
   with pytest.raises(convert.ConversionError, match="not a supported LM"):
     convert.lm_config({"model_type": "bert"})
+
+
+def test_converted_clip_features_match_transformers(tmp_path):
+  from mmjax.models.two_towers import TwoTowers
+  from mmjax.models.vit import ViT
+  _saved(tmp_path, lambda: transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                       pad_token_id=0, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1),
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4),
+      projection_dim=16)))
+  model = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)  # normalised, "b c h w"
+  lengths = np.array([9, 4])
+  tokens = rng.integers(3, VOCAB - 2, size=(2, 12))
+  tokens[np.arange(2), lengths - 1] = VOCAB - 1  # EOS closes each text, padding follows
+  valid = np.arange(12)[None] < lengths[:, None]
+  tokens = np.where(valid, tokens, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(valid.astype(int)),
+                pixel_values=torch.tensor(pixels))
+    patches = model.vision_model(pixel_values=torch.tensor(pixels)).last_hidden_state[:, 1:]
+
+  cfg, params = convert.convert_clip(tmp_path)
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  image, text, scale = TwoTowers(cfg).apply({"params": params}, images, jnp.asarray(tokens))
+  np.testing.assert_allclose(image, out.image_embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(text, out.text_embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(scale, model.logit_scale.exp().item(), rtol=1e-6)
+  # The vision tower alone, as Flamingo reads it: patch tokens before ln_post.
+  tokens_out = ViT(cfg.vision).apply({"params": params["image"]}, images)["tokens"]
+  assert np.abs(np.asarray(tokens_out) - patches.numpy()).max() < 1e-4
