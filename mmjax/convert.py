@@ -110,30 +110,43 @@ def lm_config(hf: dict[str, Any]) -> LMConfig:
 
 
 class _Reader:
-  """Takes parameters out of a state dict by name, checking shapes, and lists leftovers."""
+  """Takes parameters out of a state dict by name, checking shapes. Problems are
+  collected (a placeholder of the expected shape stands in) and `finish` reports them all
+  at once: missing, mis-shaped and unexpected parameters."""
 
   def __init__(self, state: dict[str, np.ndarray], prefixes: tuple[str, ...]):
     self.state = dict(state)
     self.prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
     self.used: set[str] = set()
+    self.missing: list[str] = []
+    self.mismatched: list[str] = []
 
   def __call__(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     key = self.prefix + name
     if key not in self.state:
-      raise ConversionError(f"Missing parameter {key!r} in the checkpoint.")
+      self.missing.append(key)
+      return np.zeros(shape or (), np.float32)
     value = self.state[key]
-    if shape is not None and value.shape != tuple(shape):
-      raise ConversionError(f"Parameter {key!r} has shape {value.shape}; the config implies "
-                            f"{tuple(shape)}.")
     self.used.add(key)
+    if shape is not None and value.shape != tuple(shape):
+      self.mismatched.append(f"{key}: {value.shape} in the checkpoint, {tuple(shape)} from "
+                             "the config")
+      return np.zeros(shape, np.float32)
     return value
 
-  def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
-    left = sorted(k for k in self.state if k not in self.used
-                  and not any(part in k for part in ignore))
-    if left:
-      raise ConversionError(f"Unexpected parameters in the checkpoint: {left[:8]}"
-                            f"{' ...' if len(left) > 8 else ''}.")
+  def finish(self, ignore: tuple[str, ...] = ()) -> None:
+    """Raises `ConversionError` naming every problem, if there is any."""
+    unexpected = sorted(k for k in self.state if k not in self.used
+                        and not any(part in k for part in ignore))
+    problems = [f"{what} ({len(items)}): {items[:6]}{' ...' if len(items) > 6 else ''}"
+                for what, items in (("missing parameters", self.missing),
+                                    ("shape mismatches", self.mismatched),
+                                    ("unexpected parameters", unexpected)) if items]
+    if problems:
+      raise ConversionError(
+          "The checkpoint does not match its config.json: " + "; ".join(problems) + ". Check "
+          "that config.json belongs to these weights (hidden_size, intermediate_size, "
+          "num_attention_heads, num_key_value_heads, num_hidden_layers, vocab_size).")
 
 
 def _dense(kernel: np.ndarray, bias: np.ndarray | None, in_shape, out_shape) -> dict:
@@ -192,7 +205,7 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
                   "down": _dense(read(p + "mlp.c_proj.weight", (m, d)),
                                  read(p + "mlp.c_proj.bias"), (m,), (d,))}}
     params["final_norm"] = _norm(read("ln_f.weight"), read("ln_f.bias"))
-    read.check_all_used(ignore=("attn.bias", "attn.masked_bias", "lm_head.weight"))
+    read.finish(ignore=("attn.bias", "attn.masked_bias", "lm_head.weight"))
     return params
 
   if kind == "opt":
@@ -206,7 +219,7 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
           read, f"layers.{i}.", ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"),
           d, h, k, m, cfg.use_bias)
     params["final_norm"] = _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))
-    read.check_all_used(ignore=("lm_head.weight",))
+    read.finish(ignore=("lm_head.weight",))
     return params
 
   read = _Reader(state, ("model.",))  # the LLaMA family
@@ -229,7 +242,7 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
   if not cfg.tie_embeddings:
     read.prefix = ""
     params["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
-  read.check_all_used(ignore=("rotary_emb.inv_freq",) + (
+  read.finish(ignore=("rotary_emb.inv_freq",) + (
       ("lm_head.weight",) if cfg.tie_embeddings else ()))
   return params
 
@@ -305,7 +318,7 @@ def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
   params = {"image": image, "text": text_params,
             "text_head": {"kernel": read("text_projection.weight", (embed_dim, d)).T},
             "log_scale": read("logit_scale").reshape(())}
-  read.check_all_used(ignore=("position_ids",))
+  read.finish(ignore=("position_ids",))
   return cfg, params
 
 
