@@ -115,7 +115,7 @@ class _Reader:
   at once: missing, mis-shaped and unexpected parameters."""
 
   def __init__(self, state: dict[str, np.ndarray], prefixes: tuple[str, ...]):
-    self.state = dict(state)
+    self.state = state
     self.prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
     self.used: set[str] = set()
     self.missing: list[str] = []
@@ -193,8 +193,8 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
       p = f"h.{i}."
       qkv_w = read(p + "attn.c_attn.weight", (d, 3 * d))  # Conv1D: [in, out]
       qkv_b = read(p + "attn.c_attn.bias", (3 * d,))
-      q, kk, v = (_dense(w, b, (d,), (h, k)) for w, b in zip(
-          np.split(qkv_w, 3, axis=1), np.split(qkv_b, 3), strict=True))
+      q, kk, v = (_dense(qkv_w[:, j * d:(j + 1) * d], qkv_b[j * d:(j + 1) * d], (d,), (h, k))
+                  for j in range(3))
       params[f"layers_{i}"] = {
           "attn_norm": _norm(read(p + "ln_1.weight"), read(p + "ln_1.bias")),
           "attn": {"query": q, "key": kk, "value": v, "out": _dense(
@@ -327,6 +327,49 @@ def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
   hf, state = read_hf_dir(hf_dir)
   cfg = lm_config(hf)
   return cfg, lm_params(hf, state, cfg)
+
+
+def export_lm(params: dict, like: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+  """mmjax LM parameters (e.g. fine-tuned) back in the Hugging Face layout of the model
+  directory `like` they were converted from: `(config.json dict, state dict)`.
+
+  Conversion only moves, transposes and reshapes numbers, so it is linear and exporting
+  is its transpose (`jax.linear_transpose`): one mapping serves both directions. OPT's
+  two unused position rows come back as zeros; a tied output layer is not written (it
+  is the embedding).
+  """
+  import jax
+
+  hf, state = read_hf_dir(like)
+  cfg = lm_config(hf)
+  recording = _Recording(state)
+  lm_params(hf, recording, cfg)  # which entries conversion reads (not buffers, tied heads)
+  primal = {k: jax.ShapeDtypeStruct(state[k].shape, np.float32) for k in recording.read}
+  (exported,) = jax.linear_transpose(lambda weights: lm_params(hf, weights, cfg), primal)(
+      jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
+  return hf, {k: np.asarray(v) for k, v in exported.items()}
+
+
+class _Recording(dict):
+  """A state dict that remembers which entries were read."""
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    self.read: set[str] = set()
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+
+def save_hf(output: str | pathlib.Path, hf_config: dict, state: dict[str, np.ndarray]) -> None:
+  """Writes `config.json` and `model.safetensors`, loadable by `from_pretrained`."""
+  from safetensors.numpy import save_file
+  output = pathlib.Path(output)
+  output.mkdir(parents=True, exist_ok=True)
+  (output / "config.json").write_text(json.dumps(hf_config, indent=2))
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
+            str(output / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------

@@ -154,3 +154,24 @@ def test_converted_clip_features_match_transformers(tmp_path):
   # The vision tower alone, as Flamingo reads it: patch tokens before ln_post.
   tokens_out = ViT(cfg.vision).apply({"params": params["image"]}, images)["tokens"]
   assert np.abs(np.asarray(tokens_out) - patches.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
+def test_fine_tuned_parameters_export_back_to_transformers(name, batch, tmp_path):
+  _saved(tmp_path / "hf", MODELS[name])
+  cfg, params = convert.convert_lm(tmp_path / "hf")
+  # As if fine-tuned: every parameter moves.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(1)
+  tuned = jax.tree_util.tree_unflatten(
+      treedef, [x + 0.05 * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
+  hf_config, state = convert.export_lm(tuned, like=tmp_path / "hf")
+  convert.save_hf(tmp_path / "exported", hf_config, state)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+  tokens, valid = batch
+  with torch.no_grad():
+    expected = exported(input_ids=torch.tensor(tokens),
+                        attention_mask=torch.tensor(valid.astype(np.int64))).logits.numpy()
+  logits = LanguageModel(cfg).apply({"params": tuned}, jnp.asarray(tokens),
+                                    token_mask=jnp.asarray(valid))
+  assert np.abs(np.asarray(logits) - expected)[valid].max() < 1e-4
