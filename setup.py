@@ -29,6 +29,7 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
         "numpy>=1.26,<3",
         "safetensors>=0.4,<1",  # reading Hugging Face checkpoints (mmjax.convert)
+        "tokenizers>=0.20,<1",  # their tokenizers (mmjax.data.tokenizer.HFTokenizer)
     ],
     extras_require={
         "dev": [

@@ -175,3 +175,34 @@ def test_fine_tuned_parameters_export_back_to_transformers(name, batch, tmp_path
   logits = LanguageModel(cfg).apply({"params": tuned}, jnp.asarray(tokens),
                                     token_mask=jnp.asarray(valid))
   assert np.abs(np.asarray(logits) - expected)[valid].max() < 1e-4
+
+
+def test_hf_tokenizers_get_flamingo_media_tokens_as_open_flamingo_adds_them(tmp_path):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from mmjax.data.tokenizer import HFTokenizer
+  fast = Tokenizer(models.BPE(unk_token="<unk>"))
+  fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  fast.decoder = decoders.ByteLevel()
+  fast.train_from_iterator(["a red dax is here.", "this is a blue wug.", "it is a cat."] * 20,
+                           trainers.BpeTrainer(vocab_size=120,
+                                               special_tokens=["<unk>", "<s>", "</s>"]))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="<s>",
+                                       eos_token="</s>", unk_token="<unk>"
+                                       ).save_pretrained(tmp_path)
+  # OpenFlamingo's factory:
+  reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  reference.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+  if reference.pad_token is None:
+    reference.add_special_tokens({"pad_token": "<PAD>"})
+
+  ours = HFTokenizer(tmp_path)
+  text = "<image>this is a red dax.<|endofchunk|><image>it is a"
+  assert ours.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+  assert ours.vocab_size == len(reference)
+  assert (ours.media_id, ours.endofchunk_id, ours.pad_id) == tuple(
+      reference.convert_tokens_to_ids(["<image>", "<|endofchunk|>", "<PAD>"]))
+  assert ours.encode("a", bos=True, eos=True)[::len(ours.encode("a")) + 1] == [
+      reference.bos_token_id, reference.eos_token_id]
+  assert ours.decode(ours.encode(text) + [ours.pad_id]) == text == reference.decode(
+      reference(text, add_special_tokens=False)["input_ids"])

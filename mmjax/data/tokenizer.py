@@ -88,6 +88,58 @@ class Tokenizer:
     return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
 
 
+class HFTokenizer:
+  """A Hugging Face tokenizer (a directory with `tokenizer.json`, as `save_pretrained`
+  writes it) with Flamingo's media tokens added the way OpenFlamingo adds them:
+  `<|endofchunk|>` then `<image>` as special tokens, then `<PAD>` if the tokenizer has no
+  pad token. Added ids follow the original vocabulary, so the LM's embedding needs
+  `vocab_size` rows. Same interface as `Tokenizer`.
+  """
+
+  def __init__(self, path: str | pathlib.Path):
+    import json
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as FastTokenizer
+    path = pathlib.Path(path)
+    if not (path / "tokenizer.json").is_file():
+      raise FileNotFoundError(f"No tokenizer.json in {path}: expected a Hugging Face "
+                              "tokenizer directory (save_pretrained's output).")
+    self._tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
+    settings = path / "tokenizer_config.json"
+    settings = json.loads(settings.read_text()) if settings.is_file() else {}
+    token = lambda name: (settings.get(name) or {}).get("content") if isinstance(
+        settings.get(name), dict) else settings.get(name)
+    self._tok.add_special_tokens([AddedToken(ENDOFCHUNK_TOKEN, special=True),
+                                  AddedToken(MEDIA_TOKEN, special=True)])
+    pad = token("pad_token")
+    if pad is None or self._tok.token_to_id(pad) is None:
+      pad = "<PAD>"
+      self._tok.add_special_tokens([AddedToken(pad, special=True)])
+    ids = {name: self._tok.token_to_id(t) if t else None
+           for name, t in (("bos", token("bos_token")), ("eos", token("eos_token")))}
+    self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+    self.pad_id = self._tok.token_to_id(pad)
+    self.media_id = self._tok.token_to_id(MEDIA_TOKEN)
+    self.endofchunk_id = self._tok.token_to_id(ENDOFCHUNK_TOKEN)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    for flag, name in ((bos, "bos"), (eos, "eos")):
+      if flag and getattr(self, f"{name}_id") is None:
+        raise ValueError(f"This tokenizer has no {name} token (tokenizer_config.json).")
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Drops padding; special tokens other than pad are spelled out."""
+    return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id],
+                            skip_special_tokens=False)
+
+
 
 def main(argv):
   del argv
