@@ -78,7 +78,7 @@ def lm(cfg: LMConfig, tokens: int, xattn: XAttnConfig | None = None, media_token
     if i in blocks:
       block = (attention(tokens, media_tokens, cfg.width, xattn.num_heads, xattn.head_dim,
                          kv_width=media_width)
-               + mlp(tokens, cfg.width, xattn.ff_mult * cfg.width, xattn.gated_ff))
+               + mlp(tokens, cfg.width, xattn.ff_dim(cfg.width), xattn.gated_ff))
       parts.append((f"xattn_{i}", block))
     parts.append((f"layers_{i}", layer))
   head = "embed" if cfg.tie_embeddings else "lm_head"
@@ -137,7 +137,7 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
     images = batch * config.data.max_images
     media_tokens = config.data.max_images * cfg.resampler.num_latents
     return (scale(vit(cfg.vision, cfg.vision_feature_layer), images, "vision", "media")
-            + scale(resampler(cfg.resampler, cfg.vision.num_patches, cfg.vision.width),
+            + scale(resampler(cfg.resampler, cfg.vision.num_tokens, cfg.vision.width),
                     images, "resampler", "media")
             + scale(lm(cfg.lm, seq_len, cfg.xattn, media_tokens, cfg.vision.width), batch,
                     "lm", "text"))

@@ -326,3 +326,12 @@ def test_a_scanned_plain_lm_matches_the_per_layer_lm():
   assert moved["layers/attn/query/kernel"].shape[0] == LLAMA_LIKE.depth
   np.testing.assert_allclose(scanned.apply({"params": tree_params(moved)}, tokens),
                              model.apply({"params": params}, tokens), **TOL)
+
+
+def test_gated_block_feed_forward_width_can_be_set_directly():
+  block = GatedCrossAttentionBlock(XAttnConfig(num_heads=2, head_dim=8, mlp_dim=44,
+                                               gated_ff=True, activation="silu"))
+  x, media = jnp.ones((1, 3, 32)), jnp.ones((1, 5, 16))
+  params = nn.unbox(block.init(jax.random.key(0), x, media, jnp.ones((1, 3, 5), bool)))
+  assert params["params"]["mlp"]["gate"]["kernel"].shape == (32, 44)
+  assert XAttnConfig().ff_dim(32) == 128

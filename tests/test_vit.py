@@ -63,3 +63,21 @@ def test_uint8_pixels_are_normalised_with_the_config_statistics(vit):
   normalised = (pixels / 255.0 - jnp.asarray(CFG.pixel_mean)) / jnp.asarray(CFG.pixel_std)
   np.testing.assert_allclose(model.apply({"params": params}, pixels)["tokens"],
                              model.apply({"params": params}, normalised)["tokens"], **TOL)
+
+
+def test_the_class_token_can_be_kept_among_the_tokens():
+  import dataclasses
+
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from mmjax.models.vit import ViT, ViTConfig
+  cfg = ViTConfig(image_size=16, patch_size=8, width=32, depth=2, num_heads=4, output_dim=16)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = nn.unbox(ViT(cfg).init(jax.random.key(1), images)["params"])
+  plain = ViT(cfg).apply({"params": params}, images)
+  kept = ViT(dataclasses.replace(cfg, keep_class_token=True)).apply({"params": params}, images)
+  assert kept["tokens"].shape == (2, cfg.num_patches + 1, 32) and cfg.num_tokens == 4
+  np.testing.assert_array_equal(kept["tokens"][:, 1:], plain["tokens"])
+  np.testing.assert_array_equal(kept["pooled"], plain["pooled"])

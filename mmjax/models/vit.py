@@ -25,6 +25,8 @@ class ViTConfig:
     output_dim: width of the pooled, projected embedding; None for no projection.
     token_norm: apply `ln_post` to the returned patch tokens. open_clip >= 2.23 does;
       open_clip <= 2.22 (and so the OpenFlamingo checkpoints) returns them un-normed.
+    keep_class_token: return the class token first among the tokens (IDEFICS's
+      perceiver reads all of CLIP's last hidden state).
     pixel_mean, pixel_std: integer images are scaled to [0, 1] and normalised with these
       (CLIP's statistics by default); float images are taken as already normalised.
   """
@@ -40,6 +42,7 @@ class ViTConfig:
   channels: int = 3
   output_dim: int | None = 768
   token_norm: bool = False
+  keep_class_token: bool = False
   pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
   pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
   dtype: str = "float32"
@@ -59,6 +62,11 @@ class ViTConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens returned per image: the patches, and the class token if kept."""
+    return self.num_patches + self.keep_class_token
 
 
 class EncoderBlock(nn.Module):
@@ -94,7 +102,8 @@ class ViT(nn.Module):
         output of the last, -2 the penultimate. Blocks after it are not run, and
         "pooled" is returned only when the last block runs.
     Returns:
-      "tokens": `"b n d"` patch tokens (class token dropped); "pooled": `"b e"`.
+      "tokens": `"b n d"` patch tokens (the class token first if `keep_class_token`);
+      "pooled": `"b e"`.
     """
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
@@ -127,7 +136,7 @@ class ViT(nn.Module):
         x = block(cfg, name=f"layers_{i}")(x)
 
     post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
-    tokens = x[:, 1:]
+    tokens = x if cfg.keep_class_token else x[:, 1:]
     out = {"tokens": post_norm(tokens) if cfg.token_norm else tokens}
     if layer == cfg.depth:
       pooled = post_norm(x[:, 0])

@@ -21,7 +21,8 @@ class XAttnConfig:
     only_immediate: a text token attends to the most recent preceding image only
       (Flamingo); False lets it attend to all preceding images.
     num_heads, head_dim: of the cross-attention.
-    ff_mult: feed-forward hidden width is `ff_mult * lm width`.
+    ff_mult: feed-forward hidden width is `ff_mult * lm width`, unless `mlp_dim` is set
+      (IDEFICS uses its LM's intermediate size, not a multiple of the width).
     activation, gated_ff: the feed-forward (`"gelu", False` for OpenFlamingo; `"silu",
       True` is SwiGLU as in IDEFICS).
     norm: pre-norm kind; qk_norm: optional q/k normalisation in the cross-attention.
@@ -34,12 +35,16 @@ class XAttnConfig:
   num_heads: int = 8
   head_dim: int = 64
   ff_mult: int = 4
+  mlp_dim: int | None = None
   activation: str = "gelu"
   gated_ff: bool = False
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_eps: float = 1e-5
   qk_norm: Literal["layernorm", "rmsnorm"] | None = None
   gate: Literal["scalar", "vector"] = "scalar"
+
+  def ff_dim(self, width: int) -> int:
+    return self.mlp_dim or self.ff_mult * width
 
   def layer_indices(self, depth: int) -> tuple[int, ...]:
     """LM layers that get a gated block in front of them."""
@@ -109,6 +114,6 @@ class GatedCrossAttentionBlock(nn.Module):
         implementation=self.implementation, dtype=self.dtype, param_dtype=self.param_dtype,
         name="attn")(norm("attn_norm")(x), media, mask=mask, decode=decode)
     x = x + gate("attn_gate") * attn
-    ff = Mlp(cfg.ff_mult * width, cfg.activation, gated=cfg.gated_ff, dtype=self.dtype,
+    ff = Mlp(cfg.ff_dim(width), cfg.activation, gated=cfg.gated_ff, dtype=self.dtype,
              param_dtype=self.param_dtype, name="mlp")(norm("mlp_norm")(x))
     return x + gate("mlp_gate") * ff
