@@ -11,7 +11,9 @@ safetensors with their index, or pytorch_model.bin; nothing is downloaded) and w
 Language models: GPT-2 (`gpt2`), OPT (`opt`, pre-norm sizes: all but 350m) and the LLaMA
 family (`llama`, `mistral` without sliding window): grouped-query attention, RoPE, RMSNorm,
 SwiGLU, tied or untied output. CLIP (`clip`): the dual encoder (`task: "clip"`); its
-vision tower alone is the `image` subtree (`config.init` entry `source="image"`). The
+vision tower alone is the `image` subtree (`config.init` entry `source="image"`).
+IDEFICS (`idefics`, with `--media_token_id` and `--endofchunk_token_id`): the whole
+Flamingo (`task: "flamingo"`; decoupled extra vocabulary appended). The
 parameters are float32, numerically equal to the reference implementation (tests compare
 logits and features with transformers').
 """
@@ -24,9 +26,12 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.lm import LMConfig
+from mmjax.models.perceiver import ResamplerConfig
 from mmjax.models.two_towers import TwoTowersConfig
 from mmjax.models.vit import ViTConfig
+from mmjax.models.xattn import XAttnConfig
 
 LM_TYPES = ("gpt2", "opt", "llama", "mistral")
 
@@ -179,6 +184,22 @@ def _linear_layer(read: _Reader, p: str, names: tuple[str, str, str, str], d: in
       "mlp": {"up": linear(up, d, m, (d,), (m,)), "down": linear(down, m, d, (m,), (d,))}}
 
 
+def _llama_layer(read: _Reader, p: str, d: int, h: int, g: int, k: int, m: int) -> dict:
+  """A LLaMA decoder layer (bias-free torch Linear weights, RMSNorm, SwiGLU) after `p`."""
+  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
+      read(p + name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
+  return {
+      "attn_norm": _norm(read(p + "input_layernorm.weight", (d,))),
+      "attn": {"query": linear("self_attn.q_proj", d, h * k, (d,), (h, k)),
+               "key": linear("self_attn.k_proj", d, g * k, (d,), (g, k)),
+               "value": linear("self_attn.v_proj", d, g * k, (d,), (g, k)),
+               "out": linear("self_attn.o_proj", h * k, d, (h, k), (d,))},
+      "mlp_norm": _norm(read(p + "post_attention_layernorm.weight", (d,))),
+      "mlp": {"gate": linear("mlp.gate_proj", d, m, (d,), (m,)),
+              "up": linear("mlp.up_proj", d, m, (d,), (m,)),
+              "down": linear("mlp.down_proj", m, d, (m,), (d,))}}
+
+
 def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -> dict:
   """mmjax `LanguageModel` parameters from a Hugging Face LM state dict."""
   kind = hf["model_type"]
@@ -224,20 +245,8 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
 
   read = _Reader(state, ("model.",))  # the LLaMA family
   params["embed"] = {"embedding": read("embed_tokens.weight", (cfg.vocab_size, d))}
-  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
-      read(name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
   for i in range(cfg.depth):
-    p = f"layers.{i}."
-    params[f"layers_{i}"] = {
-        "attn_norm": _norm(read(p + "input_layernorm.weight", (d,))),
-        "attn": {"query": linear(p + "self_attn.q_proj", d, h * k, (d,), (h, k)),
-                 "key": linear(p + "self_attn.k_proj", d, g * k, (d,), (g, k)),
-                 "value": linear(p + "self_attn.v_proj", d, g * k, (d,), (g, k)),
-                 "out": linear(p + "self_attn.o_proj", h * k, d, (h, k), (d,))},
-        "mlp_norm": _norm(read(p + "post_attention_layernorm.weight", (d,))),
-        "mlp": {"gate": linear(p + "mlp.gate_proj", d, m, (d,), (m,)),
-                "up": linear(p + "mlp.up_proj", d, m, (d,), (m,)),
-                "down": linear(p + "mlp.down_proj", m, d, (m,), (d,))}}
+    params[f"layers_{i}"] = _llama_layer(read, f"layers.{i}.", d, h, g, k, m)
   params["final_norm"] = _norm(read("norm.weight", (d,)))
   if not cfg.tie_embeddings:
     read.prefix = ""
@@ -322,6 +331,111 @@ def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
   return cfg, params
 
 
+# ---------------------------------------------------------------------------------------
+# IDEFICS: a whole Flamingo-family model.
+# ---------------------------------------------------------------------------------------
+def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
+                    endofchunk_token_id: int) -> tuple[FlamingoConfig, dict]:
+  """`(FlamingoConfig, parameters)` of a Hugging Face IdeficsForVisionText2Text directory
+  (with its perceiver resampler). The media token ids are the tokenizer's `<image>` and
+  end-of-chunk ids. Additional (decoupled) embeddings and output rows are appended to the
+  vocabulary."""
+  hf, state = read_hf_dir(hf_dir)
+  if hf.get("model_type") != "idefics":
+    raise ConversionError(f"model_type {hf.get('model_type')!r} is not 'idefics'.")
+  if not hf.get("use_resampler"):
+    raise ConversionError("IDEFICS without its perceiver resampler (use_resampler=False) "
+                          "is not a Flamingo; not supported.")
+  rope = hf.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ConversionError(f"RoPE scaling {rope} is not supported yet.")
+  vis, per = hf["vision_config"], hf["perceiver_config"]
+  extra = hf.get("additional_vocab_size", 0)
+  d, h, m = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
+  qk_norm = "rmsnorm" if hf.get("qk_layer_norms") else None
+  lm = LMConfig(
+      vocab_size=hf["vocab_size"] + extra, width=d, depth=hf["num_hidden_layers"],
+      num_heads=h, mlp_dim=m, activation=hf.get("hidden_act", "silu"), gated_mlp=True,
+      norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
+      max_len=hf["max_position_embeddings"],
+      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), tie_embeddings=False)
+  vision = ViTConfig(
+      image_size=vis["image_size"], patch_size=vis["patch_size"], width=vis["embed_dim"],
+      depth=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
+      mlp_dim=vis["intermediate_size"], activation=vis.get("hidden_act", "gelu"),
+      norm_eps=vis.get("layer_norm_eps", 1e-5), channels=vis.get("num_channels", 3),
+      output_dim=None, keep_class_token=True)
+  resampler = ResamplerConfig(
+      depth=per["resampler_depth"], num_heads=per["resampler_n_heads"],
+      head_dim=per["resampler_head_dim"], num_latents=per["resampler_n_latents"],
+      activation="relu", qk_norm="layernorm" if per.get("qk_layer_norms_perceiver") else None)
+  xattn = XAttnConfig(
+      every=hf.get("cross_layer_interval", 1), placement="idefics", num_heads=h,
+      head_dim=d // h, mlp_dim=m, activation=hf.get("hidden_act", "silu"), gated_ff=True,
+      norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=qk_norm,
+      gate={"float": "scalar", "vector": "vector"}[hf.get("alpha_type", "float")])
+  cfg = FlamingoConfig(vision=vision, resampler=resampler, lm=lm, xattn=xattn,
+                       media_token_id=media_token_id, endofchunk_token_id=endofchunk_token_id)
+
+  read = _Reader(state, ("model.",))
+  read.prefix = "model.vision_model."
+  params: dict[str, Any] = {"vision": vit_params(read, vision, None)}
+  read.prefix = "model.perceiver_resampler."
+  e, rh, rk = vision.width, resampler.num_heads, resampler.head_dim
+  proj = lambda name, n_in, n_out, in_shape, out_shape: _dense(
+      read(name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
+  ln = lambda name, n=e: _norm(read(name + ".weight", (n,)), read(name + ".bias", (n,)))
+  perceiver = {"latents": read("latents", (resampler.num_latents, e)),
+               "final_norm": ln("layer_norm")}
+  for i in range(resampler.depth):
+    b = f"blocks.{i}."
+    attn = {name: proj(f"{b}0.{name[0]}_proj", e, rh * rk, (e,), (rh, rk))
+            for name in ("query", "key", "value")}
+    attn["out"] = proj(f"{b}0.output_proj", rh * rk, e, (rh, rk), (e,))
+    if resampler.qk_norm:
+      attn |= {"query_norm": ln(f"{b}0.q_layer_norm", rk), "key_norm": ln(f"{b}0.k_layer_norm", rk)}
+    perceiver[f"layers_{i}"] = {
+        "latents_norm": ln(f"{b}0.latents_layer_norm"), "media_norm": ln(f"{b}0.context_layer_norm"),
+        "attn": attn, "mlp_norm": ln(f"{b}1.ln"),
+        "mlp": {"up": proj(f"{b}1.fc", e, 4 * e, (e,), (4 * e,)),
+                "down": proj(f"{b}1.c_proj", 4 * e, e, (4 * e,), (e,))}}
+  params["resampler"] = perceiver
+
+  read.prefix = "model."
+  text: dict[str, Any] = {"embed": {"embedding": np.concatenate(
+      [read("embed_tokens.weight", (hf["vocab_size"], d))]
+      + ([read("embed_tokens.additional_embedding.weight", (extra, d))] if extra else []))}}
+  k = d // h
+  gate_shape = (1,) if xattn.gate == "scalar" else (d,)
+  for j, i in enumerate(xattn.layer_indices(lm.depth)):
+    b = f"gated_cross_attn_layers.{j}."
+    attn = {"query": proj(b + "cross_attn.q_proj", d, h * k, (d,), (h, k)),
+            "key": proj(b + "cross_attn.k_proj", e, h * k, (e,), (h, k)),
+            "value": proj(b + "cross_attn.v_proj", e, h * k, (e,), (h, k)),
+            "out": proj(b + "cross_attn.o_proj", h * k, d, (h, k), (d,))}
+    if qk_norm:
+      attn |= {"query_norm": _norm(read(b + "cross_attn.q_layer_norm.weight", (k,))),
+               "key_norm": _norm(read(b + "cross_attn.k_layer_norm.weight", (k,)))}
+    text[f"xattn_{i}"] = {
+        "attn_norm": _norm(read(b + "input_layernorm.weight", (d,))), "attn": attn,
+        "mlp_norm": _norm(read(b + "post_attention_layernorm.weight", (d,))),
+        "mlp": {"gate": proj(b + "mlp.gate_proj", d, m, (d,), (m,)),
+                "up": proj(b + "mlp.up_proj", d, m, (d,), (m,)),
+                "down": proj(b + "mlp.down_proj", m, d, (m,), (d,))},
+        "attn_gate": read(b + "alpha_cross_attn").reshape(gate_shape),
+        "mlp_gate": read(b + "alpha_dense").reshape(gate_shape)}
+  for i in range(lm.depth):
+    text[f"layers_{i}"] = _llama_layer(read, f"layers.{i}.", d, h, h, k, m)
+  text["final_norm"] = _norm(read("norm.weight", (d,)))
+  read.prefix = ""
+  text["lm_head"] = {"kernel": np.concatenate(
+      [read("lm_head.weight", (hf["vocab_size"], d))]
+      + ([read("lm_head.additional_fc.weight", (extra, d))] if extra else [])).T}
+  params["lm"] = text
+  read.finish(ignore=("rotary_emb.inv_freq", "position_ids"))
+  return cfg, params
+
+
 def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
   """`(LMConfig, parameters)` of a Hugging Face LM directory."""
   hf, state = read_hf_dir(hf_dir)
@@ -396,7 +510,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   hf_dir, output = flags.FLAGS.hf_dir, flags.FLAGS.output
   kind = json.loads((pathlib.Path(hf_dir) / "config.json").read_text()).get("model_type")
-  if kind == "clip":
+  if kind == "idefics":
+    f = flags.FLAGS
+    if f.media_token_id is None or f.endofchunk_token_id is None:
+      raise app.UsageError("IDEFICS needs --media_token_id and --endofchunk_token_id (its "
+                           "tokenizer's <image> and end-of-chunk ids).")
+    cfg, params = convert_idefics(hf_dir, media_token_id=f.media_token_id,
+                                  endofchunk_token_id=f.endofchunk_token_id)
+    save(output, "flamingo", cfg, params)
+  elif kind == "clip":
     cfg, params = convert_clip(hf_dir)
     save(output, "clip", cfg, params)
   else:
@@ -415,5 +537,7 @@ if __name__ == "__main__":
   # Defined here, not at import, so that the library API imports cleanly anywhere.
   flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
   flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
+  flags.DEFINE_integer("media_token_id", None, "IDEFICS: the <image> token id.")
+  flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS: the end-of-chunk token id.")
   flags.mark_flags_as_required(["hf_dir", "output"])
   app.run(main)

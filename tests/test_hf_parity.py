@@ -206,3 +206,45 @@ def test_hf_tokenizers_get_flamingo_media_tokens_as_open_flamingo_adds_them(tmp_
       reference.bos_token_id, reference.eos_token_id]
   assert ours.decode(ours.encode(text) + [ours.pad_id]) == text == reference.decode(
       reference(text, add_special_tokens=False)["input_ids"])
+
+
+def test_converted_idefics_logits_match_transformers(tmp_path):
+  """A whole Flamingo-family model: CLIP-style ViT (class token kept), perceiver, gated
+  blocks before every 2nd LLaMA layer, decoupled extra vocabulary; several images per
+  row, text before the first image, a padding image, right-padded rows."""
+  from mmjax.models.flamingo import Flamingo
+  from mmjax.models.xattn import media_attention_mask, media_index
+  media, endofchunk = VOCAB, VOCAB + 1  # the two additional (decoupled) tokens
+  _saved(tmp_path, lambda: transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(
+      vocab_size=VOCAB, additional_vocab_size=2, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=40,
+      cross_layer_interval=2, use_resampler=True, alpha_type="vector",
+      vision_config=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=24),
+      perceiver_config=dict(resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
+                            resampler_n_latents=3))))
+  model = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path).eval()
+  tokens = np.array([[5, 6, media, 7, 8, endofchunk, media, 9, 10, 11],
+                     [media, 13, 14, endofchunk, 15, 16, 0, 0, 0, 0]])
+  valid = np.array([[True] * 10, [True] * 6 + [False] * 4])
+  num_images = np.array([2, 1])  # row 1's second image is padding
+  pixels = np.random.default_rng(0).normal(size=(2, 2, 3, 16, 16)).astype(np.float32)
+  image_mask = np.asarray(media_attention_mask(
+      media_index(jnp.asarray(tokens), media), jnp.arange(2)[None] < jnp.asarray(num_images)[:, None]))
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(tokens),
+                     attention_mask=torch.tensor(valid.astype(np.int64)),
+                     pixel_values=torch.tensor(pixels),
+                     image_attention_mask=torch.tensor(image_mask.astype(np.int64))).logits.numpy()
+
+  cfg, params = convert.convert_idefics(tmp_path, media_token_id=media,
+                                        endofchunk_token_id=endofchunk)
+  images = jnp.asarray(pixels.transpose(0, 1, 3, 4, 2))[:, :, None]  # b T F h w c
+  run = lambda images: np.asarray(Flamingo(cfg).apply(
+      {"params": params}, jnp.asarray(tokens), images, jnp.asarray(num_images),
+      token_mask=jnp.asarray(valid)))
+  logits = run(images)
+  assert np.abs(logits - expected)[valid].max() < 1e-4
+  # ...and the images matter: other pixels move the logits after the first image only.
+  moved = np.abs(run(images[:, ::-1]) - logits).max(axis=-1)
+  assert moved[0, :2].max() == 0 and moved[0, 2:].min() > 1e-3
