@@ -208,10 +208,11 @@ def test_hf_tokenizers_get_flamingo_media_tokens_as_open_flamingo_adds_them(tmp_
       reference(text, add_special_tokens=False)["input_ids"])
 
 
-def test_converted_idefics_logits_match_transformers(tmp_path):
+@pytest.mark.parametrize("qk_norms", [False, True])
+def test_converted_idefics_logits_match_transformers(tmp_path, qk_norms):
   """A whole Flamingo-family model: CLIP-style ViT (class token kept), perceiver, gated
-  blocks before every 2nd LLaMA layer, decoupled extra vocabulary; several images per
-  row, text before the first image, a padding image, right-padded rows."""
+  blocks before every 2nd LLaMA layer, decoupled extra vocabulary, optional q/k norms;
+  several images per row, text before the first image, a padding image, right padding."""
   from mmjax.models.flamingo import Flamingo
   from mmjax.models.xattn import media_attention_mask, media_index
   media, endofchunk = VOCAB, VOCAB + 1  # the two additional (decoupled) tokens
@@ -219,10 +220,11 @@ def test_converted_idefics_logits_match_transformers(tmp_path):
       vocab_size=VOCAB, additional_vocab_size=2, hidden_size=32, intermediate_size=48,
       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=40,
       cross_layer_interval=2, use_resampler=True, alpha_type="vector",
+      qk_layer_norms=qk_norms,
       vision_config=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=24),
       perceiver_config=dict(resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
-                            resampler_n_latents=3))))
+                            resampler_n_latents=3, qk_layer_norms_perceiver=qk_norms))))
   model = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path).eval()
   tokens = np.array([[5, 6, media, 7, 8, endofchunk, media, 9, 10, 11],
                      [media, 13, 14, endofchunk, 15, 16, 0, 0, 0, 0]])

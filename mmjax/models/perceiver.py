@@ -30,7 +30,7 @@ class ResamplerConfig:
   ff_mult: int = 4
   activation: str = "gelu"
   qk_norm: Literal["layernorm", "rmsnorm"] | None = None
-  norm_eps: float = 1e-5
+  norm_eps: float = 1e-5  # of every LayerNorm, q/k norms included
   max_frames: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -56,6 +56,7 @@ class ResamplerLayer(nn.Module):
     context = jnp.concatenate([norm("media_norm")(media), normed_latents], axis=1)
     latents = latents + Attention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, cross=True, qk_norm=cfg.qk_norm,
+        qk_norm_eps=cfg.norm_eps,
         implementation=cfg.attention_impl, name="attn", **kw)(normed_latents, context)
     latents = latents + Mlp(cfg.ff_mult * latents.shape[-1], cfg.activation, name="mlp",
                             **kw)(norm("mlp_norm")(latents))

@@ -25,7 +25,8 @@ class XAttnConfig:
       (IDEFICS uses its LM's intermediate size, not a multiple of the width).
     activation, gated_ff: the feed-forward (`"gelu", False` for OpenFlamingo; `"silu",
       True` is SwiGLU as in IDEFICS).
-    norm: pre-norm kind; qk_norm: optional q/k normalisation in the cross-attention.
+    norm: pre-norm kind; qk_norm: optional q/k normalisation in the cross-attention;
+      both use `norm_eps`.
     gate: "scalar" (one tanh gate per branch) or "vector" (one per channel).
   """
 
@@ -111,6 +112,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
     attn = Attention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, cross=True, qk_norm=cfg.qk_norm,
+        qk_norm_eps=cfg.norm_eps,
         implementation=self.implementation, dtype=self.dtype, param_dtype=self.param_dtype,
         name="attn")(norm("attn_norm")(x), media, mask=mask, decode=decode)
     x = x + gate("attn_gate") * attn
