@@ -20,6 +20,7 @@ logits and features with transformers').
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -161,8 +162,20 @@ def _dense(kernel: np.ndarray, bias: np.ndarray | None, in_shape, out_shape) -> 
   return out
 
 
-def _norm(scale, bias=None) -> dict:
-  return {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
+def _linear(read: _Reader, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+            bias: bool = False) -> dict:
+  """A torch `Linear` (weight `[out, in]`) as a `Dense` kernel `[*in_shape, *out_shape]`."""
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  return _dense(read(name + ".weight", (n_out, n_in)).T,
+                read(name + ".bias", (n_out,)) if bias else None, in_shape, out_shape)
+
+
+def _norm(read: _Reader, name: str, width: int, bias: bool = True) -> dict:
+  """A LayerNorm (`weight`, `bias`) or, without bias, an RMSNorm (`weight`)."""
+  out = {"scale": read(name + ".weight", (width,))}
+  if bias:
+    out["bias"] = read(name + ".bias", (width,))
+  return out
 
 
 def _linear_layer(read: _Reader, p: str, names: tuple[str, str, str, str], d: int, h: int,
@@ -170,34 +183,34 @@ def _linear_layer(read: _Reader, p: str, names: tuple[str, str, str, str], d: in
   """A pre-norm layer stored as torch Linear weights (`[out, in]`): `self_attn.{q,k,v,out}
   _proj`, two LayerNorms and a two-matrix MLP, named `(attn_norm, mlp_norm, up, down)`
   after `p` (OPT, CLIP)."""
-  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
-      read(p + name + ".weight", (n_out, n_in)).T, read(p + name + ".bias") if bias else None,
-      in_shape, out_shape)
-  ln = lambda name: _norm(read(p + name + ".weight", (d,)), read(p + name + ".bias", (d,)))
+  linear = lambda name, in_shape, out_shape: _linear(read, p + name, in_shape, out_shape, bias)
   attn_norm, mlp_norm, up, down = names
   return {
-      "attn_norm": ln(attn_norm),
-      "attn": {name: linear(f"self_attn.{name[0]}_proj", d, h * k, (d,), (h, k))
+      "attn_norm": _norm(read, p + attn_norm, d),
+      "attn": {name: linear(f"self_attn.{name[0]}_proj", (d,), (h, k))
                for name in ("query", "key", "value")}
-              | {"out": linear("self_attn.out_proj", h * k, d, (h, k), (d,))},
-      "mlp_norm": ln(mlp_norm),
-      "mlp": {"up": linear(up, d, m, (d,), (m,)), "down": linear(down, m, d, (m,), (d,))}}
+              | {"out": linear("self_attn.out_proj", (h, k), (d,))},
+      "mlp_norm": _norm(read, p + mlp_norm, d),
+      "mlp": {"up": linear(up, (d,), (m,)), "down": linear(down, (m,), (d,))}}
 
 
-def _llama_layer(read: _Reader, p: str, d: int, h: int, g: int, k: int, m: int) -> dict:
-  """A LLaMA decoder layer (bias-free torch Linear weights, RMSNorm, SwiGLU) after `p`."""
-  linear = lambda name, n_in, n_out, in_shape, out_shape: _dense(
-      read(p + name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
+def _llama_layer(read: _Reader, p: str, d: int, h: int, g: int, k: int, m: int,
+                 attn: str = "self_attn", kv_width: int | None = None) -> dict:
+  """A LLaMA-style layer after `p`: bias-free torch Linear weights, RMSNorm, SwiGLU. With
+  `attn="cross_attn"` and keys/values from `kv_width`-wide media, IDEFICS's gated block
+  (without its gates)."""
+  linear = lambda name, in_shape, out_shape: _linear(read, p + name, in_shape, out_shape)
+  e = kv_width or d
   return {
-      "attn_norm": _norm(read(p + "input_layernorm.weight", (d,))),
-      "attn": {"query": linear("self_attn.q_proj", d, h * k, (d,), (h, k)),
-               "key": linear("self_attn.k_proj", d, g * k, (d,), (g, k)),
-               "value": linear("self_attn.v_proj", d, g * k, (d,), (g, k)),
-               "out": linear("self_attn.o_proj", h * k, d, (h, k), (d,))},
-      "mlp_norm": _norm(read(p + "post_attention_layernorm.weight", (d,))),
-      "mlp": {"gate": linear("mlp.gate_proj", d, m, (d,), (m,)),
-              "up": linear("mlp.up_proj", d, m, (d,), (m,)),
-              "down": linear("mlp.down_proj", m, d, (m,), (d,))}}
+      "attn_norm": _norm(read, p + "input_layernorm", d, bias=False),
+      "attn": {"query": linear(f"{attn}.q_proj", (d,), (h, k)),
+               "key": linear(f"{attn}.k_proj", (e,), (g, k)),
+               "value": linear(f"{attn}.v_proj", (e,), (g, k)),
+               "out": linear(f"{attn}.o_proj", (h, k), (d,))},
+      "mlp_norm": _norm(read, p + "post_attention_layernorm", d, bias=False),
+      "mlp": {"gate": linear("mlp.gate_proj", (d,), (m,)),
+              "up": linear("mlp.up_proj", (d,), (m,)),
+              "down": linear("mlp.down_proj", (m,), (d,))}}
 
 
 def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -> dict:
@@ -217,15 +230,15 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
       q, kk, v = (_dense(qkv_w[:, j * d:(j + 1) * d], qkv_b[j * d:(j + 1) * d], (d,), (h, k))
                   for j in range(3))
       params[f"layers_{i}"] = {
-          "attn_norm": _norm(read(p + "ln_1.weight"), read(p + "ln_1.bias")),
+          "attn_norm": _norm(read, p + "ln_1", d),
           "attn": {"query": q, "key": kk, "value": v, "out": _dense(
               read(p + "attn.c_proj.weight", (d, d)), read(p + "attn.c_proj.bias"), (h, k), (d,))},
-          "mlp_norm": _norm(read(p + "ln_2.weight"), read(p + "ln_2.bias")),
+          "mlp_norm": _norm(read, p + "ln_2", d),
           "mlp": {"up": _dense(read(p + "mlp.c_fc.weight", (d, m)), read(p + "mlp.c_fc.bias"),
                                (d,), (m,)),
                   "down": _dense(read(p + "mlp.c_proj.weight", (m, d)),
                                  read(p + "mlp.c_proj.bias"), (m,), (d,))}}
-    params["final_norm"] = _norm(read("ln_f.weight"), read("ln_f.bias"))
+    params["final_norm"] = _norm(read, "ln_f", d)
     read.finish(ignore=("attn.bias", "attn.masked_bias", "lm_head.weight"))
     return params
 
@@ -239,7 +252,7 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
       params[f"layers_{i}"] = _linear_layer(
           read, f"layers.{i}.", ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"),
           d, h, k, m, cfg.use_bias)
-    params["final_norm"] = _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))
+    params["final_norm"] = _norm(read, "final_layer_norm", d)
     read.finish(ignore=("lm_head.weight",))
     return params
 
@@ -247,7 +260,7 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
   params["embed"] = {"embedding": read("embed_tokens.weight", (cfg.vocab_size, d))}
   for i in range(cfg.depth):
     params[f"layers_{i}"] = _llama_layer(read, f"layers.{i}.", d, h, g, k, m)
-  params["final_norm"] = _norm(read("norm.weight", (d,)))
+  params["final_norm"] = _norm(read, "norm", d, bias=False)
   if not cfg.tie_embeddings:
     read.prefix = ""
     params["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
@@ -278,8 +291,8 @@ def vit_params(read: _Reader, cfg: ViTConfig, projection: str | None) -> dict:
       "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(p * p * c, d)},
       "cls_token": read("embeddings.class_embedding", (d,)),
       "positions": read("embeddings.position_embedding.weight", (cfg.num_patches + 1, d)),
-      "pre_norm": _norm(read("pre_layrnorm.weight"), read("pre_layrnorm.bias")),
-      "post_norm": _norm(read("post_layernorm.weight"), read("post_layernorm.bias")),
+      "pre_norm": _norm(read, "pre_layrnorm", d),
+      "post_norm": _norm(read, "post_layernorm", d),
   }
   for i in range(cfg.depth):
     params[f"layers_{i}"] = _linear_layer(
@@ -318,7 +331,7 @@ def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
       "embed": {"embedding": read("embeddings.token_embedding.weight", (text.vocab_size, d))},
       "positions": {"embedding": read("embeddings.position_embedding.weight",
                                       (text.max_len, d))},
-      "final_norm": _norm(read("final_layer_norm.weight"), read("final_layer_norm.bias"))}
+      "final_norm": _norm(read, "final_layer_norm", d)}
   for i in range(text.depth):
     text_params[f"layers_{i}"] = _linear_layer(
         read, f"encoder.layers.{i}.", ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"), d,
@@ -382,23 +395,22 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   params: dict[str, Any] = {"vision": vit_params(read, vision, None)}
   read.prefix = "model.perceiver_resampler."
   e, rh, rk = vision.width, resampler.num_heads, resampler.head_dim
-  proj = lambda name, n_in, n_out, in_shape, out_shape: _dense(
-      read(name + ".weight", (n_out, n_in)).T, None, in_shape, out_shape)
-  ln = lambda name, n=e: _norm(read(name + ".weight", (n,)), read(name + ".bias", (n,)))
   perceiver = {"latents": read("latents", (resampler.num_latents, e)),
-               "final_norm": ln("layer_norm")}
+               "final_norm": _norm(read, "layer_norm", e)}
   for i in range(resampler.depth):
     b = f"blocks.{i}."
-    attn = {name: proj(f"{b}0.{name[0]}_proj", e, rh * rk, (e,), (rh, rk))
+    attn = {name: _linear(read, f"{b}0.{name[0]}_proj", (e,), (rh, rk))
             for name in ("query", "key", "value")}
-    attn["out"] = proj(f"{b}0.output_proj", rh * rk, e, (rh, rk), (e,))
+    attn["out"] = _linear(read, f"{b}0.output_proj", (rh, rk), (e,))
     if resampler.qk_norm:
-      attn |= {"query_norm": ln(f"{b}0.q_layer_norm", rk), "key_norm": ln(f"{b}0.k_layer_norm", rk)}
+      attn |= {"query_norm": _norm(read, f"{b}0.q_layer_norm", rk),
+               "key_norm": _norm(read, f"{b}0.k_layer_norm", rk)}
     perceiver[f"layers_{i}"] = {
-        "latents_norm": ln(f"{b}0.latents_layer_norm"), "media_norm": ln(f"{b}0.context_layer_norm"),
-        "attn": attn, "mlp_norm": ln(f"{b}1.ln"),
-        "mlp": {"up": proj(f"{b}1.fc", e, 4 * e, (e,), (4 * e,)),
-                "down": proj(f"{b}1.c_proj", 4 * e, e, (4 * e,), (e,))}}
+        "latents_norm": _norm(read, f"{b}0.latents_layer_norm", e),
+        "media_norm": _norm(read, f"{b}0.context_layer_norm", e),
+        "attn": attn, "mlp_norm": _norm(read, f"{b}1.ln", e),
+        "mlp": {"up": _linear(read, f"{b}1.fc", (e,), (4 * e,)),
+                "down": _linear(read, f"{b}1.c_proj", (4 * e,), (e,))}}
   params["resampler"] = perceiver
 
   read.prefix = "model."
@@ -409,24 +421,16 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   gate_shape = (1,) if xattn.gate == "scalar" else (d,)
   for j, i in enumerate(xattn.layer_indices(lm.depth)):
     b = f"gated_cross_attn_layers.{j}."
-    attn = {"query": proj(b + "cross_attn.q_proj", d, h * k, (d,), (h, k)),
-            "key": proj(b + "cross_attn.k_proj", e, h * k, (e,), (h, k)),
-            "value": proj(b + "cross_attn.v_proj", e, h * k, (e,), (h, k)),
-            "out": proj(b + "cross_attn.o_proj", h * k, d, (h, k), (d,))}
+    block = _llama_layer(read, b, d, h, h, k, m, attn="cross_attn", kv_width=e)
     if qk_norm:
-      attn |= {"query_norm": _norm(read(b + "cross_attn.q_layer_norm.weight", (k,))),
-               "key_norm": _norm(read(b + "cross_attn.k_layer_norm.weight", (k,)))}
-    text[f"xattn_{i}"] = {
-        "attn_norm": _norm(read(b + "input_layernorm.weight", (d,))), "attn": attn,
-        "mlp_norm": _norm(read(b + "post_attention_layernorm.weight", (d,))),
-        "mlp": {"gate": proj(b + "mlp.gate_proj", d, m, (d,), (m,)),
-                "up": proj(b + "mlp.up_proj", d, m, (d,), (m,)),
-                "down": proj(b + "mlp.down_proj", m, d, (m,), (d,))},
+      block["attn"] |= {"query_norm": _norm(read, b + "cross_attn.q_layer_norm", k, bias=False),
+                        "key_norm": _norm(read, b + "cross_attn.k_layer_norm", k, bias=False)}
+    text[f"xattn_{i}"] = block | {
         "attn_gate": read(b + "alpha_cross_attn").reshape(gate_shape),
         "mlp_gate": read(b + "alpha_dense").reshape(gate_shape)}
   for i in range(lm.depth):
     text[f"layers_{i}"] = _llama_layer(read, f"layers.{i}.", d, h, h, k, m)
-  text["final_norm"] = _norm(read("norm.weight", (d,)))
+  text["final_norm"] = _norm(read, "norm", d, bias=False)
   read.prefix = ""
   text["lm_head"] = {"kernel": np.concatenate(
       [read("lm_head.weight", (hf["vocab_size"], d))]
