@@ -57,8 +57,7 @@ def rules(spec: str | Sequence) -> Rules:
   out = []
   for rule in spec:
     logical, mesh_axes = rule
-    named = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-    unknown = [a for a in named if a not in MESH_AXES]
+    unknown = [a for a in _axes(mesh_axes) if a not in MESH_AXES]
     if unknown:
       raise ValueError(f"Sharding rule {tuple(rule)} names mesh axes {unknown}; the mesh "
                        f"axes are {MESH_AXES}.")
@@ -103,9 +102,7 @@ def _fits(mesh: Mesh, spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpe
   """`spec` with the mesh axes dropped from any dimension they do not divide evenly."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(axes if dim % size == 0 else None)
+    out.append(axes if dim % _size(mesh, axes) == 0 else None)
   return PartitionSpec(*out)
 
 
@@ -136,7 +133,7 @@ def global_batch(local: Any, sharding: NamedSharding) -> Any:
   """This process's rows of a batch (numpy, leading axis = examples) -> global arrays.
 
   Each process holds `global_batch / process_count` rows, those of its own devices."""
-  divisor = math.prod(sharding.mesh.shape[a] for a in _axes(sharding.spec[0]))
+  divisor = _size(sharding.mesh, sharding.spec[0])
   def put(x):
     x = np.asarray(x)
     rows = x.shape[0] * jax.process_count()
@@ -160,7 +157,13 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (a name, a tuple of names, or None)."""
   return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _size(mesh: Mesh, entry) -> int:
+  """How many devices one PartitionSpec entry splits a dimension over."""
+  return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
 @contextlib.contextmanager
