@@ -15,7 +15,7 @@ from mmjax.layers.dense import Dense
 from mmjax.layers.embeddings import LearnedPositions, apply_rope
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
-from mmjax.layers.stack import REMAT_POLICIES, remat, scan
+from mmjax.layers.stack import REMAT_POLICIES, remat, scan, stack
 
 __all__ = ["REMAT_POLICIES", "Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope",
-           "padding_mask", "remat", "scan"]
+           "padding_mask", "remat", "scan", "stack"]

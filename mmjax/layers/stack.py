@@ -1,7 +1,8 @@
 """Layer stacks: rematerialisation by named policy, and scanning over repeated layers.
 
-Rematerialisation (gradient checkpointing): a policy says which intermediate values of a layer's forward pass are kept for the
-backward pass; the rest are recomputed. Less memory for more compute:
+Rematerialisation (gradient checkpointing): a policy says which intermediate values of a
+layer's forward pass are kept for the backward pass; the rest are recomputed. Less memory
+for more compute:
 
   none           keep everything (no remat).
   minimal        keep the outputs of matmuls with weights (projections, feed-forward),
@@ -56,3 +57,14 @@ def scan(layer: nn.Module, length: int, carry: Any,
                     split_rngs={"params": True}, length=length,
                     metadata_params={nn.PARTITION_NAME: "layers"})
   return scanned(layer, carry, None)[0]
+
+
+def stack(make: Callable[[str], nn.Module], length: int, carry: Any, *, scanned: bool,
+          call: Callable[[nn.Module, Any], Any] = lambda module, carry: module(carry)) -> Any:
+  """`length` layers in sequence, each `make(name)`: one scanned layer named "layers"
+  (`scan`) when `scanned`, else `layers_0`, `layers_1`, ... one after the other."""
+  if scanned and length:
+    return scan(make("layers"), length, carry, call)
+  for i in range(length):
+    carry = call(make(f"layers_{i}"), carry)
+  return carry

@@ -86,9 +86,10 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _layer(cfg: LMConfig, decode: bool) -> type[DecoderLayer]:
-  # Nothing to save memory for when decoding.
-  return remat(DecoderLayer, "none" if decode else cfg.remat, static_argnums=(4,))
+def _remat(module: type[nn.Module], cfg: LMConfig, decode: bool) -> type[nn.Module]:
+  """A decoder layer or gated block (`decode` is their 4th argument) under the LM's remat
+  policy; none when decoding, where there is nothing to save memory for."""
+  return remat(module, "none" if decode else cfg.remat, static_argnums=(4,))
 
 
 def _layer_and_block(x, cfg: LMConfig, xattn: XAttnConfig | None, layer_name: str,
@@ -97,11 +98,10 @@ def _layer_and_block(x, cfg: LMConfig, xattn: XAttnConfig | None, layer_name: st
   called inside a compact method, whose submodules they become."""
   kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
   if xattn is not None:
-    block = remat(GatedCrossAttentionBlock, "none" if decode else cfg.remat,
-                  static_argnums=(4,))
-    x = block(xattn, implementation=cfg.attention_impl, name=block_name, **kw)(
-        x, media, media_mask, decode)
-  return _layer(cfg, decode)(cfg, name=layer_name)(x, mask, positions, decode)
+    x = _remat(GatedCrossAttentionBlock, cfg, decode)(
+        xattn, implementation=cfg.attention_impl, name=block_name, **kw)(
+            x, media, media_mask, decode)
+  return _remat(DecoderLayer, cfg, decode)(cfg, name=layer_name)(x, mask, positions, decode)
 
 
 class DecoderGroup(nn.Module):
@@ -186,7 +186,7 @@ class LanguageModel(nn.Module):
       x = scan(DecoderGroup(cfg, self.xattn, name="groups"), scanned, x,
                lambda module, x: module(x, *inputs))
     elif scanned:
-      x = scan(_layer(cfg, decode)(cfg, name="layers"), scanned, x,
+      x = scan(_remat(DecoderLayer, cfg, decode)(cfg, name="layers"), scanned, x,
                lambda module, x: module(x, mask, positions, decode))
     for i in range(scanned * group, cfg.depth):  # all layers, or those after the scan
       x = _layer_and_block(x, cfg, self.xattn if i in xattn_layers else None, f"layers_{i}",

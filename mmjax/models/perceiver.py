@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Mlp, Norm, remat, scan
+from mmjax.layers import Attention, Mlp, Norm, remat, stack
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -88,11 +88,7 @@ class PerceiverResampler(nn.Module):
                          kw["param_dtype"])
     latents = jnp.broadcast_to(latents.astype(x.dtype), (x.shape[0], *latents.shape))
     layer = remat(ResamplerLayer, cfg.remat)
-    if cfg.scan_layers:
-      latents = scan(layer(cfg, name="layers"), cfg.depth, latents,
-                     lambda module, latents: module(x, latents))
-    else:
-      for i in range(cfg.depth):
-        latents = layer(cfg, name=f"layers_{i}")(x, latents)
+    latents = stack(lambda name: layer(cfg, name=name), cfg.depth, latents,
+                    scanned=cfg.scan_layers, call=lambda module, latents: module(x, latents))
     latents = Norm("layernorm", cfg.norm_eps, name="final_norm", **kw)(latents)
     return einops.rearrange(latents, "(b T) n d -> b T n d", b=b)

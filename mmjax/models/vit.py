@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import Attention, Dense, Mlp, Norm, remat, scan
+from mmjax.layers import Attention, Dense, Mlp, Norm, remat, stack
 from mmjax.models.common import dtype as to_dtype
 
 
@@ -129,11 +129,7 @@ class ViT(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = remat(EncoderBlock, cfg.remat)
-    if cfg.scan_layers and layer:
-      x = scan(block(cfg, name="layers"), layer, x)
-    else:
-      for i in range(layer):
-        x = block(cfg, name=f"layers_{i}")(x)
+    x = stack(lambda name: block(cfg, name=name), layer, x, scanned=cfg.scan_layers)
 
     post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
     tokens = x if cfg.keep_class_token else x[:, 1:]
