@@ -115,6 +115,7 @@ class Parts(NamedTuple):
   schedule: optax.Schedule
   shardings: dict
   abstract: dict
+  init_params: Any  # rng -> the model's parameters, boxed with their logical axis names
 
 
 def build(config, devices=None) -> Parts:
@@ -125,8 +126,8 @@ def build(config, devices=None) -> Parts:
   task = get_task(config.task)
   model = task.build_model(config)
   args, kwargs = task.init_inputs(config)
-  boxed = jax.eval_shape(lambda rng: model.init(rng, *args, **kwargs)["params"],
-                         jax.random.key(0))
+  init_params = lambda rng: model.init(rng, *args, **kwargs)["params"]
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   params = nn.unbox(boxed)
   trainable, frozen = partition_params(params, config.trainable)
@@ -142,16 +143,14 @@ def build(config, devices=None) -> Parts:
               "frozen": frozen, "opt_state": opt_state}
   abstract = jax.tree_util.tree_map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
-  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract)
+  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract, init_params)
 
 
 def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
   """A fresh train state, each array created on its own devices (never whole on one
   host), with `config.init`'s pretrained backbones grafted in when `pretrained`."""
-  args, kwargs = parts.task.init_inputs(config)
   param_sh = merge_params(parts.shardings["params"], parts.shardings["frozen"])
-  init = jax.jit(lambda rng: nn.unbox(parts.model.init(rng, *args, **kwargs)["params"]),
-                 out_shardings=param_sh)
+  init = jax.jit(lambda rng: nn.unbox(parts.init_params(rng)), out_shardings=param_sh)
   params = init(jax.random.key(config.seed))
   if pretrained:
     params = sharding.place(load_pretrained(params, config), param_sh)
