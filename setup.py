@@ -42,6 +42,9 @@ setuptools.setup(
             # CPU build of torch.
             "torch==2.13.0",
             "transformers>=4.57,<6",
+            # open_flamingo's modules import it; open_flamingo itself is installed without
+            # its dependencies (they pin torch 2.0), see README's Test section.
+            "einops-exts==0.0.4",
         ],
     },
 )

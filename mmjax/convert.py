@@ -9,11 +9,23 @@ safetensors with their index, or pytorch_model.bin; nothing is downloaded) and w
 `config.init = [dict(target="lm", workdir="/ckpt/llama-1b")]` and the same model config.
 
 Language models: GPT-2 (`gpt2`), OPT (`opt`, pre-norm sizes: all but 350m) and the LLaMA
-family (`llama`, `mistral` without sliding window): grouped-query attention, RoPE, RMSNorm,
-SwiGLU, tied or untied output. CLIP (`clip`): the dual encoder (`task: "clip"`); its
-vision tower alone is the `image` subtree (`config.init` entry `source="image"`).
+family (`llama`, `mistral` without sliding window): grouped-query attention, RoPE (plain,
+or scaled "linear" or "llama3"), RMSNorm, SwiGLU, tied or untied output. CLIP (`clip`):
+the dual encoder (`task: "clip"`); its vision tower alone is the `image` subtree
+(`config.init` entry `source="image"`).
+MPT language models (`mpt`, as mosaicml/mpt-7b): ALiBi, bias-free LayerNorm, fused q/k/v.
+BERT (`bert`): the encoder of a BertModel or of any BertFor* model (`task: "bert"`), with
+its pooler where the checkpoint has one.
 IDEFICS (`idefics`, with `--media_token_id` and `--endofchunk_token_id`): the whole
-Flamingo (`task: "flamingo"`; decoupled extra vocabulary appended). The
+Flamingo (`task: "flamingo"`; decoupled extra vocabulary appended). OpenFlamingo:
+
+  python -m mmjax.convert --openflamingo=checkpoint.pt --vision=ViT-L-14.pt \
+      --hf_dir=/models/mpt-7b --output=/ckpt/openflamingo-9b
+
+combines its checkpoint (perceiver, gated blocks, input embeddings with the added tokens)
+with the CLIP vision tower (open_clip / OpenAI weights, or an HF CLIP directory) and the
+LM it was built on (`task: "flamingo"`; the media token ids come from the LM directory's
+tokenizer, extended as OpenFlamingo extends it). The
 parameters are float32, numerically equal to the reference implementation (tests compare
 logits and features with transformers').
 """
@@ -27,6 +39,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from mmjax.layers import RopeScaling
+from mmjax.models.bert import BertConfig
 from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.lm import LMConfig
 from mmjax.models.perceiver import ResamplerConfig
@@ -34,7 +48,8 @@ from mmjax.models.two_towers import TwoTowersConfig
 from mmjax.models.vit import ViTConfig
 from mmjax.models.xattn import XAttnConfig
 
-LM_TYPES = ("gpt2", "opt", "llama", "mistral")
+LM_TYPES = ("gpt2", "opt", "llama", "mistral", "mpt")
+ROPE_SCALINGS = ("linear", "llama3")
 
 
 class ConversionError(ValueError):
@@ -58,12 +73,30 @@ def read_hf_dir(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.
     for f in files:
       state.update(load_file(str(f)))
   elif (path / "pytorch_model.bin").exists():
-    import torch
-    state = {k: v.float().numpy() for k, v in torch.load(
-        path / "pytorch_model.bin", map_location="cpu", weights_only=True).items()}
+    state = read_state_file(path / "pytorch_model.bin")
   else:
     raise FileNotFoundError(f"{path} has neither *.safetensors nor pytorch_model.bin.")
   return config, {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def read_state_file(path: str | pathlib.Path) -> dict[str, Any]:
+  """A weights file as `{name: float32 array}`: safetensors, a torch state dict (or a dict
+  holding state dicts, whose tensors are converted) or a TorchScript archive (OpenAI's
+  CLIP `.pt`)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"No weights file {path}.")
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    return {k: np.asarray(v, np.float32) for k, v in load_file(str(path)).items()}
+  import torch
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except RuntimeError:  # not a pickle: a TorchScript archive
+    state = torch.jit.load(path, map_location="cpu").state_dict()
+  to_numpy = lambda v: v.float().numpy() if isinstance(v, torch.Tensor) else (
+      {k: to_numpy(x) for k, x in v.items()} if isinstance(v, dict) else v)
+  return to_numpy(state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,13 +124,7 @@ def lm_config(hf: dict[str, Any]) -> LMConfig:
         activation=hf.get("activation_function", "relu"), use_bias=hf.get("enable_bias", True),
         max_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", True))
   if kind in ("llama", "mistral"):
-    # transformers >= 5 writes `rope_parameters`; earlier versions `rope_theta` and
-    # `rope_scaling`.
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      raise ConversionError(f"RoPE scaling {rope} is not supported yet; only unscaled RoPE "
-                            "converts exactly.")
+    theta, scaling = rope_settings(hf)
     if kind == "mistral" and hf.get("sliding_window"):
       raise ConversionError("Mistral's sliding-window attention is not supported.")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -109,10 +136,67 @@ def lm_config(hf: dict[str, Any]) -> LMConfig:
         head_dim=hf.get("head_dim"), mlp_dim=hf["intermediate_size"],
         activation=hf.get("hidden_act", "silu"), gated_mlp=True, norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
-        max_len=hf["max_position_embeddings"], rope_theta=theta,
+        max_len=hf["max_position_embeddings"], rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=hf.get("tie_word_embeddings", False))
+  if kind == "mpt":
+    attn = hf.get("attn_config") or {}
+    d, n = hf["d_model"], hf["n_heads"]
+    # Settings that change the computation from the one mmjax implements (several of
+    # which transformers' MptForCausalLM would silently ignore).
+    unsupported = [f"{name}={value!r}" for name, value, supported in (
+        ("no_bias", hf.get("no_bias", True), True),
+        ("logit_scale", hf.get("logit_scale"), None),
+        ("attn_config.alibi", attn.get("alibi", True), True),
+        ("attn_config.attn_type", attn.get("attn_type", "multihead_attention"),
+         "multihead_attention"),
+        ("attn_config.prefix_lm", attn.get("prefix_lm", False), False),
+        ("attn_config.qk_ln", attn.get("qk_ln", False), False),
+        ("attn_config.clip_qkv", attn.get("clip_qkv") or None, None),
+    ) if value != supported]
+    scale = attn.get("softmax_scale")
+    if scale is not None and not math.isclose(scale, (d // n) ** -0.5, rel_tol=1e-6):
+      unsupported.append(f"attn_config.softmax_scale={scale!r}")
+    if unsupported:
+      raise ConversionError(
+          f"MPT with {', '.join(unsupported)} is not supported; supported is mosaicml/mpt-7b's "
+          "design: ALiBi, no biases, multi-head attention without q/k clipping or norms, the "
+          "default softmax scale 1/sqrt(head_dim) and unscaled logits.")
+    return LMConfig(
+        vocab_size=hf["vocab_size"], width=d, depth=hf["n_layers"], num_heads=n,
+        mlp_dim=int(hf.get("expansion_ratio", 4) * d), activation="gelu",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), use_bias=False, position="alibi",
+        alibi_bias_max=attn.get("alibi_bias_max", 8), max_len=hf.get("max_seq_len", 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", True))
   raise ConversionError(f"model_type {kind!r} is not a supported LM; expected one of "
                         f"{LM_TYPES}.")
+
+
+def rope_settings(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  """`(theta, scaling)` of a Hugging Face config's RoPE, read as transformers reads it.
+
+  transformers >= 5 writes `rope_parameters` (with `rope_theta` inside); earlier versions a
+  top-level `rope_theta` and `rope_scaling` (whose type is under "type" or "rope_type").
+  """
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind not in ROPE_SCALINGS:
+    raise ConversionError(f"RoPE scaling type {kind!r} ({rope}) is not supported; supported "
+                          f"are unscaled RoPE ('default') and {ROPE_SCALINGS}.")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ConversionError(f"RoPE on part of each head (partial_rotary_factor in {rope}) is "
+                          "not supported.")
+  if kind == "linear":
+    return theta, RopeScaling("linear", factor=rope["factor"])
+  # As transformers: a top-level original_max_position_embeddings wins, then the rope
+  # dict's, then the model's own context length.
+  original = hf.get("original_max_position_embeddings") or rope.get(
+      "original_max_position_embeddings", hf["max_position_embeddings"])
+  return theta, RopeScaling("llama3", factor=rope["factor"],
+                            low_freq_factor=rope["low_freq_factor"],
+                            high_freq_factor=rope["high_freq_factor"], original_max_len=original)
 
 
 class _Reader:
@@ -171,7 +255,8 @@ def _linear(read: _Reader, name: str, in_shape: tuple[int, ...], out_shape: tupl
 
 
 def _norm(read: _Reader, name: str, width: int, bias: bool = True) -> dict:
-  """A LayerNorm (`weight`, `bias`) or, without bias, an RMSNorm (`weight`)."""
+  """A LayerNorm (`weight`, `bias`) or, without bias, an RMSNorm or bias-free LayerNorm
+  (`weight`)."""
   out = {"scale": read(name + ".weight", (width,))}
   if bias:
     out["bias"] = read(name + ".bias", (width,))
@@ -254,6 +339,27 @@ def lm_params(hf: dict[str, Any], state: dict[str, np.ndarray], cfg: LMConfig) -
           d, h, k, m, cfg.use_bias)
     params["final_norm"] = _norm(read, "final_layer_norm", d)
     read.finish(ignore=("lm_head.weight",))
+    return params
+
+  if kind == "mpt":
+    read = _Reader(state, ("transformer.",))
+    params["embed"] = {"embedding": read("wte.weight", (cfg.vocab_size, d))}
+    for i in range(cfg.depth):
+      p = f"blocks.{i}."
+      qkv = read(p + "attn.Wqkv.weight", (3 * d, d))  # torch Linear: q, k, v rows stacked
+      q, kk, v = (_dense(qkv[j * d:(j + 1) * d].T, None, (d,), (h, k)) for j in range(3))
+      params[f"layers_{i}"] = {
+          "attn_norm": _norm(read, p + "norm_1", d, bias=False),
+          "attn": {"query": q, "key": kk, "value": v,
+                   "out": _linear(read, p + "attn.out_proj", (h, k), (d,))},
+          "mlp_norm": _norm(read, p + "norm_2", d, bias=False),
+          "mlp": {"up": _linear(read, p + "ffn.up_proj", (d,), (m,)),
+                  "down": _linear(read, p + "ffn.down_proj", (m,), (d,))}}
+    params["final_norm"] = _norm(read, "norm_f", d, bias=False)
+    if not cfg.tie_embeddings:
+      read.prefix = ""
+      params["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+    read.finish(ignore=("lm_head.weight",) if cfg.tie_embeddings else ())
     return params
 
   read = _Reader(state, ("model.",))  # the LLaMA family
@@ -345,6 +451,71 @@ def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
 
 
 # ---------------------------------------------------------------------------------------
+# BERT: the bidirectional encoder.
+# ---------------------------------------------------------------------------------------
+def bert_config(hf: dict[str, Any]) -> BertConfig:
+  """The `BertConfig` of a Hugging Face BERT config."""
+  if hf.get("model_type") != "bert":
+    raise ConversionError(f"model_type {hf.get('model_type')!r} is not 'bert'.")
+  position = hf.get("position_embedding_type", "absolute")
+  if position != "absolute":
+    raise ConversionError(f"BERT with position_embedding_type={position!r} is not supported; "
+                          "only 'absolute' (learned) positions are.")
+  if hf.get("is_decoder") or hf.get("add_cross_attention"):
+    raise ConversionError("BERT as a decoder (is_decoder) or with cross-attention "
+                          "(add_cross_attention) is not supported; only the bidirectional "
+                          "encoder is.")
+  activation = {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}
+  act = hf.get("hidden_act", "gelu")
+  if act not in activation:
+    raise ConversionError(f"BERT with hidden_act={act!r} is not supported; expected one of "
+                          f"{sorted(activation)}.")
+  return BertConfig(
+      vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+      max_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+      activation=activation[act], norm_eps=hf.get("layer_norm_eps", 1e-12))
+
+
+def convert_bert(hf_dir: str | pathlib.Path) -> tuple[BertConfig, dict]:
+  """`(BertConfig, parameters)` of a Hugging Face BERT directory: a BertModel, or a BertFor*
+  model, whose encoder is under `bert.` and whose task heads (everything else) are left
+  out. `config.pooler` says whether the checkpoint has the pooler."""
+  hf, state = read_hf_dir(hf_dir)
+  cfg = bert_config(hf)
+  # Google's original checkpoints (bert-base-uncased among them) name LayerNorm parameters
+  # gamma and beta.
+  state = {k.replace("LayerNorm.gamma", "LayerNorm.weight")
+           .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
+  trunk = {k: v for k, v in state.items() if k.startswith("bert.")}
+  read = _Reader(trunk or state, ("bert.",))
+  cfg = dataclasses.replace(cfg, pooler=read.prefix + "pooler.dense.weight" in read.state)
+  d, h, m = cfg.width, cfg.num_heads, cfg.mlp_dim
+  linear = lambda name, in_shape, out_shape: _linear(read, name, in_shape, out_shape, bias=True)
+  params = {
+      "embed": {"embedding": read("embeddings.word_embeddings.weight", (cfg.vocab_size, d))},
+      "positions": {"embedding": read("embeddings.position_embeddings.weight",
+                                      (cfg.max_len, d))},
+      "token_types": {"embedding": read("embeddings.token_type_embeddings.weight",
+                                        (cfg.type_vocab_size, d))},
+      "embed_norm": _norm(read, "embeddings.LayerNorm", d)}
+  for i in range(cfg.depth):
+    p = f"encoder.layer.{i}."
+    params[f"layers_{i}"] = {
+        "attn": {name: linear(f"{p}attention.self.{name}", (d,), (h, d // h))
+                 for name in ("query", "key", "value")}
+                | {"out": linear(p + "attention.output.dense", (h, d // h), (d,))},
+        "attn_norm": _norm(read, p + "attention.output.LayerNorm", d),
+        "mlp": {"up": linear(p + "intermediate.dense", (d,), (m,)),
+                "down": linear(p + "output.dense", (m,), (d,))},
+        "mlp_norm": _norm(read, p + "output.LayerNorm", d)}
+  if cfg.pooler:
+    params["pooler"] = linear("pooler.dense", (d,), (d,))
+  read.finish(ignore=("position_ids", "token_type_ids"))
+  return cfg, params
+
+
+# ---------------------------------------------------------------------------------------
 # IDEFICS: a whole Flamingo-family model.
 # ---------------------------------------------------------------------------------------
 def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
@@ -359,9 +530,7 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   if not hf.get("use_resampler"):
     raise ConversionError("IDEFICS without its perceiver resampler (use_resampler=False) "
                           "is not a Flamingo; not supported.")
-  rope = hf.get("rope_parameters") or {}
-  if rope.get("rope_type", "default") != "default":
-    raise ConversionError(f"RoPE scaling {rope} is not supported yet.")
+  theta, scaling = rope_settings(hf)
   vis, per = hf["vision_config"], hf["perceiver_config"]
   extra = hf.get("additional_vocab_size", 0)
   d, h, m = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
@@ -371,7 +540,7 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
       num_heads=h, mlp_dim=m, activation=hf.get("hidden_act", "silu"), gated_mlp=True,
       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
       max_len=hf["max_position_embeddings"],
-      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), tie_embeddings=False)
+      rope_theta=theta, rope_scaling=scaling, tie_embeddings=False)
   vision = ViTConfig(
       image_size=vis["image_size"], patch_size=vis["patch_size"], width=vis["embed_dim"],
       depth=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
@@ -438,6 +607,184 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   params["lm"] = text
   read.finish(ignore=("rotary_emb.inv_freq", "position_ids"))
   return cfg, params
+
+
+# ---------------------------------------------------------------------------------------
+# OpenFlamingo: its trainable weights, an open_clip (or HF CLIP) vision tower, an HF LM.
+# ---------------------------------------------------------------------------------------
+def open_clip_vision(state: dict[str, np.ndarray], activation: str = "quick_gelu"
+                     ) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+  """The ViT config and an HF-layout (`CLIPVisionModel`) state dict of an open_clip (or
+  OpenAI CLIP) state dict's `visual.*` tower; open_clip stores no config, so the shapes
+  give it (heads are 64 wide, as in every open_clip ViT). `activation` is not in the
+  weights: "quick_gelu" for OpenAI's weights (OpenFlamingo's ViT-L-14), "gelu" for
+  LAION's. Patch tokens are returned before `ln_post` (`token_norm=False`): open_clip
+  <= 2.22 did so, and OpenFlamingo was trained with it."""
+  visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+  if "conv1.weight" not in visual:
+    raise ConversionError("No open_clip vision tower (visual.conv1.weight) in the state dict.")
+  width, channels, patch, _ = visual["conv1.weight"].shape
+  grid = math.isqrt(visual["positional_embedding"].shape[0] - 1)
+  depth = len({k.split(".")[2] for k in visual if k.startswith("transformer.resblocks.")})
+  cfg = ViTConfig(image_size=grid * patch, patch_size=patch, width=width, depth=depth,
+                  num_heads=width // 64, activation=activation, channels=channels,
+                  mlp_dim=visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  output_dim=None, token_norm=False)
+  renames = {"conv1": "embeddings.patch_embedding", "ln_pre": "pre_layrnorm",
+             "ln_post": "post_layernorm", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+  hf = {"embeddings.class_embedding": visual.pop("class_embedding"),
+        "embeddings.position_embedding.weight": visual.pop("positional_embedding")}
+  visual.pop("proj", None)  # projects the pooled embedding; Flamingo reads patch tokens
+  for key, value in visual.items():
+    block, _, name = key.rpartition(".")  # `name` is weight or bias
+    prefix = ""
+    if block.startswith("transformer.resblocks."):
+      i, block = block.split(".", 3)[2:]
+      prefix = f"encoder.layers.{i}."
+    if block == "attn" and name.startswith("in_proj_"):  # q, k, v stacked on the output dim
+      for part, chunk in zip("qkv", np.split(value, 3), strict=True):
+        hf[f"{prefix}self_attn.{part}_proj.{name[len('in_proj_'):]}"] = chunk
+    else:
+      hf[f"{prefix}{renames.get(block, block)}.{name}"] = value
+  return cfg, hf
+
+
+def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathlib.Path,
+                         lm_dir: str | pathlib.Path, media_token_id: int,
+                         endofchunk_token_id: int, vision_activation: str = "quick_gelu"
+                         ) -> tuple[FlamingoConfig, dict]:
+  """`(FlamingoConfig, parameters)` of an OpenFlamingo model.
+
+  Args:
+    checkpoint: OpenFlamingo's `checkpoint.pt`: the perceiver, the gated blocks (saved
+      under the LM's decoder layers) and the LM's input embeddings with the added
+      `<|endofchunk|>`, `<image>` (and `<PAD>`) rows. A training checkpoint
+      (`model_state_dict`, DDP's `module.` prefix) works too.
+    vision: the CLIP vision tower: an open_clip / OpenAI CLIP weights file (`visual.*`;
+      see `open_clip_vision`) or a Hugging Face CLIP directory.
+    lm_dir: the Hugging Face LM the model was built on (a family `convert_lm` reads).
+    media_token_id, endofchunk_token_id: `<image>` and `<|endofchunk|>` in the tokenizer
+      extended as OpenFlamingo does (`HFTokenizer(lm_dir)` gives them).
+    vision_activation: of an open_clip tower ("quick_gelu" for OpenAI's weights).
+  An untied output layer has no rows for the added tokens in the checkpoint (OpenFlamingo
+  trains and saves only the input embeddings); they are filled with the mean row.
+  """
+  ckpt = read_state_file(checkpoint)
+  ckpt = ckpt.get("model_state_dict", ckpt)
+  ckpt = {k.removeprefix("module.").replace("._checkpoint_wrapped_module", ""): v
+          for k, v in ckpt.items()}
+  hf, lm_state = read_hf_dir(lm_dir)
+  lm = lm_config(hf)
+
+  # Vision tower.
+  if pathlib.Path(vision).is_dir():
+    vision_hf, vision_state = read_hf_dir(vision)
+    vision_hf = vision_hf.get("vision_config", vision_hf)
+    vision_cfg = dataclasses.replace(vit_config(vision_hf, None), token_norm=False)
+  else:
+    vision_cfg, vision_state = open_clip_vision(read_state_file(vision), vision_activation)
+  read = _Reader(vision_state, ("vision_model.",))  # CLIPModel's, not CLIPVisionModel's
+  params: dict[str, Any] = {"vision": vit_params(read, vision_cfg, None)}
+  read.finish(ignore=("position_ids", "text_model.", "visual_projection", "text_projection",
+                      "logit_scale"))
+
+  # The LM, its input embeddings (and anything else saved) replaced by the checkpoint's.
+  blocks: dict[int, dict[str, np.ndarray]] = {}
+  lm_state = dict(lm_state)
+  other = {}
+  for key, value in ckpt.items():
+    if not key.startswith("lang_encoder."):
+      other[key] = value
+      continue
+    name = key[len("lang_encoder."):]
+    head, sep, tail = name.partition(".gated_cross_attn_layer.")
+    if sep:  # <decoder layers>.<i>.gated_cross_attn_layer.<param>
+      blocks.setdefault(int(head.rpartition(".")[2]), {})[tail] = value
+    elif name in lm_state:
+      lm_state[name] = value
+    elif not name.startswith(("old_decoder_blocks.", "gated_cross_attn_layers.")) and (
+        ".decoder_layer." not in name):  # aliases of the layers already read
+      other[key] = value
+  embed_key = {"gpt2": "transformer.wte.weight", "opt": "model.decoder.embed_tokens.weight",
+               "mpt": "transformer.wte.weight"}.get(hf["model_type"], "model.embed_tokens.weight")
+  vocab = lm_state[embed_key].shape[0]
+  if not lm.tie_embeddings and lm_state["lm_head.weight"].shape[0] != vocab:
+    old = lm_state["lm_head.weight"][:vocab]
+    mean = np.broadcast_to(old.mean(0), (vocab - len(old), old.shape[1]))
+    lm_state["lm_head.weight"] = np.concatenate([old, mean])
+  lm = dataclasses.replace(lm, vocab_size=vocab)
+  params["lm"] = lm_params(hf, lm_state, lm)
+
+  # Perceiver resampler.
+  read = _Reader(other, ("perceiver.",))
+  read.prefix = "perceiver."
+  e = vision_cfg.width
+  latents = read("latents")
+  depth = len({k.split(".")[2] for k in other if k.startswith("perceiver.layers.")})
+  inner = read("layers.0.0.to_q.weight").shape[0]
+  frames = other.get("perceiver.frame_embs")
+  if "perceiver.media_time_embs" in other:
+    raise ConversionError("perceiver.media_time_embs (max_num_media) is not supported.")
+  resampler = ResamplerConfig(
+      depth=depth, num_heads=inner // 64, head_dim=64, num_latents=latents.shape[0],
+      ff_mult=read("layers.0.1.1.weight").shape[0] // e, activation="gelu",
+      max_frames=None if frames is None else frames.shape[0])
+  perceiver = {"latents": read("latents", (resampler.num_latents, e)),
+               "final_norm": _norm(read, "norm", e)}
+  if frames is not None:
+    perceiver["frame_embed"] = read("frame_embs", frames.shape)
+  for i in range(depth):
+    perceiver[f"layers_{i}"] = {
+        "latents_norm": _norm(read, f"layers.{i}.0.norm_latents", e),
+        "media_norm": _norm(read, f"layers.{i}.0.norm_media", e),
+        "attn": _openflamingo_attention(read, f"layers.{i}.0.", e, e, resampler.num_heads),
+        **_openflamingo_ff(read, f"layers.{i}.1.", e, resampler.ff_mult)}
+  params["resampler"] = perceiver
+  read.finish(ignore=("vision_encoder.",))  # a full state dict's frozen tower
+
+  # Gated cross-attention blocks.
+  if not blocks:
+    raise ConversionError(f"{checkpoint} has no gated cross-attention blocks "
+                          "(lang_encoder.<layers>.<i>.gated_cross_attn_layer.*).")
+  every = min(blocks) + 1
+  d = lm.width
+  block_inner, ff_mult = (blocks[min(blocks)][k].shape[0] for k in ("attn.to_q.weight",
+                                                                     "ff.1.weight"))
+  xattn = XAttnConfig(every=every, placement="openflamingo", num_heads=block_inner // 64,
+                      head_dim=64, ff_mult=ff_mult // d, activation="gelu")
+  if sorted(blocks) != list(xattn.layer_indices(lm.depth)):
+    raise ConversionError(f"Gated blocks in front of layers {sorted(blocks)}: not every "
+                          f"{every} layers of the {lm.depth}-layer LM.")
+  for i, block in blocks.items():
+    read = _Reader(block, ("",))
+    params["lm"][f"xattn_{i}"] = {
+        "attn_norm": _norm(read, "attn.norm", d),
+        "attn": _openflamingo_attention(read, "attn.", d, e, xattn.num_heads),
+        "attn_gate": read("attn_gate", (1,)), "mlp_gate": read("ff_gate", (1,)),
+        **_openflamingo_ff(read, "ff.", d, xattn.ff_mult)}
+    read.finish()
+  cfg = FlamingoConfig(vision=vision_cfg, resampler=resampler, lm=lm, xattn=xattn,
+                       media_token_id=media_token_id, endofchunk_token_id=endofchunk_token_id)
+  return cfg, params
+
+
+def _openflamingo_attention(read: _Reader, p: str, d: int, e: int, heads: int) -> dict:
+  """`to_q`, `to_kv` (keys and values stacked on the output dim) and `to_out`, bias-free,
+  64-wide heads: `d`-wide queries, `e`-wide keys and values."""
+  inner = heads * 64
+  kv = read(p + "to_kv.weight", (2 * inner, e))
+  return {"query": _linear(read, p + "to_q", (d,), (heads, 64)),
+          "key": _dense(kv[:inner].T, None, (e,), (heads, 64)),
+          "value": _dense(kv[inner:].T, None, (e,), (heads, 64)),
+          "out": _linear(read, p + "to_out", (heads, 64), (d,))}
+
+
+def _openflamingo_ff(read: _Reader, p: str, d: int, mult: int) -> dict:
+  """OpenFlamingo's `FeedForward`: LayerNorm (`.0`), Linear (`.1`), GELU, Linear (`.3`)."""
+  return {"mlp_norm": _norm(read, p + "0", d),
+          "mlp": {"up": _linear(read, p + "1", (d,), (mult * d,)),
+                  "down": _linear(read, p + "3", (mult * d,), (d,))}}
 
 
 def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
@@ -512,10 +859,23 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # Orbax's INFO logs only with --verbosity=0
     logging.set_verbosity(logging.WARNING)
-  hf_dir, output = flags.FLAGS.hf_dir, flags.FLAGS.output
+  f = flags.FLAGS
+  hf_dir, output = f.hf_dir, f.output
   kind = json.loads((pathlib.Path(hf_dir) / "config.json").read_text()).get("model_type")
-  if kind == "idefics":
-    f = flags.FLAGS
+  if f.openflamingo:
+    if f.vision is None:
+      raise app.UsageError("--openflamingo needs --vision: the CLIP vision tower (open_clip "
+                           "weights file or Hugging Face CLIP directory).")
+    media, endofchunk = f.media_token_id, f.endofchunk_token_id
+    if media is None or endofchunk is None:
+      from mmjax.data.tokenizer import HFTokenizer
+      tokenizer = HFTokenizer(hf_dir)  # extended as OpenFlamingo's factory extends it
+      media, endofchunk = tokenizer.media_id, tokenizer.endofchunk_id
+    cfg, params = convert_openflamingo(f.openflamingo, vision=f.vision, lm_dir=hf_dir,
+                                       media_token_id=media, endofchunk_token_id=endofchunk,
+                                       vision_activation=f.vision_activation)
+    save(output, "flamingo", cfg, params)
+  elif kind == "idefics":
     if f.media_token_id is None or f.endofchunk_token_id is None:
       raise app.UsageError("IDEFICS needs --media_token_id and --endofchunk_token_id (its "
                            "tokenizer's <image> and end-of-chunk ids).")
@@ -525,6 +885,9 @@ def main(argv):
   elif kind == "clip":
     cfg, params = convert_clip(hf_dir)
     save(output, "clip", cfg, params)
+  elif kind == "bert":
+    cfg, params = convert_bert(hf_dir)
+    save(output, "bert", cfg, params)
   else:
     cfg, params = convert_lm(hf_dir)
     save(output, "lm", cfg, params)
@@ -541,7 +904,15 @@ if __name__ == "__main__":
   # Defined here, not at import, so that the library API imports cleanly anywhere.
   flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
   flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
-  flags.DEFINE_integer("media_token_id", None, "IDEFICS: the <image> token id.")
-  flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS: the end-of-chunk token id.")
+  flags.DEFINE_string("openflamingo", None, "OpenFlamingo's checkpoint.pt; --hf_dir is then "
+                      "its language model and --vision its CLIP vision tower.")
+  flags.DEFINE_string("vision", None, "OpenFlamingo: open_clip / OpenAI CLIP weights file, "
+                      "or a Hugging Face CLIP directory.")
+  flags.DEFINE_string("vision_activation", "quick_gelu", "OpenFlamingo: the open_clip "
+                      "tower's activation (quick_gelu: OpenAI's weights; gelu: LAION's).")
+  flags.DEFINE_integer("media_token_id", None, "IDEFICS, OpenFlamingo: the <image> token id "
+                       "(OpenFlamingo: default from --hf_dir's tokenizer).")
+  flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the end-of-chunk "
+                       "token id.")
   flags.mark_flags_as_required(["hf_dir", "output"])
   app.run(main)

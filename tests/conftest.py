@@ -29,6 +29,9 @@ GPT2_LIKE = LMConfig(vocab_size=64, width=32, depth=4, num_heads=4, max_len=64)
 LLAMA_LIKE = LMConfig(vocab_size=64, width=32, depth=4, num_heads=4, num_kv_heads=2,
                       activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,
                       use_bias=False, position="rope", tie_embeddings=False, mlp_dim=48)
+# A head count that is not a power of two, for ALiBi's slopes.
+MPT_LIKE = LMConfig(vocab_size=64, width=48, depth=2, num_heads=6, activation="gelu",
+                    use_bias=False, position="alibi")
 
 
 def flamingo_config(lm: LMConfig = LLAMA_LIKE, **xattn) -> FlamingoConfig:

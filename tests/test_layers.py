@@ -1,4 +1,4 @@
-"""Building blocks against naive references: attention, GQA, norms, MLP, RoPE, Dense."""
+"""Building blocks against naive references: attention, GQA, norms, MLP, RoPE, ALiBi, Dense."""
 
 import flax.linen as nn
 import jax
@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.layers import Attention, Dense, Mlp, Norm, apply_rope
+from mmjax.layers import Attention, Dense, Mlp, Norm, RopeScaling, apply_rope, rope_frequencies
 from mmjax.layers import padding_mask
+from mmjax.layers.embeddings import alibi_slopes
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def naive_attention(params, x, kv, mask, num_heads, num_kv_heads, head_dim):
-  """Softmax attention written out with numpy, one head at a time."""
+def naive_attention(params, x, kv, mask, num_heads, num_kv_heads, head_dim, bias=None):
+  """Softmax attention written out with numpy, one head at a time; `bias "h t s"`."""
   x, kv = np.asarray(x, np.float64), np.asarray(kv, np.float64)
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   q = np.einsum("btd,dhk->bthk", x, p["query"]["kernel"])
@@ -23,6 +24,7 @@ def naive_attention(params, x, kv, mask, num_heads, num_kv_heads, head_dim):
   out = np.zeros(q.shape)
   for h in range(num_heads):
     logits = np.einsum("btk,bsk->bts", q[:, :, h], k[:, :, h // group]) / np.sqrt(head_dim)
+    logits = logits if bias is None else logits + bias[h]
     logits = np.where(mask, logits, -np.inf)
     row_max = np.where(mask.any(-1, keepdims=True), logits.max(-1, keepdims=True), 0.0)
     w = np.exp(logits - row_max)
@@ -73,11 +75,13 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
                              mha.apply({"params": repeated}, x), **TOL)
 
 
-def test_incremental_decoding_equals_full_attention():
+@pytest.mark.parametrize("position", [dict(rope_theta=10_000.0), dict(alibi_bias_max=8.0)],
+                         ids=["rope", "alibi"])
+def test_incremental_decoding_equals_full_attention(position):
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
   attn = Attention(num_heads=4, head_dim=4, num_kv_heads=2, causal=True, qk_norm="rmsnorm",
-                   rope_theta=10_000.0)
+                   **position)
   params = nn.unbox(attn.init(jax.random.key(0), x)["params"])
   full = attn.apply({"params": params}, x)
   positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
@@ -103,6 +107,47 @@ def test_rope_depends_only_on_relative_position():
   np.testing.assert_allclose(score(3, 1), score(10, 8), **TOL)
   np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), **TOL)
   assert abs(float(score(3, 1)) - float(score(3, 2))) > 1e-4
+
+
+def test_rope_scaling_slows_the_frequencies_of_its_bands():
+  plain = np.asarray(rope_frequencies(16, 500.0))  # wavelengths 6.3, 13.7, 29.7, 64.6, ...
+  linear = np.asarray(rope_frequencies(16, 500.0, RopeScaling("linear", factor=4.0)))
+  np.testing.assert_allclose(plain / linear, 4.0, rtol=1e-6)
+  llama3 = np.asarray(rope_frequencies(16, 500.0, RopeScaling(
+      "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=48)))
+  slowdown = plain / llama3
+  # Wavelengths below 48 / 4 are kept, those above 48 / 1 divided by 8, the band between
+  # blended.
+  assert slowdown[0] == 1.0 and np.all((slowdown[1:3] > 1.01) & (slowdown[1:3] < 7.9))
+  np.testing.assert_allclose(slowdown[3:], 8.0, rtol=1e-6)
+
+
+def test_alibi_slopes_follow_mpt_for_any_head_count():
+  np.testing.assert_array_equal(alibi_slopes(4), 2.0 ** -np.array([2, 4, 6, 8]))
+  # 6 heads: the 4 slopes of 4 heads, then those of 8 heads that lie between them.
+  np.testing.assert_array_equal(alibi_slopes(6), 2.0 ** -np.array([2, 4, 6, 8, 1, 3]))
+  np.testing.assert_array_equal(alibi_slopes(2, bias_max=4.0), 2.0 ** -np.array([2, 4]))
+
+
+def test_alibi_attention_matches_naive_bias_relative_to_the_last_key():
+  """Our bias, -slope * (i - j), differs from the reference's, slope * (j - (s - 1)) (MPT
+  in transformers), by a constant per query row, which the softmax ignores."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 7, 24))
+  key_valid = np.array([[True] * 7, [True] * 4 + [False] * 3])  # right padding
+  attn = Attention(num_heads=6, head_dim=4, num_kv_heads=2, causal=True, alibi_bias_max=8.0)
+  params = nn.unbox(attn.init(jax.random.key(0), x)["params"])
+  slopes = 2.0 ** -np.array([2, 4, 6, 8, 1, 3])
+  bias = slopes[:, None, None] * (np.arange(7) - 6)[None, None, :]  # h 1 s
+  full_mask = np.tril(np.ones((7, 7), bool))[None] & key_valid[:, None, :]
+  ref = naive_attention(params, x, x, full_mask, 6, 2, 4, bias=bias)
+  out = attn.apply({"params": params}, x, mask=padding_mask(jnp.asarray(key_valid)))
+  np.testing.assert_allclose(out[0], ref[0], **TOL)
+  np.testing.assert_allclose(out[1, :4], ref[1, :4], **TOL)
+  np.testing.assert_allclose(attn.apply({"params": params}, x)[0], ref[0], **TOL)  # is_causal
+  # Only relative positions count: shifting them all changes nothing.
+  shifted = attn.apply({"params": params}, x, positions=jnp.arange(7)[None] + 5)
+  np.testing.assert_allclose(shifted[0], ref[0], **TOL)
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
@@ -147,6 +192,8 @@ def test_attention_misuse_is_explained():
     Attention(num_heads=2, head_dim=4).init(jax.random.key(0), x, x)
   with pytest.raises(ValueError, match="RoPE is defined for self-attention only"):
     Attention(num_heads=2, head_dim=4, cross=True, rope_theta=1e4).init(jax.random.key(0), x, x)
+  with pytest.raises(ValueError, match="ALiBi is defined for causal self-attention only"):
+    Attention(num_heads=2, head_dim=4, alibi_bias_max=8.0).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="multiple of num_kv_heads=3"):
     Attention(num_heads=4, head_dim=4, num_kv_heads=3).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="decoding needs the absolute `positions`"):

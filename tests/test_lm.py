@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import GPT2_LIKE, LLAMA_LIKE
+from conftest import GPT2_LIKE, LLAMA_LIKE, MPT_LIKE
 from mmjax.models.lm import LanguageModel, LMConfig
 
 # Float32 on CPU; the cached path reorders no reductions, differences are rounding only.
@@ -18,7 +18,8 @@ def init(config, tokens):
   return model, nn.unbox(model.init(jax.random.key(0), tokens)["params"])
 
 
-@pytest.mark.parametrize("config", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("config", [GPT2_LIKE, LLAMA_LIKE, MPT_LIKE],
+                         ids=["gpt2", "llama", "mpt"])
 def test_kv_cached_decoding_equals_full_forward(config):
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, config.vocab_size)
   model, params = init(config, tokens)
@@ -42,7 +43,8 @@ def test_kv_cached_decoding_equals_full_forward(config):
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
 
 
-@pytest.mark.parametrize("config", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("config", [GPT2_LIKE, LLAMA_LIKE, MPT_LIKE],
+                         ids=["gpt2", "llama", "mpt"])
 def test_padding_changes_nothing_for_real_positions(config):
   real = jax.random.randint(jax.random.key(2), (1, 6), 3, config.vocab_size)
   model, params = init(config, real)

@@ -12,10 +12,10 @@ Activations use: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab.
 
 from mmjax.layers.attention import Attention, padding_mask
 from mmjax.layers.dense import Dense
-from mmjax.layers.embeddings import LearnedPositions, apply_rope
+from mmjax.layers.embeddings import LearnedPositions, RopeScaling, apply_rope, rope_frequencies
 from mmjax.layers.mlp import Mlp
 from mmjax.layers.norms import Norm
 from mmjax.layers.stack import REMAT_POLICIES, remat, scan, stack
 
-__all__ = ["REMAT_POLICIES", "Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "apply_rope",
-           "padding_mask", "remat", "scan", "stack"]
+__all__ = ["REMAT_POLICIES", "Attention", "Dense", "LearnedPositions", "Mlp", "Norm", "RopeScaling",
+           "apply_rope", "padding_mask", "remat", "rope_frequencies", "scan", "stack"]

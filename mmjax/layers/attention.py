@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.layers.dense import Dense
-from mmjax.layers.embeddings import apply_rope
+from mmjax.layers.embeddings import RopeScaling, alibi_bias, alibi_slopes, apply_rope
 from mmjax.layers.norms import Norm, NormKind
 
 Dtype = Any
@@ -50,6 +50,9 @@ class Attention(nn.Module):
     use_bias: bias on the q/k/v/output projections (GPT-2, OPT, CLIP).
     qk_norm: normalise queries and keys over `head_dim` before the dot product.
     rope_theta: apply rotary position embeddings to q and k (self-attention only).
+    rope_scaling: stretches the rotary frequencies (long-context checkpoints).
+    alibi_bias_max: add ALiBi biases to the logits of causal self-attention, with the
+      slopes `alibi_slopes(num_heads, alibi_bias_max)` (MPT).
     implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
   """
 
@@ -63,6 +66,8 @@ class Attention(nn.Module):
   qk_norm: NormKind | None = None
   qk_norm_eps: float = 1e-6
   rope_theta: float | None = None
+  rope_scaling: RopeScaling | None = None
+  alibi_bias_max: float | None = None
   implementation: Literal["xla", "cudnn"] | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -83,7 +88,7 @@ class Attention(nn.Module):
       mask: boolean `"b t s"` or `"b h t s"`; combined with the causal rule if `causal`.
         Must be None for causal self-attention in decode mode, where the mask follows
         from the positions.
-      positions: `"b t"` absolute positions of `x`; needed for RoPE and for decoding.
+      positions: `"b t"` absolute positions of `x`; needed for RoPE, ALiBi and decoding.
       decode: use and update the key/value cache (the "cache" collection). For
         self-attention, keys/values of `x` are written at `positions`, and each query sees
         the cache slots at or before its own position; the cache is created by a first
@@ -95,6 +100,8 @@ class Attention(nn.Module):
                        f"num_kv_heads={num_kv_heads}.")
     if self.cross and self.rope_theta is not None:
       raise ValueError(f"{self.name}: RoPE is defined for self-attention only.")
+    if self.alibi_bias_max is not None and (self.cross or not self.causal):
+      raise ValueError(f"{self.name}: ALiBi is defined for causal self-attention only.")
     if not self.cross and kv is not None:
       raise ValueError(f"{self.name}: `kv` was passed to a self-attention; construct "
                        "Attention(cross=True) for cross-attention.")
@@ -127,8 +134,8 @@ class Attention(nn.Module):
     if self.rope_theta is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+      k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
 
     is_causal = False
     if self.causal and decode:
@@ -146,6 +153,15 @@ class Attention(nn.Module):
       else:
         mask = _as_4d(mask) & causal_mask(t)
 
+    bias = None
+    if self.alibi_bias_max is not None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      # When decoding, the keys are the cache, whose slots are their positions.
+      key_positions = jnp.arange(k.shape[1])[None] if decode else positions
+      bias = alibi_bias(positions, key_positions,
+                        alibi_slopes(self.num_heads, self.alibi_bias_max))
+
     # Named for the "save_qkv_proj" remat policy (mmjax.layers.stack).
     q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim")),
                         "query_proj")
@@ -155,7 +171,7 @@ class Attention(nn.Module):
                         "value_proj")
     mask = None if mask is None else _as_4d(mask)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                        implementation=self.implementation)
     if mask is not None and not (self.causal and decode):
       # Rows with nothing to attend to return zero, not a uniform average of the values.

@@ -1,1 +1,1 @@
-"""Architectures, one file per piece: vit, lm, perceiver, xattn, flamingo."""
+"""Architectures, one file per piece: vit, lm, bert, perceiver, xattn, flamingo."""

@@ -2,6 +2,7 @@
 
 GPT-2/OPT: learned positions, LayerNorm, GELU/ReLU MLP, biases, tied embeddings.
 LLaMA: rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output.
+MPT: ALiBi biases instead of positions, bias-free LayerNorm and GELU MLP, tied embeddings.
 With an `XAttnConfig`, Flamingo's gated cross-attention blocks sit in front of the
 chosen layers and read resampled visual tokens.
 """
@@ -13,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers import (Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask, remat,
-                          scan)
+from mmjax.layers import (Attention, Dense, LearnedPositions, Mlp, Norm, RopeScaling,
+                          padding_mask, remat, scan)
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.xattn import GatedCrossAttentionBlock, XAttnConfig
 
@@ -35,9 +36,11 @@ class LMConfig:
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_eps: float = 1e-5
   use_bias: bool = True
-  position: Literal["learned", "rope"] = "learned"
+  position: Literal["learned", "rope", "alibi"] = "learned"
+  alibi_bias_max: float = 8.0  # sets ALiBi's slopes: mmjax.layers.embeddings.alibi_slopes
   max_len: int = 1024
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None  # long-context RoPE (LLaMA 3.1, ...)
   tie_embeddings: bool = True
   qk_norm: Literal["layernorm", "rmsnorm"] | None = None
   dtype: str = "float32"
@@ -55,8 +58,9 @@ class LMConfig:
     if self.num_heads % (self.num_kv_heads or self.num_heads):
       raise ValueError(f"LMConfig: num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}.")
-    if self.position not in ("learned", "rope"):
-      raise ValueError(f"LMConfig: position must be 'learned' or 'rope', got {self.position!r}.")
+    if self.position not in ("learned", "rope", "alibi"):
+      raise ValueError("LMConfig: position must be 'learned', 'rope' or 'alibi', got "
+                       f"{self.position!r}.")
 
   @property
   def dims_per_head(self) -> int:
@@ -77,6 +81,8 @@ class DecoderLayer(nn.Module):
         num_heads=cfg.num_heads, head_dim=cfg.dims_per_head, num_kv_heads=cfg.num_kv_heads,
         causal=True, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+        rope_scaling=cfg.rope_scaling,
+        alibi_bias_max=cfg.alibi_bias_max if cfg.position == "alibi" else None,
         implementation=cfg.attention_impl, name="attn", **kw,
     )(norm("attn_norm")(x), mask=mask, positions=positions, decode=decode)
     x = x + h

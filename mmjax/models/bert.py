@@ -1,0 +1,126 @@
+"""BERT: a bidirectional, post-norm transformer encoder over tokens.
+
+Word, learned position and token-type embeddings are summed and normalised; each layer is
+`x = norm(x + attn(x))`, then `x = norm(x + mlp(x))` (the norm after the residual sum,
+unlike the pre-norm ViT and LM); "pooled" is a tanh projection of the first ([CLS]) token.
+
+A layer is a sequence of post-norm sub-blocks, each a sublayer named `<name>` and its
+norm `<name>_norm`: `attn`, then `mlp`. BLIP-2's Q-Former (a BERT with cross-attention in
+every other layer) adds one more sub-block between the two, so its layers keep BERT's
+parameter names and a converted BERT's layers graft onto them, the new sub-blocks
+keeping their initial values.
+"""
+
+import dataclasses
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.layers import Attention, Dense, LearnedPositions, Mlp, Norm, padding_mask, remat, stack
+from mmjax.models.common import dtype as to_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Shape of a BERT encoder (defaults: BERT-base's settings other than its shape).
+
+  Attributes:
+    type_vocab_size: number of token types (segments A and B in BERT).
+    mlp_dim: feed-forward width; None means 4 x width.
+    pooler: compute "pooled" (BertModel has the pooler; BertForMaskedLM has none).
+  """
+
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int | None = None
+  max_len: int = 512
+  type_vocab_size: int = 2
+  activation: str = "gelu"
+  norm_eps: float = 1e-12
+  pooler: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: Literal["xla", "cudnn"] | None = None
+  remat: str = "none"  # policy for each layer: mmjax.layers.stack
+  scan_layers: bool = False  # one scanned layer, parameters stacked under "layers"
+
+  def __post_init__(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"BertConfig: width={self.width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+
+
+class BertLayer(nn.Module):
+  """Post-norm bidirectional layer, `x "b t d" -> "b t d"`; `mask` is boolean `"b t s"` or
+  `"b h t s"` (True where a query may attend to a key), None to attend everywhere."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+
+    def sub_block(x, sublayer, *args, **kwargs):
+      # Post-norm: the residual sum is normalised; the norm is named after the sublayer.
+      h = sublayer(x, *args, **kwargs)
+      return Norm("layernorm", cfg.norm_eps, name=f"{sublayer.name}_norm", **kw)(x + h)
+
+    x = sub_block(x, Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads,
+                               use_bias=True, implementation=cfg.attention_impl, name="attn",
+                               **kw), mask=mask)
+    x = sub_block(x, Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True,
+                         name="mlp", **kw))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Bert(nn.Module):
+  """`tokens "b t" -> {"hidden": "b t d", "pooled": "b d"}`."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,
+               token_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Encodes token sequences.
+
+    Args:
+      tokens: `"b t"` token ids, at positions `0..t-1`.
+      token_types: `"b t"` segment ids below `type_vocab_size`; default all 0.
+      token_mask: `"b t"` True for real tokens; padding keys are hidden from every query
+        (padding positions still get outputs, which mean nothing).
+    Returns:
+      "hidden": `"b t d"` the last layer's outputs;
+      "pooled": `"b d"` tanh of a projection of the first token's, if `config.pooler`.
+    """
+    cfg = self.config
+    kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+    b, t = tokens.shape
+    if t > cfg.max_len:
+      raise ValueError(f"Bert: {t} tokens exceed max_len={cfg.max_len}.")
+    if token_types is None:
+      token_types = jnp.zeros_like(tokens)
+    embed = lambda size, axes, name: nn.Embed(
+        size, cfg.width, embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), axes), name=name, **kw)
+    x = embed(cfg.vocab_size, ("vocab", "embed"), "embed")(tokens)
+    x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_types")(token_types)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = x + LearnedPositions(cfg.max_len, cfg.width, kw["param_dtype"],
+                             name="positions")(positions).astype(x.dtype)
+    x = Norm("layernorm", cfg.norm_eps, name="embed_norm", **kw)(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    mask = None if token_mask is None else padding_mask(token_mask)
+    layer = remat(BertLayer, cfg.remat)
+    x = stack(lambda name: layer(cfg, name=name), cfg.depth, x, scanned=cfg.scan_layers,
+              call=lambda module, x: module(x, mask))
+    out = {"hidden": x}
+    if cfg.pooler:
+      out["pooled"] = jnp.tanh(Dense(cfg.width, ("embed", None), use_bias=True, name="pooler",
+                                     **kw)(x[:, 0]))
+    return out
