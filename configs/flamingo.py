@@ -98,11 +98,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = "none"
   # Each layer stack as one scanned layer: compiles once whatever the depth.
   config.scan_layers = variant in PAPER_VARIANTS
+  # A Hugging Face tokenizer directory (mmjax.data.tokenizer.HFTokenizer: `<image>`,
+  # `<|endofchunk|>` and `<PAD>` added as OpenFlamingo adds them), or "" for the embedded
+  # one. The token ids below (model.media_token_id, model.endofchunk_token_id,
+  # model.lm.vocab_size, tokens) are the embedded tokenizer's: a run with another stops at
+  # start-up, naming the values to set.
+  config.tokenizer = ""
   config.model = dict(
       **VARIANTS[variant], media_token_id=MEDIA, endofchunk_token_id=ENDOFCHUNK,
       vision_feature_layer=-1)
   # Parameters that train (a regex on '/'-joined paths); everything else stays frozen.
   config.trainable = r"^(resampler|lm/(groups/)?xattn_\d+)/"
+  # Token ids whose rows of the LM's input embedding train while its other rows stay
+  # bit-identical (with tied embeddings, also their output rows); `trainable` must match
+  # lm/embed/embedding. As OpenFlamingo trains the `<image>` and `<|endofchunk|>` it adds to
+  # a pretrained LM: (model.media_token_id, model.endofchunk_token_id). Adam keeps state
+  # for the whole embedding.
+  config.trainable_token_rows = ()
   config.init = [dict(target="vision", recipe="clip", variant=variant, source="image"),
                  dict(target="lm", recipe="lm", variant=variant, source="")]
   documents = dict(kind="shapes_world_documents", image_size=image_size, max_images=4)

@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = "none"
   # Each layer stack as one scanned layer: compiles once whatever the depth.
   config.scan_layers = variant in flamingo.PAPER_VARIANTS
+  # A Hugging Face tokenizer directory, or "" for the embedded one (see configs/flamingo.py).
+  config.tokenizer = ""
   config.model = dict(flamingo.VARIANTS[variant]["lm"])
   config.trainable = r".*"
   config.data = dict(seq_len=64, batch_size=32, mode="text",

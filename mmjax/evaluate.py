@@ -34,7 +34,7 @@ from absl import app, flags
 from mmjax import checkpoints
 from mmjax.data import shapes_world as sw
 from mmjax.data.sequences import right_pad
-from mmjax.data.tokenizer import Tokenizer
+from mmjax.data.tokenizer import Tokenizer, make_tokenizer
 from mmjax.models.flamingo import Flamingo, generate
 from mmjax.tasks import flamingo as flamingo_task
 from mmjax.tasks import lm as lm_task
@@ -131,7 +131,7 @@ def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
   """{"naming": {shots: {"recall", "chance"}}}: the language model's next token after the
   text of a naming prompt that ends with the query's colour."""
   model = lm_task.build_model(config)
-  tokenizer = Tokenizer()
+  tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=config.evaluate.seed, image_size=16)  # images are not used
   apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
   results = {}
@@ -153,7 +153,7 @@ def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=
   if config.task == "lm":
     return lm_recall(config, params, shots, episodes)
   model = flamingo_task.build_model(config)
-  tokenizer = Tokenizer()
+  tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
   results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
   for k in shots:

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from mmjax import checkpoints, evaluate, losses, sharding
 from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
-from mmjax.data.tokenizer import Tokenizer
+from mmjax.data.tokenizer import make_tokenizer
 from mmjax.tasks import get_task
 
 
@@ -58,8 +58,8 @@ def make_data(config, datasets_config, *, seed: int, health: DataHealth) -> grai
     raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
   return make_dataset(
-      [dataset_from_config(d) for d in datasets_config], Tokenizer(), sequence_spec(config),
-      batch_size=config.data.batch_size // jax.process_count(), seed=seed,
+      [dataset_from_config(d) for d in datasets_config], make_tokenizer(config),
+      sequence_spec(config), batch_size=config.data.batch_size // jax.process_count(), seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(), health=health)
 
 
@@ -80,6 +80,31 @@ def partition_params(params, trainable: str) -> tuple[dict, dict]:
 def merge_params(trainable: dict, frozen: dict) -> dict:
   return checkpoints.tree_params({**checkpoints.flat_params(frozen),
                                   **checkpoints.flat_params(trainable)})
+
+
+def token_row_masks(config, trainable: dict, frozen: dict) -> dict[str, np.ndarray]:
+  """`{path: bool "v 1"}`: the rows of the LM's input embedding (`embed/embedding`, under
+  `lm/` in Flamingo) that train, for the token ids `config.trainable_token_rows`; the
+  embedding's other rows stay frozen. `{}` when no ids are listed."""
+  ids = [int(i) for i in config.get("trainable_token_rows") or ()]
+  if not ids:
+    return {}
+  flat = {**checkpoints.flat_params(frozen), **checkpoints.flat_params(trainable)}
+  paths = [k for k in flat if re.search(r"(^|/)embed/embedding$", k)]
+  if len(paths) != 1:
+    raise ValueError(f"config.trainable_token_rows needs one LM input embedding "
+                     f"('embed/embedding'); the model has {paths or 'none'}.")
+  path, rows = paths[0], flat[paths[0]].shape[0]
+  if path not in checkpoints.flat_params(trainable):
+    raise ValueError(f"config.trainable_token_rows trains rows of {path}, which "
+                     f"config.trainable={config.trainable!r} leaves frozen; set "
+                     f"--config.trainable='(?:{config.trainable})|^{path}$'.")
+  if not all(0 <= i < rows for i in ids):
+    raise ValueError(f"config.trainable_token_rows={tuple(ids)} has ids outside the "
+                     f"{rows} rows of {path}.")
+  mask = np.zeros((rows, 1), bool)
+  mask[ids] = True
+  return {path: mask}
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,6 +141,7 @@ class Parts(NamedTuple):
   shardings: dict
   abstract: dict
   init_params: Any  # rng -> the model's parameters, boxed with their logical axis names
+  token_rows: dict  # `token_row_masks`: the embedding rows that train, by parameter path
 
 
 def build(config, devices=None) -> Parts:
@@ -132,6 +158,7 @@ def build(config, devices=None) -> Parts:
   params = nn.unbox(boxed)
   trainable, frozen = partition_params(params, config.trainable)
   trainable_sh, frozen_sh = partition_params(param_sh, config.trainable)
+  token_rows = token_row_masks(config, trainable, frozen)
   tx, schedule = make_optimizer(config, trainable)
   opt_state = jax.eval_shape(tx.init, trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -143,7 +170,8 @@ def build(config, devices=None) -> Parts:
               "frozen": frozen, "opt_state": opt_state}
   abstract = jax.tree_util.tree_map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
-  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract, init_params)
+  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract, init_params,
+               token_rows)
 
 
 def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
@@ -174,6 +202,14 @@ def make_train_step(config, parts: Parts):
     total, count, metrics = task.loss_terms(model, merge_params(trainable, frozen), batch)
     return total, (count, metrics)
 
+  def only_token_rows(tree):
+    # Applied to the gradients, so that clipping and Adam see only the rows that train,
+    # and to the updates, so that weight decay cannot move the frozen rows either.
+    flat = checkpoints.flat_params(tree)
+    for path, rows in parts.token_rows.items():
+      flat[path] = jnp.where(rows, flat[path], 0)
+    return checkpoints.tree_params(flat)
+
   def micro_batches(x):
     # Micro-batch j takes rows j, j + accum, ...: each device's contiguous rows hold a
     # share of every micro-batch, so splitting the batch moves no data between devices.
@@ -195,9 +231,11 @@ def make_train_step(config, parts: Parts):
     zero = jnp.zeros((), jnp.float32)
     (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, zero, zero), micro)
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    grads = only_token_rows(grads)
     loss = losses.safe_mean(total, count)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = only_token_rows(updates)
     update_norm = optax.tree.norm(updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     params = optax.apply_updates(state["params"], updates)

@@ -1,4 +1,8 @@
-"""The shipped tokenizer: reproducible from its script, with single-id media tokens."""
+"""The shipped tokenizer: reproducible from its script, with single-id media tokens; the
+tokenizer a run's config names, checked against the config's token ids."""
+
+import json
+import re
 
 import pytest
 
@@ -52,3 +56,29 @@ def test_names_and_colours_are_single_pieces_that_captions_never_use():
     e = world.example("train", i)
     words.update(f"{e.caption} {e.question} {e.answer}".replace(".", " ").split())
   assert words.isdisjoint(sw.NAMES) and words & set(sw.COLOURS)
+
+
+def test_a_run_uses_the_tokenizer_its_config_names_and_says_which_ids_to_change(tmp_path):
+  config = recipe.get_config()
+  assert isinstance(tok.make_tokenizer(config), tok.Tokenizer)
+  # The embedded model as a LLaMA-style directory without a pad token: `<PAD>` is added
+  # after the vocabulary, so the pad id and the vocabulary size change.
+  (tmp_path / "tokenizer.model").write_bytes(tok.EMBEDDED.read_bytes())
+  (tmp_path / "tokenizer_config.json").write_text(
+      json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+  config.tokenizer = str(tmp_path)
+  config.model.media_token_id = tok.ENDOFCHUNK_ID
+  with pytest.raises(ValueError, match="does not match the tokenizer") as error:
+    tok.make_tokenizer(config)
+  fixes = dict(re.findall(r"--config\.(\S+)=(\d+)", str(error.value)))
+  assert fixes == {"model.media_token_id": str(tok.MEDIA_ID),
+                   "model.lm.vocab_size": str(tok.VOCAB_SIZE + 1),
+                   "tokens.pad": str(tok.VOCAB_SIZE)}
+  for key, value in fixes.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = int(value)
+  tokenizer = tok.make_tokenizer(config)
+  assert (tokenizer.pad_id, tokenizer.media_id) == (tok.VOCAB_SIZE, tok.MEDIA_ID)

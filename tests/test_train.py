@@ -161,6 +161,31 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
   assert n_opt < 2 * n_trainable + 10  # Adam's two moments of the trainable params only
 
 
+def test_trainable_token_rows_train_only_those_embedding_rows_on_a_sharded_mesh():
+  from mmjax.data.tokenizer import ENDOFCHUNK_ID, MEDIA_ID
+  rows = [MEDIA_ID, ENDOFCHUNK_ID]
+  # Weight decay on the embedding, which would move every row if only gradients were masked.
+  config = flamingo_config(**{"optim.decay_pattern": r"kernel$|embedding$",
+                              "optim.warmup_steps": 0, "mesh.data": 2, "mesh.fsdp": 2,
+                              "mesh.tensor": 2, "sharding": "fsdp_tensor"})
+  with config.unlocked():
+    config.trainable_token_rows = tuple(rows)
+  with pytest.raises(ValueError, match="leaves frozen"):
+    train.build(config, jax.devices())
+  config.trainable = f"(?:{config.trainable})|^lm/embed/embedding$"
+  parts = train.build(config, jax.devices())
+  state = train.init_state(config, parts, pretrained=False)
+  before = np.asarray(state["params"]["lm"]["embed"]["embedding"])
+  step = train.make_train_step(config, parts)
+  batch = sharding.global_batch(_lm_batch(config),
+                                sharding.batch_sharding(parts.mesh, parts.rules))
+  for _ in range(2):
+    state, _, _ = step(state, batch)
+  after = np.asarray(state["params"]["lm"]["embed"]["embedding"])
+  np.testing.assert_array_equal(np.delete(after, rows, 0), np.delete(before, rows, 0))
+  assert np.all(np.any(after[rows] != before[rows], axis=1))
+
+
 def _init_params(config):
   import flax.linen as nn
   task = get_task(config.task)
