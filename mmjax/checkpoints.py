@@ -10,6 +10,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from mmjax.data.pipeline import resplit_position
@@ -153,6 +154,36 @@ def match_layout(source: dict[str, Any], target_shapes: dict[str, tuple[int, ...
   return out, set(available) - used
 
 
+# The LM parameters indexed by token id, and their vocabulary axis.
+VOCAB_AXES = {r"(^|/)embed/embedding$": 0, r"(^|/)lm_head/kernel$": -1}
+
+
+def extend_with_mean(value: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+  """`value` extended along `axis` to `size` entries, each new one the mean of the old."""
+  extra = np.repeat(value.mean(axis=axis, keepdims=True), size - value.shape[axis], axis=axis)
+  return np.concatenate([value, extra], axis=axis)
+
+
+def grow_vocabulary(source: dict[str, Any], target_shapes: dict[str, tuple[int, ...]]
+                    ) -> dict[str, Any]:
+  """`source` with its token-indexed parameters (`VOCAB_AXES`) extended to the larger
+  vocabulary of `target_shapes`, the new rows set to the mean of the existing ones (as
+  transformers' `resize_token_embeddings` starts them); every other entry unchanged."""
+  grown = dict(source)
+  for key, value in source.items():
+    axis = next((a for pattern, a in VOCAB_AXES.items() if re.search(pattern, key)), None)
+    shape, want = np.shape(value), target_shapes.get(key)
+    if axis is None or want is None or len(want) != len(shape):
+      continue
+    others = [n for i, n in enumerate(shape) if i != axis % len(shape)]
+    if want[axis] > shape[axis] and others == [n for i, n in enumerate(want)
+                                               if i != axis % len(want)]:
+      grown[key] = extend_with_mean(np.asarray(value), want[axis], axis)
+      logging.warning("%s: %d token rows from the checkpoint, %d new ones start as their "
+                      "mean.", key, shape[axis], want[axis] - shape[axis])
+  return grown
+
+
 def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None = None,
           origin: str = "checkpoint") -> dict:
   """Replaces the subtree `target` ('/'-separated) of `params` with `source`.
@@ -161,12 +192,16 @@ def graft(params: dict, target: str, source: dict, *, may_stay_new: str | None =
   per-layer layouts are converted (`match_layout`). Target parameters
   absent from the source keep their initial values only if their full path matches the
   regex `may_stay_new` (e.g. Flamingo's new gated blocks); otherwise it is an error, since
-  a 'pretrained' backbone would silently stay random.
+  a 'pretrained' backbone would silently stay random. A model whose vocabulary is larger
+  than the source's (a pretrained LM given Flamingo's `<image>`, `<|endofchunk|>` and
+  `<PAD>`) gets the source's embedding and output rows, and its new rows start as their
+  mean (`grow_vocabulary`).
   """
   flat = flat_params(params)
   prefix = f"{target}/" if target else ""
   target_shapes = {k[len(prefix):]: np.shape(v) for k, v in flat.items() if k.startswith(prefix)}
   source_flat, unexpected = match_layout(flat_params(source), target_shapes)
+  source_flat = grow_vocabulary(source_flat, target_shapes)
   unexpected = sorted(unexpected)
   missing = sorted(k for k in set(target_shapes) - set(source_flat)
                    if not (may_stay_new and re.search(may_stay_new, prefix + k)))

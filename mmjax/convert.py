@@ -710,9 +710,8 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
                "mpt": "transformer.wte.weight"}.get(hf["model_type"], "model.embed_tokens.weight")
   vocab = lm_state[embed_key].shape[0]
   if not lm.tie_embeddings and lm_state["lm_head.weight"].shape[0] != vocab:
-    old = lm_state["lm_head.weight"][:vocab]
-    mean = np.broadcast_to(old.mean(0), (vocab - len(old), old.shape[1]))
-    lm_state["lm_head.weight"] = np.concatenate([old, mean])
+    from mmjax.checkpoints import extend_with_mean
+    lm_state["lm_head.weight"] = extend_with_mean(lm_state["lm_head.weight"][:vocab], vocab)
   lm = dataclasses.replace(lm, vocab_size=vocab)
   params["lm"] = lm_params(hf, lm_state, lm)
 

@@ -395,3 +395,21 @@ def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(tmp_
   assert report["naming"]["2"]["recall"] == logged[4]["few_shot/naming/recall/2shot"]
   scalars = read_scalars(tmp_path / "tensorboard")
   assert set(scalars["few_shot/naming/recall/0shot"]) == {2, 4}
+
+
+def test_graft_gives_a_larger_vocabulary_the_checkpoint_rows_and_their_mean():
+  """A pretrained LM loaded into a model with added tokens (Flamingo's `<image>`, ...)."""
+  params = {"lm": {"embed": {"embedding": np.zeros((5, 2))},
+                   "lm_head": {"kernel": np.zeros((2, 5))}, "norm": {"scale": np.zeros(2)}}}
+  embedding = np.arange(6.0).reshape(3, 2)
+  grafted = checkpoints.graft(params, "lm", {"embed": {"embedding": embedding},
+                                             "lm_head": {"kernel": embedding.T},
+                                             "norm": {"scale": np.ones(2)}})
+  np.testing.assert_array_equal(grafted["lm"]["embed"]["embedding"],
+                                [[0, 1], [2, 3], [4, 5], [2, 3], [2, 3]])
+  np.testing.assert_array_equal(grafted["lm"]["lm_head"]["kernel"],
+                                grafted["lm"]["embed"]["embedding"].T)
+  with pytest.raises(ValueError, match="shape mismatches"):  # only the vocabulary may grow
+    checkpoints.graft(params, "lm", {"embed": {"embedding": np.zeros((3, 4))},
+                                     "lm_head": {"kernel": np.zeros((2, 5))},
+                                     "norm": {"scale": np.ones(2)}})
