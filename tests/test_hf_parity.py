@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 
 from mmjax import checkpoints, convert  # noqa: E402
 from mmjax.layers import RopeScaling  # noqa: E402
-from mmjax.models.lm import LanguageModel  # noqa: E402
+from mmjax.models.lm import LanguageModel, generate  # noqa: E402
 
 VOCAB = 96
 
@@ -130,24 +130,14 @@ def test_rope_settings_are_read_from_old_and_new_configs():
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "mpt"])
 def test_greedy_generation_gives_transformers_tokens(name, tmp_path):
-  from mmjax import decoding
   model = _saved(tmp_path, MODELS[name], seed=1)
   prompt = np.array([[5, 17, 33, 2, 9]])
   with torch.no_grad():
     expected = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
                               min_new_tokens=8, pad_token_id=0)[0, 5:].numpy()
   cfg, params = convert.convert_lm(tmp_path)
-  lm = LanguageModel(cfg)
-
-  def step(cache, tokens, positions):
-    logits, state = lm.apply({"params": params, "cache": cache}, tokens, positions=positions,
-                             decode=True, mutable=["cache"])
-    return logits, state["cache"]
-
-  cache = decoding.init_cache(lm.apply, {"params": params}, jnp.zeros((1, 13), jnp.int32),
-                              positions=jnp.arange(13)[None], decode=True, mutable=["cache"])
-  out = decoding.generate(step, cache, jnp.asarray(prompt), jnp.array([5]), jax.random.key(0),
-                          max_new_tokens=8, stop_ids=(), pad_id=0)
+  out = generate(LanguageModel(cfg), params, jnp.asarray(prompt), jnp.array([5]),
+                 jax.random.key(0), max_new_tokens=8)
   np.testing.assert_array_equal(np.asarray(out.tokens[0]), expected)
 
 
@@ -155,7 +145,6 @@ def test_mpt_batched_greedy_generation_gives_transformers_tokens(tmp_path):
   """Prompts of different lengths decode together: ALiBi over each row's own cache slots.
   transformers takes them left-padded (its ALiBi then spans the padding, which is masked
   and shifts every real distance alike), mmjax right-padded with their lengths."""
-  from mmjax import decoding
   model = _saved(tmp_path, lambda: _mpt(d_model=48, n_heads=6), seed=2)
   prompts = [[5, 17, 33, 2, 9, 41, 8], [12, 70, 3]]
   lengths, t, new = np.array([7, 3]), 7, 8
@@ -167,18 +156,8 @@ def test_mpt_batched_greedy_generation_gives_transformers_tokens(tmp_path):
                               max_new_tokens=new, min_new_tokens=new, do_sample=False,
                               pad_token_id=0)[:, t:].numpy()
   cfg, params = convert.convert_lm(tmp_path)
-  lm = LanguageModel(cfg)
-
-  def step(cache, tokens, positions):
-    logits, state = lm.apply({"params": params, "cache": cache}, tokens, positions=positions,
-                             decode=True, mutable=["cache"])
-    return logits, state["cache"]
-
-  cache = decoding.init_cache(lm.apply, {"params": params}, jnp.zeros((2, t + new), jnp.int32),
-                              positions=jnp.arange(t + new)[None], decode=True,
-                              mutable=["cache"])
-  out = decoding.generate(step, cache, jnp.asarray(right), jnp.asarray(lengths),
-                          jax.random.key(0), max_new_tokens=new, stop_ids=(), pad_id=0)
+  out = generate(LanguageModel(cfg), params, jnp.asarray(right), jnp.asarray(lengths),
+                 jax.random.key(0), max_new_tokens=new)
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
 
 

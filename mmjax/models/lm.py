@@ -8,12 +8,15 @@ chosen layers and read resampled visual tokens.
 """
 
 import dataclasses
-from typing import Literal
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import decoding
 from mmjax.layers import (Attention, Dense, LearnedPositions, Mlp, Norm, RopeScaling,
                           padding_mask, remat, scan)
 from mmjax.models.common import dtype as to_dtype
@@ -205,3 +208,30 @@ class LanguageModel(nn.Module):
     else:
       logits = Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id",
+                                             "sampling"))
+def generate(model: LanguageModel, params: Any, prompt: jax.Array, prompt_lengths: jax.Array,
+             rng: jax.Array, *, max_new_tokens: int, stop_ids: Sequence[int] = (),
+             pad_id: int = 0, sampling: decoding.SamplingConfig = decoding.GREEDY
+             ) -> decoding.Generated:
+  """Continues right-padded text prompts `"b t"` (real lengths `"b"`) with the KV cache;
+  `decoding.Generated` holds `"b max_new_tokens"` tokens and per-row lengths."""
+  b, t = prompt.shape
+  max_len = t + max_new_tokens
+  if model.config.position == "learned" and max_len > model.config.max_len:
+    raise ValueError(f"Prompt length {t} + max_new_tokens {max_new_tokens} exceeds the LM's "
+                     f"learned positions (max_len={model.config.max_len}).")
+
+  def step(cache, tokens, positions):
+    logits, state = model.apply({"params": params, "cache": cache}, tokens,
+                                positions=positions, decode=True, mutable=["cache"])
+    return logits, state["cache"]
+
+  cache = decoding.init_cache(model.apply, {"params": params}, jnp.zeros((b, max_len), jnp.int32),
+                              positions=jnp.broadcast_to(jnp.arange(max_len), (b, max_len)),
+                              decode=True, mutable=["cache"])
+  return decoding.generate(step, cache, prompt, prompt_lengths, rng,
+                           max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                           pad_id=pad_id, sampling=sampling)
