@@ -32,10 +32,13 @@ def model_config(cls, config):
   `remat="full"` (or another `mmjax.layers.REMAT_POLICIES` name) rematerialises every
   layer of every sub-model.
   `scan_layers=True` runs every layer stack as one scanned layer (`mmjax.layers.scan`).
+  `attention_impl` ("xla" or "cudnn") picks every attention's kernel
+  (`jax.nn.dot_product_attention`); unset, XLA chooses.
   """
   model = config_from_dict(cls, config.model.to_dict())
   overrides = {"dtype": config.get("compute_dtype"), "remat": config.get("remat"),
-               "scan_layers": config.get("scan_layers")}
+               "scan_layers": config.get("scan_layers"),
+               "attention_impl": config.get("attention_impl")}
   return with_fields(model, **{k: v for k, v in overrides.items() if v is not None})
 
 

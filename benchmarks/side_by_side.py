@@ -1,0 +1,301 @@
+"""mmjax against PyTorch references on the same Flamingo, same batch, same machine.
+
+  python -m benchmarks.side_by_side --size=default     # the embedded recipe's shapes
+  python -m benchmarks.side_by_side --size=base        # width 768, 12 layers, ViT-B/16
+
+The reference is transformers' IDEFICS (a Flamingo: CLIP ViT, perceiver resampler, gated
+cross-attention before LLaMA layers) built from a random config of the chosen size and
+saved; mmjax runs the same weights through `mmjax.convert.convert_idefics`, so both
+compute the same function. Measured, alternating the two systems in each of --rounds
+rounds so that drift in the machine's speed hits both:
+
+  train step   frozen vision tower and LM, trainable perceiver and gated blocks;
+               AdamW with gradient clipping (mmjax: the real `mmjax.train` step)
+  generation   greedy decoding with a KV cache, the images encoded once
+  LM alone     a train step of the LLaMA LM by itself (every parameter trains): what
+               the Flamingo additions cost
+
+Both use every core (torch.set_num_threads(os.cpu_count()); XLA's CPU client uses all
+cores). One JSON line per (measurement, system) goes to
+benchmarks/results/side_by_side.jsonl, with the ratio mmjax/PyTorch of throughputs on the
+mmjax lines. MFU uses the model FLOPs of `mmjax.flops` (the same for both systems) over
+the float32 matmul rate measured in the same run.
+"""
+
+import dataclasses
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks import harness
+from mmjax import convert, decoding, flops, sharding, train
+from mmjax.checkpoints import flat_params
+from mmjax.models.flamingo import Flamingo, generate
+from mmjax.models.xattn import media_attention_mask, media_index
+
+SIZES = {
+    # configs/flamingo.py "tiny" shapes, with IDEFICS's LLaMA-style LM and batch.
+    "default": dict(lm=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                            num_attention_heads=4, vocab_size=1024),
+                    vision=dict(embed_dim=128, image_size=64, patch_size=8,
+                                num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=512),
+                    perceiver=dict(resampler_depth=2, resampler_n_heads=4,
+                                   resampler_head_dim=32, resampler_n_latents=16),
+                    batch=16, seq_len=64, images=4, new_tokens=16),
+    # Width 768, 12 layers; a ViT-B/16 at 224px; the paper's perceiver.
+    "base": dict(lm=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, vocab_size=32000),
+                 vision=dict(embed_dim=768, image_size=224, patch_size=16,
+                             num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072),
+                 perceiver=dict(resampler_depth=6, resampler_n_heads=8, resampler_head_dim=64,
+                                resampler_n_latents=64),
+                 batch=8, seq_len=128, images=2, new_tokens=16),
+}
+
+def reference_model(size: dict, path: str):
+  """A random IDEFICS of `size`, saved to `path`: `(torch model, mmjax FlamingoConfig,
+  mmjax params)`, the same weights in both."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  lm = size["lm"]
+  model = transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(
+      **lm, additional_vocab_size=2, max_position_embeddings=2048, cross_layer_interval=1,
+      use_resampler=True, alpha_type="float", vision_config=size["vision"],
+      perceiver_config=size["perceiver"]))
+  with torch.no_grad():  # open gates, so the gated blocks compute what they would trained
+    for name, p in model.named_parameters():
+      if "alpha" in name:
+        p.fill_(0.5)
+  model.save_pretrained(path)
+  media, endofchunk = lm["vocab_size"], lm["vocab_size"] + 1
+  cfg, params = convert.convert_idefics(path, media_token_id=media,
+                                        endofchunk_token_id=endofchunk)
+  return model, cfg, params
+
+
+def example_batch(size: dict, cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Interleaved rows: `<image>` then text ending in `<|endofchunk|>`, per image."""
+  b, t, n = size["batch"], size["seq_len"], size["images"]
+  tokens = rng.integers(3, cfg.lm.vocab_size - 2, size=(b, t))
+  chunk = t // n
+  for i in range(n):
+    tokens[:, i * chunk] = cfg.media_token_id
+    tokens[:, (i + 1) * chunk - 1] = cfg.endofchunk_token_id
+  side = cfg.vision.image_size
+  return {"tokens": tokens.astype(np.int32),
+          "images": rng.normal(size=(b, n, 1, side, side, 3)).astype(np.float32),
+          "num_images": np.full((b,), n, np.int32)}
+
+
+def recipe(cfg, size: dict, task: str = "flamingo"):
+  """The mmjax recipe config training `cfg` (or its LM alone) on `size`'s batches."""
+  from configs import flamingo as flamingo_config
+  config = flamingo_config.get_config("tiny")
+  config.task = task
+  config.model = dataclasses.asdict(cfg if task == "flamingo" else cfg.lm)
+  config.trainable = config.trainable if task == "flamingo" else ".*"
+  config.init = []
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  config.data.batch_size, config.data.seq_len = size["batch"], size["seq_len"]
+  config.data.max_images = size["images"]
+  config.optim.warmup_steps = 0
+  return config
+
+
+class MmjaxStep:
+  """The `mmjax.train` step of `config` on one device, with `params` loaded."""
+
+  def __init__(self, config, params, batch):
+    self.config = config
+    self.parts = train.build(config, jax.devices()[:1])
+    state = train.init_state(config, self.parts, pretrained=False)
+    loaded = params if config.task == "flamingo" else {
+        k: v for k, v in params["lm"].items() if not k.startswith("xattn_")}
+    trainable, frozen = train.partition_params(loaded, config.trainable)
+    # Placed as the step's outputs are, so that it compiles once.
+    self.state = jax.device_put({**state, "params": trainable, "frozen": frozen},
+                                self.parts.shardings)
+    self.state["opt_state"] = jax.jit(self.parts.tx.init, out_shardings=self.parts.shardings[
+        "opt_state"])(self.state["params"])
+    data = {"tokens": batch["tokens"], "targets": np.roll(batch["tokens"], -1, axis=1),
+            "loss_mask": np.ones(batch["tokens"].shape, np.float32)}
+    if config.task == "flamingo":
+      data |= {"images": batch["images"], "num_images": batch["num_images"]}
+    data["loss_mask"][:, -1] = 0
+    self.batch = sharding.global_batch(data, sharding.batch_sharding(self.parts.mesh,
+                                                                     self.parts.rules))
+    self.step = train.make_train_step(config, self.parts)
+
+  def __call__(self):
+    self.state, metrics, _ = self.step(self.state, self.batch)
+    jax.block_until_ready(metrics["loss"])
+
+  def model_flops(self) -> float:
+    params = {**flat_params(self.parts.abstract["params"]),
+              **flat_params(self.parts.abstract["frozen"])}
+    return flops.train_step_flops(self.config, params)["total"]
+
+
+class TorchStep:
+  """The same step in PyTorch: frozen vision tower and LM, AdamW on the perceiver and the
+  gated blocks (everything, for the LM alone), gradient clipping at the recipe's norm."""
+
+  def __init__(self, model, cfg, batch, optim, lm_alone: bool = False):
+    import torch
+    self.torch = torch
+    self.model = model.train()
+    media = cfg.media_token_id
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+    if lm_alone:
+      import transformers
+      text = transformers.LlamaConfig(**{k: getattr(model.config, k) for k in (
+          "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "rms_norm_eps")}, vocab_size=cfg.lm.vocab_size, max_position_embeddings=2048)
+      self.model = transformers.LlamaForCausalLM(text).train()
+      self.inputs = dict(input_ids=tokens)
+      trainable = list(self.model.parameters())
+    else:
+      model.requires_grad_(False)
+      trainable = [p for n, p in model.named_parameters()
+                   if n.startswith(("model.perceiver_resampler", "model.gated_cross_attn"))]
+      for p in trainable:
+        p.requires_grad_(True)
+      images = batch["images"][:, :, 0].transpose(0, 1, 4, 2, 3)  # b T c h w
+      valid = np.arange(images.shape[1])[None] < batch["num_images"][:, None]
+      mask = media_attention_mask(media_index(jnp.asarray(batch["tokens"]), media),
+                                  jnp.asarray(valid))
+      self.inputs = dict(input_ids=tokens, pixel_values=torch.tensor(images),
+                         image_attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long))
+    self.targets = tokens[:, 1:].reshape(-1)
+    self.trainable = trainable
+    self.optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=(optim.b1, optim.b2),
+                                       eps=optim.eps, weight_decay=optim.weight_decay)
+    self.clip_norm = optim.clip_norm
+
+  def __call__(self):
+    self.optimizer.zero_grad(set_to_none=True)
+    # Next-token cross-entropy over the whole vocabulary (IDEFICS's own `labels` loss
+    # mis-shapes its logits when it has additional tokens).
+    logits = self.model(**self.inputs).logits[:, :-1]
+    loss = self.torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                  self.targets)
+    loss.backward()
+    self.torch.nn.utils.clip_grad_norm_(self.trainable, self.clip_norm)
+    self.optimizer.step()
+
+
+def alternate(systems: dict, rounds: int, runs: int) -> dict[str, dict]:
+  """Times each system `runs` times per round, alternating, after two warm-up calls each
+  (compilation, and the first step's allocations): `{name: timed_runs-like summary over
+  all rounds}`."""
+  times = {name: [] for name in systems}
+  for fn in systems.values():
+    fn()
+    fn()
+  for _ in range(rounds):
+    for name, fn in systems.items():
+      times[name] += [harness.timed_runs(fn, warmup=0, runs=1)["median_s"]
+                      for _ in range(runs)]
+  return {name: {"median_s": float(np.median(t)), "min_s": min(t), "max_s": max(t),
+                 "runs": len(t)} for name, t in times.items()}
+
+
+def run(size: dict, *, name: str, rounds: int, runs: int,
+        only: tuple[str, ...] = ("train", "lm", "generate"), out: str | None = None
+        ) -> list[dict]:
+  """Measures `only` at `size` (a `SIZES` entry) and records one line per measurement and
+  system; returns the lines."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  peak = harness.matmul_peak(jnp.float32)
+  common = {"size": name, "batch": size["batch"], "seq_len": size["seq_len"],
+            "num_images": size["images"], "threads": os.cpu_count(),
+            "torch": torch.__version__, "peak_flops": peak}
+  with tempfile.TemporaryDirectory() as path:
+    model, cfg, params = reference_model(size, path)
+  batch = example_batch(size, cfg, np.random.default_rng(0))
+  lines = []
+
+  def report(kind, timing, per_call, model_flops=None):
+    rates = {system: per_call / t["median_s"] for system, t in timing.items()}
+    for system, t in timing.items():
+      line = {**common, "measurement": kind, "system": system, "step_s": t["median_s"],
+              "step_min_s": t["min_s"], "step_max_s": t["max_s"], "runs": t["runs"],
+              "tokens_per_s": rates[system]}
+      if model_flops:
+        line |= {"model_flops_per_step": model_flops,
+                 "mfu": model_flops / t["median_s"] / peak}
+      if system == "mmjax":
+        line["speedup_vs_torch"] = rates["mmjax"] / rates["torch"]
+      lines.append(harness.record("side_by_side", line, out))
+
+  tokens_per_step = size["batch"] * size["seq_len"]
+  for kind, task in (("train_step", "flamingo"), ("lm_train_step", "lm")):
+    if ("train" if task == "flamingo" else "lm") not in only:
+      continue
+    config = recipe(cfg, size, task)
+    ours = MmjaxStep(config, params, batch)
+    theirs = TorchStep(model, cfg, batch, config.optim, lm_alone=task == "lm")
+    report(kind, alternate({"mmjax": ours, "torch": theirs}, rounds, runs), tokens_per_step,
+           ours.model_flops())
+    del ours, theirs
+  if "generate" in only:
+    report("generation", alternate(generators(model.eval(), cfg, params, batch, size), rounds,
+                                   runs), size["batch"] * size["new_tokens"])
+  return lines
+
+
+def generators(model, cfg, params, batch, size):
+  """Greedy decoding of `new_tokens` tokens after the first half of each row (which
+  holds half of its images), in both systems."""
+  import torch
+  prompt_len, new = size["seq_len"] // 2, size["new_tokens"]
+  prompt = batch["tokens"][:, :prompt_len]
+  images = batch["images"][:, :, 0]
+  num_images = np.minimum(batch["num_images"], size["images"] // 2)
+  mask = media_attention_mask(media_index(jnp.asarray(prompt), cfg.media_token_id),
+                              jnp.arange(size["images"])[None] < num_images[:, None])
+  torch_inputs = dict(
+      input_ids=torch.tensor(prompt, dtype=torch.long),
+      attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+      pixel_values=torch.tensor(images.transpose(0, 1, 4, 2, 3)),
+      image_attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long))
+  flamingo = Flamingo(cfg)
+  lengths = jnp.full((prompt.shape[0],), prompt_len, jnp.int32)
+
+  def ours():
+    out = generate(flamingo, params, jnp.asarray(prompt), lengths, jax.random.key(0),
+                   images=jnp.asarray(batch["images"]), num_images=jnp.asarray(num_images),
+                   max_new_tokens=new, stop_ids=(), pad_id=0, sampling=decoding.GREEDY)
+    jax.block_until_ready(out.tokens)
+
+  def theirs():
+    with torch.no_grad():
+      model.generate(**torch_inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                     pad_token_id=0)
+
+  return {"mmjax": ours, "torch": theirs}
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  run(SIZES[f.size], name=f.size, rounds=f.rounds, runs=f.runs, only=tuple(f.only), out=f.out)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that the measurement functions import cleanly anywhere.
+  flags.DEFINE_enum("size", "default", sorted(SIZES), "Model and batch size.")
+  flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
+  flags.DEFINE_integer("runs", 3, "Timed calls per system per round.")
+  flags.DEFINE_list("only", ["train", "generate", "lm"], "Measurements to run.")
+  flags.DEFINE_string("out", None, "Results file (default: benchmarks/results/"
+                      "side_by_side.jsonl).")
+  app.run(main)

@@ -1,0 +1,46 @@
+"""The benchmark harness measures what it says (no speed is asserted: only that each
+result is complete and consistent)."""
+
+import jax
+import pytest
+
+from benchmarks import harness, train_step
+from configs import flamingo
+
+
+def test_train_step_result_is_complete(tmp_path):
+  config = flamingo.get_config()
+  config.data.batch_size, config.data.seq_len = 2, 32
+  result = train_step.measure(config, warmup=1, runs=2, devices=jax.devices()[:1],
+                              profile=str(tmp_path / "trace"))
+  assert result["runs"] == 2 and result["step_min_s"] <= result["step_s"] <= result["step_max_s"]
+  assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s"])
+  assert result["mfu"] == pytest.approx(result["model_flops_per_s"] / result["peak_flops"])
+  assert 0 < result["mfu"] and result["model_flops_per_step"] > 0
+  line = harness.record("train_step", result, out=str(tmp_path / "results.jsonl"))
+  assert (tmp_path / "results.jsonl").read_text().count("\n") == 1
+  assert line["machine"]["backend"] == "cpu"
+
+
+def test_side_by_side_times_both_systems_on_the_same_model(tmp_path):
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  from benchmarks import side_by_side
+  size = dict(lm=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, vocab_size=64),
+              vision=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=24),
+              perceiver=dict(resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                             resampler_n_latents=3),
+              batch=2, seq_len=16, images=2, new_tokens=4)
+  lines = side_by_side.run(size, name="toy", rounds=1, runs=1,
+                           out=str(tmp_path / "results.jsonl"))
+  got = {(line["measurement"], line["system"]) for line in lines}
+  assert got == {(m, s) for m in ("train_step", "lm_train_step", "generation")
+                 for s in ("mmjax", "torch")}
+  for line in lines:
+    if line["system"] == "mmjax":
+      torch_line = next(other for other in lines if other["measurement"] == line["measurement"]
+                        and other["system"] == "torch")
+      assert line["speedup_vs_torch"] == pytest.approx(
+          line["tokens_per_s"] / torch_line["tokens_per_s"])
