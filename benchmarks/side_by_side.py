@@ -14,6 +14,9 @@ rounds so that drift in the machine's speed hits both:
   generation   greedy decoding with a KV cache, the images encoded once
   LM alone     a train step of the LLaMA LM by itself (every parameter trains): what
                the Flamingo additions cost
+  OpenFlamingo forward and backward of open_flamingo's own PerceiverResampler and
+               GatedCrossAttentionBlock against mmjax's, same shapes (`pip install
+               --no-deps open_flamingo==2.0.1`; its modules are loaded from their file)
 
 Both use every core (torch.set_num_threads(os.cpu_count()); XLA's CPU client uses all
 cores). One JSON line per (measurement, system) goes to
@@ -23,7 +26,9 @@ the float32 matmul rate measured in the same run.
 """
 
 import dataclasses
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 import jax
@@ -35,7 +40,9 @@ from benchmarks import harness
 from mmjax import convert, decoding, flops, sharding, train
 from mmjax.checkpoints import flat_params
 from mmjax.models.flamingo import Flamingo, generate
-from mmjax.models.xattn import media_attention_mask, media_index
+from mmjax.models.perceiver import PerceiverResampler, ResamplerConfig
+from mmjax.models.xattn import (GatedCrossAttentionBlock, XAttnConfig, media_attention_mask,
+                                media_index)
 
 SIZES = {
     # configs/flamingo.py "tiny" shapes, with IDEFICS's LLaMA-style LM and batch.
@@ -80,16 +87,23 @@ def reference_model(size: dict, path: str):
   return model, cfg, params
 
 
-def example_batch(size: dict, cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Interleaved rows: `<image>` then text ending in `<|endofchunk|>`, per image."""
+def interleaved_tokens(size: dict, media: int, endofchunk: int, vocab: int,
+                       rng: np.random.Generator) -> np.ndarray:
+  """`"b t"` rows of `size`: per image, `<image>` then text ending in `<|endofchunk|>`."""
   b, t, n = size["batch"], size["seq_len"], size["images"]
-  tokens = rng.integers(3, cfg.lm.vocab_size - 2, size=(b, t))
+  tokens = rng.integers(3, vocab, size=(b, t))
   chunk = t // n
   for i in range(n):
-    tokens[:, i * chunk] = cfg.media_token_id
-    tokens[:, (i + 1) * chunk - 1] = cfg.endofchunk_token_id
-  side = cfg.vision.image_size
-  return {"tokens": tokens.astype(np.int32),
+    tokens[:, i * chunk] = media
+    tokens[:, (i + 1) * chunk - 1] = endofchunk
+  return tokens.astype(np.int32)
+
+
+def example_batch(size: dict, cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Interleaved rows and their images."""
+  b, n, side = size["batch"], size["images"], cfg.vision.image_size
+  return {"tokens": interleaved_tokens(size, cfg.media_token_id, cfg.endofchunk_token_id,
+                                       cfg.lm.vocab_size - 2, rng),
           "images": rng.normal(size=(b, n, 1, side, side, 3)).astype(np.float32),
           "num_images": np.full((b,), n, np.int32)}
 
@@ -208,7 +222,8 @@ def alternate(systems: dict, rounds: int, runs: int) -> dict[str, dict]:
 
 
 def run(size: dict, *, name: str, rounds: int, runs: int,
-        only: tuple[str, ...] = ("train", "lm", "generate"), out: str | None = None
+        only: tuple[str, ...] = ("train", "lm", "generate", "openflamingo"),
+        out: str | None = None
         ) -> list[dict]:
   """Measures `only` at `size` (a `SIZES` entry) and records one line per measurement and
   system; returns the lines."""
@@ -223,17 +238,17 @@ def run(size: dict, *, name: str, rounds: int, runs: int,
   batch = example_batch(size, cfg, np.random.default_rng(0))
   lines = []
 
-  def report(kind, timing, per_call, model_flops=None):
+  def report(kind, timing, per_call, model_flops=None, unit="tokens"):
     rates = {system: per_call / t["median_s"] for system, t in timing.items()}
     for system, t in timing.items():
       line = {**common, "measurement": kind, "system": system, "step_s": t["median_s"],
               "step_min_s": t["min_s"], "step_max_s": t["max_s"], "runs": t["runs"],
-              "tokens_per_s": rates[system]}
+              f"{unit}_per_s": rates[system]}
       if model_flops:
         line |= {"model_flops_per_step": model_flops,
                  "mfu": model_flops / t["median_s"] / peak}
       if system == "mmjax":
-        line["speedup_vs_torch"] = rates["mmjax"] / rates["torch"]
+        line["speedup_vs_torch"] = rates["mmjax"] / rates["torch"]  # same work per call
       lines.append(harness.record("side_by_side", line, out))
 
   tokens_per_step = size["batch"] * size["seq_len"]
@@ -249,6 +264,9 @@ def run(size: dict, *, name: str, rounds: int, runs: int,
   if "generate" in only:
     report("generation", alternate(generators(model.eval(), cfg, params, batch, size), rounds,
                                    runs), size["batch"] * size["new_tokens"])
+  if "openflamingo" in only:
+    for kind, (systems, per_call, unit) in openflamingo_modules(size).items():
+      report(kind, alternate(systems, rounds, runs), per_call, unit=unit)
   return lines
 
 
@@ -284,6 +302,90 @@ def generators(model, cfg, params, batch, size):
   return {"mmjax": ours, "torch": theirs}
 
 
+def open_flamingo_helpers():
+  """open_flamingo's `helpers.py` (its perceiver and gated block), loaded from its file:
+  the package's `__init__` imports open_clip, which the CPU torch build cannot load."""
+  spec = importlib.util.find_spec("open_flamingo")
+  if spec is None:
+    raise ImportError("open_flamingo is not installed: pip install --no-deps "
+                      "open_flamingo==2.0.1")
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "src" / "helpers.py"
+  module_spec = importlib.util.spec_from_file_location("open_flamingo_helpers", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def openflamingo_modules(size: dict) -> dict:
+  """`{measurement: ({system: call}, work per call, unit)}`: forward and backward of
+  open_flamingo's perceiver (parameter gradients; `images` per row of patch features)
+  and gated block (parameter and input gradients; the batch's text over each row's
+  resampled images) against mmjax's, random weights of the same shapes."""
+  import torch
+  helpers = open_flamingo_helpers()
+  per, vis, lm = size["perceiver"], size["vision"], size["lm"]
+  e, d = vis["embed_dim"], lm["hidden_size"]
+  heads, head_dim, latents = (per["resampler_n_heads"], per["resampler_head_dim"],
+                              per["resampler_n_latents"])
+  images = size["batch"] * size["images"]
+  patches = (vis["image_size"] // vis["patch_size"]) ** 2
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  media, media_grad = normal(images, 1, 1, patches, e), normal(images, 1, latents, e)
+  text, text_grad = normal(size["batch"], size["seq_len"], d), normal(size["batch"],
+                                                                      size["seq_len"], d)
+  media_tokens = normal(size["batch"], size["images"], latents, e)
+  tokens = interleaved_tokens(size, 1, 2, lm["vocab_size"], np.random.default_rng(0))
+  locations = tokens == 1
+
+  ours_resampler = PerceiverResampler(ResamplerConfig(
+      depth=per["resampler_depth"], num_heads=heads, head_dim=head_dim, num_latents=latents))
+  resampler_params = ours_resampler.init(jax.random.key(0), media)["params"]
+  resampler_grad = jax.jit(jax.grad(lambda p, x: jnp.sum(
+      ours_resampler.apply({"params": p}, x) * media_grad)))
+  theirs_resampler = helpers.PerceiverResampler(
+      dim=e, depth=per["resampler_depth"], dim_head=head_dim, heads=heads,
+      num_latents=latents)
+  media_t, media_grad_t = torch.tensor(media), torch.tensor(media_grad)
+
+  def torch_resampler():
+    theirs_resampler.zero_grad(set_to_none=True)
+    (theirs_resampler(media_t) * media_grad_t).sum().backward()
+
+  xattn = XAttnConfig(num_heads=8, head_dim=64)  # open_flamingo's fixed block shape
+  ours_block = GatedCrossAttentionBlock(xattn)
+  mask = jnp.repeat(media_attention_mask(media_index(jnp.asarray(tokens), 1),
+                                         jnp.ones((size["batch"], size["images"]), bool)),
+                    latents, axis=-1)
+  flat_media = media_tokens.reshape(size["batch"], -1, e)
+  block_params = jax.tree_util.tree_map(  # open gates, as after training
+      lambda x: x + 0.5, ours_block.init(jax.random.key(1), text, flat_media, mask)["params"])
+  block_grad = jax.jit(jax.grad(lambda p, x: jnp.sum(ours_block.apply(
+      {"params": p}, x, flat_media, mask) * text_grad), argnums=(0, 1)))
+  theirs_block = helpers.GatedCrossAttentionBlock(dim=d, dim_visual=e)
+  with torch.no_grad():
+    theirs_block.attn_gate.fill_(0.5)
+    theirs_block.ff_gate.fill_(0.5)
+  text_t = torch.tensor(text, requires_grad=True)
+  media_tokens_t, locations_t = torch.tensor(media_tokens), torch.tensor(locations)
+  text_grad_t = torch.tensor(text_grad)
+
+  def torch_block():
+    theirs_block.zero_grad(set_to_none=True)
+    text_t.grad = None
+    (theirs_block(text_t, media_tokens_t, media_locations=locations_t) * text_grad_t
+     ).sum().backward()
+
+  return {
+      "openflamingo_perceiver": ({
+          "mmjax": lambda: jax.block_until_ready(resampler_grad(resampler_params, media)),
+          "torch": torch_resampler}, images, "images"),
+      "openflamingo_gated_block": ({
+          "mmjax": lambda: jax.block_until_ready(block_grad(block_params, text)),
+          "torch": torch_block}, size["batch"] * size["seq_len"], "tokens"),
+  }
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -295,7 +397,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("size", "default", sorted(SIZES), "Model and batch size.")
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("runs", 3, "Timed calls per system per round.")
-  flags.DEFINE_list("only", ["train", "generate", "lm"], "Measurements to run.")
+  flags.DEFINE_list("only", ["train", "lm", "generate", "openflamingo"],
+                    "Measurements to run.")
   flags.DEFINE_string("out", None, "Results file (default: benchmarks/results/"
                       "side_by_side.jsonl).")
   app.run(main)
