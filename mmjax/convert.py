@@ -66,17 +66,13 @@ def read_hf_dir(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.
     raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model "
                             "directory (save_pretrained's output).")
   config = json.loads((path / "config.json").read_text())
-  files = sorted(path.glob("*.safetensors"))
-  if files:
-    from safetensors.numpy import load_file
-    state = {}
-    for f in files:
-      state.update(load_file(str(f)))
-  elif (path / "pytorch_model.bin").exists():
-    state = read_state_file(path / "pytorch_model.bin")
-  else:
+  files = sorted(path.glob("*.safetensors")) or [path / "pytorch_model.bin"]
+  if not files[0].exists():
     raise FileNotFoundError(f"{path} has neither *.safetensors nor pytorch_model.bin.")
-  return config, {k: np.asarray(v, np.float32) for k, v in state.items()}
+  state = {}
+  for f in files:  # one file, or the shards of a sharded checkpoint
+    state.update(read_state_file(f))
+  return config, state
 
 
 def read_state_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -199,6 +195,13 @@ def rope_settings(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                             high_freq_factor=rope["high_freq_factor"], original_max_len=original)
 
 
+_CONFIG_HINT = ("Check that config.json belongs to these weights (hidden_size, "
+                "intermediate_size, num_attention_heads, num_key_value_heads, "
+                "num_hidden_layers, vocab_size).")
+_OPENFLAMINGO_HINT = ("Check that it is OpenFlamingo's checkpoint.pt (or a training "
+                      "checkpoint of it) for the --vision tower and --hf_dir LM it was built on.")
+
+
 class _Reader:
   """Takes parameters out of a state dict by name, checking shapes. Problems are
   collected (a placeholder of the expected shape stands in) and `finish` reports them all
@@ -224,8 +227,8 @@ class _Reader:
       return np.zeros(shape, np.float32)
     return value
 
-  def finish(self, ignore: tuple[str, ...] = ()) -> None:
-    """Raises `ConversionError` naming every problem, if there is any."""
+  def finish(self, ignore: tuple[str, ...] = (), hint: str = _CONFIG_HINT) -> None:
+    """Raises `ConversionError` naming every problem, if there is any, then `hint`."""
     unexpected = sorted(k for k in self.state if k not in self.used
                         and not any(part in k for part in ignore))
     problems = [f"{what} ({len(items)}): {items[:6]}{' ...' if len(items) > 6 else ''}"
@@ -233,10 +236,8 @@ class _Reader:
                                     ("shape mismatches", self.mismatched),
                                     ("unexpected parameters", unexpected)) if items]
     if problems:
-      raise ConversionError(
-          "The checkpoint does not match its config.json: " + "; ".join(problems) + ". Check "
-          "that config.json belongs to these weights (hidden_size, intermediate_size, "
-          "num_attention_heads, num_key_value_heads, num_hidden_layers, vocab_size).")
+      raise ConversionError("The checkpoint does not match the model it should hold: "
+                            + "; ".join(problems) + ". " + hint)
 
 
 def _dense(kernel: np.ndarray, bias: np.ndarray | None, in_shape, out_shape) -> dict:
@@ -530,17 +531,13 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   if not hf.get("use_resampler"):
     raise ConversionError("IDEFICS without its perceiver resampler (use_resampler=False) "
                           "is not a Flamingo; not supported.")
-  theta, scaling = rope_settings(hf)
   vis, per = hf["vision_config"], hf["perceiver_config"]
   extra = hf.get("additional_vocab_size", 0)
   d, h, m = hf["hidden_size"], hf["num_attention_heads"], hf["intermediate_size"]
   qk_norm = "rmsnorm" if hf.get("qk_layer_norms") else None
-  lm = LMConfig(
-      vocab_size=hf["vocab_size"] + extra, width=d, depth=hf["num_hidden_layers"],
-      num_heads=h, mlp_dim=m, activation=hf.get("hidden_act", "silu"), gated_mlp=True,
-      norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
-      max_len=hf["max_position_embeddings"],
-      rope_theta=theta, rope_scaling=scaling, tie_embeddings=False)
+  # The text model is a LLaMA (its decoupled extra vocabulary appended below).
+  lm = dataclasses.replace(lm_config({**hf, "model_type": "llama"}),
+                           vocab_size=hf["vocab_size"] + extra, tie_embeddings=False)
   vision = ViTConfig(
       image_size=vis["image_size"], patch_size=vis["patch_size"], width=vis["embed_dim"],
       depth=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
@@ -740,7 +737,7 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
         "attn": _openflamingo_attention(read, f"layers.{i}.0.", e, e, resampler.num_heads),
         **_openflamingo_ff(read, f"layers.{i}.1.", e, resampler.ff_mult)}
   params["resampler"] = perceiver
-  read.finish(ignore=("vision_encoder.",))  # a full state dict's frozen tower
+  read.finish(ignore=("vision_encoder.",), hint=_OPENFLAMINGO_HINT)  # a full state dict's tower
 
   # Gated cross-attention blocks.
   if not blocks:
@@ -762,7 +759,7 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
         "attn": _openflamingo_attention(read, "attn.", d, e, xattn.num_heads),
         "attn_gate": read("attn_gate", (1,)), "mlp_gate": read("ff_gate", (1,)),
         **_openflamingo_ff(read, "ff.", d, xattn.ff_mult)}
-    read.finish()
+    read.finish(hint=_OPENFLAMINGO_HINT)
   cfg = FlamingoConfig(vision=vision_cfg, resampler=resampler, lm=lm, xattn=xattn,
                        media_token_id=media_token_id, endofchunk_token_id=endofchunk_token_id)
   return cfg, params
