@@ -2,15 +2,42 @@
 
 import setuptools
 
+# The optional parts; `dev` is everything the test suite needs (README, "Test").
+TFDS = ["tensorflow-datasets>=4.9.7,<4.10"]  # `kind="tfds"` data sources only
+# libtpu's compiler, for `mmjax.compile` (TPU fit checks on any host); the version
+# jax[tpu] pairs with the jax below.
+TPU_COMPILE = ["libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'"]
+TEST = [
+    "pytest>=8,<10",
+    "pytest-xdist>=3.5,<4",
+    # The reference implementations of the checkpoint-conversion parity tests; the CPU
+    # build of torch.
+    "torch==2.13.0",
+    "transformers>=4.57,<6",
+    # open_flamingo's modules import it; open_flamingo itself pins torch 2.0 and is
+    # installed without its dependencies (README, "Test").
+    "einops-exts==0.0.4",
+]
+
 setuptools.setup(
     name="mmjax",
     version="0.1.0",
-    description="Multimodal vision-language pretraining in JAX/Flax: Flamingo, BLIP-2, CLIP, LLaVA and friends.",
+    description=("Multimodal vision-language pretraining in JAX/Flax: Flamingo today "
+                 "(training, sharding, few-shot evaluation, checkpoint conversion)."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
+    license="Apache-2.0",
+    # The recipes live in the top-level configs/ folder (`--config=configs/flamingo.py`)
+    # and install as `mmjax.configs`, so that mmjax claims no global `configs` package.
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]) + ["mmjax.configs"],
+    package_dir={"mmjax.configs": "configs"},
     package_data={"mmjax": ["data/assets/*.model"]},
     python_requires=">=3.10",
+    # Upper bounds: the newest release of each that the test suite has passed with (jax
+    # 0.10.2, flax 0.12.8, orbax-checkpoint 0.12.8, grain 0.2.18). Releases after those
+    # (jax 0.11 and 0.12) have not been tested: Orbax's and Grain's checkpoint formats and
+    # JAX's sharding API are what the exact-resume and sharding tests pin down, and they
+    # change between minor releases.
     install_requires=[
         "jax>=0.6,<0.11",
         "jaxlib>=0.6,<0.11",
@@ -21,7 +48,6 @@ setuptools.setup(
         "array-record>=0.8.1,<0.9",
         "msgpack>=1.0,<2",
         "pillow>=10.1,<14",
-        "tensorflow-datasets>=4.9.7,<4.10",
         "einops>=0.8,<0.9",
         "ml-collections>=1.0,<1.2",
         "sentencepiece>=0.2,<0.3",
@@ -32,19 +58,8 @@ setuptools.setup(
         "tokenizers>=0.20,<1",  # their tokenizers (mmjax.data.tokenizer.HFTokenizer)
     ],
     extras_require={
-        "dev": [
-            "pytest>=8,<10",
-            "pytest-xdist>=3.5,<4",
-            # libtpu's compiler, for `mmjax.compile` (TPU fit checks on any host); the
-            # version jax[tpu] pairs with the jax below.
-            "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
-            # The reference implementations of the checkpoint-conversion parity tests; the
-            # CPU build of torch.
-            "torch==2.13.0",
-            "transformers>=4.57,<6",
-            # open_flamingo's modules import it; open_flamingo itself is installed without
-            # its dependencies (they pin torch 2.0), see README's Test section.
-            "einops-exts==0.0.4",
-        ],
+        "tfds": TFDS,
+        "tpu-compile": TPU_COMPILE,
+        "dev": TEST + TFDS + TPU_COMPILE,
     },
 )

@@ -110,7 +110,7 @@ def example_batch(size: dict, cfg, rng: np.random.Generator) -> dict[str, np.nda
 
 def recipe(cfg, size: dict, task: str = "flamingo"):
   """The mmjax recipe config training `cfg` (or its LM alone) on `size`'s batches."""
-  from configs import flamingo as flamingo_config
+  from mmjax.configs import flamingo as flamingo_config
   config = flamingo_config.get_config("tiny")
   config.task = task
   config.model = dataclasses.asdict(cfg if task == "flamingo" else cfg.lm)

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from benchmarks import harness, train_step
-from configs import flamingo
+from mmjax.configs import flamingo
 
 
 def test_train_step_result_is_complete(tmp_path):

@@ -245,7 +245,7 @@ def test_bfloat16_compute_with_float32_params(toy_flamingo):
 def test_paper_variants_have_the_papers_shapes(variant, total, blocks):
   """Sizes of Flamingo-3B/9B/80B (Alayrac et al. 2022): totals within 10% (the vision
   tower is a ViT standing in for NFNet-F6), the resampler's 194M parameters within 5%."""
-  from configs import flamingo as recipe
+  from mmjax.configs import flamingo as recipe
   from mmjax.tasks import get_task
   config = recipe.get_config(variant)
   task = get_task("flamingo")

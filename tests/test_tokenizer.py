@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from configs import flamingo as recipe
+from mmjax.configs import flamingo as recipe
 from mmjax.data import shapes_world as sw
 from mmjax.data import tokenizer as tok
 
