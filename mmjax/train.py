@@ -293,7 +293,8 @@ def pretrained_workdir(init) -> pathlib.Path:
   config (resumed if a previous attempt was interrupted)."""
   if init.get("workdir"):
     return pathlib.Path(init["workdir"])
-  recipe = importlib.import_module(f"configs.{init['recipe']}").get_config(init.get("variant"))
+  module = importlib.import_module(f"mmjax.configs.{init['recipe']}")
+  recipe = module.get_config(init.get("variant"))
   digest = hashlib.sha256(recipe.to_json(sort_keys=True).encode()).hexdigest()[:12]
   workdir = cache_root() / "backbones" / f"{init['recipe']}-{digest}"
   mngr = checkpoints.manager(workdir)
