@@ -59,6 +59,11 @@ class SequenceSpec:
     if self.mode not in ("interleaved", "text", "pair"):
       raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
                        "'text' or 'pair'.")
+    if self.mode == "interleaved" and self.max_images < 1:
+      # Every record would lose all its images and be skipped: refuse now, not after a
+      # window of skipped records.
+      raise ValueError(f"Interleaved sequences need max_images >= 1, got {self.max_images} "
+                       "(set data.max_images).")
 
 
 def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,
