@@ -48,9 +48,9 @@ from typing import Any, Literal
 
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image, ImageOps
+from PIL import Image
 
-from mmjax.data.sources import SHARD_PATTERN, encode_record, open_image, to_rgb
+from mmjax.data.sources import SHARD_PATTERN, UnsupportedImage, encode_record, load_image
 
 FORMATS = ("pairs", "mmc4", "obelics")
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
@@ -118,7 +118,9 @@ def _encode_image_file(path: pathlib.Path, max_image_size: int | None = None,
   if not path.is_file():
     raise _ImageProblem("missing_image", f"image file {path} does not exist")
   try:
-    image = to_rgb(ImageOps.exif_transpose(open_image(path.read_bytes(), max_image_size)))
+    image = load_image(path.read_bytes(), max_image_size)
+  except UnsupportedImage as error:
+    raise _ImageProblem("unsupported_image", f"image file {path}: {error}") from error
   except Exception as error:
     raise _ImageProblem("bad_image", f"cannot decode image file {path} "
                         f"({type(error).__name__}: {error})") from error

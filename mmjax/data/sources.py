@@ -13,10 +13,11 @@ in the OpenFlamingo layout: text before the first image stays as leading text; e
 starts a chunk `<image>text ... <|endofchunk|>`; texts that follow an image (up to the
 next image) join its chunk, separated by `text_separator`.
 
-Images are decoded with Pillow at read time, made RGB (transparent pixels over white) and
-brought to `image_size` the way CLIP preprocesses: the shorter side is resized to
+Images are decoded with Pillow at read time, turned upright (EXIF), made 8-bit RGB
+(`to_rgb`: 16-bit scaled, transparent pixels over white) and brought to `image_size` the way CLIP preprocesses: the shorter side is resized to
 `image_size` (bicubic) and the centre square is kept. Records that cannot be read raise
-`CorruptRecord` ("bad_record", "bad_image", "empty_text", "image_count"), which the
+`CorruptRecord` ("bad_record", "bad_image", "unsupported_image", "empty_text",
+"image_count"), which the
 pipeline counts per reason; nothing is dropped silently.
 """
 
@@ -30,7 +31,7 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
@@ -95,19 +96,51 @@ def interleave(content: Sequence[str | bytes],
 
 # ------------------------------------------------------------------------------------- images
 
+class UnsupportedImage(ValueError):
+  """A decodable image whose pixel values have no defined meaning as 8-bit RGB."""
+
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB, with transparent pixels over white (their own colour is arbitrary, often black)."""
-  if image.mode == "P" and "transparency" in image.info:
+  """An 8-bit RGB image with the same appearance as `image`, whatever its mode.
+
+  - `1`, `L`, `RGB`, `CMYK`, `YCbCr`, palette `P`: Pillow's conversion (CMYK naively:
+    `R = (255 - C) (255 - K) / 255`, no colour profile).
+  - 16-bit and 32-bit integer (`I;16`, `I;16B`, `I;16L`, `I`, as 16-bit PNGs and TIFFs
+    open): scaled from [0, 65535] to [0, 255] (`round(v / 257)`), not clipped to white;
+    values outside [0, 65535] raise `UnsupportedImage`.
+  - 32-bit float (`F`): values in [0, 1] are scaled by 255; any other range is ambiguous
+    and raises `UnsupportedImage`.
+  - Alpha (`RGBA`, `LA`, `PA`, premultiplied `RGBa`/`La`, and `P`/`L`/`RGB` with a
+    transparent colour): composited over white (`BACKGROUND`); the colour of transparent
+    pixels is arbitrary, often black, and must not show.
+  """
+  mode = image.mode
+  if mode == "I" or mode.startswith("I;16"):
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise UnsupportedImage(f"a {mode} image with values in [{values.min()}, {values.max()}] "
+                             "outside the 16-bit range [0, 65535]")
+    return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+  if mode == "F":
+    values = np.asarray(image, np.float64)
+    if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0
+                            and values.max() <= 1):
+      raise UnsupportedImage(f"a 32-bit float image with values in [{np.nanmin(values)}, "
+                             f"{np.nanmax(values)}]; float images must hold values in [0, 1]")
+    return Image.fromarray(np.round(values * 255).astype(np.uint8), "L").convert("RGB")
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.has_transparency_data:
     image = image.convert("RGBA")
-  if image.mode in ("RGBA", "LA", "PA"):
-    image = image.convert("RGBA")
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
     return Image.alpha_composite(background, image).convert("RGB")
   return image.convert("RGB")
 
 
 def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-  """Fully decoded image from encoded bytes; raises on any decoding problem.
+  """Fully decoded image from encoded bytes, in its own mode; raises on any decoding
+  problem.
 
   `draft_size` lets JPEG decoding downscale by a power of two while both sides stay at
   least that large: much faster for large photos, and the later resize still samples
@@ -120,9 +153,18 @@ def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
   return image
 
 
+def load_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+  """Encoded image bytes -> upright (EXIF orientation applied) 8-bit RGB image.
+
+  The one place where images are decoded, for the readers and for `mmjax.data.convert`.
+  Raises `UnsupportedImage` (see `to_rgb`) or the decoder's error.
+  """
+  return to_rgb(ImageOps.exif_transpose(open_image(data, draft_size)))
+
+
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
   """uint8 `"size size 3"`: shorter side resized to `size` (bicubic), centre square kept."""
-  image = to_rgb(image)
+  image = to_rgb(image)  # a no-op for images from `load_image`
   width, height = image.size
   side = min(width, height)
   box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
@@ -130,9 +172,12 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable."""
+  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable,
+  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`)."""
   try:
-    return resize_center_crop(open_image(data, draft_size=size), size)
+    return resize_center_crop(load_image(data, draft_size=size), size)
+  except UnsupportedImage as error:
+    raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
   except Exception as error:
     raise CorruptRecord("bad_image", f"cannot decode a {len(data)}-byte image "
                         f"({type(error).__name__}: {error})") from error
