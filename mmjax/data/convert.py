@@ -73,7 +73,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from mmjax import cli
-from mmjax.data.sources import SHARD_PATTERN, UnsupportedImage, encode_record, load_image
+from mmjax.data.sources import (SHARD_PATTERN, UnsupportedImage, encode_record, load_image,
+                                mmc4_order)
 
 FORMATS = ("pairs", "mmc4", "obelics")
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
@@ -483,7 +484,7 @@ def _mmc4_task(location: str, row: dict[str, Any], root: pathlib.Path, image_key
                for i, s in enumerate(_list(row, "text_list", location))]
   if not any(sentences):
     return _Result(skipped=("empty_text", f"{location}: no sentence has text"))
-  images_before: dict[int, list[pathlib.Path]] = collections.defaultdict(list)
+  matched: list[tuple[int, pathlib.Path]] = []
   dropped = []
   for number, info in enumerate(_list(row, "image_info", location)):
     where = f"{location}: image {number}"
@@ -498,15 +499,10 @@ def _mmc4_task(location: str, row: dict[str, Any], root: pathlib.Path, image_key
       dropped.append(("low_similarity", f"{where}: matched_sim {sim!r} < {min_sim}"))
     else:
       try:
-        images_before[index].append(_image_path(info.get(image_key), root))
+        matched.append((index, _image_path(info.get(image_key), root)))
       except _ImageProblem as problem:
         dropped.append((problem.reason, f"{where}: {problem}"))
-  items: list[str | pathlib.Path] = []
-  for index, sentence in enumerate(sentences):
-    items.extend(images_before[index])
-    if sentence:
-      items.append(sentence)
-  return _Task(location, "document", tuple(items), tuple(dropped))
+  return _Task(location, "document", tuple(mmc4_order(sentences, matched)), tuple(dropped))
 
 
 def _obelics_task(location: str, row: dict[str, Any], root: pathlib.Path) -> "_Task | _Result":

@@ -26,7 +26,8 @@ from absl import logging
 from mmjax import cli
 from mmjax.data import shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
-from mmjax.data.sources import ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs
+from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs,
+                                WebDatasetDocuments, WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -369,7 +370,9 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
            "shapes_world_pairs": ShapesWorldPairs,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
-           "tfds": TfdsPairs}
+           "tfds": TfdsPairs,
+           "webdataset_documents": WebDatasetDocuments,
+           "webdataset_pairs": WebDatasetPairs}
   source = dict(config["source"])
   kind = source.pop("kind")
   if kind not in kinds:
