@@ -195,19 +195,21 @@ def test_a_source_with_no_usable_record_stops_naming_it_and_its_reasons():
   health = DataHealth()
   mixture = [Dataset("good", ShapesWorldPairs(size=50)), Dataset("corrupt", CorruptImages())]
   dataset = make_dataset(mixture, TOK, SPEC, batch_size=2, seed=0, health=health)
-  with pytest.raises(UnusableSource, match=r"'corrupt' yields nothing usable.*bad_image 40\b"):
+  with pytest.raises(UnusableSource, match=r"'corrupt' yields nothing usable: the last 40 records read \(two full passes over "
+                     r"its 20 records\) were all skipped .*bad_image 40\)\. Last one: record \d+: "
+                     "bad_image: cannot decode"):
     within(60, lambda: take(iter(dataset), 1000))
   # Every record truncated away (a document's image needs text after it): the small
   # source is known to be unusable after two passes over it.
   short = SequenceSpec(seq_len=1, max_images=4, image_size=64)
   dataset = make_dataset([Dataset("docs", ShapesWorldDocuments(size=30))], TOK, short,
                          batch_size=2, seed=0)
-  with pytest.raises(UnusableSource, match=r"'docs' yields.*60 records read.*no_image_left 60"):
+  with pytest.raises(UnusableSource, match=r"'docs' yields.*\(60 read in all; skipped per reason: no_image_left 60\)"):
     within(60, lambda: take(iter(dataset), 1))
   # A large source stops after the window.
   dataset = make_dataset([Dataset("docs", ShapesWorldDocuments(size=10**6))], TOK, short,
                          batch_size=2, seed=0, skip_window=50)
-  with pytest.raises(UnusableSource, match=r"the last 50 records it gave"):
+  with pytest.raises(UnusableSource, match=r"the last 50 records read were all skipped"):
     within(60, lambda: take(iter(dataset), 1))
   # max_images=0 with interleaved documents cannot yield anything: refused up front.
   with pytest.raises(ValueError, match="max_images >= 1"):

@@ -52,7 +52,6 @@ printed to stderr at most once every `--progress_every` seconds.
 
 import collections
 import concurrent.futures
-import contextlib
 import csv
 import dataclasses
 import functools

@@ -193,6 +193,7 @@ class _CountingIterator(grain.DatasetIterator):
     self._skip_limits = skip_limits
     self._skip_window = skip_window
     self._tally = _Tally()
+    self._last_detail: dict[str, str] = {}  # for the error message only, not state
     health._attach(self._tally)
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -209,6 +210,7 @@ class _CountingIterator(grain.DatasetIterator):
         tally.skipped_in_a_row[name] = tally.skipped_in_a_row.get(name, 0) + 1
         in_a_row = tally.skipped_in_a_row[name]
       if built.detail is not None:
+        self._last_detail[name] = built.detail
         self._health._log(name, built.detail)
       if in_a_row >= self._skip_limits[name]:
         raise self._unusable(name, in_a_row)
@@ -216,14 +218,15 @@ class _CountingIterator(grain.DatasetIterator):
   def _unusable(self, name: str, in_a_row: int) -> UnusableSource:
     reasons = ", ".join(f"{reason} {count}" for reason, count in
                         sorted(self._tally.counts.get(name, {}).items(), key=lambda x: -x[1]))
-    window = (f"the last {in_a_row} records it gave (at least twice the source's size)"
-              if in_a_row < self._skip_window else f"the last {in_a_row} records it gave")
+    window = (f"the last {in_a_row} records read (two full passes over its "
+              f"{in_a_row // 2} records)" if in_a_row < self._skip_window
+              else f"the last {in_a_row} records read")
+    example = f" Last one: {self._last_detail[name]}." if name in self._last_detail else ""
     return UnusableSource(
-        f"Dataset {name!r} yields nothing usable: all of {window} were skipped "
-        f"({self._tally.read[name]} records read in all; counts per reason: {reasons}). "
-        "Check the source's paths and format, and that the sequence settings "
-        "(seq_len, max_images, image_size) leave room for its records; the first skipped "
-        "records are logged above.")
+        f"Dataset {name!r} yields nothing usable: {window} were all skipped "
+        f"({self._tally.read[name]} read in all; skipped per reason: {reasons}).{example} "
+        "Check the source's paths and format, and that the sequence settings (seq_len, "
+        "max_images, image_size) leave room for its records.")
 
   def get_state(self) -> dict[str, Any]:
     with self._health._lock:

@@ -1,4 +1,5 @@
-"""Real data on disk: ArrayRecord shards written by `mmjax.data.convert`, and TFDS sources.
+"""Real data on disk: ArrayRecord shards (written by `mmjax.data.convert` or any tool
+following the record format below), webdataset tar shards, and TFDS sources.
 
 Record format (one ArrayRecord record, written with `group_size:1` for random access):
 a msgpack map `{"v": 1, "content": [item, ...]}` where each item is either a `str`
@@ -14,11 +15,14 @@ starts a chunk `<image>text ... <|endofchunk|>`; texts that follow an image (up 
 next image) join its chunk, separated by `text_separator`.
 
 Images are decoded with Pillow at read time, turned upright (EXIF), made 8-bit RGB
-(`to_rgb`: 16-bit scaled, transparent pixels over white) and brought to `image_size` the way CLIP preprocesses: the shorter side is resized to
-`image_size` (bicubic) and the centre square is kept. Records that cannot be read raise
-`CorruptRecord` ("bad_record", "bad_image", "unsupported_image", "empty_text",
-"image_count"), which the
-pipeline counts per reason; nothing is dropped silently.
+(`to_rgb`: 16-bit scaled, transparent pixels over white) and brought to `image_size` the
+way CLIP preprocesses: the shorter side is resized to `image_size` (bicubic) and the
+centre square is kept. Records that cannot be read raise `CorruptRecord` ("bad_record",
+"bad_image", "unsupported_image", "missing_image", "empty_text", "image_count"), which
+the pipeline counts per reason; nothing is dropped silently.
+
+The same holds for webdataset / img2dataset tar shards, read directly (`WebDatasetPairs`,
+`WebDatasetDocuments`).
 """
 
 import base64
