@@ -383,7 +383,7 @@ def _csv_rows(source: _Input, delimiter: str, required: dict[str, str]) -> Itera
 
   reader = csv.reader(text_lines(), delimiter=delimiter)
   limit = csv.field_size_limit()
-  csv.field_size_limit(sys.maxsize)  # any caption length; oversized fields are not an error
+  csv.field_size_limit(2**31 - 1)  # any caption length (the C long of every platform)
   try:
     header = next(reader, None)
     if header is None:
@@ -397,16 +397,17 @@ def _csv_rows(source: _Input, delimiter: str, required: dict[str, str]) -> Itera
       location = f"{path}:{first_line}"
       lines = reader.line_num - first_line + 1
       first_line = reader.line_num + 1
+      if lines > 1 and (swallowed := _swallowed_rows(fields, len(header), delimiter)):
+        yield _Row(location, None, ("unbalanced_quote", f"{location}: a quoted field runs "
+                                    f"over {lines} lines, {swallowed} of which look like "
+                                    "rows: is a quote unbalanced?"), rows=1 + swallowed)
+        continue
       try:
         _check_text(fields, location)
       except _BadRow as bad:
         yield _Row(location, None, (bad.reason, str(bad)))
         continue
-      if lines > 1 and (swallowed := _swallowed_rows(fields, len(header), delimiter)):
-        yield _Row(location, None, ("unbalanced_quote", f"{location}: a quoted field runs "
-                                    f"over {lines} lines, {swallowed} of which look like "
-                                    "rows: is a quote unbalanced?"), rows=1 + swallowed)
-      elif not fields or fields == [""]:
+      if not fields or fields == [""]:
         continue  # a blank line
       elif len(fields) != len(header):
         yield _Row(location, None, ("bad_row", f"{location}: {len(fields)} fields, the header "
