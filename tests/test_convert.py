@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -63,7 +64,8 @@ def test_pairs_from_jsonl_round_trip_and_every_skip_is_reported(tmp_path, images
   assert report.written == 4
   assert report.skipped == {"missing_image": 2, "bad_image": 1, "empty_text": 1, "bad_row": 1}
   summary = report.summary()
-  assert "Wrote 4 records to 2 shards" in summary and "Records skipped: 5" in summary
+  assert "Read 9 rows. Wrote 4 records (4 images) to 2 shards" in summary
+  assert "Rows skipped: 5" in summary
   assert f"missing_image: 2 (first: {tmp_path}/pairs.jsonl:3: image file " in summary
   assert "pairs.jsonl:5: cannot decode image file" in summary
   assert "bad_row: 1 (first: " in summary and "not valid JSON" in summary
@@ -90,7 +92,7 @@ def test_pairs_from_csv_with_an_image_root_and_a_size_cap(tmp_path, images):
   assert source[0]["text"] == "<image>a red, striped thing.<|endofchunk|>"
   stored = Image.open(io.BytesIO(source.content(0)[0]))
   assert stored.format == "JPEG" and min(stored.size) == 6  # 12x20 shrunk to 6x10
-  with pytest.raises(ValueError, match=r"no field 'caption' \(it has \['file', 'text'\]\).*"
+  with pytest.raises(ValueError, match=r"no column 'caption' \(it has \['file', 'text'\]\).*"
                      "--text_key"):
     convert.convert("pairs", str(tmp_path / "captions.csv"), str(tmp_path / "x"),
                     image_key="file")
@@ -113,7 +115,7 @@ def test_mmc4_documents_put_each_image_before_its_matched_sentence(tmp_path, ima
   report = convert.convert("mmc4", inputs, str(tmp_path / "mmc4"),
                            image_root=str(tmp_path / "images"), min_sim=0.2, image_format="png")
   assert report.written == 1
-  assert report.skipped == {"no_images": 1, "empty_text": 1, "bad_row": 1}
+  assert report.skipped == {"no_images": 1, "empty_text": 1, "bad_value": 1}
   assert report.dropped_images == {"missing_image": 1, "low_similarity": 1, "bad_match": 1,
                                    "bad_image": 1}
   assert "matched_text_index 9 is not in [0, 5)" in report.summary()
@@ -177,9 +179,152 @@ def test_command_line(tmp_path, images):
   done = run("--format=pairs", f"--input={inputs}", f"--output={tmp_path}/cli/p",
              "--image_key=img", "--text_key=text", "--num_shards=2")
   assert done.returncode == 0, done.stderr
-  assert "Wrote 1 records to 2 shards" in done.stdout and "missing_image: 1" in done.stdout
+  assert "Wrote 1 records (1 images) to 2 shards" in done.stdout
+  assert "missing_image: 1" in done.stdout
   assert len(sources.ArrayRecordPairs(f"{tmp_path}/cli/p-*.array_record", SIZE)) == 1
   failed = run("--format=pairs", f"--input={inputs}", f"--output={tmp_path}/cli/q",
                "--image_key=img", "--text_key=text", "--max_image_size=4",
                f"--image_root={tmp_path}/nowhere")
   assert failed.returncode != 0 and "Nothing was written" in failed.stderr
+
+
+def jsonl_bytes(rows) -> bytes:
+  return b"".join((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n"
+                  for row in rows)
+
+
+def assert_every_row_accounted(report, rows: int):
+  assert report.rows == rows == report.written + sum(report.skipped.values()), report.summary()
+
+
+def test_bad_jsonl_rows_are_counted_and_the_conversion_goes_on(tmp_path, images):
+  del images
+  good = {"image": "images/red.png", "caption": "a red thing."}
+  rows = [
+      good,  # first, after a byte order mark: must not become a bad row
+      b'{"image": "images/red.png", "caption": "caf\xe9 latin-1"}',  # not UTF-8
+      b'{"image": "images/red.png", "caption": "lone \\ud800 surrogate"}',
+      {"image": "images/red.png"},  # no caption
+      {"image": "images/red.png", "caption": 42},  # not a string
+      {"image": "images/red.png", "caption": ["a", "list"]},
+      b"[1, 2]",
+      good]
+  path = tmp_path / "pairs.jsonl"
+  path.write_bytes(convert.BOM + jsonl_bytes(rows))
+  report = convert.convert("pairs", str(path), str(tmp_path / "out/p"))
+  assert report.written == 2
+  assert report.skipped == {"bad_encoding": 2, "missing_key": 1, "bad_value": 2, "bad_row": 1}
+  assert_every_row_accounted(report, 8)
+  summary = report.summary()
+  assert "pairs.jsonl:2: holds bytes that are not UTF-8" in summary
+  assert "'caption' is of type int (42), not a string" in summary
+  assert "has no field 'caption'" in summary and "--text_key" in summary
+  (tmp_path / "surrogate.jsonl").write_bytes(rows[2] + b"\n" + jsonl_bytes([good]))
+  report = convert.convert("pairs", str(tmp_path / "surrogate.jsonl"), str(tmp_path / "s/p"))
+  assert report.written == 1 and report.skipped == {"bad_encoding": 1}
+  assert "holds a lone surrogate" in report.summary()
+
+
+def test_a_key_no_row_has_stops_the_conversion_early(tmp_path, monkeypatch):
+  monkeypatch.setattr(convert, "MISSING_KEY_PATIENCE", 5)
+  path = tmp_path / "pairs.jsonl"
+  path.write_bytes(jsonl_bytes([{"image": "x.png", "text": f"t{i}"} for i in range(20)]))
+  with pytest.raises(ValueError, match=r"None of the first 5 rows has the field 'caption'"):
+    convert.convert("pairs", str(path), str(tmp_path / "out/p"))
+
+
+def test_a_truncated_gzip_keeps_its_complete_rows_and_counts_the_cut_one(tmp_path, images):
+  del images
+  rows = [{"image": "images/red.png", "caption": f"red number {i}."} for i in range(300)]
+  data = gzip.compress(jsonl_bytes(rows))
+  cut = data[:len(data) * 2 // 3]
+  complete = zlib.decompressobj(31).decompress(cut).count(b"\n")
+  assert 0 < complete < 300
+  (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+  # Concatenated gzip members (as `cat a.gz b.gz` makes) are one stream, read whole.
+  (tmp_path / "two.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(rows[:2])) +
+                                          gzip.compress(jsonl_bytes(rows[2:5])))
+  report = convert.convert("pairs", [str(tmp_path / "cut.jsonl.gz"),
+                                     str(tmp_path / "two.jsonl.gz")], str(tmp_path / "out/p"))
+  assert report.written == complete + 5
+  assert report.skipped == {"truncated_input": 1}
+  assert_every_row_accounted(report, complete + 6)
+  assert f"cut.jsonl.gz ends early at line {complete + 1}" in report.summary()
+
+
+def test_bad_csv_rows_are_counted_and_the_conversion_goes_on(tmp_path, images):
+  del images
+  long_caption = "a very long caption " * 10_000  # 200 000 characters: over csv's limit
+  assert len(long_caption) > csv.field_size_limit()
+  lines = [b"file,text",  # after a byte order mark
+           b"red.png,a red thing.",
+           b'blue.png,"an unbalanced quote',  # swallows the next two rows
+           b"green.png,a green thing.",
+           b'grey.jpg,"a grey ""quoted"" thing."',
+           b"blue.png,a blue thing.",
+           b"red.png,caf\xe9",  # not UTF-8
+           b"red.png,three,fields",
+           b'blue.png,"a caption',
+           b'over two lines"',  # a genuine multi-line field: kept
+           f"green.png,{long_caption}".encode()]
+  (tmp_path / "captions.csv").write_bytes(convert.BOM + b"\n".join(lines) + b"\n")
+  report = convert.convert("pairs", str(tmp_path / "captions.csv"), str(tmp_path / "cc"),
+                           image_root=str(tmp_path / "images"), image_key="file",
+                           text_key="text", image_format="png")
+  assert report.skipped == {"unbalanced_quote": 3, "bad_encoding": 1, "bad_row": 1}
+  assert report.written == 4
+  assert_every_row_accounted(report, 9)
+  assert "captions.csv:3: a quoted field runs over 3 lines, 2 of which look like rows" in (
+      report.summary())
+  source = sources.ArrayRecordPairs(str(tmp_path / "cc-00000-of-00001.array_record"), SIZE)
+  assert [source[i]["text"][len("<image>"):][:30] for i in range(4)] == [
+      "a red thing.<|endofchunk|>", "a blue thing.<|endofchunk|>",
+      "a caption\nover two lines<|endo", long_caption.strip()[:30]]
+
+
+def test_wrong_types_in_documents_are_counted(tmp_path, images):
+  del images
+  def info(name, index, sim):
+    return {"image_name": name, "matched_text_index": index, "matched_sim": sim}
+
+  mmc4 = [{"text_list": ["Red.", "Blue."], "image_info": [info("red.png", 0, "0.3"),
+                                                          info("blue.png", 1, 0.3)]},
+          {"text_list": ["Red.", 7], "image_info": [info("red.png", 0, 0.3)]},
+          {"text_list": ["Red."], "image_info": [info("red.png", True, 0.3)]}]
+  path = tmp_path / "mmc4.jsonl"
+  path.write_bytes(jsonl_bytes(mmc4))
+  report = convert.convert("mmc4", str(path), str(tmp_path / "m"),
+                           image_root=str(tmp_path / "images"), min_sim=0.2)
+  assert report.written == 1 and report.skipped == {"bad_value": 1, "no_images": 1}
+  assert report.dropped_images == {"bad_value": 1, "bad_match": 1}
+  assert "matched_sim '0.3' is not a number" in report.summary()
+  assert_every_row_accounted(report, 3)
+  obelics = [{"texts": ["Red.", None, {"not": "text"}], "images": [None, "images/red.png", None]},
+             {"texts": ["Red.", None], "images": [None, "images/red.png"]}]
+  path = tmp_path / "obelics.jsonl"
+  path.write_bytes(jsonl_bytes(obelics))
+  report = convert.convert("obelics", str(path), str(tmp_path / "o"))
+  assert report.written == 1 and report.skipped == {"bad_value": 1}
+  assert "text 2 is of type dict ({'not': 'text'})" in report.summary()
+
+
+def test_progress_shows_rates_and_an_eta_without_flooding(tmp_path, images, capsys):
+  del images
+  path = tmp_path / "pairs.jsonl"
+  path.write_bytes(jsonl_bytes([{"image": "images/red.png", "caption": "red."}] * 3))
+  convert.convert("pairs", str(path), str(tmp_path / "a"), progress_every=None)
+  assert capsys.readouterr().err == ""
+  convert.convert("pairs", str(path), str(tmp_path / "b"), progress_every=3600)
+  assert capsys.readouterr().err == ""  # nothing before the first interval has passed
+  convert.convert("pairs", str(path), str(tmp_path / "c"), progress_every=0)
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 3 and lines[-1].startswith("3 rows (")
+  assert "3 records, 3 images (" in lines[-1] and "100.0% of the input read" in lines[-1]
+
+  class Half:
+    total, done = 1000, 250
+
+  report = convert.ConversionReport(["x"], rows=400, written=300, images=600)
+  line = convert._Progress([Half()], 30).line(report, elapsed=120.0)
+  assert line == ("400 rows (3/s), 300 records, 600 images (5.0/s), 0 rows skipped; 25.0% of "
+                  "the input read, 2m00s so far, ETA 6m00s")

@@ -80,6 +80,98 @@ def test_images_are_resized_on_the_shorter_side_and_centre_cropped():
     sources.decode_image(encoded(tall, "JPEG")[:200], SIZE)  # truncated
 
 
+def saved(image: Image.Image, image_format: str) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format=image_format)
+  return buffer.getvalue()
+
+
+def over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  alpha = alpha.astype(float)[..., None] / 255
+  return np.round(colour.astype(float) * alpha + 255 * (1 - alpha))
+
+
+def image_modes():
+  """`(mode, encoded file written by PIL, the naive 8-bit RGB it should become)`."""
+  rng = np.random.default_rng(0)
+  shape = (6, 10)
+  grey = rng.integers(0, 256, shape, dtype=np.uint8)
+  rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+  alpha = rng.integers(0, 256, shape, dtype=np.uint8)
+  alpha[0] = 0  # fully transparent: their colour must not show
+  sixteen = rng.integers(0, 65536, shape).astype(np.uint16)
+  sixteen[0, :3] = (0, 65535, 257)
+  scaled = np.round(sixteen / 257)[..., None].repeat(3, -1)
+  floats = rng.random(shape).astype(np.float32)
+  cmyk = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+  palette = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+  indices = rng.integers(0, 4, shape, dtype=np.uint8)
+  bits = rng.random(shape) > 0.5
+
+  def p_image(transparent: bool) -> Image.Image:
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette.flatten().tolist())
+    if transparent:
+      image.info["transparency"] = 2
+    return image
+
+  big_endian = Image.frombytes("I;16B", shape[::-1], sixteen.astype(">u2").tobytes())
+  c, k = cmyk[..., :3].astype(float), cmyk[..., 3:].astype(float)
+  with_hole = palette[indices].astype(float)
+  with_hole[indices == 2] = 255
+  return [
+      ("L", saved(Image.fromarray(grey), "PNG"), grey[..., None].repeat(3, -1)),
+      ("1", saved(Image.fromarray(bits), "PNG"), (bits * 255)[..., None].repeat(3, -1)),
+      ("RGB", saved(Image.fromarray(rgb), "PNG"), rgb),
+      ("I;16", saved(Image.fromarray(sixteen), "PNG"), scaled),
+      ("I;16B", saved(big_endian, "TIFF"), scaled),
+      ("I", saved(Image.fromarray(sixteen.astype(np.int32)), "TIFF"), scaled),
+      ("F", saved(Image.fromarray(floats), "TIFF"),
+       np.round(floats * 255)[..., None].repeat(3, -1)),
+      ("CMYK", saved(Image.fromarray(cmyk, "CMYK"), "TIFF"),
+       np.round((255 - c) * (255 - k) / 255)),
+      ("P", saved(p_image(False), "PNG"), palette[indices]),
+      ("P", saved(p_image(True), "PNG"), with_hole),
+      ("LA", saved(Image.fromarray(np.stack([grey, alpha], -1), "LA"), "PNG"),
+       over_white(grey[..., None].repeat(3, -1), alpha)),
+      ("RGBA", saved(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"),
+       over_white(rgb, alpha)),
+  ]
+
+
+@pytest.mark.parametrize("case", range(len(image_modes())))
+def test_every_image_mode_becomes_the_rgb_it_shows(case):
+  mode, data, expected_rgb = image_modes()[case]
+  assert Image.open(io.BytesIO(data)).mode == mode  # the file really is of that mode
+  image = sources.load_image(data)
+  assert image.mode == "RGB"
+  # Pillow rounds alpha compositing in integers: one level off at most.
+  np.testing.assert_allclose(np.asarray(image), expected_rgb, atol=1)
+  out = sources.decode_image(data, 6)  # and through the reader's resize
+  assert out.shape == (6, 6, 3) and out.dtype == np.uint8
+
+
+def test_images_without_an_8_bit_meaning_are_refused_with_a_reason():
+  for image, match in (
+      (Image.fromarray(np.array([[0.0, 2.5]], np.float32)), r"float image .*\[0.0, 2.5\]"),
+      (Image.fromarray(np.array([[0.0, np.nan]], np.float32)), "float image"),
+      (Image.fromarray(np.array([[-1, 70000]], np.int32)), "outside the 16-bit range")):
+    with pytest.raises(CorruptRecord, match=f"unsupported_image: .*{match}") as error:
+      sources.decode_image(saved(image, "TIFF"), 4)
+    assert error.value.reason == "unsupported_image"
+
+
+def test_exif_orientation_is_applied_when_reading():
+  tall = np.zeros((20, 10, 3), np.uint8)
+  tall[:5] = 255  # white top
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored rotated: display needs a 90-degree turn
+  buffer = io.BytesIO()
+  Image.fromarray(tall).save(buffer, format="PNG", exif=exif)
+  upright = np.asarray(sources.load_image(buffer.getvalue()))
+  assert upright.shape == (10, 20, 3)
+
+
 def test_shard_sets_must_be_complete(tmp_path):
   record = sources.encode_record([encoded(solid((1, 2, 3))), "x"])
   for i in (0, 2):

@@ -6,11 +6,14 @@ mixture picks datasets in fixed proportions; each process takes every
 and goes into every checkpoint, so a resumed run sees exactly the data an uninterrupted
 run would.
 
-Records that cannot become sequences are counted per (dataset, reason) in `DataHealth`,
-logged with their dataset and record index, and skipped: never a crash, never silent.
+Records that cannot become sequences are skipped, counted per (dataset, reason) when
+training consumes them (`DataHealth`; the counts are part of the iterator's state, so
+checkpoints carry them) and the first ones logged with their dataset and record index:
+never a crash, never silent. A dataset that yields nothing usable for a long window
+(`skip_window` records in a row) stops the iterator with `UnusableSource`, naming the
+dataset and its skip reasons, instead of filtering an endless stream.
 """
 
-import collections
 import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
@@ -20,9 +23,11 @@ import grain
 import numpy as np
 from absl import logging
 
+from mmjax import cli
 from mmjax.data import shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
-from mmjax.data.sources import ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs
+from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs,
+                                WebDatasetDocuments, WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -71,6 +76,9 @@ class ShapesWorldPairs:
     return {"images": example.image[None], "text": text}
 
 
+SKIP_WINDOW = 1000
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """One entry of a mixture: a source, its sampling weight and its loss weight."""
@@ -81,62 +89,205 @@ class Dataset:
   loss_weight: float = 1.0
 
 
+class UnusableSource(cli.UserError):
+  """A dataset whose records have all been skipped for a long window: the run stops rather
+  than filter an endless stream of unusable records."""
+
+
+HEALTH_KEY = "data_health"  # where the counts live in the data iterator's state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+  """What reading one record gives the last stage: a sequence, or why there is none.
+
+  `counts` are the per-reason counts the record adds (its skip reason, or the images cut
+  from a kept record); they are tallied when training consumes the record, not when
+  Grain's read-ahead builds it.
+  """
+
+  dataset: str
+  example: dict[str, np.ndarray] | None
+  counts: tuple[tuple[str, int], ...] = ()
+  detail: str | None = None
+
+
 class DataHealth:
-  """Thread-safe counts of skipped records and of images cut from kept ones."""
+  """What training consumed: records read and skipped per dataset, per reason.
+
+  The counts are kept by the last stage of the pipeline (`make_dataset`) as part of the
+  data iterator's state (`iterator.get_state()[HEALTH_KEY]`), so they are saved with the
+  iterator in every checkpoint and a resumed run continues the totals. Records Grain read
+  ahead but training has not consumed yet are not counted. A `DataHealth` shows the counts
+  of the iterator most recently made (`iter(dataset)`) from the dataset it was given to.
+  """
 
   def __init__(self, max_logged: int = 10):
     self._lock = threading.Lock()
-    self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
-    self._logged = 0
     self._max_logged = max_logged
+    self._logged = 0
+    self._tally: _Tally | None = None
 
-  def record(self, dataset: str, reason: str, count: int = 1, detail: str | None = None):
+  def _attach(self, tally: "_Tally"):
     with self._lock:
-      self._counts[(dataset, reason)] += count
-      if detail is not None and self._logged < self._max_logged:
-        self._logged += 1
-        logging.warning("Skipping record of dataset %r: %s%s", dataset, detail,
-                        " (further ones are only counted)" if
-                        self._logged == self._max_logged else "")
+      self._tally = tally
+
+  def _log(self, dataset: str, detail: str):
+    with self._lock:
+      if self._logged >= self._max_logged:
+        return
+      self._logged += 1
+      last = self._logged == self._max_logged
+    logging.warning("Skipping record of dataset %r: %s%s", dataset, detail,
+                    " (further ones are only counted)" if last else "")
 
   def counts(self) -> dict[str, int]:
-    """`{"<dataset>/<reason>": count}`."""
+    """`{"<dataset>/<reason>": count}` over the records training consumed: skipped records
+    per reason (`bad_image`, `empty_text`, `no_image_left`, `unreadable`, ...) and images
+    cut from kept records (`images_over_limit`, `images_truncated`)."""
     with self._lock:
-      return {f"{d}/{r}": c for (d, r), c in sorted(self._counts.items())}
+      return {} if self._tally is None else self._tally.as_counts()
+
+  def records_read(self) -> dict[str, int]:
+    """`{dataset: records consumed}`, skipped ones included."""
+    with self._lock:
+      return {} if self._tally is None else dict(sorted(self._tally.read.items()))
+
+
+@dataclasses.dataclass
+class _Tally:
+  """The counting stage's state; plain dicts of ints, so it is JSON in checkpoints."""
+
+  counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  read: dict[str, int] = dataclasses.field(default_factory=dict)
+  skipped_in_a_row: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def add(self, dataset: str, reason: str, count: int):
+    per_reason = self.counts.setdefault(dataset, {})
+    per_reason[reason] = per_reason.get(reason, 0) + count
+
+  def as_counts(self) -> dict[str, int]:
+    return {f"{d}/{r}": c for d, per_reason in sorted(self.counts.items())
+            for r, c in sorted(per_reason.items())}
+
+  def state(self) -> dict[str, Any]:
+    return {"counts": {d: dict(c) for d, c in self.counts.items()}, "read": dict(self.read),
+            "skipped_in_a_row": dict(self.skipped_in_a_row)}
+
+  @classmethod
+  def from_state(cls, state: Mapping[str, Any] | None) -> "_Tally":
+    state = state or {}  # iterator states saved before counts were kept: start at zero
+    return cls({d: {r: int(c) for r, c in per.items()}
+                for d, per in state.get("counts", {}).items()},
+               {d: int(n) for d, n in state.get("read", {}).items()},
+               {d: int(n) for d, n in state.get("skipped_in_a_row", {}).items()})
+
+
+class _CountingIterator(grain.DatasetIterator):
+  """Passes on usable examples; counts skipped records and stops on an unusable source."""
+
+  def __init__(self, parent: grain.DatasetIterator, health: DataHealth,
+               skip_limits: Mapping[str, int], skip_window: int):
+    super().__init__(parent)
+    self._health = health
+    self._skip_limits = skip_limits
+    self._skip_window = skip_window
+    self._tally = _Tally()
+    self._last_detail: dict[str, str] = {}  # for the error message only, not state
+    health._attach(self._tally)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while True:
+      built: _Built = next(self._parent)
+      tally, name = self._tally, built.dataset
+      with self._health._lock:  # counts() may be read from another thread
+        tally.read[name] = tally.read.get(name, 0) + 1
+        for reason, count in built.counts:
+          tally.add(name, reason, count)
+        if built.example is not None:
+          tally.skipped_in_a_row[name] = 0
+          return built.example
+        tally.skipped_in_a_row[name] = tally.skipped_in_a_row.get(name, 0) + 1
+        in_a_row = tally.skipped_in_a_row[name]
+      if built.detail is not None:
+        self._last_detail[name] = built.detail
+        self._health._log(name, built.detail)
+      if in_a_row >= self._skip_limits[name]:
+        raise self._unusable(name, in_a_row)
+
+  def _unusable(self, name: str, in_a_row: int) -> UnusableSource:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in
+                        sorted(self._tally.counts.get(name, {}).items(), key=lambda x: -x[1]))
+    window = (f"the last {in_a_row} records read (two full passes over its "
+              f"{in_a_row // 2} records)" if in_a_row < self._skip_window
+              else f"the last {in_a_row} records read")
+    example = f" Last one: {self._last_detail[name]}." if name in self._last_detail else ""
+    return UnusableSource(
+        f"Dataset {name!r} yields nothing usable: {window} were all skipped "
+        f"({self._tally.read[name]} read in all; skipped per reason: {reasons}).{example} "
+        "Check the source's paths and format, and that the sequence settings (seq_len, "
+        "max_images, image_size) leave room for its records.")
+
+  def get_state(self) -> dict[str, Any]:
+    with self._health._lock:
+      return {**self._parent.get_state(), HEALTH_KEY: self._tally.state()}
+
+  def set_state(self, state: dict[str, Any]):
+    self._parent.set_state({k: v for k, v in state.items() if k != HEALTH_KEY})
+    with self._health._lock:
+      self._tally = _Tally.from_state(state.get(HEALTH_KEY))
+    self._health._attach(self._tally)
+
+  def __str__(self) -> str:
+    return "CountingDatasetIterator"
+
+
+class _CountingDataset(grain.IterDataset):
+  """The pipeline's last record-level stage (see `_CountingIterator`)."""
+
+  def __init__(self, parent: grain.IterDataset, health: DataHealth,
+               skip_limits: Mapping[str, int], skip_window: int):
+    super().__init__(parent)
+    self._health = health
+    self._skip_limits = dict(skip_limits)
+    self._skip_window = skip_window
+
+  def __iter__(self) -> _CountingIterator:
+    return _CountingIterator(self._parent.__iter__(), self._health, self._skip_limits,
+                             self._skip_window)
+
+  def __str__(self) -> str:
+    return "CountingIterDataset"
 
 
 def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: SequenceSpec,
-               seed: int, health: DataHealth) -> grain.MapDataset:
-  """An endless, shuffled MapDataset of built sequences (None for a skipped record)."""
+               seed: int) -> grain.MapDataset:
+  """An endless, shuffled MapDataset of `_Built` records."""
   source = dataset.source
   if len(source) == 0:
     raise ValueError(f"Dataset {dataset.name!r} is empty.")
+  name = dataset.name
 
-  def build(index: int):
+  def build(index: int) -> _Built:
     try:
       document = source[index]
       example, stats = build_sequence(document, tokenizer, spec)
     except CorruptRecord as error:
-      health.record(dataset.name, error.reason, detail=f"record {index}: {error}")
-      return None
+      return _Built(name, None, ((error.reason, 1),), f"record {index}: {error}")
     except Exception as error:  # an unreadable record must not end the run
-      health.record(dataset.name, "unreadable",
-                    detail=f"record {index}: {type(error).__name__}: {error}")
-      return None
-    for reason, count in stats.items():
-      if count:
-        health.record(dataset.name, reason, count)
+      return _Built(name, None, (("unreadable", 1),),
+                    f"record {index}: {type(error).__name__}: {error}")
     example["loss_weight"] = np.float32(dataset.loss_weight)
     example["dataset_id"] = np.int32(dataset_id)
-    return example
+    return _Built(name, example, tuple((r, c) for r, c in stats.items() if c))
 
   return (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat().map(build))
 
 
 def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: SequenceSpec, *,
                  batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, health: DataHealth | None = None
-                 ) -> grain.IterDataset:
+                 process_count: int = 1, health: DataHealth | None = None,
+                 skip_window: int = SKIP_WINDOW) -> grain.IterDataset:
   """Batches of `build_sequence` outputs plus `loss_weight` and `dataset_id`, `"b ..."`.
 
   Args:
@@ -144,30 +295,40 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
     batch_size: per-process batch size.
     seed: fixes every dataset's order and the mixture.
     process_index, process_count: this process's slice of the global stream.
-    health: where skipped records are counted.
+    health: shows what the iterator consumed (see `DataHealth`).
+    skip_window: a dataset whose last `skip_window` records read were all skipped stops
+      the iterator with `UnusableSource` (so does, in a one-process run, a dataset with
+      every record of two full passes skipped, which proves none is usable). A partly bad
+      dataset keeps going, its skips counted.
   """
   if not datasets:
     raise ValueError("make_dataset needs at least one dataset.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  if skip_window < 1:
+    raise ValueError(f"skip_window must be at least 1, got {skip_window}.")
   names = [d.name for d in datasets]
   if len(set(names)) != len(names):
     raise ValueError(f"Dataset names must be unique, got {names}.")
   health = health if health is not None else DataHealth()
-  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i, health)
+  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i)
            for i, d in enumerate(datasets)]
   weights = [d.weight for d in datasets]
   if min(weights) <= 0:
     raise ValueError(f"Mixture weights must be positive, got {dict(zip(names, weights, strict=True))}.")
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   mixed = mixed[process_index::process_count]
-  return (mixed.to_iter_dataset()
-          .filter(lambda x: x is not None)
-          .batch(batch_size, drop_remainder=True))
+  # Each pass over a dataset is a permutation of all its records, so with one process
+  # (which reads every dataset's stream contiguously) 2 * len consecutive skips cover a
+  # whole pass: no record is usable, and waiting for the full window is pointless.
+  limits = {d.name: min(skip_window, 2 * len(d.source)) if process_count == 1
+            else skip_window for d in datasets}
+  counted = _CountingDataset(mixed.to_iter_dataset(), health, limits, skip_window)
+  return counted.batch(batch_size, drop_remainder=True)
 
 
 def resplit_position(states: Sequence[Mapping[str, Any]], process_index: int,
-                     process_count: int) -> dict[str, int]:
+                     process_count: int) -> dict[str, Any]:
   """This process's iterator state, from the states another number of processes saved.
 
   Process p of P reads the global stream's examples p, p + P, p + 2P, ... (`make_dataset`),
@@ -175,13 +336,30 @@ def resplit_position(states: Sequence[Mapping[str, Any]], process_index: int,
   process had not read yet, so no example is skipped; with equal counts (no skipped
   records) that is exactly where the saved run stood, and every later global batch holds
   the same examples as if the process count had never changed.
+
+  The data-health counts of all saved processes go to process 0, so the totals over the
+  processes continue; the other processes start theirs at zero.
   """
-  if not states or any(set(s) != {"next_index"} for s in states):
+  positions = [{k: v for k, v in s.items() if k != HEALTH_KEY} for s in states]
+  if not states or any(set(s) != {"next_index"} for s in positions):
     raise ValueError(f"Cannot re-split data iterator states {list(states)[:2]} over "
                      f"{process_count} processes: expected one {{'next_index': n}} per "
                      "saved process. Resume with the process count that saved them.")
-  first_unread = min(p + len(states) * s["next_index"] for p, s in enumerate(states))
-  return {"next_index": max(0, -(-(first_unread - process_index) // process_count))}
+  first_unread = min(p + len(states) * s["next_index"] for p, s in enumerate(positions))
+  state: dict[str, Any] = {
+      "next_index": max(0, -(-(first_unread - process_index) // process_count))}
+  if any(HEALTH_KEY in s for s in states):
+    total = _Tally()
+    if process_index == 0:
+      for saved in states:
+        tally = _Tally.from_state(saved.get(HEALTH_KEY))
+        for name, per_reason in tally.counts.items():
+          for reason, count in per_reason.items():
+            total.add(name, reason, count)
+        for name, count in tally.read.items():
+          total.read[name] = total.read.get(name, 0) + count
+    state[HEALTH_KEY] = total.state()
+  return state
 
 
 def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
@@ -195,7 +373,9 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
            "shapes_world_pairs": ShapesWorldPairs,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
-           "tfds": TfdsPairs}
+           "tfds": TfdsPairs,
+           "webdataset_documents": WebDatasetDocuments,
+           "webdataset_pairs": WebDatasetPairs}
   source = dict(config["source"])
   kind = source.pop("kind")
   if kind not in kinds:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mmjax import cli
 from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 from mmjax.data.tokenizer import Tokenizer
 
@@ -59,6 +60,12 @@ class SequenceSpec:
     if self.mode not in ("interleaved", "text", "pair"):
       raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
                        "'text' or 'pair'.")
+    if self.mode == "interleaved" and self.max_images < 1:
+      # Every record would lose all its images and be skipped: refuse now, not after a
+      # window of skipped records.
+      raise cli.UserError(f"Interleaved sequences need max_images >= 1, got "
+                          f"{self.max_images}: every record would lose its images and be "
+                          "skipped (set data.max_images).")
 
 
 def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,

@@ -1,4 +1,5 @@
-"""Real data on disk: ArrayRecord shards written by `mmjax.data.convert`, and TFDS sources.
+"""Real data on disk: ArrayRecord shards (written by `mmjax.data.convert` or any tool
+following the record format below), webdataset tar shards, and TFDS sources.
 
 Record format (one ArrayRecord record, written with `group_size:1` for random access):
 a msgpack map `{"v": 1, "content": [item, ...]}` where each item is either a `str`
@@ -13,24 +14,33 @@ in the OpenFlamingo layout: text before the first image stays as leading text; e
 starts a chunk `<image>text ... <|endofchunk|>`; texts that follow an image (up to the
 next image) join its chunk, separated by `text_separator`.
 
-Images are decoded with Pillow at read time, made RGB (transparent pixels over white) and
-brought to `image_size` the way CLIP preprocesses: the shorter side is resized to
-`image_size` (bicubic) and the centre square is kept. Records that cannot be read raise
-`CorruptRecord` ("bad_record", "bad_image", "empty_text", "image_count"), which the
-pipeline counts per reason; nothing is dropped silently.
+Images are decoded with Pillow at read time, turned upright (EXIF), made 8-bit RGB
+(`to_rgb`: 16-bit scaled, transparent pixels over white) and brought to `image_size` the
+way CLIP preprocesses: the shorter side is resized to `image_size` (bicubic) and the
+centre square is kept. Records that cannot be read raise `CorruptRecord` ("bad_record",
+"bad_image", "unsupported_image", "missing_image", "empty_text", "image_count"), which
+the pipeline counts per reason; nothing is dropped silently.
+
+The same holds for webdataset / img2dataset tar shards, read directly (`WebDatasetPairs`,
+`WebDatasetDocuments`).
 """
 
+import base64
 import dataclasses
 import io
+import json
+import os
 import re
+import tarfile
 from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 import numpy as np
+from absl import logging
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
@@ -95,19 +105,51 @@ def interleave(content: Sequence[str | bytes],
 
 # ------------------------------------------------------------------------------------- images
 
+class UnsupportedImage(ValueError):
+  """A decodable image whose pixel values have no defined meaning as 8-bit RGB."""
+
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB, with transparent pixels over white (their own colour is arbitrary, often black)."""
-  if image.mode == "P" and "transparency" in image.info:
+  """An 8-bit RGB image with the same appearance as `image`, whatever its mode.
+
+  - `1`, `L`, `RGB`, `CMYK`, `YCbCr`, palette `P`: Pillow's conversion (CMYK naively:
+    `R = (255 - C) (255 - K) / 255`, no colour profile).
+  - 16-bit and 32-bit integer (`I;16`, `I;16B`, `I;16L`, `I`, as 16-bit PNGs and TIFFs
+    open): scaled from [0, 65535] to [0, 255] (`round(v / 257)`), not clipped to white;
+    values outside [0, 65535] raise `UnsupportedImage`.
+  - 32-bit float (`F`): values in [0, 1] are scaled by 255; any other range is ambiguous
+    and raises `UnsupportedImage`.
+  - Alpha (`RGBA`, `LA`, `PA`, premultiplied `RGBa`/`La`, and `P`/`L`/`RGB` with a
+    transparent colour): composited over white (`BACKGROUND`); the colour of transparent
+    pixels is arbitrary, often black, and must not show.
+  """
+  mode = image.mode
+  if mode == "I" or mode.startswith("I;16"):
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise UnsupportedImage(f"a {mode} image with values in [{values.min()}, {values.max()}] "
+                             "outside the 16-bit range [0, 65535]")
+    return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+  if mode == "F":
+    values = np.asarray(image, np.float64)
+    if values.size and not (np.all(np.isfinite(values)) and values.min() >= 0
+                            and values.max() <= 1):
+      raise UnsupportedImage(f"a 32-bit float image with values in [{np.nanmin(values)}, "
+                             f"{np.nanmax(values)}]; float images must hold values in [0, 1]")
+    return Image.fromarray(np.round(values * 255).astype(np.uint8), "L").convert("RGB")
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or image.has_transparency_data:
     image = image.convert("RGBA")
-  if image.mode in ("RGBA", "LA", "PA"):
-    image = image.convert("RGBA")
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
     return Image.alpha_composite(background, image).convert("RGB")
   return image.convert("RGB")
 
 
 def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-  """Fully decoded image from encoded bytes; raises on any decoding problem.
+  """Fully decoded image from encoded bytes, in its own mode; raises on any decoding
+  problem.
 
   `draft_size` lets JPEG decoding downscale by a power of two while both sides stay at
   least that large: much faster for large photos, and the later resize still samples
@@ -120,9 +162,18 @@ def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
   return image
 
 
+def load_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+  """Encoded image bytes -> upright (EXIF orientation applied) 8-bit RGB image.
+
+  The one place where images are decoded, for the readers and for `mmjax.data.convert`.
+  Raises `UnsupportedImage` (see `to_rgb`) or the decoder's error.
+  """
+  return to_rgb(ImageOps.exif_transpose(open_image(data, draft_size)))
+
+
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
   """uint8 `"size size 3"`: shorter side resized to `size` (bicubic), centre square kept."""
-  image = to_rgb(image)
+  image = to_rgb(image)  # a no-op for images from `load_image`
   width, height = image.size
   side = min(width, height)
   box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
@@ -130,9 +181,12 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable."""
+  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable,
+  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`)."""
   try:
-    return resize_center_crop(open_image(data, draft_size=size), size)
+    return resize_center_crop(load_image(data, draft_size=size), size)
+  except UnsupportedImage as error:
+    raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
   except Exception as error:
     raise CorruptRecord("bad_image", f"cannot decode a {len(data)}-byte image "
                         f"({type(error).__name__}: {error})") from error
@@ -144,22 +198,23 @@ def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- shards
 
-def resolve_shards(paths: str | Sequence[str]) -> list[str]:
-  """Globs or file names (local or any `etils.epath` file system) -> shard paths.
+def resolve_shards(paths: str | Sequence[str], kind: str = "ArrayRecord") -> list[str]:
+  """Globs, brace patterns (`{000..009}`) or file names (local or any `etils.epath` file
+  system) -> shard paths.
 
-  Raises when a glob matches nothing, or matches an incomplete set of
-  `NAME-iiiii-of-nnnnn.array_record` shards: a partly copied data set would otherwise
-  train on a silent subset. Files named one by one are taken as given.
+  Raises when a glob matches nothing, a named file is missing, or a glob matches an
+  incomplete set of `NAME-iiiii-of-nnnnn.array_record` shards: a partly copied data set
+  would otherwise train on a silent subset. Files named one by one are taken as given.
   """
   patterns = [paths] if isinstance(paths, str) else list(paths)
   if not patterns:
-    raise ValueError("No ArrayRecord paths given; pass a glob such as '/data/cc-*.array_record'.")
+    raise ValueError(f"No {kind} paths given; pass a file, a glob or a list of them.")
   files: list[str] = []
-  for pattern in patterns:
+  for pattern in (p for given in patterns for p in expand_braces(given)):
     path = epath.Path(pattern)
     if not any(c in pattern for c in "*?["):
       if not path.exists():
-        raise FileNotFoundError(f"ArrayRecord file {pattern!r} does not exist.")
+        raise FileNotFoundError(f"{kind} file {pattern!r} does not exist.")
       files.append(str(path))
       continue
     if any(c in str(path.parent) for c in "*?["):
@@ -167,8 +222,9 @@ def resolve_shards(paths: str | Sequence[str]) -> list[str]:
                        f"{pattern!r}.")
     matches = sorted(str(p) for p in path.parent.glob(path.name))
     if not matches:
-      raise FileNotFoundError(f"No ArrayRecord files match {pattern!r}; check the path, or "
-                              "write shards with `python -m mmjax.data.convert`.")
+      hint = (", or write shards with `python -m mmjax.data.convert`" if kind == "ArrayRecord"
+              else "")
+      raise FileNotFoundError(f"No {kind} files match {pattern!r}; check the path{hint}.")
     _check_complete(pattern, matches)
     files.extend(matches)
   return files
@@ -219,16 +275,7 @@ class ArrayRecordDocuments:
     return decode_record(self._records[index])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    text, encoded = interleave(self.content(index), self.text_separator)
-    images = []
-    for i, data in enumerate(encoded):
-      try:
-        images.append(decode_image(data, self.image_size))
-      except CorruptRecord as error:
-        raise CorruptRecord(error.reason, f"image {i} of {len(encoded)}: {error}") from error
-    if not text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip():
-      raise CorruptRecord("empty_text", "the record holds no text")
-    return {"images": _stack(images, self.image_size), "text": text}
+    return _document(self.content(index), self.image_size, self.text_separator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,3 +377,333 @@ class TfdsPairs:
       raise CorruptRecord("empty_text", f"feature {self.text_key!r} is empty")
     return {"images": image[None], "text": f"{MEDIA_TOKEN}{text.strip()}{ENDOFCHUNK_TOKEN}"}
 
+
+
+# -------------------------------------------------------------------------------- webdataset
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """`"a-{000..002}.tar"` -> `["a-000.tar", "a-001.tar", "a-002.tar"]`; `"{x,y}"` lists.
+
+  The brace notation of webdataset and img2dataset: a numeric range keeps the width of
+  its first bound (zero padding); several braces expand as a product.
+  """
+  match = _BRACES.search(pattern)
+  if match is None:
+    return [pattern]
+  body = match[1]
+  if (bounds := re.fullmatch(r"(\d+)\.\.(\d+)", body)) is not None:
+    low, high = bounds[1], bounds[2]
+    if int(low) > int(high):
+      raise ValueError(f"Empty range {{{body}}} in {pattern!r}.")
+    options = [str(i).zfill(len(low)) for i in range(int(low), int(high) + 1)]
+  else:
+    options = body.split(",")
+  head, tail = pattern[:match.start()], pattern[match.end():]
+  return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def _split_member(name: str) -> tuple[str, str]:
+  """webdataset's rule: the key is the member path up to the first dot of its file name,
+  the extension (lower-cased) is the rest: `"dir/000001.0.jpg"` -> `("dir/000001", "0.jpg")`."""
+  folder, _, base = name.rpartition("/")
+  stem, dot, extension = base.partition(".")
+  return (f"{folder}/{stem}" if folder else stem), extension.lower() if dot else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TarIndex:
+  """Where every member of every sample is: one row per member, grouped by sample.
+
+  Attributes:
+    shards: the tar files.
+    keys: `"n"` sample keys.
+    shard: int32 `"n"`, the shard of each sample.
+    start: int64 `"n+1"`, each sample's first row (rows of sample i: start[i]:start[i+1]).
+    extensions: `"m"` member extensions; offset, size: int64 `"m"` data offsets and sizes.
+  """
+
+  shards: tuple[str, ...]
+  keys: np.ndarray
+  shard: np.ndarray
+  start: np.ndarray
+  extensions: np.ndarray
+  offset: np.ndarray
+  size: np.ndarray
+  problems: tuple[str, ...]
+
+  @classmethod
+  def build(cls, shards: Sequence[str]) -> "_TarIndex":
+    """Reads the member headers of every shard once (no member data is read)."""
+    keys, shard_ids, start, extensions, offsets, sizes, problems = [], [], [], [], [], [], []
+    for shard_id, path in enumerate(shards):
+      if re.search(r"\.(tgz|tar\.gz|tar\.bz2|tar\.xz|tar\.zst)$", path):
+        raise ValueError(f"{path} is a compressed tar: its members cannot be read by offset. "
+                         "Decompress the shards (e.g. `gunzip`) and read the .tar files.")
+      previous = None
+      length = os.path.getsize(path)
+      try:
+        with tarfile.open(path, "r:") as archive:
+          for member in archive:
+            if not member.isfile():
+              continue
+            if member.offset_data + member.size > length:
+              # Indexed all the same: reading it fails, counted as the bad record it is.
+              problems.append(f"{path}: cut short inside member {member.name!r}; the "
+                              "shard is incomplete")
+              logging.warning("Tar shard %s", problems[-1])
+            key, extension = _split_member(member.name)
+            if key != previous:  # webdataset keeps a sample's members together
+              keys.append(key)
+              shard_ids.append(shard_id)
+              start.append(len(offsets))
+              previous = key
+            extensions.append(extension)
+            offsets.append(member.offset_data)
+            sizes.append(member.size)
+          end = archive.offset
+        # tarfile ends quietly at a damaged header; a whole shard ends in zero blocks.
+        if not _only_zeros(path, end):
+          raise tarfile.ReadError(f"a damaged member header at byte {end}")
+      except tarfile.ReadError as error:
+        if previous is None:
+          raise ValueError(f"{path} is not a readable tar file ({error}).") from error
+        # A cut or damaged shard: the samples before the damage are kept, the rest of the
+        # shard is lost and said so (a sample cut short fails, counted, when read).
+        problems.append(f"{path}: unreadable after sample {previous!r} ({error}); the rest "
+                        "of the shard is skipped")
+        logging.warning("Tar shard %s", problems[-1])
+    start.append(len(offsets))
+    return cls(tuple(shards), np.array(keys, object), np.array(shard_ids, np.int32),
+               np.array(start, np.int64), np.array(extensions, object),
+               np.array(offsets, np.int64), np.array(sizes, np.int64), tuple(problems))
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+  def members(self, index: int) -> dict[str, tuple[int, int]]:
+    """`{extension: (offset, size)}` of sample `index`."""
+    rows = range(self.start[index], self.start[index + 1])
+    return {self.extensions[r]: (int(self.offset[r]), int(self.size[r])) for r in rows}
+
+
+def _only_zeros(path: str, start: int) -> bool:
+  with open(path, "rb") as file:
+    file.seek(start)
+    while chunk := file.read(1 << 20):
+      if chunk.count(0) != len(chunk):
+        return False
+  return True
+
+
+_OPEN_SHARDS: dict[tuple[int, str], int] = {}  # (process id, path) -> file descriptor
+
+
+def _read_member(path: str, offset: int, size: int) -> bytes:
+  """`size` bytes at `offset` of `path`; `os.pread` leaves no shared file position, so
+  Grain's reader threads can share one descriptor per shard and process."""
+  key = (os.getpid(), path)
+  if key not in _OPEN_SHARDS:
+    _OPEN_SHARDS[key] = os.open(path, os.O_RDONLY)
+  data = os.pread(_OPEN_SHARDS[key], size, offset)
+  if len(data) != size:
+    raise CorruptRecord("bad_record", f"a member of {path} at byte {offset} is cut short "
+                        f"({len(data)} of {size} bytes)")
+  return data
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetPairs:
+  """Image-caption pairs read directly from webdataset / img2dataset tar shards.
+
+  A sample is the tar members sharing a key (`000001.jpg`, `000001.txt`, `000001.json`):
+  its image is the member with an image extension (`jpg`, `jpeg`, `png`, `webp`, ...), its
+  caption the `.txt` member or, without one, `caption_key` of the `.json` member (as
+  img2dataset writes them). An index of member offsets is built once when the source is
+  made (member headers only), so reading is random access, as Grain needs. Tar files must
+  be uncompressed. Samples without an image or a caption, undecodable images and damaged
+  members are skipped and counted by the pipeline like other bad records.
+
+  Attributes:
+    paths: shard files, globs or webdataset brace patterns (`".../{00000..00009}.tar"`),
+      or a list of them.
+    image_size: images come out `"image_size image_size 3"`.
+    caption_key: the caption field of `.json` members.
+  """
+
+  paths: str | tuple[str, ...]
+  image_size: int
+  caption_key: str = "caption"
+  _index: _TarIndex = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    if not isinstance(self.paths, str):
+      object.__setattr__(self, "paths", tuple(self.paths))
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    object.__setattr__(self, "_index", _TarIndex.build(resolve_shards(self.paths, "tar")))
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def members(self, index: int) -> dict[str, bytes]:
+    """Sample `index` as stored: `{extension: bytes}`."""
+    path = self._index.shards[self._index.shard[index]]
+    return {extension: _read_member(path, offset, size)
+            for extension, (offset, size) in self._index.members(index).items()}
+
+  def _where(self, index: int) -> str:
+    return (f"sample {self._index.keys[index]!r} of "
+            f"{self._index.shards[self._index.shard[index]]}")
+
+  def content(self, index: int) -> list[str | bytes]:
+    members = self.members(index)
+    images = [members[e] for e in members if e in IMAGE_EXTENSIONS]
+    if len(images) != 1:
+      raise CorruptRecord("image_count", f"{self._where(index)} has {len(images)} image "
+                          f"members ({sorted(members)}); a pair needs exactly one")
+    if "txt" in members:
+      caption = _utf8(members["txt"], self._where(index))
+    elif "json" in members:
+      caption = _json(members["json"], self._where(index)).get(self.caption_key)
+    else:
+      raise CorruptRecord("empty_text", f"{self._where(index)} has no .txt or .json member "
+                          f"({sorted(members)})")
+    if not isinstance(caption, str) or not caption.strip():
+      raise CorruptRecord("empty_text", f"{self._where(index)} has no caption "
+                          f"({self.caption_key!r}: {caption!r})")
+    return [images[0], caption.strip()]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _document(self.content(index), self.image_size, " ")
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetDocuments(WebDatasetPairs):
+  """Interleaved documents read directly from tar shards: one `.json` member per sample.
+
+  The `.json` holds one document in either layout (the images are in the same sample):
+  - OBELICS: `{"texts": [str | null, ...], "images": [name | null, ...]}`, position `i`
+    holding a text or an image in reading order; an image `name` is a member of the
+    sample given by its extension (`"0.jpg"` for `000001.0.jpg`) or its full name.
+  - MMC4, as OpenFlamingo's MMC4 shards hold it: `{"text_list": [sentence, ...],
+    "image_info": [{"matched_text_index": i, "image_base64": ...} or {...,
+    "image_name": name}, ...]}`; each image goes right before its matched sentence.
+  A document becomes the OpenFlamingo layout as ArrayRecord documents do (see
+  `interleave`). Any image that cannot be found or decoded skips the document, counted.
+
+  Attributes:
+    text_separator: joins consecutive texts of one chunk.
+  """
+
+  text_separator: str = " "
+
+  def content(self, index: int) -> list[str | bytes]:
+    members = self.members(index)
+    where = self._where(index)
+    if "json" not in members:
+      raise CorruptRecord("bad_record", f"{where} has no .json document ({sorted(members)})")
+    document = _json(members["json"], where)
+
+    def image(reference: Any) -> bytes:
+      if isinstance(reference, dict) and isinstance(reference.get("image_base64"), str):
+        try:
+          return base64.b64decode(reference["image_base64"], validate=True)
+        except ValueError as error:
+          raise CorruptRecord("bad_image", f"{where}: image_base64 is not base64") from error
+      name = reference.get("image_name") if isinstance(reference, dict) else reference
+      if isinstance(name, str):
+        extension = name.lower()
+        if name.startswith(f"{self._index.keys[index]}."):
+          extension = _split_member(name)[1]
+        if extension in members:
+          return members[extension]
+      raise CorruptRecord("missing_image", f"{where}: image {reference!r:.80} is not a member "
+                          f"of the sample ({sorted(members)})")
+
+    if "texts" in document and "images" in document:
+      texts, images = document["texts"], document["images"]
+      if not (isinstance(texts, list) and isinstance(images, list)
+              and len(texts) == len(images)):
+        raise CorruptRecord("bad_record", f"{where}: 'texts' and 'images' must be lists of "
+                            "one length")
+      content = []
+      for text, reference in zip(texts, images, strict=True):
+        if reference is not None:
+          content.append(image(reference))
+        elif isinstance(text, str):
+          content.append(text.strip())
+        elif text is not None:
+          raise CorruptRecord("bad_record", f"{where}: a text is a {type(text).__name__}")
+      return content
+    if isinstance(document.get("text_list"), list) and isinstance(
+        document.get("image_info"), list):
+      sentences = document["text_list"]
+      if not all(isinstance(s, str) for s in sentences):
+        raise CorruptRecord("bad_record", f"{where}: 'text_list' holds a non-string")
+      matched = []
+      for info in document["image_info"]:
+        position = info.get("matched_text_index") if isinstance(info, dict) else None
+        if (not isinstance(position, int) or isinstance(position, bool)
+            or not 0 <= position < len(sentences)):
+          raise CorruptRecord("bad_record", f"{where}: matched_text_index {position!r} is "
+                              f"not in [0, {len(sentences)})")
+        matched.append((position, image(info)))
+      return mmc4_order([s.strip() for s in sentences], matched)
+    raise CorruptRecord("bad_record", f"{where}: the .json holds neither 'texts'/'images' "
+                        f"(OBELICS) nor 'text_list'/'image_info' (MMC4): {sorted(document)}")
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _document(self.content(index), self.image_size, self.text_separator)
+
+
+def mmc4_order(sentences: Sequence[str], matched: Sequence[tuple[int, Any]]) -> list[Any]:
+  """MMC4's layout in reading order: each image (given with its matched sentence index)
+  right before its sentence, images matched to one sentence in their given order; empty
+  sentences are left out."""
+  before: dict[int, list[Any]] = {}
+  for position, item in matched:
+    before.setdefault(position, []).append(item)
+  items: list[Any] = []
+  for position, sentence in enumerate(sentences):
+    items.extend(before.get(position, ()))
+    if sentence:
+      items.append(sentence)
+  return items
+
+
+def _utf8(data: bytes, where: str) -> str:
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as error:
+    raise CorruptRecord("bad_record", f"{where}: text is not UTF-8 ({error})") from error
+
+
+def _json(data: bytes, where: str) -> dict[str, Any]:
+  try:
+    value = json.loads(_utf8(data, where))
+  except json.JSONDecodeError as error:
+    raise CorruptRecord("bad_record", f"{where}: the .json member is not JSON ({error})") \
+        from error
+  if not isinstance(value, dict):
+    raise CorruptRecord("bad_record", f"{where}: the .json member is a {type(value).__name__}, "
+                        "not an object")
+  return value
+
+
+def _document(content: Sequence[str | bytes], image_size: int,
+              text_separator: str) -> dict[str, Any]:
+  """Stored content -> a pipeline document `{"images": uint8 "n s s 3", "text"}`."""
+  text, encoded = interleave(content, text_separator)
+  images = []
+  for i, data in enumerate(encoded):
+    try:
+      images.append(decode_image(data, image_size))
+    except CorruptRecord as error:
+      raise CorruptRecord(error.reason, f"image {i} of {len(encoded)}: {error}") from error
+  if not text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip():
+    raise CorruptRecord("empty_text", "the record holds no text")
+  return {"images": _stack(images, image_size), "text": text}
