@@ -302,6 +302,8 @@ class FlamingoModel(_Loaded):
   def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
     """uint8 `"n s s 3"` (s = `image_size`): the images as the model sees them."""
     images = _image_list(images, "images") if _is_batch(images) else [images]
+    if not images:
+      raise UserError("No images given: pass an image or a non-empty list of them.")
     return np.stack([prepare_image(x, self.image_size) for x in images])
 
   def generate(self, prompts: str | Sequence[str],

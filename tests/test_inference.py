@@ -188,6 +188,8 @@ def test_bad_images_and_prompts_are_named(vlm, tmp_path):
       (lambda: vlm.caption(image.transpose(2, 0, 1)), r"'h w 3'.*\(3, 32, 32\)"),
       (lambda: vlm.caption(tmp_path / "missing.png"), "No image file .*missing.png"),
       (lambda: vlm.caption(7), "PIL image, a uint8 numpy array or a file path, got int"),
+      (lambda: vlm.caption([]), "No images given"),
+      (lambda: vlm.generate(sw.MEDIA_TOKEN, image), "images of a prompt must be a list"),
       (lambda: vlm.generate(sw.MEDIA_TOKEN * 2, [image]), "2 <image> marker.*1 image"),
       (lambda: vlm.generate([sw.MEDIA_TOKEN, "x"], [image]), "2 prompts need a list of 2"),
       (lambda: vlm.generate("x", max_new_tokens=0), "max_new_tokens must be a positive"),
