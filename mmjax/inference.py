@@ -105,6 +105,13 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
   except (TypeError, ValueError) as error:  # config_from_dict's unknown or missing fields
     raise UserError(f"{path / 'config.json'}: its model config does not build a {task} "
                     f"model: {error}") from error
+  if step is not None:
+    mngr = checkpoints.manager(path)
+    steps = sorted(mngr.all_steps())
+    mngr.close()
+    if step not in steps:
+      raise UserError(f"No checkpoint of step {step} in {path / 'checkpoints'}; its complete "
+                      f"checkpoints are of steps {steps or 'none'}.")
   try:
     params = checkpoints.load_params(path, step)
   except FileNotFoundError as error:

@@ -130,8 +130,8 @@ def test_generate_gives_the_tokens_of_the_lower_level_path(run, vlm):
 @pytest.mark.parametrize("task", ["captioning", "vqa"])
 def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task):
   """Few-shot prompts built from the same held-out examples as `mmjax.evaluate`'s, and
-  the answers parsed as it parses them, one at a time and batched."""
-  _, config, model, params = run
+  the answers parsed as it parses them (a batch of queries shares the examples)."""
+  _, _, model, params = run
   shots, max_new = 2, 6
   prompt = evaluate.example_prompts(WORLD, shots, 1, task)[0]
   support = [WORLD.example("eval", 10_000 + j) for j in range(shots)]  # episode 0's
@@ -207,7 +207,7 @@ def test_bad_images_and_prompts_are_named(vlm, tmp_path):
 
 
 def test_a_converted_checkpoint_loads_with_its_tokenizer_directory(run, vlm, tmp_path):
-  _, config, model, params = run
+  _, _, model, params = run
   convert.save(tmp_path / "converted", "flamingo", model.config, params)
   with pytest.raises(UserError, match="names no tokenizer.*tokenizer="):
     inference.load(tmp_path / "converted")
@@ -230,6 +230,9 @@ def test_a_converted_checkpoint_loads_with_its_tokenizer_directory(run, vlm, tmp
 
 def test_what_cannot_be_loaded_is_named(run, tmp_path):
   workdir, config, _, params = run
+  assert inference.load(workdir, step=7).config.task == "flamingo"
+  with pytest.raises(UserError, match=r"No checkpoint of step 3 in .*steps \[7\]"):
+    inference.load(workdir, step=3)
   with pytest.raises(UserError, match="No directory"):
     inference.load(tmp_path / "nowhere")
   (tmp_path / "empty").mkdir()
