@@ -84,6 +84,22 @@ def vlm(run):
   return inference.load(run[0])
 
 
+@pytest.fixture
+def inputs(monkeypatch):
+  """The arguments of each `mmjax.models.flamingo.generate` call the API makes."""
+  from mmjax.models import flamingo
+  calls, real = [], flamingo.generate
+
+  def spy(model, params, prompt, prompt_lengths, rng, **kwargs):
+    calls.append(dict(tokens=np.asarray(prompt), lengths=np.asarray(prompt_lengths),
+                      images=np.asarray(kwargs["images"]),
+                      num_images=np.asarray(kwargs["num_images"])))
+    return real(model, params, prompt, prompt_lengths, rng, **kwargs)
+
+  monkeypatch.setattr(flamingo, "generate", spy)
+  return calls
+
+
 def lower_level(model, params, tokenizer, texts, images, max_new_tokens, **kwargs):
   """What `generate` replaces: encode, pad images, generate, decode without the stop."""
   tokens, lengths = evaluate.encode_prompts(tokenizer, texts)
@@ -111,7 +127,7 @@ def test_load_gives_the_runs_model_params_tokenizer_and_config(run, vlm):
   jax.tree_util.tree_map(np.testing.assert_array_equal, vlm.params, params)
 
 
-def test_generate_gives_the_tokens_of_the_lower_level_path(run, vlm):
+def test_generate_gives_the_tokens_of_the_lower_level_path(run, vlm, inputs):
   _, _, model, params = run
   images = [e.image for e in (WORLD.example("eval", i) for i in range(3))]
   prompts = [f"{sw.MEDIA_TOKEN}a small red circle.{sw.ENDOFCHUNK_TOKEN}{sw.MEDIA_TOKEN}",
@@ -120,6 +136,13 @@ def test_generate_gives_the_tokens_of_the_lower_level_path(run, vlm):
   expected, out = lower_level(model, params, vlm.tokenizer, prompts, rows, 8)
   assert np.asarray(out.lengths).max() > 1  # generated text, not an immediate stop
   assert vlm.generate(prompts, rows, max_new_tokens=8) == expected
+  tokens, lengths = evaluate.encode_prompts(vlm.tokenizer, prompts)
+  np.testing.assert_array_equal(inputs[0]["tokens"], tokens)
+  np.testing.assert_array_equal(inputs[0]["lengths"], lengths)
+  np.testing.assert_array_equal(inputs[0]["num_images"], [2, 1])
+  np.testing.assert_array_equal(inputs[0]["images"][0, :, 0], rows[0])
+  np.testing.assert_array_equal(inputs[0]["images"][1, 0, 0], rows[1][0])
+  assert not inputs[0]["images"][1, 1].any()  # padding
   sampling = SamplingConfig(temperature=1.5, top_k=40)
   sampled = vlm.generate(prompts, rows, max_new_tokens=8, temperature=1.5, top_k=40, seed=3)
   assert sampled == lower_level(model, params, vlm.tokenizer, prompts, rows, 8,
@@ -128,7 +151,7 @@ def test_generate_gives_the_tokens_of_the_lower_level_path(run, vlm):
 
 
 @pytest.mark.parametrize("task", ["captioning", "vqa"])
-def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task):
+def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task, inputs):
   """Few-shot prompts built from the same held-out examples as `mmjax.evaluate`'s, and
   the answers parsed as it parses them (a batch of queries shares the examples)."""
   _, _, model, params = run
@@ -153,6 +176,10 @@ def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task):
   expected = evaluate.run_prompts(model, params, vlm.tokenizer, prompts, max_new, task)
   got = ask([q.image for q in queries], [q.question for q in queries])
   assert got == expected
+  # The very prompts and images the evaluation generates from.
+  tokens, _ = evaluate.encode_prompts(vlm.tokenizer, [p.text for p in prompts])
+  np.testing.assert_array_equal(inputs[-1]["tokens"], tokens)
+  np.testing.assert_array_equal(inputs[-1]["images"][:, :, 0], [p.images for p in prompts])
   assert len(set(got)) > 1  # the image matters: no preparation of images passes unseen
 
 
