@@ -17,12 +17,14 @@ checkpoint, the Hugging Face tokenizer directory passed as `tokenizer=`), and re
 Images are PIL images, uint8 numpy arrays (`"h w 3"`, `"h w"` grey or `"h w 4"` RGBA) or
 image file paths, prepared exactly as the training data were (`mmjax.data.sources`: RGB,
 the shorter side resized to the model's image size and the centre square kept; the model
-normalises pixels itself). Captioning and question prompts are the recipe's
-(`mmjax.evaluate.CAPTION_PROMPT`, `mmjax.evaluate.vqa_prompt`), and answers are read as
-the evaluation reads them, so what these calls return is what `mmjax.evaluate` scores.
+normalises pixels itself). Captioning and question prompts, zero- or few-shot, are
+written as the evaluation writes them (`mmjax.evaluate.chunk_text`, `few_shot_text`) and
+answers read as it reads them (`answer_text`), so these calls return what
+`mmjax.evaluate` scores.
 
-Prompts and their images are processed as one batch; each distinct batch shape compiles
-once (seconds on a CPU for the embedded models) and is cached for later calls. The model
+A list of prompts (or images) is one batch. Each distinct batch shape (prompts, longest
+prompt in tokens, images per prompt, `max_new_tokens`) compiles once, in seconds on a CPU
+for the embedded models, and is reused by later calls of that shape. The model
 runs on the default device, unsharded: for models that do not fit one device, use the
 lower-level `mmjax.models.flamingo.generate` under a mesh.
 """
