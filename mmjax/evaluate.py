@@ -56,9 +56,9 @@ def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int, *,
   prompts, chance = [], []
   for i in range(episodes):
     ep = world.naming_episode("eval", i, shots=shots, ways=2)
-    text = "".join(f"{IMG}{sw.naming_text(c, n)}{EOC}"
-                   for c, n in zip(ep.support_colours, ep.support_names, strict=True))
-    text += IMG + sw.naming_text() + (f" {ep.query_colour}" if with_colour else "")
+    text = few_shot_text([sw.naming_text(c, n) for c, n in zip(ep.support_colours,
+                                                                ep.support_names, strict=True)],
+                         sw.naming_text() + (f" {ep.query_colour}" if with_colour else ""))
     images = np.concatenate([ep.support_images, ep.query_image[None]])
     prompts.append(Prompt(text, images, ep.answer, ep.query_colour))
     seen = set(ep.support_names)
@@ -66,17 +66,36 @@ def naming_prompts(world: sw.ShapesWorld, shots: int, episodes: int, *,
   return prompts, float(np.mean(chance))
 
 
+# How examples are written, as in the recipe's training documents (`ShapesWorld.document`):
+# "<image>a small red circle on the left.<|endofchunk|>",
+# "<image>question: what colour is the circle? answer: red<|endofchunk|>".
+def chunk_text(task: str, question: str = "", answer: str | None = None) -> str:
+  """The text after one image of a "captioning" or "vqa" prompt: a solved example's, with
+  its `answer` (the caption), or else the query's, which ends where the answer starts."""
+  if task == "captioning":
+    return answer or ""
+  if task == "vqa":
+    return f"question: {question} answer:" + ("" if answer is None else f" {answer}")
+  raise ValueError(f"Unknown task {task!r}; expected 'captioning' or 'vqa'.")
+
+
+def few_shot_text(solved: list[str], query: str) -> str:
+  """`<image>` and `<|endofchunk|>` around each solved example's text, then `<image>`
+  and the query's text: one `<image>` per image, in order."""
+  return "".join(f"{IMG}{text}{EOC}" for text in solved) + IMG + query
+
+
 def example_prompts(world: sw.ShapesWorld, shots: int, episodes: int, task: str) -> list[Prompt]:
   """VQA or captioning prompts; support examples are other held-out examples."""
-  chunk = {"vqa": lambda e: (f"question: {e.question} answer:", f" {e.answer}"),
-           "captioning": lambda e: ("", e.caption)}[task]
+  answer = lambda e: e.answer if task == "vqa" else e.caption
   prompts = []
   for i in range(episodes):
     support = [world.example("eval", 10_000 + (shots + 1) * i + j) for j in range(shots)]
     query = world.example("eval", i)
-    text = "".join(f"{IMG}{chunk(e)[0]}{chunk(e)[1]}{EOC}" for e in support)
+    text = few_shot_text([chunk_text(task, e.question, answer(e)) for e in support],
+                         chunk_text(task, query.question))
     images = np.stack([e.image for e in support] + [query.image])
-    prompts.append(Prompt(text + IMG + chunk(query)[0], images, chunk(query)[1].strip()))
+    prompts.append(Prompt(text, images, answer(query)))
   return prompts
 
 
@@ -95,16 +114,16 @@ def naming_scores(answers: list[str], prompts: list[Prompt]) -> dict[str, float]
       "colour": float(np.mean([w[:1] == [p.colour] for w, p in zip(words, prompts, strict=True)]))}
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded token ids `"b t"` of the prompts' texts and their lengths `"b"`."""
-  ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
+def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded token ids `"b t"` of the texts (each after BOS) and their lengths `"b"`."""
+  ids = [tokenizer.encode(text, bos=True) for text in texts]
   lengths = np.array([len(i) for i in ids], np.int32)
   return np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids]), lengths
 
 
 def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
                 max_new_tokens: int, task: str) -> list[str]:
-  tokens, lengths = encode_prompts(tokenizer, prompts)
+  tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts])
   images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
   out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
                  images=jnp.asarray(images), max_new_tokens=max_new_tokens,
@@ -137,7 +156,7 @@ def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
   results = {}
   for k in shots:
     prompts, chance = naming_prompts(world, k, episodes, with_colour=True)
-    tokens, lengths = encode_prompts(tokenizer, prompts)
+    tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts])
     logits = np.asarray(apply(jnp.asarray(tokens)))
     predicted = logits[np.arange(len(prompts)), lengths - 1].argmax(-1)
     expected = [tokenizer.word_id(p.answer) for p in prompts]
