@@ -53,6 +53,7 @@ class Attention(nn.Module):
     rope_scaling: stretches the rotary frequencies (long-context checkpoints).
     alibi_bias_max: add ALiBi biases to the logits of causal self-attention, with the
       slopes `alibi_slopes(num_heads, alibi_bias_max)` (MPT).
+    scale: factor on the logits `q . k`; None is `1 / sqrt(head_dim)`.
     implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
   """
 
@@ -68,6 +69,7 @@ class Attention(nn.Module):
   rope_theta: float | None = None
   rope_scaling: RopeScaling | None = None
   alibi_bias_max: float | None = None
+  scale: float | None = None
   implementation: Literal["xla", "cudnn"] | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -171,8 +173,8 @@ class Attention(nn.Module):
                         "value_proj")
     mask = None if mask is None else _as_4d(mask)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                                       implementation=self.implementation)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                       is_causal=is_causal, implementation=self.implementation)
     if mask is not None and not (self.causal and decode):
       # Rows with nothing to attend to return zero, not a uniform average of the values.
       has_key = jnp.any(mask, axis=-1)  # b h t
