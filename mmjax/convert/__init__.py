@@ -29,8 +29,8 @@ an entry in `lm.LM_FAMILIES`.)
 
 from mmjax.convert.bert import bert_config, convert_bert
 from mmjax.convert.clip import clip_config, convert_clip, vit_config, vit_params
-from mmjax.convert.common import (ConversionError, count, read_hf_dir, read_state_file, save,
-                                  save_hf)
+from mmjax.convert.common import (ConversionError, count, read_hf_config, read_hf_dir,
+                                  read_hf_weights, read_state_file, save, save_hf)
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
 from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
@@ -40,5 +40,6 @@ from mmjax.convert.openflamingo import convert_openflamingo
 __all__ = ["LM_TYPES", "ROPE_SCALINGS", "ConversionError", "bert_config", "clip_config",
            "convert_bert", "convert_clip", "convert_idefics", "convert_lm",
            "convert_openflamingo", "count", "export_lm", "lm_config", "lm_params",
-           "open_clip_vision", "read_hf_dir", "read_state_file", "rope_settings", "save",
+           "open_clip_vision", "read_hf_config", "read_hf_dir", "read_hf_weights",
+           "read_state_file", "rope_settings", "save",
            "save_hf", "vit_config", "vit_params"]

@@ -80,8 +80,8 @@ def convert_bert(hf_dir: str | pathlib.Path) -> tuple[BertConfig, dict]:
   model, whose encoder is under `bert.` and whose task heads are left out. `config.pooler`
   says whether the checkpoint has the pooler."""
   import jax.numpy as jnp
-  hf, state = common.read_hf_dir(hf_dir)
-  cfg = bert_config(hf)
+  cfg = bert_config(common.read_hf_config(hf_dir))
+  state = common.read_hf_weights(hf_dir)
   # Google's original checkpoints (bert-base-uncased among them) name LayerNorm parameters
   # gamma and beta.
   state = {k.replace("LayerNorm.gamma", "LayerNorm.weight")

@@ -39,8 +39,10 @@ def sub_config(f: common.Fields, name: str) -> common.Fields:
   return sub
 
 
-def vit_config(f: common.Fields, projection_dim: int | None) -> ViTConfig:
+def vit_config(f: common.Fields | dict[str, Any], projection_dim: int | None) -> ViTConfig:
   """The `ViTConfig` of a Hugging Face CLIP vision config (`vision_config`)."""
+  if not isinstance(f, common.Fields):
+    f = common.Fields(f, "CLIP vision tower")
   return ViTConfig(
       image_size=f["image_size"], patch_size=f["patch_size"], width=f["hidden_size"],
       depth=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
@@ -122,9 +124,8 @@ def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
   """`(TwoTowersConfig, parameters)` of a Hugging Face CLIPModel directory; the vision
   tower alone is `params["image"]` with `config.vision`."""
   import jax.numpy as jnp
-  hf, state = common.read_hf_dir(hf_dir)
-  cfg = clip_config(hf)
-  params = clip_params(state, cfg)
+  cfg = clip_config(common.read_hf_config(hf_dir))
+  params = clip_params(common.read_hf_weights(hf_dir), cfg)
   size, channels = cfg.vision.image_size, cfg.vision.channels
   common.check_tree(params, TwoTowers(cfg), jnp.zeros((1, size, size, channels)),
                     jnp.zeros((1, 1), jnp.int32))

@@ -31,18 +31,32 @@ class ConversionError(cli.UserError):
 # ---------------------------------------------------------------------------------------
 def read_hf_dir(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """`(config.json as a dict, {parameter name: float32 array})` of a local model dir."""
+  return read_hf_config(path), read_hf_weights(path)
+
+
+def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
+  """config.json of a local model dir (read, and checked, before any weights are)."""
   path = pathlib.Path(path)
   if not (path / "config.json").is_file():
     raise ConversionError(f"{path} has no config.json: expected a Hugging Face model "
                           "directory (save_pretrained's output).")
-  config = json.loads((path / "config.json").read_text())
+  try:
+    return json.loads((path / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{path / 'config.json'} is not valid JSON: {e}.") from None
+
+
+def read_hf_weights(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """`{parameter name: float32 array}` of a local model dir: model.safetensors, the shards
+  of a sharded one, or pytorch_model.bin."""
+  path = pathlib.Path(path)
   files = sorted(path.glob("*.safetensors")) or [path / "pytorch_model.bin"]
   if not files[0].exists():
     raise ConversionError(f"{path} has neither *.safetensors nor pytorch_model.bin.")
   state = {}
   for f in files:  # one file, or the shards of a sharded checkpoint
     state.update(read_state_file(f))
-  return config, state
+  return state
 
 
 def read_state_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -227,7 +241,8 @@ class Reader:
       self.mismatched.append(f"{key}: differs from {what}, which the config says it is "
                              "tied to (set tie_word_embeddings=false if it is its own)")
 
-  def finish(self, ignored: dict[str, str] | None = None, hint: str = "") -> None:
+  def finish(self, ignored: dict[str, str] | None = None,
+             hint: str = "Check that config.json belongs to these weights.") -> None:
     """Raises `ConversionError` naming every problem, if there is any, then `hint`.
     `ignored` maps regular expressions of tensor names (matching whole names) that are
     not parameters on purpose to why (buffers, task heads)."""

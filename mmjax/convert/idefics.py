@@ -135,9 +135,10 @@ def convert_idefics(hf_dir: str | pathlib.Path, *, media_token_id: int,
   (with its perceiver resampler). The media token ids are the tokenizer's `<image>` and
   end-of-chunk ids. Additional (decoupled) embeddings and output rows are appended to the
   vocabulary."""
-  hf, state = common.read_hf_dir(hf_dir)
+  hf = common.read_hf_config(hf_dir)
   cfg = idefics_config(hf, media_token_id, endofchunk_token_id)
-  params = idefics_params(state, cfg, hf.get("additional_vocab_size") or 0)
+  params = idefics_params(common.read_hf_weights(hf_dir), cfg,
+                          hf.get("additional_vocab_size") or 0)
   common.check_flamingo(params, cfg)
   return cfg, params
 

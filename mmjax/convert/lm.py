@@ -49,9 +49,9 @@ def check_lm(params: dict, cfg: LMConfig) -> None:
 
 def convert_lm(hf_dir: str | pathlib.Path) -> tuple[LMConfig, dict]:
   """`(LMConfig, parameters)` of a Hugging Face LM directory."""
-  hf, state = common.read_hf_dir(hf_dir)
+  hf = common.read_hf_config(hf_dir)
   cfg = lm_config(hf)
-  params = lm_params(hf, state, cfg)
+  params = lm_params(hf, common.read_hf_weights(hf_dir), cfg)
   check_lm(params, cfg)
   return cfg, params
 

@@ -1,5 +1,9 @@
 """MPT (`model_type: mpt`, as mosaicml/mpt-7b): ALiBi, bias-free LayerNorm and GELU MLP,
-fused q/k/v; tied output layer."""
+fused q/k/v; tied or untied output layer.
+
+`expansion_ratio` and `attn_config.alibi_bias_max` are honoured as mosaicml's own
+modeling code (which trained these checkpoints) honours them; transformers' MptModel
+ignores both (a 4x MLP, slopes for 8), so for other values it is not the reference."""
 
 import math
 from typing import Any

@@ -65,15 +65,15 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
   tokens (OpenFlamingo trains and saves only the input embeddings); they are filled with
   the mean row.
   """
+  hf = common.read_hf_config(lm_dir)
+  lm = lm_family.lm_config(hf)
+  family = lm_family.LM_FAMILIES[hf["model_type"]]
+  vision_cfg, params = _vision(vision, vision_activation)
+  lm_state = common.read_hf_weights(lm_dir)
   ckpt = common.read_state_file(checkpoint)
   ckpt = ckpt.get("model_state_dict", ckpt)
   ckpt = {k.removeprefix("module.").replace("._checkpoint_wrapped_module", ""): v
           for k, v in ckpt.items()}
-  hf, lm_state = common.read_hf_dir(lm_dir)
-  lm = lm_family.lm_config(hf)
-  family = lm_family.LM_FAMILIES[hf["model_type"]]
-
-  vision_cfg, params = _vision(vision, vision_activation)
   params = {"vision": params}
 
   # Sort the checkpoint: gated blocks, the LM's tensors (under their LM names), the vision
@@ -160,14 +160,14 @@ def _vision(vision: str | pathlib.Path, activation: str) -> tuple[ViTConfig, dic
   weights file (whose other tensors, its text tower, are not used)."""
   if not pathlib.Path(vision).is_dir():
     return _vision_from_open_clip(common.read_state_file(vision), activation)
-  hf, state = common.read_hf_dir(vision)
-  f = common.Fields(hf, "CLIP vision tower")
+  f = common.Fields(common.read_hf_config(vision), "CLIP vision tower")
   if "vision_config" in f:  # a CLIPModel, not a CLIPVisionModel
     sub = clip.sub_config(f, "vision_config")
   else:
     sub = f
   cfg = dataclasses.replace(clip.vit_config(sub, None), token_norm=False)
   f.finish(IGNORED_VISION_FIELDS)
+  state = common.read_hf_weights(vision)
   read = common.Reader(state, ("vision_model.",))
   params = clip.vit_params(read, cfg, None)
   read.finish(IGNORED_VISION_TENSORS)
