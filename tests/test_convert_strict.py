@@ -325,6 +325,38 @@ def test_clip_conversion_is_init_tree_and_pools_where_transformers_does(eos, act
   np.testing.assert_allclose(text, norm(expected), atol=1e-5)
 
 
+# What transformers 4.x wrote into every config and sub-config (openai/clip-vit-base-
+# patch32's config.json has all of it), none of which changes the function.
+LEGACY_GENERIC_FIELDS = {
+    "add_cross_attention": False, "bad_words_ids": None, "begin_suppress_tokens": None,
+    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None,
+    "decoder_start_token_id": None, "diversity_penalty": 0.0, "do_sample": False,
+    "early_stopping": False, "encoder_no_repeat_ngram_size": 0, "finetuning_task": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "is_decoder": False,
+    "is_encoder_decoder": False, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1,
+    "num_return_sequences": 1, "output_scores": False, "prefix": None, "pruned_heads": {},
+    "remove_invalid_values": False, "repetition_penalty": 1.0,
+    "return_dict_in_generate": False, "sep_token_id": None, "suppress_tokens": None,
+    "task_specific_params": None, "temperature": 1.0, "tf_legacy_loss": False,
+    "tie_encoder_decoder": False, "tie_word_embeddings": True, "tokenizer_class": None,
+    "top_k": 50, "top_p": 1.0, "torch_dtype": None, "torchscript": False,
+    "typical_p": 1.0, "use_bfloat16": False, "transformers_version": "4.26.0.dev0"}
+
+
+def test_a_transformers_4_clip_config_converts_and_neutral_fields_must_stay_neutral():
+  hf = _clip(2, "quick_gelu").config.to_dict()
+  for tower in ("text_config", "vision_config"):
+    hf[tower] |= LEGACY_GENERIC_FIELDS
+  hf |= {"text_config_dict": None, "vision_config_dict": None, "_commit_hash": "abc"}
+  assert convert.clip_config(hf).text_pool == "argmax"
+  hf["text_config_dict"] = {"eos_token_id": 7}  # as transformers 4.x, it wins
+  assert convert.clip_config(hf).eos_id == 7
+  hf["vision_config"]["pruned_heads"] = {"0": [1]}
+  with pytest.raises(convert.ConversionError, match=r"vision_config.pruned_heads="):
+    convert.clip_config(hf)
+
+
 def test_clip_fields_it_does_not_know_are_refused_by_name():
   hf = _clip(7, "quick_gelu").config.to_dict()
   convert.clip_config(hf)

@@ -31,9 +31,10 @@ LEGACY_EOS_ID = 2
 def sub_config(f: common.Fields, name: str) -> common.Fields:
   """`text_config` or `vision_config`, with the values of an older config's
   `<name>_dict` taking precedence, as transformers merges them."""
-  if f"{name}_dict" not in f:
+  overrides = f.get(f"{name}_dict")
+  if not overrides:
     return f.sub(name, {})
-  merged = {**f.get(name, {}), **f.get(f"{name}_dict")}
+  merged = {**f.get(name, {}), **overrides}
   sub = common.Fields(merged, f.family, f"{name}.", f.root)
   f.root.opened.append(sub)
   return sub

@@ -106,6 +106,13 @@ GENERIC_FIELDS = {
         "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
         "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
         "initializer_range", "initializer_factor", "init_std")}
+GENERIC_FIELDS["tie_word_embeddings"] = (
+    "ties an output layer to the input embedding; every converter of a model with an "
+    "output layer reads it")
+# `PretrainedConfig` fields that change the function unless they hold these values (older
+# transformers wrote them into every config, sub-configs included).
+NEUTRAL_VALUES = {"pruned_heads": ({}, None), "is_decoder": (False,),
+                  "add_cross_attention": (False,), "cross_attention_hidden_size": (None,)}
 # Fields that only set dropout (mmjax converts for inference and fine-tuning without it).
 DROPOUT = "a dropout rate: dropout is off at inference, and mmjax models have none"
 
@@ -174,9 +181,11 @@ class Fields:
     """Refuses every field of every opened dict that was neither read, nor a generic
     `PretrainedConfig` field, nor (by dotted name) in `ignored` (field -> why)."""
     unknown = sorted(
-        f"{fields.path}{name}" for fields in self.root.opened for name in fields.config
+        f"{fields.path}{name}={value!r}" if name in NEUTRAL_VALUES else f"{fields.path}{name}"
+        for fields in self.root.opened for name, value in fields.config.items()
         if f"{fields.path}{name}" not in self.root.read | set(ignored)
-        and name not in GENERIC_FIELDS)
+        and name not in GENERIC_FIELDS
+        and not (name in NEUTRAL_VALUES and value in NEUTRAL_VALUES[name]))
     if unknown:
       raise ConversionError(
           f"The {self.family} config has field(s) {unknown} that the conversion does not "

@@ -41,6 +41,8 @@ def config(f: common.Fields) -> LMConfig:
          "unscaled logits")
   f.require("no_bias", (True,), True, why)
   f.require("logit_scale", (None,), None, why)
+  f.require("fc_type", ("torch", "te"), "torch",
+            "mosaicml's linear layers are torch's or TransformerEngine's, the same function")
   f.require("norm_type", ("low_precision_layernorm", "layernorm"), "low_precision_layernorm",
             "both are a LayerNorm (the first computed in low precision under autocast)")
   attn.require("alibi", (True,), True, why)
