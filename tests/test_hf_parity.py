@@ -386,15 +386,15 @@ def test_sentencepiece_only_llama_tokenizers_get_the_media_tokens_as_open_flamin
 MEDIA, ENDOFCHUNK = VOCAB, VOCAB + 1  # IDEFICS's two additional (decoupled) tokens
 
 
-def _idefics(tmp_path, qk_norms=False, seed=0):
+def _idefics(tmp_path, qk_norms=False, seed=0, alpha_type="vector", interval=2):
   """`(transformers model, FlamingoConfig, params)`: a random IDEFICS, saved, reloaded and
   converted. A whole Flamingo-family model: CLIP-style ViT (class token kept), perceiver,
-  gated blocks before every 2nd LLaMA layer, decoupled extra vocabulary, optional q/k
-  norms."""
+  gated blocks before every `interval`-th LLaMA layer, decoupled extra vocabulary,
+  optional q/k norms, vector or scalar gates."""
   _saved(tmp_path, lambda: transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(
       vocab_size=VOCAB, additional_vocab_size=2, hidden_size=32, intermediate_size=48,
       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=40,
-      cross_layer_interval=2, use_resampler=True, alpha_type="vector",
+      cross_layer_interval=interval, use_resampler=True, alpha_type=alpha_type,
       qk_layer_norms=qk_norms,
       vision_config=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=24),
@@ -416,12 +416,15 @@ def _image_attention_mask(tokens: np.ndarray, num_images: np.ndarray,
   return torch.tensor(np.asarray(mask).astype(np.int64))
 
 
-@pytest.mark.parametrize("qk_norms", [False, True])
-def test_converted_idefics_logits_match_transformers(tmp_path, qk_norms):
+@pytest.mark.parametrize("qk_norms, alpha_type, interval", [(False, "vector", 2),
+                                                             (True, "float", 1)])
+def test_converted_idefics_logits_match_transformers(tmp_path, qk_norms, alpha_type, interval):
   """Several images per row, text before the first image, a padding image, right
   padding."""
   from mmjax.models.flamingo import Flamingo
-  model, cfg, params = _idefics(tmp_path, qk_norms)
+  model, cfg, params = _idefics(tmp_path, qk_norms, alpha_type=alpha_type, interval=interval)
+  assert (cfg.xattn.every, cfg.xattn.gate) == (interval, {"vector": "vector",
+                                                          "float": "scalar"}[alpha_type])
   media, endofchunk = MEDIA, ENDOFCHUNK
   tokens = np.array([[5, 6, media, 7, 8, endofchunk, media, 9, 10, 11],
                      [media, 13, 14, endofchunk, 15, 16, 0, 0, 0, 0]])

@@ -281,6 +281,17 @@ def test_a_checkpoint_without_gated_blocks_is_rejected(reference, tmp_path):
                                  media_token_id=MEDIA, endofchunk_token_id=EOC)
 
 
+def test_an_unknown_tensor_in_the_checkpoint_is_refused_by_name(reference, tmp_path):
+  _, out = reference
+  state = torch.load(out / "checkpoint.pt", weights_only=True)
+  state["perceiver.layers.0.0.extra_scale"] = torch.ones(3)
+  torch.save(state, tmp_path / "bad.pt")
+  with pytest.raises(convert.ConversionError,
+                     match=r"unexpected parameters \(1\): \['perceiver.layers.0.0.extra_scale'\]"):
+    convert.convert_openflamingo(tmp_path / "bad.pt", vision=out / "clip", lm_dir=out / "lm",
+                                 media_token_id=MEDIA, endofchunk_token_id=EOC)
+
+
 def test_the_command_line_writes_a_flamingo_checkpoint(reference, converted, tmp_path):
   import json
   import subprocess
