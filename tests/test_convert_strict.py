@@ -102,7 +102,8 @@ LM_CASES = {
     "opt-no_bias-untied-bin": (lambda: _opt(enable_bias=False, tie_word_embeddings=False),
                                "bin"),
     "llama-mqa-head_dim-gelu": (lambda: _llama(num_key_value_heads=1, head_dim=16,
-                                               hidden_act="gelu", rms_norm_eps=1e-3),
+                                               hidden_act="gelu", rms_norm_eps=1e-3,
+                                               pretraining_tp=2),
                                 "safetensors"),
     "llama-mha-tied-linear_rope": (lambda: _llama(
         num_key_value_heads=4, tie_word_embeddings=True, rope_parameters=dict(

@@ -1,6 +1,8 @@
 """Decoder-only language model: the GPT-2/OPT and LLaMA families by config.
 
-GPT-2/OPT: learned positions, LayerNorm, GELU/ReLU MLP, biases, tied embeddings.
+GPT-2/OPT: learned positions, LayerNorm, GELU/ReLU MLP, biases (OPT's bias-free
+projections keep their LayerNorm biases: `norm_bias`), tied or untied embeddings, GPT-2's
+attention scales (`attn_scale`, `attn_scale_by_layer`).
 LLaMA: rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output.
 MPT: ALiBi biases instead of positions, bias-free LayerNorm and GELU MLP, tied embeddings.
 With an `XAttnConfig`, Flamingo's gated cross-attention blocks sit in front of the
