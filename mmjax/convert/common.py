@@ -94,8 +94,7 @@ GENERIC_FIELDS = {
         "transformers_version", "model_type", "torch_dtype", "dtype", "use_bfloat16",
         "torchscript", "tf_legacy_loss", "return_dict", "output_hidden_states",
         "output_attentions", "use_cache", "output_past", "gradient_checkpointing",
-        "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
-        "cross_attention_hidden_size", "id2label", "label2id", "num_labels", "problem_type",
+        "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "id2label", "label2id", "num_labels", "problem_type",
         "finetuning_task", "task_specific_params", "prefix", "tokenizer_class",
         "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
         "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping",
@@ -189,7 +188,8 @@ class Fields:
     if unknown:
       raise ConversionError(
           f"The {self.family} config has field(s) {unknown} that the conversion does not "
-          "know; they may change what the weights compute, so converting without them "
+          "know (or not at these values); they may change what the weights compute, so "
+          "converting without them "
           "could give wrong numbers silently. If a field does not change the computation, "
           "remove it from config.json; otherwise this checkpoint is not supported.")
 

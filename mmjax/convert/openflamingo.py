@@ -119,7 +119,8 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
     else:
       other[copies[0][0]] = value
   vocab = lm_state[family.EMBEDDING].shape[0]
-  if not lm.tie_embeddings and lm_state["lm_head.weight"].shape[0] != vocab:
+  head = lm_state.get("lm_head.weight")  # (if missing, the LM's reader names it)
+  if not lm.tie_embeddings and head is not None and head.shape[0] != vocab:
     from mmjax.checkpoints import extend_with_mean
     lm_state["lm_head.weight"] = extend_with_mean(lm_state["lm_head.weight"][:vocab], vocab)
   lm = dataclasses.replace(lm, vocab_size=vocab)
@@ -134,6 +135,10 @@ def convert_openflamingo(checkpoint: str | pathlib.Path, *, vision: str | pathli
   every = min(blocks) + 1
   d, e = lm.width, vision_cfg.width
   first = {tail: _one(copies) for tail, copies in blocks[min(blocks)].items()}
+  if not {"attn.to_q.weight", "ff.1.weight"} <= set(first):
+    raise common.ConversionError(
+        f"The gated block in front of layer {min(blocks)} has no attn.to_q.weight or "
+        f"ff.1.weight (it has {sorted(first)}). {HINT}")
   block_inner = first["attn.to_q.weight"].shape[0]
   ff_mult = first["ff.1.weight"].shape[0]
   xattn = XAttnConfig(every=every, placement="openflamingo", num_heads=block_inner // 64,
