@@ -288,9 +288,20 @@ def test_bert_settings_that_would_convert_wrongly_are_rejected():
       convert.bert_config(hf | change)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "mpt"])
+# Untied output layers and OPT's norm-only biases go back where they came from too.
+EXPORTED = {**{name: MODELS[name] for name in ("gpt2", "opt", "llama", "mpt")},
+            "gpt2_untied": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40,
+                tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)),
+            "opt_no_bias_untied": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=32,
+                pad_token_id=0, enable_bias=False, tie_word_embeddings=False))}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED))
 def test_fine_tuned_parameters_export_back_to_transformers(name, batch, tmp_path):
-  _saved(tmp_path / "hf", MODELS[name])
+  _saved(tmp_path / "hf", EXPORTED[name])
   cfg, params = convert.convert_lm(tmp_path / "hf")
   # As if fine-tuned: every parameter moves.
   leaves, treedef = jax.tree_util.tree_flatten(params)
