@@ -113,6 +113,7 @@ LM_CASES = {
                                                            rope_theta=700.0)), "safetensors"),
     # (transformers' MPT ignores expansion_ratio and alibi_bias_max, which mosaicml's own
     # code, and mmjax, honour: test_mpt_fields_it_does_not_know_are_refused_by_name.)
+    "mistral-window_4": (lambda: _llama("Mistral", sliding_window=4), "safetensors"),
     "mpt-6_heads-untied": (lambda: _mpt(d_model=48, n_heads=6, tie_word_embeddings=False,
                                         layer_norm_epsilon=1e-3), "safetensors"),
     "mpt-tied-bin": (lambda: _mpt(), "bin"),
@@ -176,13 +177,27 @@ def test_opt_settings_it_cannot_compute_are_refused_by_name(change, message):
     convert.lm_config(hf | change)
 
 
-def test_mistral_sliding_window_is_refused_only_when_it_hides_positions():
+def test_mistral_sliding_window_is_honoured_where_it_hides_positions():
   hf = transformers.MistralConfig(vocab_size=VOCAB, max_position_embeddings=4096,
                                   sliding_window=4096).to_dict()
-  assert convert.lm_config(hf).max_len == 4096
-  assert convert.lm_config(hf | dict(sliding_window=None)).max_len == 4096
-  with pytest.raises(convert.ConversionError, match=r"sliding_window=1024.*4096"):
-    convert.lm_config(hf | dict(sliding_window=1024))
+  assert convert.lm_config(hf).sliding_window is None  # it hides nothing
+  assert convert.lm_config(hf | dict(sliding_window=None)).sliding_window is None
+  assert convert.lm_config(hf | dict(sliding_window=1024)).sliding_window == 1024
+
+
+def test_mistral_sliding_window_greedy_generation_gives_transformers_tokens(tmp_path):
+  """Decoding with the KV cache: each new token sees the last 4 positions only."""
+  from mmjax.models.lm import generate
+  model = _save(tmp_path, _llama("Mistral", sliding_window=4), seed=1)
+  prompt = np.array([[5, 17, 33, 2, 9, 41, 8]])
+  with torch.no_grad():
+    expected = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
+                              min_new_tokens=8, pad_token_id=0)[0, 7:].numpy()
+  cfg, params = convert.convert_lm(tmp_path)
+  assert cfg.sliding_window == 4
+  out = generate(LanguageModel(cfg), params, jnp.asarray(prompt), jnp.array([7]),
+                 jax.random.key(0), max_new_tokens=8)
+  np.testing.assert_array_equal(np.asarray(out.tokens[0]), expected)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,7 +1,7 @@
 """The LLaMA family (`model_type: llama`, `mistral`): grouped-query attention, RoPE (plain,
 or scaled "linear" or "llama3"), RMSNorm, SwiGLU, bias-free torch Linear weights; tied or
-untied output layer. Mistral's sliding window is accepted where it covers every position
-the model sees (`max_position_embeddings`)."""
+untied output layer; Mistral's sliding window (`LMConfig.sliding_window`, left unset where
+it covers `max_position_embeddings`)."""
 
 from typing import Any
 
@@ -32,12 +32,8 @@ def config(f: common.Fields) -> LMConfig:
   f.require("mlp_bias", (False,), False, "LLaMA variants with biases are not")
   max_len = f["max_position_embeddings"]
   window = f.get("sliding_window")
-  if window is not None and window < max_len:
-    raise ConversionError(
-        f"{f.family} with sliding_window={window} is not supported: the window is shorter "
-        f"than max_position_embeddings={max_len}, and mmjax's attention sees every earlier "
-        "position. (A window at least as long as every position the model sees changes "
-        "nothing, and is accepted.)")
+  if window is not None and window >= max_len:
+    window = None  # it hides no position the model sees
   theta, scaling = rope_settings(f)
   return LMConfig(
       vocab_size=f["vocab_size"], width=f["hidden_size"], depth=f["num_hidden_layers"],
@@ -46,7 +42,7 @@ def config(f: common.Fields) -> LMConfig:
       head_dim=f.get("head_dim"), mlp_dim=f["intermediate_size"],
       activation=common.activation(f, "hidden_act", "silu"), gated_mlp=True, norm="rmsnorm",
       norm_eps=f.get("rms_norm_eps", 1e-6), use_bias=False, position="rope",
-      max_len=max_len, rope_theta=theta, rope_scaling=scaling,
+      max_len=max_len, rope_theta=theta, rope_scaling=scaling, sliding_window=window,
       tie_embeddings=f.get("tie_word_embeddings", False))
 
 

@@ -46,6 +46,7 @@ class LMConfig:
   # divided by i + 1 when attn_scale_by_layer (GPT-2's scale_attn_by_inverse_layer_idx).
   attn_scale: float | None = None
   attn_scale_by_layer: bool = False
+  sliding_window: int | None = None  # each query sees this many positions back (Mistral)
   position: Literal["learned", "rope", "alibi"] = "learned"
   alibi_bias_max: float = 8.0  # sets ALiBi's slopes: mmjax.layers.embeddings.alibi_slopes
   max_len: int = 1024
@@ -105,7 +106,8 @@ class DecoderLayer(nn.Module):
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
         rope_scaling=cfg.rope_scaling,
         alibi_bias_max=cfg.alibi_bias_max if cfg.position == "alibi" else None,
-        scale=cfg.attention_scale(self.index), implementation=cfg.attention_impl, name="attn",
+        scale=cfg.attention_scale(self.index), sliding_window=cfg.sliding_window,
+        implementation=cfg.attention_impl, name="attn",
         **kw,
     )(norm("attn_norm")(x), mask=mask, positions=positions, decode=decode)
     x = x + h
