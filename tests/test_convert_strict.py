@@ -261,7 +261,7 @@ def test_an_unknown_tensor_is_refused_by_name(make, extra, conversion, tmp_path)
                                   lambda: _llama(tie_word_embeddings=True), lambda: _mpt()],
                          ids=["gpt2", "opt", "llama", "mpt"])
 def test_a_tied_output_layer_saved_beside_its_embedding_must_equal_it(make, tmp_path):
-  model = _save(tmp_path, make(), weights="bin")
+  _save(tmp_path, make(), weights="bin")
   state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
   assert "lm_head.weight" in state  # consumed: it equals the embedding
   convert.convert_lm(tmp_path)
@@ -269,7 +269,6 @@ def test_a_tied_output_layer_saved_beside_its_embedding_must_equal_it(make, tmp_
   torch.save(state, tmp_path / "pytorch_model.bin")
   with pytest.raises(convert.ConversionError, match="lm_head.weight: differs from"):
     convert.convert_lm(tmp_path)
-  del model
 
 
 def test_a_tree_other_than_inits_is_refused_naming_the_difference():

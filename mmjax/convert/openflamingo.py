@@ -10,7 +10,6 @@ vision tower) must agree, or the conversion is refused naming them.
 
 import dataclasses
 import pathlib
-from typing import Any
 
 import numpy as np
 
