@@ -288,9 +288,20 @@ def test_bert_settings_that_would_convert_wrongly_are_rejected():
       convert.bert_config(hf | change)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "mpt"])
+# Untied output layers and OPT's norm-only biases go back where they came from too.
+EXPORTED = {**{name: MODELS[name] for name in ("gpt2", "opt", "llama", "mpt")},
+            "gpt2_untied": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=40,
+                tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)),
+            "opt_no_bias_untied": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                num_attention_heads=4, max_position_embeddings=40, word_embed_proj_dim=32,
+                pad_token_id=0, enable_bias=False, tie_word_embeddings=False))}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED))
 def test_fine_tuned_parameters_export_back_to_transformers(name, batch, tmp_path):
-  _saved(tmp_path / "hf", MODELS[name])
+  _saved(tmp_path / "hf", EXPORTED[name])
   cfg, params = convert.convert_lm(tmp_path / "hf")
   # As if fine-tuned: every parameter moves.
   leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -386,15 +397,15 @@ def test_sentencepiece_only_llama_tokenizers_get_the_media_tokens_as_open_flamin
 MEDIA, ENDOFCHUNK = VOCAB, VOCAB + 1  # IDEFICS's two additional (decoupled) tokens
 
 
-def _idefics(tmp_path, qk_norms=False, seed=0):
+def _idefics(tmp_path, qk_norms=False, seed=0, alpha_type="vector", interval=2):
   """`(transformers model, FlamingoConfig, params)`: a random IDEFICS, saved, reloaded and
   converted. A whole Flamingo-family model: CLIP-style ViT (class token kept), perceiver,
-  gated blocks before every 2nd LLaMA layer, decoupled extra vocabulary, optional q/k
-  norms."""
+  gated blocks before every `interval`-th LLaMA layer, decoupled extra vocabulary,
+  optional q/k norms, vector or scalar gates."""
   _saved(tmp_path, lambda: transformers.IdeficsForVisionText2Text(transformers.IdeficsConfig(
       vocab_size=VOCAB, additional_vocab_size=2, hidden_size=32, intermediate_size=48,
       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=40,
-      cross_layer_interval=2, use_resampler=True, alpha_type="vector",
+      cross_layer_interval=interval, use_resampler=True, alpha_type=alpha_type,
       qk_layer_norms=qk_norms,
       vision_config=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=24),
@@ -416,12 +427,15 @@ def _image_attention_mask(tokens: np.ndarray, num_images: np.ndarray,
   return torch.tensor(np.asarray(mask).astype(np.int64))
 
 
-@pytest.mark.parametrize("qk_norms", [False, True])
-def test_converted_idefics_logits_match_transformers(tmp_path, qk_norms):
+@pytest.mark.parametrize("qk_norms, alpha_type, interval", [(False, "vector", 2),
+                                                             (True, "float", 1)])
+def test_converted_idefics_logits_match_transformers(tmp_path, qk_norms, alpha_type, interval):
   """Several images per row, text before the first image, a padding image, right
   padding."""
   from mmjax.models.flamingo import Flamingo
-  model, cfg, params = _idefics(tmp_path, qk_norms)
+  model, cfg, params = _idefics(tmp_path, qk_norms, alpha_type=alpha_type, interval=interval)
+  assert (cfg.xattn.every, cfg.xattn.gate) == (interval, {"vector": "vector",
+                                                          "float": "scalar"}[alpha_type])
   media, endofchunk = MEDIA, ENDOFCHUNK
   tokens = np.array([[5, 6, media, 7, 8, endofchunk, media, 9, 10, 11],
                      [media, 13, 14, endofchunk, 15, 16, 0, 0, 0, 0]])

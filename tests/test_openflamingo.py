@@ -9,6 +9,7 @@ versions OpenFlamingo was trained with.
 """
 
 import dataclasses
+import functools
 import os
 import importlib
 import importlib.util
@@ -37,6 +38,7 @@ VALID = np.array([[True] * 10, [True] * 6 + [False] * 4])
 NUM_IMAGES = np.array([2, 1])  # row 1's second image is padding
 
 
+@functools.cache  # once: it replaces open_flamingo's package modules in sys.modules
 def _open_flamingo():
   """`(helpers, flamingo, flamingo_lm, utils, train_utils)` modules of open_flamingo."""
   spec = importlib.util.find_spec("open_flamingo")
@@ -94,19 +96,20 @@ def _open_clip_state(clip_state: dict) -> dict:
   return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def _build(out, tie: bool = False):
   """A random OpenFlamingo (CLIP ViT, 4-layer LLaMA, blocks every 2nd layer) saved as
-  open_flamingo saves it: checkpoint.pt, the LM directory, the vision weights."""
+  open_flamingo saves it: checkpoint.pt, the LM directory, the vision weights. With
+  `tie`, the LM's output layer is its input embedding (as in OPT, GPT-2, MPT), which
+  the checkpoint then holds as `lang_encoder.lm_head.weight` too."""
   helpers, flamingo, flamingo_lm, utils, train_utils = _open_flamingo()
-  out = tmp_path_factory.mktemp("openflamingo")
   torch.manual_seed(0)
   clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
       hidden_size=128, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
       image_size=16, patch_size=8, hidden_act="quick_gelu"))
   lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40))
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
+      tie_word_embeddings=tie))
   for module in (clip, lm):
     with torch.no_grad():
       for p in module.parameters():
@@ -129,7 +132,8 @@ def reference(tmp_path_factory):
       p.copy_(torch.randn_like(p) * 0.3)  # gates too: tanh(gate) != 0
     embed, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
     embed[VOCAB:] = torch.randn_like(embed[VOCAB:])
-    head[VOCAB:] = head[:VOCAB].mean(0)  # what conversion fills in (not in the checkpoint)
+    if not tie:
+      head[VOCAB:] = head[:VOCAB].mean(0)  # what conversion fills in (not in the checkpoint)
   model.eval().requires_grad_(False)
   model.perceiver.requires_grad_(True)
   lm.gated_cross_attn_layers.requires_grad_(True)
@@ -137,6 +141,11 @@ def reference(tmp_path_factory):
   torch.save(train_utils.filter_state_dict_to_trainable(model, model.state_dict()),
              out / "checkpoint.pt")
   return model, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  return _build(tmp_path_factory.mktemp("openflamingo"))
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +204,7 @@ def test_gated_block_matches_open_flamingo(reference, converted, only_immediate)
     assert diff.max() < 1e-4
 
 
-@pytest.mark.parametrize("vision", ["open_clip.bin", "clip"])
-def test_converted_openflamingo_logits_match(reference, vision):
-  """Several images per row, text before the first image, a padding image, right
-  padding; the vision tower from open_clip's weights file or an HF CLIP directory."""
-  model, out = reference
+def _logits_match(model, out, vision="open_clip.bin"):
   pixels = np.random.default_rng(3).normal(size=(2, 2, 1, 3, 16, 16)).astype(np.float32)
   with torch.no_grad():  # b T F c h w
     expected = model(vision_x=torch.tensor(pixels), lang_x=torch.tensor(TOKENS),
@@ -214,11 +219,75 @@ def test_converted_openflamingo_logits_match(reference, vision):
   assert np.abs(np.asarray(logits) - expected)[VALID].max() < 1e-4
 
 
+@pytest.mark.parametrize("vision", ["open_clip.bin", "clip"])
+def test_converted_openflamingo_logits_match(reference, vision):
+  """Several images per row, text before the first image, a padding image, right
+  padding; the vision tower from open_clip's weights file or an HF CLIP directory."""
+  _logits_match(*reference, vision)
+
+
+def test_an_openflamingo_on_a_tied_lm_converts_and_its_head_must_be_the_embedding(tmp_path):
+  """OpenFlamingo saves a tied LM's output layer (lang_encoder.lm_head.weight) beside the
+  trained embedding it equals; it is checked, not refused as unexpected."""
+  model, out = _build(tmp_path, tie=True)
+  state = torch.load(out / "checkpoint.pt", weights_only=True)
+  assert "lang_encoder.lm_head.weight" in state
+  _logits_match(model, out)
+  state["lang_encoder.lm_head.weight"] = state["lang_encoder.lm_head.weight"] + 1
+  torch.save(state, tmp_path / "bad.pt")
+  with pytest.raises(convert.ConversionError, match="lm_head.weight: differs from"):
+    convert.convert_openflamingo(tmp_path / "bad.pt", vision=out / "clip", lm_dir=out / "lm",
+                                 media_token_id=MEDIA, endofchunk_token_id=EOC)
+
+
+def test_a_full_state_dict_converts_and_its_copies_must_agree(reference, tmp_path):
+  """A whole model's state dict (not filtered to the trainable weights): the LM layers
+  under their FlamingoLayer names and aliases, the gated blocks' aliases, the vision
+  encoder; each copy must agree with the others and with --vision."""
+  model, out = reference
+  full = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+  visual = _open_clip_state(model.vision_encoder.clip.state_dict())
+  full |= {"vision_encoder." + k.removeprefix("visual."): torch.tensor(v)
+           for k, v in visual.items()}  # as open_clip's VisionTransformer names them
+  torch.save(full, tmp_path / "full.pt")
+  cfg, params = convert.convert_openflamingo(
+      tmp_path / "full.pt", vision=out / "clip", lm_dir=out / "lm", media_token_id=MEDIA,
+      endofchunk_token_id=EOC)
+  assert any(".decoder_layer." in k for k in full) and any("old_decoder_blocks" in k
+                                                           for k in full)
+  import jax
+  _, filtered = convert.convert_openflamingo(
+      out / "checkpoint.pt", vision=out / "clip", lm_dir=out / "lm", media_token_id=MEDIA,
+      endofchunk_token_id=EOC)
+  # Equal, but for the untied output layer's added rows: torch's mean there, numpy's here.
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7),
+                         params, filtered)
+  for key in ("lang_encoder.gated_cross_attn_layers.1.attn_gate",
+              "vision_encoder.ln_pre.weight"):
+    bad = dict(full)
+    bad[key] = bad[key] + 1
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(convert.ConversionError, match="differ"):
+      convert.convert_openflamingo(tmp_path / "bad.pt", vision=out / "clip", lm_dir=out / "lm",
+                                   media_token_id=MEDIA, endofchunk_token_id=EOC)
+
+
 def test_a_checkpoint_without_gated_blocks_is_rejected(reference, tmp_path):
   _, out = reference
   state = torch.load(out / "checkpoint.pt", weights_only=True)
   torch.save({k: v for k, v in state.items() if "gated" not in k}, tmp_path / "bad.pt")
   with pytest.raises(convert.ConversionError, match="no gated cross-attention blocks"):
+    convert.convert_openflamingo(tmp_path / "bad.pt", vision=out / "clip", lm_dir=out / "lm",
+                                 media_token_id=MEDIA, endofchunk_token_id=EOC)
+
+
+def test_an_unknown_tensor_in_the_checkpoint_is_refused_by_name(reference, tmp_path):
+  _, out = reference
+  state = torch.load(out / "checkpoint.pt", weights_only=True)
+  state["perceiver.layers.0.0.extra_scale"] = torch.ones(3)
+  torch.save(state, tmp_path / "bad.pt")
+  with pytest.raises(convert.ConversionError,
+                     match=r"unexpected parameters \(1\): \['perceiver.layers.0.0.extra_scale'\]"):
     convert.convert_openflamingo(tmp_path / "bad.pt", vision=out / "clip", lm_dir=out / "lm",
                                  media_token_id=MEDIA, endofchunk_token_id=EOC)
 

@@ -53,6 +53,9 @@ class Attention(nn.Module):
     rope_scaling: stretches the rotary frequencies (long-context checkpoints).
     alibi_bias_max: add ALiBi biases to the logits of causal self-attention, with the
       slopes `alibi_slopes(num_heads, alibi_bias_max)` (MPT).
+    scale: factor on the logits `q . k`; None is `1 / sqrt(head_dim)`.
+    sliding_window: causal self-attention sees only keys less than this many positions
+      before the query (Mistral); None: all earlier ones.
     implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn" or None).
   """
 
@@ -68,6 +71,8 @@ class Attention(nn.Module):
   rope_theta: float | None = None
   rope_scaling: RopeScaling | None = None
   alibi_bias_max: float | None = None
+  scale: float | None = None
+  sliding_window: int | None = None
   implementation: Literal["xla", "cudnn"] | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -100,6 +105,9 @@ class Attention(nn.Module):
                        f"num_kv_heads={num_kv_heads}.")
     if self.cross and self.rope_theta is not None:
       raise ValueError(f"{self.name}: RoPE is defined for self-attention only.")
+    if self.sliding_window is not None and (self.cross or not self.causal):
+      raise ValueError(f"{self.name}: a sliding window is defined for causal "
+                       "self-attention only.")
     if self.alibi_bias_max is not None and (self.cross or not self.causal):
       raise ValueError(f"{self.name}: ALiBi is defined for causal self-attention only.")
     if not self.cross and kv is not None:
@@ -147,11 +155,18 @@ class Attention(nn.Module):
       k, v = self._update_cache(k, v, positions)
       slots = jnp.arange(k.shape[1])
       mask = slots[None, None, None, :] <= positions[:, None, :, None]  # b 1 t s
+      if self.sliding_window is not None:
+        mask &= slots[None, None, None, :] > positions[:, None, :, None] - self.sliding_window
     elif self.causal:
-      if mask is None:
+      if mask is None and self.sliding_window is None:
         is_causal = True  # lets cuDNN skip materialising the mask
       else:
-        mask = _as_4d(mask) & causal_mask(t)
+        mask = causal_mask(t) if mask is None else _as_4d(mask) & causal_mask(t)
+      if self.sliding_window is not None:
+        if positions is None:
+          positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        distance = positions[:, None, :, None] - positions[:, None, None, :]  # b 1 t t
+        mask = mask & (distance < self.sliding_window)
 
     bias = None
     if self.alibi_bias_max is not None:
@@ -171,8 +186,8 @@ class Attention(nn.Module):
                         "value_proj")
     mask = None if mask is None else _as_4d(mask)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                                       implementation=self.implementation)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                       is_causal=is_causal, implementation=self.implementation)
     if mask is not None and not (self.causal and decode):
       # Rows with nothing to attend to return zero, not a uniform average of the values.
       has_key = jnp.any(mask, axis=-1)  # b h t

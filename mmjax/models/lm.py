@@ -1,6 +1,8 @@
 """Decoder-only language model: the GPT-2/OPT and LLaMA families by config.
 
-GPT-2/OPT: learned positions, LayerNorm, GELU/ReLU MLP, biases, tied embeddings.
+GPT-2/OPT: learned positions, LayerNorm, GELU/ReLU MLP, biases (OPT's bias-free
+projections keep their LayerNorm biases: `norm_bias`), tied or untied embeddings, GPT-2's
+attention scales (`attn_scale`, `attn_scale_by_layer`).
 LLaMA: rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output.
 MPT: ALiBi biases instead of positions, bias-free LayerNorm and GELU MLP, tied embeddings.
 With an `XAttnConfig`, Flamingo's gated cross-attention blocks sit in front of the
@@ -38,7 +40,13 @@ class LMConfig:
   gated_mlp: bool = False
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_eps: float = 1e-5
-  use_bias: bool = True
+  use_bias: bool = True  # on every projection (and every LayerNorm, unless norm_bias says)
+  norm_bias: bool | None = None  # LayerNorm biases; None: as use_bias (OPT keeps them alone)
+  # Attention logits are q.k times attn_scale (None: 1/sqrt(head_dim)), and in layer i
+  # divided by i + 1 when attn_scale_by_layer (GPT-2's scale_attn_by_inverse_layer_idx).
+  attn_scale: float | None = None
+  attn_scale_by_layer: bool = False
+  sliding_window: int | None = None  # each query sees this many positions back (Mistral)
   position: Literal["learned", "rope", "alibi"] = "learned"
   alibi_bias_max: float = 8.0  # sets ALiBi's slopes: mmjax.layers.embeddings.alibi_slopes
   max_len: int = 1024
@@ -61,6 +69,9 @@ class LMConfig:
     if self.num_heads % (self.num_kv_heads or self.num_heads):
       raise ValueError(f"LMConfig: num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}.")
+    if self.attn_scale_by_layer and self.scan_layers:
+      raise ValueError("LMConfig: attn_scale_by_layer needs each layer's index, which scanned "
+                       "layers do not have; set scan_layers=False.")
     if self.position not in ("learned", "rope", "alibi"):
       raise ValueError("LMConfig: position must be 'learned', 'rope' or 'alibi', got "
                        f"{self.position!r}.")
@@ -69,30 +80,45 @@ class LMConfig:
   def dims_per_head(self) -> int:
     return self.head_dim or self.width // self.num_heads
 
+  def attention_scale(self, layer: int | None) -> float | None:
+    """The factor on layer `layer`'s attention logits; None: 1/sqrt(head_dim)."""
+    if not self.attn_scale_by_layer:
+      return self.attn_scale
+    scale = self.dims_per_head ** -0.5 if self.attn_scale is None else self.attn_scale
+    return scale / (layer + 1)
+
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: `x + attn(norm(x))`, then `+ mlp(norm(.))`; `"b t d -> b t d"`."""
+  """Pre-norm block: `x + attn(norm(x))`, then `+ mlp(norm(.))`; `"b t d -> b t d"`.
+  `index` is the layer's place in the stack (None in a scan), for per-layer settings."""
 
   config: LMConfig
+  index: int | None = None
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, decode=False):
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, name=name, **kw)
+    norm = lambda name: Norm(cfg.norm, cfg.norm_eps, use_bias=_norm_bias(cfg), name=name, **kw)
     h = Attention(
         num_heads=cfg.num_heads, head_dim=cfg.dims_per_head, num_kv_heads=cfg.num_kv_heads,
         causal=True, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
         rope_scaling=cfg.rope_scaling,
         alibi_bias_max=cfg.alibi_bias_max if cfg.position == "alibi" else None,
-        implementation=cfg.attention_impl, name="attn", **kw,
+        scale=cfg.attention_scale(self.index), sliding_window=cfg.sliding_window,
+        implementation=cfg.attention_impl, name="attn",
+        **kw,
     )(norm("attn_norm")(x), mask=mask, positions=positions, decode=decode)
     x = x + h
     h = Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, gated=cfg.gated_mlp,
             use_bias=cfg.use_bias, name="mlp", **kw)(norm("mlp_norm")(x))
     x = x + h
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _norm_bias(cfg: LMConfig) -> bool:
+  return cfg.use_bias if cfg.norm_bias is None else cfg.norm_bias
 
 
 def _remat(module: type[nn.Module], cfg: LMConfig, decode: bool) -> type[nn.Module]:
@@ -102,15 +128,18 @@ def _remat(module: type[nn.Module], cfg: LMConfig, decode: bool) -> type[nn.Modu
 
 
 def _layer_and_block(x, cfg: LMConfig, xattn: XAttnConfig | None, layer_name: str,
-                     block_name: str, media, media_mask, mask, positions, decode):
-  """One decoder layer, preceded by a gated cross-attention block when `xattn` is given;
-  called inside a compact method, whose submodules they become."""
+                     block_name: str, media, media_mask, mask, positions, decode,
+                     index: int | None = None):
+  """One decoder layer (the `index`th of the LM, None in a scan), preceded by a gated
+  cross-attention block when `xattn` is given; called inside a compact method, whose
+  submodules they become."""
   kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
   if xattn is not None:
     x = _remat(GatedCrossAttentionBlock, cfg, decode)(
         xattn, implementation=cfg.attention_impl, name=block_name, **kw)(
             x, media, media_mask, decode)
-  return _remat(DecoderLayer, cfg, decode)(cfg, name=layer_name)(x, mask, positions, decode)
+  return _remat(DecoderLayer, cfg, decode)(cfg, index, name=layer_name)(x, mask, positions,
+                                                                         decode)
 
 
 class DecoderGroup(nn.Module):
@@ -199,8 +228,8 @@ class LanguageModel(nn.Module):
                lambda module, x: module(x, mask, positions, decode))
     for i in range(scanned * group, cfg.depth):  # all layers, or those after the scan
       x = _layer_and_block(x, cfg, self.xattn if i in xattn_layers else None, f"layers_{i}",
-                           f"xattn_{i}", *inputs)
-    x = Norm(cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, name="final_norm", **kw)(x)
+                           f"xattn_{i}", *inputs, index=i)
+    x = Norm(cfg.norm, cfg.norm_eps, use_bias=_norm_bias(cfg), name="final_norm", **kw)(x)
     if return_hidden:
       return x
     if cfg.tie_embeddings:

@@ -3,6 +3,7 @@ into one space where matching pairs have high cosine similarity."""
 
 import dataclasses
 import math
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -16,15 +17,30 @@ from mmjax.models.vit import ViT, ViTConfig
 @dataclasses.dataclass(frozen=True)
 class TwoTowersConfig:
   """`vision.output_dim` must equal `embed_dim`; the text tower is an `LMConfig` whose
-  final hidden state at the last real token (EOS) is projected to `embed_dim`."""
+  final hidden state at one token of each row is projected to `embed_dim`.
+
+  Attributes:
+    text_pool: which token: "last" is the last one that is not `pad_id` (rows right-padded
+      with `pad_id`, an EOS last); "eos" the first `eos_id` (transformers' CLIP, whose
+      tokenizer pads with the EOS id itself; position 0 in a row without one); "argmax" the
+      highest token id (OpenAI's CLIP, whose EOS is the largest id; transformers' CLIP for
+      configs with the legacy `eos_token_id=2`).
+  """
 
   vision: ViTConfig
   text: LMConfig
   embed_dim: int
   pad_id: int = 0
   init_temperature: float = 0.07
+  text_pool: Literal["last", "eos", "argmax"] = "last"
+  eos_id: int | None = None
 
   def __post_init__(self):
+    if self.text_pool not in ("last", "eos", "argmax"):
+      raise ValueError(f"TwoTowersConfig: text_pool must be 'last', 'eos' or 'argmax', got "
+                       f"{self.text_pool!r}.")
+    if self.text_pool == "eos" and self.eos_id is None:
+      raise ValueError("TwoTowersConfig: text_pool='eos' needs eos_id.")
     if self.vision.output_dim != self.embed_dim:
       raise ValueError(f"TwoTowersConfig: vision.output_dim={self.vision.output_dim} must "
                        f"equal embed_dim={self.embed_dim}.")
@@ -48,10 +64,16 @@ class TwoTowers(nn.Module):
     return _l2_normalise(self.image(images)["pooled"])
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
-    """Pools each right-padded row at its last real token (the EOS)."""
+    """Pools each row at the token `config.text_pool` names."""
+    cfg = self.config
     hidden = self.text(tokens, return_hidden=True)
-    last = jnp.sum(tokens != self.config.pad_id, axis=1) - 1
-    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    if cfg.text_pool == "eos":
+      index = jnp.argmax(tokens == cfg.eos_id, axis=1)  # the first; 0 if there is none
+    elif cfg.text_pool == "argmax":
+      index = jnp.argmax(tokens, axis=1)
+    else:
+      index = jnp.sum(tokens != cfg.pad_id, axis=1) - 1
+    pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
     return _l2_normalise(self.text_head(pooled))
 
   def __call__(self, images: jax.Array, tokens: jax.Array):

@@ -1,0 +1,45 @@
+"""Converts pretrained checkpoints into mmjax: an Orbax checkpoint and the model config.
+
+  python -m mmjax.convert --hf_dir=/models/Llama-3.2-1B --output=/ckpt/llama-1b
+
+reads a Hugging Face model directory (config.json and model.safetensors, sharded
+safetensors with their index, or pytorch_model.bin; nothing is downloaded) and writes
+`output/checkpoints/0` (the parameters, as a run's checkpoint) and `output/config.json`
+(`{"task": "lm", "model": ...}`). OpenFlamingo (`--openflamingo=checkpoint.pt --vision=...
+--hf_dir=<its LM>`) and IDEFICS convert to a whole Flamingo; see `__main__`.
+
+Every conversion is strict in both directions, so that it cannot be silently wrong: each
+tensor of the source is consumed or listed as ignored on purpose (a module's
+`IGNORED_TENSORS`: buffers, task heads), each config field is read or listed as ignored on
+purpose (`IGNORED_FIELDS`, with why; `common.GENERIC_FIELDS`), a value the model cannot
+compute is refused naming the field and the supported values, and the result is exactly
+the tree the mmjax model's `init` builds (`common.check_tree`). Anything else is a
+`ConversionError` naming what differs.
+
+One module per checkpoint family: `gpt2`, `opt`, `llama` (and Mistral), `mpt` (dispatched
+by `lm`), `clip`, `open_clip` (vision towers), `bert`, `idefics`, `openflamingo`; shared
+readers and checks in `common`. Adding a family means a module `<family>.py` that reads
+its config with `common.Fields` (finishing with its `IGNORED_FIELDS`), its tensors with
+`common.Reader` (finishing with its `IGNORED_TENSORS`), checks the result with
+`common.check_tree` and exports `convert_<family>(path) -> (model config, params)`; then
+its names here, a branch in `__main__`, a strictness test in tests/test_convert_strict.py
+and a row in the README's table. (A decoder-only LM instead adds `config` and `params` and
+an entry in `lm.LM_FAMILIES`.)
+"""
+
+from mmjax.convert.bert import bert_config, convert_bert
+from mmjax.convert.clip import clip_config, convert_clip, vit_config, vit_params
+from mmjax.convert.common import (ConversionError, count, read_hf_config, read_hf_dir,
+                                  read_hf_weights, read_state_file, save, save_hf)
+from mmjax.convert.idefics import convert_idefics
+from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
+from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
+from mmjax.convert.open_clip import open_clip_vision
+from mmjax.convert.openflamingo import convert_openflamingo
+
+__all__ = ["LM_TYPES", "ROPE_SCALINGS", "ConversionError", "bert_config", "clip_config",
+           "convert_bert", "convert_clip", "convert_idefics", "convert_lm",
+           "convert_openflamingo", "count", "export_lm", "lm_config", "lm_params",
+           "open_clip_vision", "read_hf_config", "read_hf_dir", "read_hf_weights",
+           "read_state_file", "rope_settings", "save",
+           "save_hf", "vit_config", "vit_params"]

@@ -1,0 +1,81 @@
+"""`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
+
+  python -m mmjax.convert --hf_dir=DIR --output=OUT          # LM, CLIP, BERT or IDEFICS
+  python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
+      --output=OUT
+
+The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
+"""
+
+import json
+import pathlib
+
+from absl import flags
+
+from mmjax import cli
+from mmjax.convert import common
+from mmjax.convert.bert import convert_bert
+from mmjax.convert.clip import convert_clip
+from mmjax.convert.idefics import convert_idefics
+from mmjax.convert.lm import LM_TYPES, convert_lm
+from mmjax.convert.openflamingo import convert_openflamingo
+
+flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
+flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
+flags.DEFINE_string("openflamingo", None, "OpenFlamingo's checkpoint.pt; --hf_dir is then "
+                    "its language model and --vision its CLIP vision tower.")
+flags.DEFINE_string("vision", None, "OpenFlamingo: open_clip / OpenAI CLIP weights file, "
+                    "or a Hugging Face CLIP directory.")
+flags.DEFINE_string("vision_activation", "quick_gelu", "OpenFlamingo: the open_clip "
+                    "tower's activation (quick_gelu: OpenAI's weights; gelu: LAION's).")
+flags.DEFINE_integer("media_token_id", None, "IDEFICS, OpenFlamingo: the <image> token id "
+                     "(OpenFlamingo: default from --hf_dir's tokenizer).")
+flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the end-of-chunk "
+                     "token id.")
+flags.mark_flags_as_required(["hf_dir", "output"])
+
+SUPPORTED = LM_TYPES + ("clip", "bert", "idefics")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected arguments {argv[1:]}; every input is a --flag.")
+  f = flags.FLAGS
+  hf_dir, output = pathlib.Path(f.hf_dir), f.output
+  if not (hf_dir / "config.json").is_file():
+    raise cli.UserError(f"--hf_dir={hf_dir} has no config.json: expected a Hugging Face "
+                        "model directory (save_pretrained's output).")
+  kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+  if f.openflamingo:
+    if f.vision is None:
+      raise cli.UserError("--openflamingo needs --vision: the CLIP vision tower (open_clip "
+                          "weights file or Hugging Face CLIP directory).")
+    media, endofchunk = f.media_token_id, f.endofchunk_token_id
+    if media is None or endofchunk is None:
+      from mmjax.data.tokenizer import HFTokenizer
+      tokenizer = HFTokenizer(hf_dir)  # extended as OpenFlamingo's factory extends it
+      media, endofchunk = tokenizer.media_id, tokenizer.endofchunk_id
+    task, (cfg, params) = "flamingo", convert_openflamingo(
+        f.openflamingo, vision=f.vision, lm_dir=hf_dir, media_token_id=media,
+        endofchunk_token_id=endofchunk, vision_activation=f.vision_activation)
+  elif kind == "idefics":
+    if f.media_token_id is None or f.endofchunk_token_id is None:
+      raise cli.UserError("IDEFICS needs --media_token_id and --endofchunk_token_id (its "
+                          "tokenizer's <image> and end-of-chunk ids).")
+    task, (cfg, params) = "flamingo", convert_idefics(
+        hf_dir, media_token_id=f.media_token_id, endofchunk_token_id=f.endofchunk_token_id)
+  elif kind == "clip":
+    task, (cfg, params) = "clip", convert_clip(hf_dir)
+  elif kind == "bert":
+    task, (cfg, params) = "bert", convert_bert(hf_dir)
+  elif kind in LM_TYPES:
+    task, (cfg, params) = "lm", convert_lm(hf_dir)
+  else:
+    raise cli.UserError(f"{hf_dir / 'config.json'} has model_type {kind!r}; supported: "
+                        f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo).")
+  common.save(output, task, cfg, params)
+  print(f"Converted {hf_dir} ({common.count(params):,} parameters) to {output}.")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,93 @@
+"""BERT (`model_type: bert`): the encoder of a BertModel or of any BertFor* model
+(`task: "bert"`), with its pooler where the checkpoint has one; task heads are left out."""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from mmjax.convert import common
+from mmjax.models.bert import Bert, BertConfig
+
+IGNORED_FIELDS = {
+    "hidden_dropout_prob": common.DROPOUT, "attention_probs_dropout_prob": common.DROPOUT,
+    "classifier_dropout": common.DROPOUT,
+    # Fields of Google's original TF configs (bert-base-chinese, multilingual), unused by
+    # transformers' BERT.
+    **{name: "a field of Google's TF configs that transformers' BERT does not use"
+       for name in ("directionality", "pooler_fc_size", "pooler_num_attention_heads",
+                    "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type")},
+    "tie_word_embeddings": "ties the masked-LM head, which is not converted",
+}
+IGNORED_TENSORS = {
+    r"(bert\.)?embeddings\.(position_ids|token_type_ids)": "buffers of aranges and zeros",
+    r"cls\..*": "BertForPreTraining's / BertForMaskedLM's heads: not part of the encoder",
+    r"(classifier|qa_outputs)\..*": "BertFor{Sequence,Token}Classification's, "
+                                    "BertForMultipleChoice's, BertForQuestionAnswering's "
+                                    "heads: not part of the encoder",
+}
+
+
+def bert_config(hf: dict[str, Any]) -> BertConfig:
+  """The `BertConfig` of a Hugging Face BERT config, every field read or ignored on purpose
+  (`IGNORED_FIELDS`)."""
+  f = common.Fields(hf, "BERT")
+  f.require("model_type", ("bert",))
+  f.require("position_embedding_type", ("absolute",), "absolute",
+            "only learned absolute positions are")
+  f.require("is_decoder", (False,), False, "only the bidirectional encoder is")
+  f.require("add_cross_attention", (False,), False, "only the bidirectional encoder is")
+  cfg = BertConfig(
+      vocab_size=f["vocab_size"], width=f["hidden_size"], depth=f["num_hidden_layers"],
+      num_heads=f["num_attention_heads"], mlp_dim=f["intermediate_size"],
+      max_len=f["max_position_embeddings"], type_vocab_size=f.get("type_vocab_size", 2),
+      activation=common.activation(f, "hidden_act", "gelu"),
+      norm_eps=f.get("layer_norm_eps", 1e-12))
+  f.finish(IGNORED_FIELDS)
+  return cfg
+
+
+def bert_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
+  read = common.Reader(state, ("bert.",))
+  d, h, m = cfg.width, cfg.num_heads, cfg.mlp_dim
+  lin = lambda name, in_shape, out_shape: common.linear(read, name, in_shape, out_shape, True)
+  params = {
+      "embed": {"embedding": read("embeddings.word_embeddings.weight", (cfg.vocab_size, d))},
+      "positions": {"embedding": read("embeddings.position_embeddings.weight",
+                                      (cfg.max_len, d))},
+      "token_types": {"embedding": read("embeddings.token_type_embeddings.weight",
+                                        (cfg.type_vocab_size, d))},
+      "embed_norm": common.norm(read, "embeddings.LayerNorm", d)}
+  for i in range(cfg.depth):
+    p = f"encoder.layer.{i}."
+    params[f"layers_{i}"] = {
+        "attn": {name: lin(f"{p}attention.self.{name}", (d,), (h, d // h))
+                 for name in ("query", "key", "value")}
+                | {"out": lin(p + "attention.output.dense", (h, d // h), (d,))},
+        "attn_norm": common.norm(read, p + "attention.output.LayerNorm", d),
+        "mlp": {"up": lin(p + "intermediate.dense", (d,), (m,)),
+                "down": lin(p + "output.dense", (m,), (d,))},
+        "mlp_norm": common.norm(read, p + "output.LayerNorm", d)}
+  if cfg.pooler:
+    params["pooler"] = lin("pooler.dense", (d,), (d,))
+  read.finish(IGNORED_TENSORS)
+  return params
+
+
+def convert_bert(hf_dir: str | pathlib.Path) -> tuple[BertConfig, dict]:
+  """`(BertConfig, parameters)` of a Hugging Face BERT directory: a BertModel, or a BertFor*
+  model, whose encoder is under `bert.` and whose task heads are left out. `config.pooler`
+  says whether the checkpoint has the pooler."""
+  import jax.numpy as jnp
+  cfg = bert_config(common.read_hf_config(hf_dir))
+  state = common.read_hf_weights(hf_dir)
+  # Google's original checkpoints (bert-base-uncased among them) name LayerNorm parameters
+  # gamma and beta.
+  state = {k.replace("LayerNorm.gamma", "LayerNorm.weight")
+           .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
+  prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+  cfg = dataclasses.replace(cfg, pooler=prefix + "pooler.dense.weight" in state)
+  params = bert_params(state, cfg)
+  common.check_tree(params, Bert(cfg), jnp.zeros((1, 1), jnp.int32))
+  return cfg, params
