@@ -108,4 +108,5 @@ def test_recipes_agree_on_the_backbone_shapes():
                                             shapes["clip"]["image"])))
   lm = {k: v for k, v in shapes["flamingo"]["lm"].items() if not k.startswith("xattn_")}
   assert all(jax.tree_util.tree_leaves(same(lm, shapes["lm"])))
-  assert [i["recipe"] for i in flamingo.init] == ["clip", "lm"]
+  assert {target: init.recipe for target, init in flamingo.init.items()} == {
+      "vision": "clip", "lm": "lm"}
