@@ -44,9 +44,13 @@ DTYPES = ("float32", "bfloat16")
 NONFINITE = ("abort", "skip")
 
 
+_FLAGS: list[str] = []  # the names `define_flag` defined
+
+
 def define_flag(name: str = "config"):
   """The `--config=configs/<recipe>.py[:variant]` flag, with `--config.<field>=value`
   overrides of existing fields and new ones (checked by `validate`)."""
+  _FLAGS.append(name)
   return config_flags.DEFINE_config_file(
       name, None, "Recipe config file: configs/<recipe>.py[:variant].", lock_config=False,
       accept_new_attributes=True)
@@ -338,10 +342,13 @@ def check_model(cls: type, value, path: str = "config.model") -> list[str]:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   hints = typing.get_type_hints(cls)
   problems = _unknown(f"{path} ({cls.__name__})", value, fields)
+  missing = [name for name, f in fields.items() if name not in value
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    problems.append(f"{path} ({cls.__name__}) has no {', '.join(map(repr, missing))}, "
+                    "which it needs")
   for name, f in fields.items():
     if name not in value:
-      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-        problems.append(f"{path} ({cls.__name__}) has no {name!r}")
       continue
     item, where = value[name], f"{path}.{name}"
     nested = next((t for t in (hints[name], *typing.get_args(hints[name]))
@@ -504,7 +511,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = str(e) if cause is e else f"{str(e).split(': Error whilst')[0]}: {cause}"
     cli.fail(f"{message}\nPass --helpshort or --helpfull to see help on flags.")
   except (AttributeError, KeyError) as e:  # ml_collections: an override it cannot place
-    for name in _config_flags():
+    for name in _FLAGS:
       prefix = f"--{name}="
       path = next((a[len(prefix):] for a in argv if a.startswith(prefix)), None)
       if path is None:
@@ -519,13 +526,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
-def _config_flags() -> list[str]:
-  return [name for name in flags.FLAGS if isinstance(
-      getattr(flags.FLAGS[name], "parser", None), config_flags.ConfigFileFlagParser)]
-
-
 def _checked_config_files(argv: list[str]) -> list[str]:
-  for name in _config_flags():
+  for name in _FLAGS:
     # ml_collections defers an unreadable file's error to the config's first use.
     error = getattr(flags.FLAGS[name].value, "_error", None)
     if isinstance(error, OSError):

@@ -585,7 +585,9 @@ def evaluate_loss(config, eval_step, state, batch_sharding, should_stop=lambda: 
 
 def main(argv):
   del argv
-  sharding.initialize_distributed()
+  with cli.native_stderr_held():  # libtpu's start-up lines on a host without TPUs
+    sharding.initialize_distributed()
+    jax.devices()
   try:
     run(flags.FLAGS.config, flags.FLAGS.workdir)
   except Interrupted as e:  # SIGTERM during a backbone's pretraining: a clean exit

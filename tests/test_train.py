@@ -415,3 +415,114 @@ def test_graft_gives_a_larger_vocabulary_the_checkpoint_rows_and_their_mean():
     checkpoints.graft(params, "lm", {"embed": {"embedding": np.zeros((3, 4))},
                                      "lm_head": {"kernel": np.zeros((2, 5))},
                                      "norm": {"scale": np.ones(2)}})
+
+
+def _lm_eval_cli(workdir, shots):
+  """The LM recipe at toy size, 2 steps, then a few-shot evaluation of `shots`."""
+  overrides = {**TINY_LM, "train.steps": 2, "evaluate.episodes": 64}
+  return [*cli(workdir, 2)[:4], *[f"--config.{k}={v}" for k, v in overrides.items()],
+          f"--config.evaluate.shots={shots}"]
+
+
+def test_sigterm_stops_the_final_evaluation_which_the_next_run_redoes_then_it_is_finished(
+    tmp_path):
+  shots = tuple(range(0, 40, 2))  # 20 cells: well over the time to answer a SIGTERM
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  process = subprocess.Popen(_lm_eval_cli(tmp_path, shots), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  wait_for_step(tmp_path, 2, process)  # trained and saved; evaluating
+  sent = time.time()
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, out
+  assert "SIGTERM: stopped the final evaluation; the checkpoint at step 2 is saved" in out
+  assert time.time() - sent < 60
+  assert not (tmp_path / "eval.json").exists() and not (tmp_path / train.FINISHED).exists()
+
+  config = lm_config(few_shot=True, **{"train.steps": 2, "evaluate.episodes": 4,
+                                       "evaluate.shots": (0, 2)})
+  last = run(config, tmp_path)  # resumes at the last step: only the evaluation is left
+  assert set(last["few_shot"]["naming"]) == {0, 2}
+  assert len(losses_by_step(tmp_path)) == 2
+  recorded = json.loads((tmp_path / train.FINISHED).read_text())
+  assert recorded["step"] == 2 and (tmp_path / "eval.json").exists()
+
+  eval_json = (tmp_path / "eval.json").read_text()
+  again = run(config, tmp_path)  # finished: neither trained nor evaluated again
+  assert again == recorded["metrics"]
+  assert len(losses_by_step(tmp_path)) == 2
+  assert (tmp_path / "eval.json").read_text() == eval_json
+
+  from mmjax import evaluate
+  evaluate.evaluate_workdir(tmp_path, shots=["0"], episodes=2)  # kept beside eval.json
+  written = list(tmp_path.glob("eval-2-*.json"))
+  assert len(written) == 1 and set(json.loads(written[0].read_text())["naming"]) == {"0"}
+  assert (tmp_path / "eval.json").read_text() == eval_json
+  # A run asked for more steps than it finished with goes on training.
+  longer = lm_config(few_shot=True, **{"train.steps": 3, "evaluate.episodes": 4,
+                                        "evaluate.shots": (0,)})
+  run(longer, tmp_path)
+  assert len(losses_by_step(tmp_path)) == 3
+
+
+def test_sigterm_during_backbone_pretraining_saves_it_and_exits_and_the_next_run_resumes_it(
+    tmp_path):
+  """configs/flamingo.py with the LM pretrained for 12 steps (the tiny LM recipe) and the
+  vision tower left random: a SIGTERM during the LM's pretraining saves the LM's run and
+  exits without training Flamingo; the same command resumes the LM, then trains."""
+  cache, workdir = tmp_path / "cache", tmp_path / "flamingo"
+  flags = {"init.lm.steps": 12, "init.vision.steps": 0, "train.steps": 1,
+           "train.log_every": 1, "data.batch_size": 2, "evaluate.episodes": 2,
+           "evaluate.shots": "(0,)"}
+  command = [sys.executable, "-m", "mmjax.train", f"--config={ROOT / 'configs/flamingo.py'}",
+             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MMJAX_CACHE=str(cache))
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  deadline = time.time() + 240
+  while not list(cache.glob("backbones/lm-*/metrics.jsonl")):
+    assert process.poll() is None and time.time() < deadline, "no LM pretraining seen"
+    time.sleep(0.05)
+  lm_run = next(cache.glob("backbones/lm-*"))
+  wait_for_step(lm_run, 1, process)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, out
+  assert "SIGTERM: The pretraining of 'lm' was stopped and is saved in" in out, out
+  stopped = int(out.split("saved the checkpoint at step ")[1].split(";")[0])
+  assert 1 <= stopped < 12 and not (lm_run / train.FINISHED).exists()
+  assert not (workdir / "checkpoints").exists()  # Flamingo never trained on it
+
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert f"Resumed from the checkpoint at step {stopped}." in result.stdout
+  assert sorted(losses_by_step(lm_run)) == list(range(1, 13))  # resumed, not restarted
+  assert json.loads((lm_run / train.FINISHED).read_text())["step"] == 12
+  assert "Left 'vision' as initialised (config.init.vision.steps=0)." in result.stdout
+  assert f"Initialised 'lm' from {lm_run}." in result.stdout
+  assert losses_by_step(workdir).keys() == {1} and (workdir / train.FINISHED).exists()
+
+
+def test_a_backbone_run_is_used_only_once_recorded_finished(tmp_path, monkeypatch):
+  monkeypatch.setenv("MMJAX_CACHE", str(tmp_path))
+  init = {"recipe": "lm", "variant": "tiny", "steps": 5}
+  calls = []
+
+  def interrupted_run(config, workdir):  # what a run stopped by SIGTERM leaves: no record
+    calls.append(config.train.steps)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+
+  monkeypatch.setattr(train, "run", interrupted_run)
+  with pytest.raises(train.Interrupted, match="pretraining of 'lm' was stopped"):
+    train.pretrained_workdir("lm", init)
+  workdir = next(tmp_path.glob("backbones/lm-*"))
+  (workdir / train.FINISHED).write_text(json.dumps({"step": 4, "time": "", "metrics": {}}))
+  with pytest.raises(train.Interrupted):  # recorded at fewer steps than asked for
+    train.pretrained_workdir("lm", init)
+  (workdir / train.FINISHED).write_text(json.dumps({"step": 5, "time": "", "metrics": {}}))
+  assert train.pretrained_workdir("lm", init) == workdir
+  # The steps are part of the cached run's identity: the recipe's own 400 are another run.
+  with pytest.raises(train.Interrupted):
+    train.pretrained_workdir("lm", {**init, "steps": -1})
+  assert calls == [5, 5, 400] and len(list(tmp_path.glob("backbones/lm-*"))) == 2
