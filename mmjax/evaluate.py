@@ -104,22 +104,42 @@ def naming_scores(answers: list[str], prompts: list[Prompt]) -> dict[str, float]
       "colour": float(np.mean([w[:1] == [p.colour] for w, p in zip(words, prompts, strict=True)]))}
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded token ids `"b t"` of the prompts' texts and their lengths `"b"`."""
+def encode_prompts(tokenizer: Tokenizer, prompts: list[Prompt], length: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids `"b t"` of the prompts' texts, right-padded to `length` or the longest, and
+  their lengths `"b"`."""
   ids = [tokenizer.encode(p.text, bos=True) for p in prompts]
   lengths = np.array([len(i) for i in ids], np.int32)
-  return np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids]), lengths
+  length = max(length, int(lengths.max()))
+  return np.stack([right_pad(i, length, tokenizer.pad_id) for i in ids]), lengths
 
 
-def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
-                max_new_tokens: int, task: str) -> list[str]:
-  tokens, lengths = encode_prompts(tokenizer, prompts)
-  images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
-  out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
-                 images=jnp.asarray(images), max_new_tokens=max_new_tokens,
-                 stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id), pad_id=tokenizer.pad_id)
-  tokens_out, lengths_out = np.asarray(out.tokens), np.asarray(out.lengths)
-  return [answer_text(tokenizer, t, n, task) for t, n in zip(tokens_out, lengths_out, strict=True)]
+def make_answer_fn(model: Flamingo, tokenizer: Tokenizer, max_new_tokens: int):
+  """`(params, prompts, task, length, max_images) -> answers`: greedy generation, compiled
+  once per shape; prompts are padded to `length` tokens and `max_images` images (padding
+  images are masked out), so that every (task, shots) cell of an evaluation shares one
+  compilation."""
+
+  @jax.jit
+  def answer(params, tokens, lengths, images, num_images):
+    out = generate(model, params, tokens, lengths, jax.random.key(0), images=images,
+                   num_images=num_images, max_new_tokens=max_new_tokens,
+                   stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id),
+                   pad_id=tokenizer.pad_id)
+    return out.tokens, out.lengths
+
+  def run(params, prompts: list[Prompt], task: str, length: int, max_images: int):
+    tokens, lengths = encode_prompts(tokenizer, prompts, length)
+    images = np.zeros((len(prompts), max_images, 1, *prompts[0].images.shape[1:]), np.uint8)
+    for i, p in enumerate(prompts):
+      images[i, :len(p.images), 0] = p.images
+    num_images = np.array([len(p.images) for p in prompts], np.int32)
+    tokens_out, lengths_out = map(np.asarray, answer(params, tokens, lengths, images,
+                                                     num_images))
+    return [answer_text(tokenizer, t, n, task)
+            for t, n in zip(tokens_out, lengths_out, strict=True)]
+
+  return run
 
 
 def _is_attribute(word: str) -> bool:
@@ -143,12 +163,19 @@ def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
   tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=config.evaluate.seed, image_size=16)  # images are not used
   apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
-  results = {}
+  cells = []
   for k in shots:
     if should_stop():
       raise Stopped
-    prompts, chance = naming_prompts(world, k, episodes, with_colour=True)
-    tokens, lengths = encode_prompts(tokenizer, prompts)
+    cells.append((k, *naming_prompts(world, k, episodes, with_colour=True)))
+  # Right padding leaves a causal LM's logits at the prompts' last tokens unchanged: one
+  # length for every shot count, one compilation.
+  length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c[1])
+  results = {}
+  for k, prompts, chance in cells:
+    if should_stop():
+      raise Stopped
+    tokens, lengths = encode_prompts(tokenizer, prompts, length)
     logits = np.asarray(apply(jnp.asarray(tokens)))
     predicted = logits[np.arange(len(prompts)), lengths - 1].argmax(-1)
     expected = [tokenizer.word_id(p.answer) for p in prompts]
@@ -171,23 +198,28 @@ def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=
   model = flamingo_task.build_model(config)
   tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
-  results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
+  cells = []  # (task, shots, prompts, chance)
   for k in shots:
     if should_stop():
       raise Stopped
-    prompts, chance = naming_prompts(world, k, episodes)
-    answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, "naming")
-    results["naming"][k] = {**naming_scores(answers, prompts), "chance": chance}
-    for task in ("vqa", "captioning"):
-      if should_stop():
-        raise Stopped
-      prompts = example_prompts(world, k, episodes, task)
-      answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, task)
-      exact = float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)]))
-      results[task][k] = {"exact_match": exact}
-      if task == "captioning":
-        results[task][k]["attribute_recall"] = float(np.mean(
-            [attribute_recall(a, p.answer) for a, p in zip(answers, prompts, strict=True)]))
+    cells.append(("naming", k, *naming_prompts(world, k, episodes)))
+    cells += [(task, k, example_prompts(world, k, episodes, task), None)
+              for task in ("vqa", "captioning")]
+  length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c[2])
+  answer = make_answer_fn(model, tokenizer, e.max_new_tokens)
+  results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
+  for task, k, prompts, chance in cells:
+    if should_stop():
+      raise Stopped
+    answers = answer(params, prompts, task, length, max(shots) + 1)
+    if task == "naming":
+      results[task][k] = {**naming_scores(answers, prompts), "chance": chance}
+      continue
+    exact = float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)]))
+    results[task][k] = {"exact_match": exact}
+    if task == "captioning":
+      results[task][k]["attribute_recall"] = float(np.mean(
+          [attribute_recall(a, p.answer) for a, p in zip(answers, prompts, strict=True)]))
   return results
 
 
