@@ -128,9 +128,11 @@ def _sharding(value) -> str | None:
 
 
 def _recipe(value: str) -> str | None:
-  if value and importlib.util.find_spec(f"configs.{value}") is None:
-    return "names no recipe module configs/<recipe>.py"
-  return None
+  try:
+    found = not value or importlib.util.find_spec(f"configs.{value}") is not None
+  except ModuleNotFoundError:  # no `configs` package here
+    found = False
+  return None if found else "names no recipe module configs/<recipe>.py"
 
 
 def _shots(value) -> str | None:

@@ -265,6 +265,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, shots=None, episodes=None) -> 
                           "--shots=0,1,2,4.") from None
   if episodes is not None:
     config.evaluate.episodes = episodes
+  config.init = {}  # where the run's backbones came from does not matter here
   config_lib.validate(config)
   manager = checkpoints.manager(workdir)
   step = manager.latest_step()

@@ -4,9 +4,12 @@ Reads top to bottom: config -> mesh -> data -> model and parameters (trainable /
 initialised directly sharded) -> optimizer -> train step (one `jax.jit` with in/out
 shardings and donated state) -> checkpoints -> loop. Re-running the same command resumes from
 the latest complete checkpoint and follows exactly the loss curve of an uninterrupted
-run; SIGTERM saves a checkpoint and exits cleanly.
+run; SIGTERM saves a checkpoint and exits cleanly. A run that completed its steps and its
+evaluation records itself in `workdir/finished.json`; re-running it does nothing more.
 
-Config overrides come from the command line: `--config.optim.lr=1e-4`. The mesh and the
+Config overrides come from the command line: `--config.optim.lr=1e-4`,
+`--config.init.lm.workdir=DIR`, `--config.data.datasets.pairs.weight=0`; the config is
+checked at start-up (`mmjax.config.validate`). The mesh and the
 sharding preset are config too (`--config.mesh.fsdp=-1 --config.mesh.data=1`; see
 `mmjax.sharding`); several hosts are started by the scripts in launch/.
 """
@@ -306,7 +309,7 @@ def cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
 
 
-def backbone_recipe(target: str, init) -> ml_collections.ConfigDict:
+def backbone_recipe(init) -> ml_collections.ConfigDict:
   """The config of `configs/<init.recipe>.py:<init.variant>`, with `init.steps` (if not
   -1) as its `train.steps`."""
   recipe = importlib.import_module(f"configs.{init['recipe']}").get_config(
@@ -328,7 +331,7 @@ def pretrained_workdir(target: str, init) -> pathlib.Path:
   """
   if init.get("workdir"):
     return pathlib.Path(init["workdir"])
-  recipe = backbone_recipe(target, init)
+  recipe = backbone_recipe(init)
   digest = hashlib.sha256(recipe.to_json(sort_keys=True).encode()).hexdigest()[:12]
   workdir = cache_root() / "backbones" / f"{init['recipe']}-{digest}"
   if not finished(workdir, recipe):
@@ -374,12 +377,14 @@ FINISHED = "finished.json"
 
 def finished(workdir: str | pathlib.Path, config) -> dict | None:
   """What `run` recorded when it completed `config.train.steps` (or more) and the final
-  evaluation, else None: `{"step", "time", "metrics"}`."""
+  evaluation, else None: `{"step", "time", "metrics"}`. A record whose checkpoint has
+  been removed since does not count."""
   path = pathlib.Path(workdir) / FINISHED
   if not path.exists():
     return None
   record = json.loads(path.read_text())
-  return record if record["step"] >= config.train.steps else None
+  saved = (pathlib.Path(workdir) / "checkpoints" / str(record["step"])).exists()
+  return record if saved and record["step"] >= config.train.steps else None
 
 
 def mark_finished(workdir: pathlib.Path, step: int, metrics: dict) -> None:
