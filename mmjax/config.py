@@ -38,7 +38,11 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from mmjax import cli
+from mmjax import cli, sharding
+from mmjax.data.tokenizer import make_tokenizer
+from mmjax.layers import REMAT_POLICIES
+from mmjax.layers.mlp import ACTIVATIONS
+from mmjax.tasks import TASKS, get_task
 
 DTYPES = ("float32", "bfloat16")
 NONFINITE = ("abort", "skip")
@@ -65,7 +69,7 @@ class Field:
   `check(value)` returns a problem (the text after "field=value ") or None."""
 
   types: type | tuple[type, ...]
-  choices: Collection | Callable[[], Collection] | None = None
+  choices: Collection | None = None
   min: float | None = None
   max: float | None = None
   optional: bool = False
@@ -103,23 +107,7 @@ def _regex(value: str) -> str | None:
   return None
 
 
-def _remat_policies():
-  from mmjax.layers import REMAT_POLICIES
-  return tuple(REMAT_POLICIES)
-
-
-def _activations():
-  from mmjax.layers.mlp import ACTIVATIONS
-  return tuple(ACTIVATIONS)
-
-
-def _tasks():
-  from mmjax.tasks import TASKS
-  return TASKS
-
-
 def _sharding(value) -> str | None:
-  from mmjax import sharding
   try:
     sharding.rules(value)
   except (ValueError, TypeError) as e:
@@ -165,14 +153,14 @@ BACKBONE = Section({
 })
 
 SCHEMA = Section({
-    "task": Field(STR, choices=_tasks),
+    "task": Field(STR, choices=TASKS),
     "variant": Field(STR, optional=True),
     "seed": Field(INT),
     "mesh": Section({axis: Field(INT, min=-1, optional=True)
                      for axis in ("data", "fsdp", "tensor")}, optional=True),
     "sharding": Field((str, tuple, list), check=_sharding, optional=True),
     "compute_dtype": Field(STR, choices=DTYPES, optional=True),
-    "remat": Field(STR, choices=_remat_policies, optional=True),
+    "remat": Field(STR, choices=tuple(REMAT_POLICIES), optional=True),
     "scan_layers": Field(BOOL, optional=True),
     "attention_impl": Field((str, type(None)), choices=("xla", "cudnn", None), optional=True),
     "tokenizer": Field(STR, optional=True),
@@ -226,9 +214,9 @@ SCHEMA = Section({
 
 # Fields of model config dataclasses, by name: the same name means the same thing in
 # every family's config (mmjax.models.*), so the next families are checked too.
-MODEL_CHOICES: dict[str, Callable[[], Collection]] = {
-    "activation": _activations, "remat": _remat_policies,
-    "dtype": lambda: DTYPES, "param_dtype": lambda: DTYPES}
+MODEL_CHOICES: dict[str, Collection] = {
+    "activation": tuple(ACTIVATIONS), "remat": tuple(REMAT_POLICIES), "dtype": DTYPES,
+    "param_dtype": DTYPES}
 MODEL_POSITIVE = frozenset({
     "vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
     "max_len", "image_size", "patch_size", "output_dim", "channels", "num_latents",
@@ -273,7 +261,7 @@ def _check_field(spec: Field, value, path: str) -> list[str]:
   if not _is_type(value, spec.types):
     return [f"{path}={_show(value)} must be {_type_names(spec.types)}"]
   if spec.choices is not None:
-    choices = tuple(spec.choices() if callable(spec.choices) else spec.choices)
+    choices = tuple(spec.choices)
     if value not in choices:
       return [f"{path}={_show(value)} is not one of {choices}"]
   numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -362,7 +350,7 @@ def check_model(cls: type, value, path: str = "config.model") -> list[str]:
       continue
     types, choices = _annotation_types(hints[name])
     if choices is None and name in MODEL_CHOICES and isinstance(item, str):
-      choices = tuple(MODEL_CHOICES[name]())
+      choices = tuple(MODEL_CHOICES[name])
     minimum = 1 if name in MODEL_POSITIVE else None
     if minimum is not None and float in types:
       minimum = math.ulp(0.0)
@@ -390,9 +378,8 @@ def _model_shapes(m: Mapping, path: str) -> list[str]:
 def problems(config: ml_collections.ConfigDict, *, process_count: int = 1,
              num_devices: int | None = None) -> list[str]:
   """Every problem `validate` would report, as `config.<field>=<value> ...` lines."""
-  from mmjax.tasks import get_task  # tasks import models; models need no config checks
   task = None
-  if config.get("task") in _tasks():
+  if config.get("task") in TASKS:
     task = get_task(config.task)
   found = _check(SCHEMA, config, "config", getattr(task, "MODEL_CONFIG", None))
   checks = [lambda: _check_data(config, process_count), lambda: _check_init(config)]
@@ -411,7 +398,6 @@ def problems(config: ml_collections.ConfigDict, *, process_count: int = 1,
 
 
 def _check_mesh(config, num_devices: int) -> list[str]:
-  from mmjax import sharding
   try:
     sharding.mesh_shape(config.get("mesh") or {"data": -1}, num_devices)
   except ValueError as e:
@@ -456,7 +442,6 @@ def _check_init(config) -> list[str]:
 def _check_tokenizer(config) -> list[str]:
   if "model" not in config or config.task == "clip":
     return []
-  from mmjax.data.tokenizer import make_tokenizer
   try:
     make_tokenizer(config)
   except (ValueError, OSError) as e:
