@@ -56,3 +56,16 @@ def test_a_mistake_is_one_paragraph_without_a_traceback(name, tmp_path):
   assert "\n\n" not in result.stderr.strip(), result.stderr  # one paragraph
   assert CASES[name][1] in result.stderr, result.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_native_library_chatter_is_held_and_shown_only_on_failure(capfd):
+  """What libtpu prints at start-up on a host without TPUs is written to file descriptor 2
+  by native code; it stays off the console unless the block fails."""
+  from mmjax import cli
+  with cli.native_stderr_held():
+    os.write(2, b"E0000 common_lib.cc:554] INVALID_ARGUMENT: worker hostnames\n")
+  assert capfd.readouterr().err == ""
+  with pytest.raises(RuntimeError), cli.native_stderr_held():
+    os.write(2, b"E0000 the reason it failed\n")
+    raise RuntimeError("no backend")
+  assert "E0000 the reason it failed" in capfd.readouterr().err
