@@ -60,7 +60,8 @@ def datasets(config, field: str = "datasets") -> list[Dataset]:
   """The mixture `config.data.<field>` (a mapping of dataset names to entries), in name
   order, without the entries whose `weight` is 0."""
   out = []
-  for name, entry in (config.data.get(field) or {}).items():
+  entries = config.data.get(field) or {}
+  for name, entry in sorted(entries.items()):  # a ConfigDict's order: resumes see the same
     entry = {"name": name, **(entry.to_dict() if hasattr(entry, "to_dict") else entry)}
     if entry.get("weight", 1.0) == 0:
       continue

@@ -19,6 +19,7 @@ from configs import lm as lm_recipe
 import orbax.checkpoint as ocp
 
 from mmjax import checkpoints, sharding, train
+from mmjax.cli import UserError
 from mmjax.tasks import get_task
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -531,3 +532,19 @@ def test_a_backbone_run_is_used_only_once_recorded_finished(tmp_path, monkeypatc
   with pytest.raises(train.Interrupted):
     train.pretrained_workdir("lm", {**init, "steps": -1})
   assert calls == [5, 5, 400] and len(list(tmp_path.glob("backbones/lm-*"))) == 2
+
+
+def test_datasets_are_keyed_by_name_and_weight_0_leaves_one_out():
+  config = flamingo_recipe.get_config()
+  assert [d.name for d in train.datasets(config)] == ["documents", "pairs"]
+  assert [d.loss_weight for d in train.datasets(config)] == [1.0, 0.5]
+  config.data.datasets.pairs.weight = 0.0
+  assert [d.name for d in train.datasets(config)] == ["documents"]
+  assert [d.name for d in train.datasets(config, "eval_datasets")] == ["documents_eval"]
+  config.data.datasets.documents.source.pathz = "/data/*.array_record"
+  with pytest.raises(UserError, match=r"config.data.datasets.documents: .*pathz"):
+    train.datasets(config)
+  config.data.datasets = {"cc": {"source": {"kind": "arrayrecord_pairs", "image_size": 64,
+                                            "paths": "/no/such/cc-*.array_record"}}}
+  with pytest.raises(UserError, match=r"config.data.datasets.cc: .*/no/such/cc-"):
+    train.datasets(config)
