@@ -95,7 +95,10 @@ CASES = [
      "config.data.max_images=0: Flamingo's sequences hold at least one image"),
     ("flamingo", {"data.image_size": 32},
      "config.data.image_size=32 differs from config.model.vision.image_size=64"),
-    ("lm", {"data.seq_len": 512}, "config.data.seq_len=512 exceeds config.model.max_len=256"),
+    ("lm", {"model.position": "learned", "data.seq_len": 512},
+     "config.data.seq_len=512 exceeds the learned positions' config.model.max_len=256"),
+    ("clip", {"data.seq_len": 64}, "config.data.seq_len=64 exceeds the learned positions' "
+     "config.model.text.max_len=32"),
     ("lm", {"model.num_heads": 3}, "config.model.width=256 is not divisible by "
      "config.model.num_heads=3"),
     ("flamingo", {"model.vision.patch_size": 7}, "image_size=64 is not divisible by"),

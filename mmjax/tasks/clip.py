@@ -21,9 +21,10 @@ def check_config(config) -> list[str]:
   if data.get("image_size") != model.vision.image_size:
     found.append(f"config.data.image_size={data.get('image_size')} differs from "
                  f"config.model.vision.image_size={model.vision.image_size}")
-  if data.seq_len > model.text.max_len:
-    found.append(f"config.data.seq_len={data.seq_len} exceeds "
-                 f"config.model.text.max_len={model.text.max_len}")
+  if (model.text.get("position", "learned") == "learned"
+      and data.seq_len > model.text.get("max_len", 1024)):
+    found.append(f"config.data.seq_len={data.seq_len} exceeds the learned positions' "
+                 f"config.model.text.max_len={model.text.get('max_len', 1024)}")
   return found
 
 

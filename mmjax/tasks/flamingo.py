@@ -21,9 +21,10 @@ def check_config(config) -> list[str]:
   if data.get("image_size") != model.vision.image_size:
     found.append(f"config.data.image_size={data.get('image_size')} differs from "
                  f"config.model.vision.image_size={model.vision.image_size}")
-  if data.seq_len > model.lm.get("max_len", 1024):
-    found.append(f"config.data.seq_len={data.seq_len} exceeds "
-                 f"config.model.lm.max_len={model.lm.max_len}")
+  if (model.lm.get("position", "learned") == "learned"
+      and data.seq_len > model.lm.get("max_len", 1024)):
+    found.append(f"config.data.seq_len={data.seq_len} exceeds the learned positions' "
+                 f"config.model.lm.max_len={model.lm.get('max_len', 1024)}")
   for name in ("media_token_id", "endofchunk_token_id"):
     if not 0 <= model[name] < model.lm.vocab_size:
       found.append(f"config.model.{name}={model[name]} is not a token id of the "

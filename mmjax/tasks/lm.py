@@ -15,9 +15,10 @@ def check_config(config) -> list[str]:
   if config.data.get("mode", "text") != "text":
     found.append(f"config.data.mode={config.data.mode!r}: a language model trains on "
                  "'text' sequences")
-  if config.data.seq_len > config.model.max_len:
-    found.append(f"config.data.seq_len={config.data.seq_len} exceeds "
-                 f"config.model.max_len={config.model.max_len}")
+  if (config.model.get("position", "learned") == "learned"
+      and config.data.seq_len > config.model.get("max_len", 1024)):
+    found.append(f"config.data.seq_len={config.data.seq_len} exceeds the learned positions' "
+                 f"config.model.max_len={config.model.get('max_len', 1024)}")
   return found
 
 
