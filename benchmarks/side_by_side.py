@@ -115,7 +115,7 @@ def recipe(cfg, size: dict, task: str = "flamingo"):
   config.task = task
   config.model = dataclasses.asdict(cfg if task == "flamingo" else cfg.lm)
   config.trainable = config.trainable if task == "flamingo" else ".*"
-  config.init = []
+  config.init = {}
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   config.data.batch_size, config.data.seq_len = size["batch"], size["seq_len"]
   config.data.max_images = size["images"]

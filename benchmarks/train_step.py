@@ -37,8 +37,7 @@ def real_batch(config, parts: train.Parts) -> dict:
   (throughput depends on shapes, not on which examples)."""
   probe = config.copy_and_resolve_references()
   probe.data.batch_size = 1
-  example = next(iter(train.make_data(probe, probe.data.datasets, seed=0,
-                                      health=DataHealth())))
+  example = next(iter(train.make_data(probe, seed=0, health=DataHealth())))
   batch = {k: np.repeat(v, config.data.batch_size, axis=0) for k, v in example.items()}
   return sharding.global_batch(batch, sharding.batch_sharding(parts.mesh, parts.rules))
 

@@ -6,20 +6,15 @@ the frozen vision encoder of the Flamingo recipe.
 The vision tower's shape is that of the same-named variant of configs/flamingo.py.
 """
 
-import copy
-
 import ml_collections
 
 from configs import flamingo
 
-PAIRS = dict(name="shapes_world_pairs", source=dict(kind="shapes_world_pairs", split="train"))
-HELDOUT_PAIRS = dict(name="shapes_world_pairs_eval",
-                     source=dict(kind="shapes_world_pairs", split="eval", size=4096))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "tiny"
-  vision = dict(flamingo.VARIANTS[variant]["vision"])
+  variant, shapes = flamingo.variant_shapes(arg, "clip")
+  vision = dict(shapes["vision"])
   config = ml_collections.ConfigDict()
   config.task = "clip"
   config.seed = 0
@@ -39,9 +34,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 activation="quick_gelu"),
       embed_dim=vision["output_dim"], pad_id=flamingo.PAD)
   config.trainable = r".*"
-  config.data = dict(seq_len=24, batch_size=64, image_size=vision["image_size"], mode="pair",
-                     datasets=copy.deepcopy([PAIRS]),
-                     eval_datasets=copy.deepcopy([HELDOUT_PAIRS]))
+  pairs = dict(kind="shapes_world_pairs", image_size=vision["image_size"])
+  # Mappings of dataset names to entries: `--config.data.datasets.pairs.weight=2`.
+  config.data = dict(
+      seq_len=24, batch_size=64, image_size=vision["image_size"], mode="pair",
+      datasets=dict(pairs=dict(source=dict(pairs, split="train"), weight=1.0,
+                               loss_weight=1.0)),
+      eval_datasets=dict(pairs_eval=dict(source=dict(pairs, split="eval", size=4096),
+                                         weight=1.0, loss_weight=1.0)))
   config.optim = dict(lr=1e-3, warmup_steps=50, final_lr_fraction=0.1, b1=0.9, b2=0.98,
                       eps=1e-6, weight_decay=0.1, decay_pattern=r"kernel$",
                       clip_norm=1.0, accum_steps=1)

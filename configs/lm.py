@@ -6,23 +6,13 @@ with their `<image>` and `<|endofchunk|>` tokens): the frozen LM of the Flamingo
 The LM's shape is that of the same-named variant of configs/flamingo.py.
 """
 
-import copy
-
 import ml_collections
 
 from configs import flamingo
 
-# Naming episodes are over-represented: repeating a name seen earlier in the context is the
-# skill the Flamingo recipe's in-context naming builds on.
-SHAPES_WORLD_TEXT = dict(name="shapes_world_text",
-                         source=dict(kind="shapes_world_documents", split="train",
-                                     naming_fraction=0.6, max_images=6))
-HELDOUT_TEXT = dict(name="shapes_world_text_eval",
-                    source=dict(kind="shapes_world_documents", split="eval", size=4096))
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "tiny"
+  variant, shapes = flamingo.variant_shapes(arg, "lm")
   config = ml_collections.ConfigDict()
   config.task = "lm"
   config.seed = 0
@@ -38,11 +28,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scan_layers = variant in flamingo.PAPER_VARIANTS
   # A Hugging Face tokenizer directory, or "" for the embedded one (see configs/flamingo.py).
   config.tokenizer = ""
-  config.model = dict(flamingo.VARIANTS[variant]["lm"])
+  config.model = dict(shapes["lm"])
   config.trainable = r".*"
-  config.data = dict(seq_len=64, batch_size=32, mode="text",
-                     datasets=copy.deepcopy([SHAPES_WORLD_TEXT]),
-                     eval_datasets=copy.deepcopy([HELDOUT_TEXT]))
+  # Mappings of dataset names to entries: `--config.data.datasets.text.weight=2`. Naming
+  # episodes are over-represented: repeating a name seen earlier in the context is the
+  # skill the Flamingo recipe's in-context naming builds on.
+  config.data = dict(
+      seq_len=64, batch_size=32, mode="text",
+      datasets=dict(text=dict(
+          source=dict(kind="shapes_world_documents", split="train", naming_fraction=0.6,
+                      max_images=6),
+          weight=1.0, loss_weight=1.0)),
+      eval_datasets=dict(text_eval=dict(
+          source=dict(kind="shapes_world_documents", split="eval", size=4096),
+          weight=1.0, loss_weight=1.0)))
   config.optim = dict(lr=1e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.98,
                       eps=1e-8, weight_decay=0.05, decay_pattern=r"kernel$|embedding$",
                       clip_norm=1.0, accum_steps=1)

@@ -10,8 +10,10 @@ traceback, and library chatter stays off the console unless asked for.
 `MMJAX_TRACEBACK=1` shows the full traceback of a `UserError` too.
 """
 
+import contextlib
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -29,9 +31,41 @@ def quiet_logging() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def run(main) -> None:
-  """`absl.app.run(main)`, with `UserError`s printed as `error: <message>` and exit
-  status 2."""
+@contextlib.contextmanager
+def native_stderr_held():
+  """Holds what is written to the process's stderr (native libraries too: libtpu's
+  start-up lines on a host without TPUs) and shows it only if the block raises, or always
+  with --verbosity."""
+  if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors="replace"))
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def fail(message: str) -> None:
+  """Prints `error: <message>` and exits with status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def run(main, flags_parser=app.parse_flags_with_usage) -> None:
+  """`absl.app.run(main, flags_parser)`, with `UserError`s printed as
+  `error: <message>` and exit status 2."""
 
   def guarded(argv):
     quiet_logging()
@@ -40,7 +74,6 @@ def run(main) -> None:
     except UserError as e:
       if os.environ.get("MMJAX_TRACEBACK"):
         raise
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      fail(str(e))
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=flags_parser)

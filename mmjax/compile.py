@@ -13,22 +13,31 @@ out-of-memory configuration is caught before anyone pays for chips.
 
 Topologies are Cloud TPU accelerator types (`v5p-128`, `v5litepod-256` or `v5e-256`,
 `v4-64`, `v6e-16`) or explicit chip grids (`v5p:4x4x4`, `v5e:16x16`).
+
+The compilation needs no local accelerator: run as a command, JAX uses the CPU unless
+`JAX_PLATFORMS` says otherwise, and libtpu's start-up lines (on a host without TPUs,
+`E0000 ... INVALID_ARGUMENT` about worker hostnames) are shown only with `--verbosity`
+or when describing the topology fails.
 """
 
-import json
-import math
 import os
-import re
-import time
 
-import jax
-import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # before JAX starts: no probing for TPUs this host lacks
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from mmjax import flops, sharding, train
-from mmjax.checkpoints import flat_params
-from mmjax.data.pipeline import DataHealth
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import flags  # noqa: E402
+
+from mmjax import cli, flops, sharding, train  # noqa: E402
+from mmjax import config as config_lib  # noqa: E402
+from mmjax.checkpoints import flat_params  # noqa: E402
+from mmjax.data.pipeline import DataHealth  # noqa: E402
 
 GIB = 2 ** 30
 # Per chip: HBM and peak bf16 dense FLOP/s (Cloud TPU documentation).
@@ -45,7 +54,7 @@ def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
   """The most cubic (or square) power-of-two grid of `chips`, as Cloud TPU lays slices
   out: 64 -> (4, 4, 4), 16 -> (2, 2, 4), 4 -> (2, 2, 1), 256 (2-D) -> (16, 16)."""
   if chips < 1 or chips & (chips - 1):
-    raise ValueError(f"{chips} chips: slices have a power-of-two number of chips.")
+    raise cli.UserError(f"{chips} chips: slices have a power-of-two number of chips.")
   grid = [1] * dims
   for i in range(int(math.log2(chips))):
     grid[i % dims] *= 2
@@ -62,13 +71,14 @@ def parse_topology(name: str) -> tuple[str, str]:
     prefix, _, count = name.rpartition("-")
     generation = _ALIASES.get(prefix, prefix)
     if generation not in CHIPS or not count.isdigit():
-      raise ValueError(f"Unknown TPU topology {name!r}; expected e.g. v5p-128, v5e-256, "
-                       f"v4-64, v6e-16 or an explicit grid like v5p:4x4x4 ({sorted(CHIPS)}).")
+      raise cli.UserError(f"Unknown TPU topology {name!r}; expected e.g. v5p-128, v5e-256, "
+                          f"v4-64, v6e-16 or an explicit grid like v5p:4x4x4 "
+                          f"({sorted(CHIPS)}).")
     spec = CHIPS[generation]
     chips = int(count) // spec["cores_per_chip"]
     grid = "x".join(map(str, chip_grid(chips, spec["dims"])))
   if generation not in CHIPS:
-    raise ValueError(f"Unknown TPU generation {generation!r}; known: {sorted(CHIPS)}.")
+    raise cli.UserError(f"Unknown TPU generation {generation!r}; known: {sorted(CHIPS)}.")
   return generation, f"{generation}:{grid}"
 
 
@@ -78,14 +88,18 @@ def tpu_devices(topology: str) -> tuple[str, list]:
   generation, grid = parse_topology(topology)
   # Compiling needs no exclusive hold on TPU hardware: let several processes load libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  dims = [int(d) for d in grid.split(":")[1].split("x")]
+  try:
+    dims = [int(d) for d in grid.split(":")[1].split("x")]
+  except ValueError:
+    raise cli.UserError(f"TPU topology {topology!r}: a chip grid is written like "
+                        "v5p:4x4x4.") from None
   kwargs = {}
   if math.prod(dims) < 4:  # slices smaller than one 4-chip host
     kwargs["chips_per_host_bounds"] = (*dims, 1, 1)[:3]
   try:
     desc = topologies.get_topology_desc(grid, "tpu", **kwargs)
   except Exception as e:  # noqa: BLE001 (no libtpu, or one that does not match jax)
-    raise RuntimeError(
+    raise cli.UserError(
         f"Cannot describe TPU topology {grid}: {e}. Ahead-of-time TPU compilation needs "
         "the libtpu package that matches this jax (`pip install \"jax[tpu]==<jax version>\"` "
         "or the pinned `libtpu` of the dev extra).") from e
@@ -96,8 +110,7 @@ def abstract_batch(config: ml_collections.ConfigDict, parts: train.Parts) -> dic
   """The global batch's shapes and shardings, from one example of the real pipeline."""
   probe = config.copy_and_resolve_references()
   probe.data.batch_size = jax.process_count()
-  example = next(iter(train.make_data(probe, probe.data.datasets, seed=0,
-                                      health=DataHealth())))
+  example = next(iter(train.make_data(probe, seed=0, health=DataHealth())))
   batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct((config.data.batch_size, *x.shape[1:]), x.dtype,
@@ -116,7 +129,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, generation: s
 
   A step that XLA cannot fit in the chips' memory is reported (`fits: False`, with the
   compiler's message and the train state's bytes per chip), not raised.
+
+  Raises:
+    cli.UserError: the config is invalid (`mmjax.config.validate`) for these devices.
   """
+  config_lib.validate(config, num_devices=len(devices))
   parts = train.build(config, devices)
   step = train.make_train_step(config, parts)
   batch = abstract_batch(config, parts)
@@ -209,14 +226,15 @@ def format_report(topology: str, report: dict) -> str:
 def main(argv):
   del argv
   topology = flags.FLAGS.topology
-  generation, devices = tpu_devices(topology)
+  with cli.native_stderr_held():
+    generation, devices = tpu_devices(topology)
   report = compile_train_step(flags.FLAGS.config, devices, generation)
   print(format_report(topology, report))
   print(json.dumps({"topology": topology, **report}))
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  config_lib.define_flag()
   flags.DEFINE_string("topology", None, "TPU type, e.g. v5p-128 or v5e:16x16.")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli.run(main, flags_parser=config_lib.parse_flags)

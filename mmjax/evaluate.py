@@ -2,7 +2,9 @@
 
   python -m mmjax.evaluate --workdir=/tmp/flamingo [--shots=0,1,2,4] [--episodes=64]
 
-Reads the config in force from `workdir/config.json` and the latest checkpoint. Tasks,
+Reads the config in force from `workdir/config.json` and the latest checkpoint, prints
+the table and writes it to `workdir/eval-<step>-<UTC time>.json`, next to the earlier
+ones (the `eval.json` written at the end of training included), never over them. Tasks,
 each prompted with k solved examples followed by the query and answered by greedy
 generation:
 
@@ -24,14 +26,17 @@ the name the prompt bound to it (`recall`), the skill Flamingo's naming builds o
 import dataclasses
 import json
 import pathlib
+import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from mmjax import checkpoints
+from mmjax import checkpoints, cli
+from mmjax import config as config_lib
 from mmjax.data import shapes_world as sw
 from mmjax.data.sequences import right_pad
 from mmjax.data.tokenizer import Tokenizer, make_tokenizer
@@ -40,6 +45,10 @@ from mmjax.tasks import flamingo as flamingo_task
 from mmjax.tasks import lm as lm_task
 
 IMG, EOC = sw.MEDIA_TOKEN, sw.ENDOFCHUNK_TOKEN
+
+
+class Stopped(Exception):
+  """The evaluation was asked to stop (`should_stop`), e.g. by SIGTERM during training."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,22 +123,42 @@ def naming_scores(answers: list[str], prompts: list[Prompt]) -> dict[str, float]
       "colour": float(np.mean([w[:1] == [p.colour] for w, p in zip(words, prompts, strict=True)]))}
 
 
-def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded token ids `"b t"` of the texts (each after BOS) and their lengths `"b"`."""
+def encode_prompts(tokenizer: Tokenizer, texts: list[str], length: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids `"b t"` of the texts (each after BOS), right-padded to `length` or the
+  longest, and their lengths `"b"`."""
   ids = [tokenizer.encode(text, bos=True) for text in texts]
   lengths = np.array([len(i) for i in ids], np.int32)
-  return np.stack([right_pad(i, lengths.max(), tokenizer.pad_id) for i in ids]), lengths
+  length = max(length, int(lengths.max()))
+  return np.stack([right_pad(i, length, tokenizer.pad_id) for i in ids]), lengths
 
 
-def run_prompts(model: Flamingo, params, tokenizer: Tokenizer, prompts: list[Prompt],
-                max_new_tokens: int, task: str) -> list[str]:
-  tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts])
-  images = np.stack([p.images for p in prompts])[:, :, None]  # b T 1 h w c
-  out = generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
-                 images=jnp.asarray(images), max_new_tokens=max_new_tokens,
-                 stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id), pad_id=tokenizer.pad_id)
-  tokens_out, lengths_out = np.asarray(out.tokens), np.asarray(out.lengths)
-  return [answer_text(tokenizer, t, n, task) for t, n in zip(tokens_out, lengths_out, strict=True)]
+def make_answer_fn(model: Flamingo, tokenizer: Tokenizer, max_new_tokens: int):
+  """`(params, prompts, task, length, max_images) -> answers`: greedy generation, compiled
+  once per shape; prompts are padded to `length` tokens and `max_images` images (padding
+  images are masked out), so that every (task, shots) cell of an evaluation shares one
+  compilation."""
+
+  @jax.jit
+  def answer(params, tokens, lengths, images, num_images):
+    out = generate(model, params, tokens, lengths, jax.random.key(0), images=images,
+                   num_images=num_images, max_new_tokens=max_new_tokens,
+                   stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id),
+                   pad_id=tokenizer.pad_id)
+    return out.tokens, out.lengths
+
+  def run(params, prompts: list[Prompt], task: str, length: int, max_images: int):
+    tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts], length)
+    images = np.zeros((len(prompts), max_images, 1, *prompts[0].images.shape[1:]), np.uint8)
+    for i, p in enumerate(prompts):
+      images[i, :len(p.images), 0] = p.images
+    num_images = np.array([len(p.images) for p in prompts], np.int32)
+    tokens_out, lengths_out = map(np.asarray, answer(params, tokens, lengths, images,
+                                                     num_images))
+    return [answer_text(tokenizer, t, n, task)
+            for t, n in zip(tokens_out, lengths_out, strict=True)]
+
+  return run
 
 
 def _is_attribute(word: str) -> bool:
@@ -146,17 +175,26 @@ def attribute_recall(prediction: str, reference: str) -> float:
 
 
 def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
-              episodes: int) -> dict:
+              episodes: int, should_stop: Callable[[], bool] = lambda: False) -> dict:
   """{"naming": {shots: {"recall", "chance"}}}: the language model's next token after the
   text of a naming prompt that ends with the query's colour."""
   model = lm_task.build_model(config)
   tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=config.evaluate.seed, image_size=16)  # images are not used
   apply = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
-  results = {}
+  cells = []
   for k in shots:
-    prompts, chance = naming_prompts(world, k, episodes, with_colour=True)
-    tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts])
+    if should_stop():
+      raise Stopped
+    cells.append((k, *naming_prompts(world, k, episodes, with_colour=True)))
+  # Right padding leaves a causal LM's logits at the prompts' last tokens unchanged: one
+  # length for every shot count, one compilation.
+  length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c[1])
+  results = {}
+  for k, prompts, chance in cells:
+    if should_stop():
+      raise Stopped
+    tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts], length)
     logits = np.asarray(apply(jnp.asarray(tokens)))
     predicted = logits[np.arange(len(prompts)), lengths - 1].argmax(-1)
     expected = [tokenizer.word_id(p.answer) for p in prompts]
@@ -164,29 +202,43 @@ def lm_recall(config: ml_collections.ConfigDict, params, shots: list[int],
   return {"naming": results}
 
 
-def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=None) -> dict:
-  """{task: {shots: {metric: value}}} for a Flamingo or LM config and its parameters."""
+def evaluate(config: ml_collections.ConfigDict, params, *, shots=None, episodes=None,
+             should_stop: Callable[[], bool] = lambda: False) -> dict:
+  """{task: {shots: {metric: value}}} for a Flamingo or LM config and its parameters.
+
+  Raises:
+    Stopped: `should_stop()` turned true; it is asked before each (task, shots) cell.
+  """
   e = config.evaluate
   shots = [int(s) for s in (shots or e.shots)]
   episodes = episodes or e.episodes
   if config.task == "lm":
-    return lm_recall(config, params, shots, episodes)
+    return lm_recall(config, params, shots, episodes, should_stop)
   model = flamingo_task.build_model(config)
   tokenizer = make_tokenizer(config)
   world = sw.ShapesWorld(seed=e.seed, image_size=config.data.image_size)
-  results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
+  cells = []  # (task, shots, prompts, chance)
   for k in shots:
-    prompts, chance = naming_prompts(world, k, episodes)
-    answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, "naming")
-    results["naming"][k] = {**naming_scores(answers, prompts), "chance": chance}
-    for task in ("vqa", "captioning"):
-      prompts = example_prompts(world, k, episodes, task)
-      answers = run_prompts(model, params, tokenizer, prompts, e.max_new_tokens, task)
-      exact = float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)]))
-      results[task][k] = {"exact_match": exact}
-      if task == "captioning":
-        results[task][k]["attribute_recall"] = float(np.mean(
-            [attribute_recall(a, p.answer) for a, p in zip(answers, prompts, strict=True)]))
+    if should_stop():
+      raise Stopped
+    cells.append(("naming", k, *naming_prompts(world, k, episodes)))
+    cells += [(task, k, example_prompts(world, k, episodes, task), None)
+              for task in ("vqa", "captioning")]
+  length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c[2])
+  answer = make_answer_fn(model, tokenizer, e.max_new_tokens)
+  results: dict = {"naming": {}, "vqa": {}, "captioning": {}}
+  for task, k, prompts, chance in cells:
+    if should_stop():
+      raise Stopped
+    answers = answer(params, prompts, task, length, max(shots) + 1)
+    if task == "naming":
+      results[task][k] = {**naming_scores(answers, prompts), "chance": chance}
+      continue
+    exact = float(np.mean([a == p.answer for a, p in zip(answers, prompts, strict=True)]))
+    results[task][k] = {"exact_match": exact}
+    if task == "captioning":
+      results[task][k]["attribute_recall"] = float(np.mean(
+          [attribute_recall(a, p.answer) for a, p in zip(answers, prompts, strict=True)]))
   return results
 
 
@@ -207,24 +259,60 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str | pathlib.Path, **kwargs) -> dict:
+def evaluate_workdir(workdir: str | pathlib.Path, shots=None, episodes=None) -> dict:
+  """Evaluates the latest checkpoint of the run in `workdir` with the config it was
+  trained with; the results also go to `workdir/eval-<step>-<UTC time>.json`.
+
+  Raises:
+    cli.UserError: `workdir` holds no run or no checkpoint, its config is invalid, or a
+      shot count or episode count is.
+  """
   workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  results = evaluate(config, checkpoints.load_params(workdir), **kwargs)
-  report(results, workdir)
+  try:
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  except FileNotFoundError:
+    raise cli.UserError(f"{workdir} holds no training run (no config.json); give the "
+                        "--workdir of a `python -m mmjax.train` run.") from None
+  if config.get("task") not in ("flamingo", "lm") or "evaluate" not in config:
+    raise cli.UserError(f"The run in {workdir} (task {config.get('task')!r}) has no few-shot "
+                        "evaluation; Flamingo and LM recipes have one.")
+  if shots is not None:
+    try:
+      config.evaluate.shots = tuple(int(s) for s in shots)
+    except ValueError:
+      raise cli.UserError(f"--shots={','.join(shots)}: shot counts are integers, e.g. "
+                          "--shots=0,1,2,4.") from None
+  if episodes is not None:
+    config.evaluate.episodes = episodes
+  config.init = {}  # where the run's backbones came from does not matter here
+  config_lib.validate(config)
+  manager = checkpoints.manager(workdir)
+  step = manager.latest_step()
+  manager.close()
+  try:
+    params = checkpoints.load_params(workdir)
+  except FileNotFoundError as e:
+    raise cli.UserError(f"{e} Train the run first (or give another --workdir).") from e
+  results = evaluate(config, params)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  report(results, workdir, f"eval-{step}-{stamp}.json")
   return results
 
 
-def report(results: dict, workdir: pathlib.Path) -> None:
-  """Prints the table and writes `workdir/eval.json` (process 0 of several does both)."""
+def report(results: dict, workdir: pathlib.Path, name: str = "eval.json") -> None:
+  """Prints the table and writes it to `workdir/<name>` (process 0 of several does
+  both)."""
   if jax.process_index() == 0:
     print(format_table(results), flush=True)
-    (workdir / "eval.json").write_text(json.dumps(results, indent=2))
+    (workdir / name).write_text(json.dumps(results, indent=2))
+    print(f"Written to {workdir / name}.", flush=True)
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  with cli.native_stderr_held():  # libtpu's start-up lines on a host without TPUs
+    jax.devices()
   evaluate_workdir(f.workdir, shots=f.shots, episodes=f.episodes)
 
 
@@ -232,6 +320,6 @@ if __name__ == "__main__":
   # Defined here, not at import: the trainer imports this module and has its own flags.
   flags.DEFINE_string("workdir", None, "A Flamingo training run's workdir.")
   flags.DEFINE_list("shots", None, "Shot counts (default: config.evaluate.shots).")
-  flags.DEFINE_integer("episodes", None, "Queries per task and shot count.")
+  flags.DEFINE_integer("episodes", None, "Queries per task and shot count.", lower_bound=1)
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

@@ -14,15 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from mmjax import checkpoints
+from mmjax import checkpoints, cli
+from mmjax import config as config_lib
 from mmjax.models.flamingo import generate
 from mmjax.tasks import flamingo as flamingo_task
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.",
-                                          lock_config=True)
+_CONFIG = config_lib.define_flag()
 _RUN = flags.DEFINE_bool("run", True, "Also run a compiled forward pass and generation.")
 
 
@@ -61,6 +60,10 @@ def timed(fn, *args, **kwargs):
 def main(argv):
   del argv
   config = _CONFIG.value
+  config_lib.validate(config)
+  if config.task != "flamingo":
+    raise cli.UserError(f"mmjax.summary inspects Flamingo recipes; this config's task is "
+                        f"{config.task!r} (--config=configs/flamingo.py[:variant]).")
   model = flamingo_task.build_model(config)
   tokens, images, num_images = example_batch(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens, images,
@@ -96,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, flags_parser=config_lib.parse_flags)

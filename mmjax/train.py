@@ -4,9 +4,12 @@ Reads top to bottom: config -> mesh -> data -> model and parameters (trainable /
 initialised directly sharded) -> optimizer -> train step (one `jax.jit` with in/out
 shardings and donated state) -> checkpoints -> loop. Re-running the same command resumes from
 the latest complete checkpoint and follows exactly the loss curve of an uninterrupted
-run; SIGTERM saves a checkpoint and exits cleanly.
+run; SIGTERM saves a checkpoint and exits cleanly. A run that completed its steps and its
+evaluation records itself in `workdir/finished.json`; re-running it does nothing more.
 
-Config overrides come from the command line: `--config.optim.lr=1e-4`. The mesh and the
+Config overrides come from the command line: `--config.optim.lr=1e-4`,
+`--config.init.lm.workdir=DIR`, `--config.data.datasets.pairs.weight=0`; the config is
+checked at start-up (`mmjax.config.validate`). The mesh and the
 sharding preset are config too (`--config.mesh.fsdp=-1 --config.mesh.data=1`; see
 `mmjax.sharding`); several hosts are started by the scripts in launch/.
 """
@@ -29,12 +32,12 @@ import ml_collections
 import numpy as np
 import optax
 import tensorboardX
-from absl import app, flags, logging
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 
-from mmjax import checkpoints, evaluate, losses, sharding
-from mmjax.data.pipeline import DataHealth, dataset_from_config, make_dataset
+from mmjax import checkpoints, cli, evaluate, losses, sharding
+from mmjax import config as config_lib
+from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.tasks import get_task
@@ -53,13 +56,28 @@ def sequence_spec(config) -> SequenceSpec:
                       image_size=d.get("image_size", 0), mode=d.get("mode", "interleaved"))
 
 
-def make_data(config, datasets_config, *, seed: int, health: DataHealth) -> grain.IterDataset:
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes.")
+def datasets(config, field: str = "datasets") -> list[Dataset]:
+  """The mixture `config.data.<field>` (a mapping of dataset names to entries), in name
+  order, without the entries whose `weight` is 0."""
+  out = []
+  entries = config.data.get(field) or {}
+  for name, entry in sorted(entries.items()):  # a ConfigDict's order: resumes see the same
+    entry = {"name": name, **(entry.to_dict() if hasattr(entry, "to_dict") else entry)}
+    if entry.get("weight", 1.0) == 0:
+      continue
+    try:
+      out.append(dataset_from_config(entry))
+    except (TypeError, ValueError, OSError) as e:  # a source's arguments, paths, files
+      raise cli.UserError(f"config.data.{field}.{name}: {e}") from e
+  return out
+
+
+def make_data(config, field: str = "datasets", *, seed: int, health: DataHealth
+              ) -> grain.IterDataset:
+  """Per-process batches of the mixture `config.data.<field>` (see `datasets`)."""
   return make_dataset(
-      [dataset_from_config(d) for d in datasets_config], make_tokenizer(config),
-      sequence_spec(config), batch_size=config.data.batch_size // jax.process_count(), seed=seed,
+      datasets(config, field), make_tokenizer(config), sequence_spec(config),
+      batch_size=config.data.batch_size // jax.process_count(), seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(), health=health)
 
 
@@ -71,8 +89,8 @@ def partition_params(params, trainable: str) -> tuple[dict, dict]:
   flat = checkpoints.flat_params(params)
   train = {k: v for k, v in flat.items() if re.search(trainable, k)}
   if not train:
-    raise ValueError(f"config.trainable={trainable!r} matches no parameter; paths look "
-                     f"like {sorted(flat)[:3]}.")
+    raise cli.UserError(f"config.trainable={trainable!r} matches no parameter; paths look "
+                        f"like {sorted(flat)[:3]}.")
   frozen = {k: v for k, v in flat.items() if k not in train}
   return checkpoints.tree_params(train), checkpoints.tree_params(frozen)
 
@@ -92,16 +110,16 @@ def token_row_masks(config, trainable: dict, frozen: dict) -> dict[str, np.ndarr
   flat = {**checkpoints.flat_params(frozen), **checkpoints.flat_params(trainable)}
   paths = [k for k in flat if re.search(r"(^|/)embed/embedding$", k)]
   if len(paths) != 1:
-    raise ValueError(f"config.trainable_token_rows needs one LM input embedding "
-                     f"('embed/embedding'); the model has {paths or 'none'}.")
+    raise cli.UserError(f"config.trainable_token_rows needs one LM input embedding "
+                        f"('embed/embedding'); the model has {paths or 'none'}.")
   path, rows = paths[0], flat[paths[0]].shape[0]
   if path not in checkpoints.flat_params(trainable):
-    raise ValueError(f"config.trainable_token_rows trains rows of {path}, which "
-                     f"config.trainable={config.trainable!r} leaves frozen; set "
-                     f"--config.trainable='(?:{config.trainable})|^{path}$'.")
+    raise cli.UserError(f"config.trainable_token_rows trains rows of {path}, which "
+                        f"config.trainable={config.trainable!r} leaves frozen; set "
+                        f"--config.trainable='(?:{config.trainable})|^{path}$'.")
   if not all(0 <= i < rows for i in ids):
-    raise ValueError(f"config.trainable_token_rows={tuple(ids)} has ids outside the "
-                     f"{rows} rows of {path}.")
+    raise cli.UserError(f"config.trainable_token_rows={tuple(ids)} has ids outside the "
+                        f"{rows} rows of {path}.")
   mask = np.zeros((rows, 1), bool)
   mask[ids] = True
   return {path: mask}
@@ -281,43 +299,102 @@ def check_finite(step: int, metrics, nonfinite_grads) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Pretrained backbones: each `config.init` entry grafts a finished run's parameters.
+# Pretrained backbones: each `config.init.<target>` grafts a finished run's parameters.
 # ---------------------------------------------------------------------------------------
+class Interrupted(Exception):
+  """SIGTERM stopped a backbone's pretraining (its checkpoint saved): the run that needs
+  the backbone exits, and resumes the pretraining when started again."""
+
+
 def cache_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
 
 
-def pretrained_workdir(init) -> pathlib.Path:
-  """The run behind an init entry: `init.workdir` if given, else the recipe
-  `configs/<init.recipe>.py:<init.variant>` trained once and cached under a hash of its
-  config (resumed if a previous attempt was interrupted)."""
+def backbone_recipe(init) -> ml_collections.ConfigDict:
+  """The config of `configs/<init.recipe>.py:<init.variant>`, with `init.steps` (if not
+  -1) as its `train.steps`."""
+  recipe = importlib.import_module(f"mmjax.configs.{init['recipe']}").get_config(
+      init.get("variant") or None)
+  steps = init.get("steps", -1)
+  if steps > 0:
+    recipe.train.steps = steps
+  config_lib.validate(recipe)  # the backbone's mistakes, named before any training
+  return recipe
+
+
+def pretrained_workdir(target: str, init) -> pathlib.Path:
+  """The run behind `config.init.<target>`: `init.workdir` if given, else its recipe
+  trained once and cached under a hash of its config. The cached run is used only once
+  finished (`finished`); an interrupted one resumes first.
+
+  Raises:
+    Interrupted: SIGTERM stopped the backbone's pretraining.
+  """
   if init.get("workdir"):
     return pathlib.Path(init["workdir"])
-  module = importlib.import_module(f"mmjax.configs.{init['recipe']}")
-  recipe = module.get_config(init.get("variant"))
+  recipe = backbone_recipe(init)
   digest = hashlib.sha256(recipe.to_json(sort_keys=True).encode()).hexdigest()[:12]
   workdir = cache_root() / "backbones" / f"{init['recipe']}-{digest}"
-  mngr = checkpoints.manager(workdir)
-  done = mngr.latest_step() == recipe.train.steps
-  mngr.close()
-  if not done:
-    print(f"Pretraining '{init['target']}' with configs/{init['recipe']}.py (cached in "
-          f"{workdir}).",
-          flush=True)
+  if not finished(workdir, recipe):
+    print(f"Pretraining '{target}' with configs/{init['recipe']}.py:"
+          f"{init.get('variant') or 'tiny'} for {recipe.train.steps} steps (cached in "
+          f"{workdir}).", flush=True)
     run(recipe, workdir)
+    if not finished(workdir, recipe):
+      raise Interrupted(f"The pretraining of '{target}' was stopped and is saved in "
+                        f"{workdir}; the same command resumes it.")
   return workdir
 
 
 def load_pretrained(params: dict, config) -> dict:
-  for init in config.get("init", ()):
-    workdir = pretrained_workdir(init)
-    source = checkpoints.load_params(workdir)
-    for part in filter(None, init.get("source", "").split("/")):
-      source = source[part]
-    params = checkpoints.graft(params, init["target"], source, may_stay_new=config.trainable,
-                               origin=f"the checkpoint of {workdir}")
-    print(f"Initialised '{init['target']}' from {workdir}.", flush=True)
+  """`params` with each `config.init.<target>` subtree replaced by its backbone's
+  (`init.steps=0`: left as initialised)."""
+  for target, init in (config.get("init") or {}).items():
+    if not init.get("workdir") and init.get("steps", -1) == 0:
+      print(f"Left '{target}' as initialised (config.init.{target}.steps=0).", flush=True)
+      continue
+    workdir = pretrained_workdir(target, init)
+    field = f"config.init.{target}"
+    try:
+      source = checkpoints.load_params(workdir)
+      for part in filter(None, init.get("source", "").split("/")):
+        if part not in source:
+          raise cli.UserError(f"has no {part!r} subtree to take as {field}.source; it "
+                              f"has {sorted(source)}")
+        source = source[part]
+      params = checkpoints.graft(params, target, source, may_stay_new=config.trainable,
+                                 origin=f"the checkpoint of {workdir}")
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint there, or not this model's
+      raise cli.UserError(f"{field} ({workdir}): {e}") from e
+    print(f"Initialised '{target}' from {workdir}.", flush=True)
   return params
+
+
+# ---------------------------------------------------------------------------------------
+# A finished run: every step trained and evaluated.
+# ---------------------------------------------------------------------------------------
+FINISHED = "finished.json"
+
+
+def finished(workdir: str | pathlib.Path, config) -> dict | None:
+  """What `run` recorded when it completed `config.train.steps` (or more) and the final
+  evaluation, else None: `{"step", "time", "metrics"}`. A record whose checkpoint has
+  been removed since does not count."""
+  path = pathlib.Path(workdir) / FINISHED
+  if not path.exists():
+    return None
+  record = json.loads(path.read_text())
+  saved = (pathlib.Path(workdir) / "checkpoints" / str(record["step"])).exists()
+  return record if saved and record["step"] >= config.train.steps else None
+
+
+def mark_finished(workdir: pathlib.Path, step: int, metrics: dict) -> None:
+  if jax.process_index() == 0:
+    record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "metrics": metrics}
+    tmp = workdir / f"{FINISHED}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(workdir / FINISHED)  # atomic: a marker is whole or absent
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,14 +450,43 @@ class MetricsLog:
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         devices=None) -> dict[str, float]:
   """Trains `config` in `workdir` on `devices` (default: all), resuming from its latest
-  checkpoint, whatever mesh saved it; returns the last logged metrics."""
+  checkpoint, whatever mesh saved it, then evaluates it and records it as finished
+  (`finished`); returns the last logged metrics. A finished run is not trained or
+  evaluated again: its recorded metrics are returned.
+
+  SIGTERM saves a checkpoint and returns; during the evaluation, it stops it between
+  episodes' batches (the next run evaluates the saved checkpoint); during a backbone's
+  pretraining, it saves the backbone's checkpoint and raises `Interrupted`.
+
+  Raises:
+    cli.UserError: the config is invalid (`mmjax.config.validate`), or a backbone or
+      data source it names cannot be used.
+  """
   workdir = pathlib.Path(workdir)
+  config_lib.validate(config, process_count=jax.process_count(),
+                      num_devices=len(jax.devices() if devices is None else devices))
+  done = finished(workdir, config)
+  if done:
+    print(f"{workdir} is finished: trained for {done['step']} steps and evaluated "
+          f"({done['time']}); nothing to do. `python -m mmjax.evaluate "
+          f"--workdir={workdir}` evaluates it again.", flush=True)
+    return done["metrics"]
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  # Installed first, so that a SIGTERM while backbones are loaded or the step compiles
+  # is also answered by a checkpoint (a backbone's own run installs its own meanwhile).
+  stop = {"requested": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+  try:
+    return _train(config, workdir, devices, stop)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
+
+def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, float]:
   health = DataHealth()
-  train_data = make_data(config, config.data.datasets, seed=config.seed, health=health)
+  train_data = make_data(config, seed=config.seed, health=health)
   iterator = iter(train_data)
 
   manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
@@ -401,8 +507,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   batch_sharding = sharding.batch_sharding(parts.mesh, parts.rules)
   log = MetricsLog(workdir, config.train.steps, start, config.data.batch_size,
                    config.data.batch_size * config.data.seq_len)
-  stop = {"requested": False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+  should_stop = lambda: stop["requested"]
   last: dict[str, float] = {}
   try:
     step = start
@@ -424,24 +529,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         log.write(step, values)
         log.progress(step, values)
         last = values
-      if config.train.eval_every and step % config.train.eval_every == 0:
-        last["eval_loss"] = evaluate_loss(config, eval_step, state, batch_sharding)
-        log.write(step, {"eval_loss": last["eval_loss"]})
-        print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
-      every = config.train.get("few_shot_every")
-      if config.get("evaluate") and every and step % every == 0 and step < config.train.steps:
-        results = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]))
-        log.write(step, few_shot_scalars(results))
-        print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results)}", flush=True)
       if step % config.train.checkpoint_every == 0 or step == config.train.steps:
         checkpoints.save(manager, step, state, iterator)
+      try:  # a SIGTERM stops these evaluations; the loop's next turn saves and exits
+        if config.train.eval_every and step % config.train.eval_every == 0:
+          last["eval_loss"] = evaluate_loss(config, eval_step, state, batch_sharding,
+                                            should_stop)
+          log.write(step, {"eval_loss": last["eval_loss"]})
+          print(f"step {step}: eval loss {last['eval_loss']:.4f}", flush=True)
+        every = config.train.get("few_shot_every")
+        if config.get("evaluate") and every and step % every == 0 and step < config.train.steps:
+          results = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]),
+                                      should_stop=should_stop)
+          log.write(step, few_shot_scalars(results))
+          print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results)}",
+                flush=True)
+      except evaluate.Stopped:
+        continue
     manager.wait_until_finished()
     if config.get("evaluate"):
-      last["few_shot"] = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]))
+      try:
+        last["few_shot"] = evaluate.evaluate(
+            config, merge_params(state["params"], state["frozen"]), should_stop=should_stop)
+      except evaluate.Stopped:
+        print(f"SIGTERM: stopped the final evaluation; the checkpoint at step {step} is "
+              "saved, and the same command evaluates it.", flush=True)
+        return last
       log.write(step, few_shot_scalars(last["few_shot"]))
       evaluate.report(last["few_shot"], workdir)
+    mark_finished(workdir, step, last)
   finally:
-    signal.signal(signal.SIGTERM, previous)
     manager.close()
     log.close()
   return last
@@ -454,11 +571,18 @@ def few_shot_scalars(results: dict) -> dict[str, float]:
           for metric, value in metrics.items()}
 
 
-def evaluate_loss(config, eval_step, state, batch_sharding) -> float:
-  """Mean loss over the first `train.eval_batches` batches of `data.eval_datasets`."""
-  data = make_data(config, config.data.eval_datasets, seed=config.seed, health=DataHealth())
+def evaluate_loss(config, eval_step, state, batch_sharding, should_stop=lambda: False
+                  ) -> float:
+  """Mean loss over the first `train.eval_batches` batches of `data.eval_datasets`.
+
+  Raises:
+    evaluate.Stopped: `should_stop()` turned true (it is asked between batches).
+  """
+  data = make_data(config, "eval_datasets", seed=config.seed, health=DataHealth())
   total = count = 0.0
   for _, batch in zip(range(config.train.eval_batches), data, strict=False):
+    if should_stop():
+      raise evaluate.Stopped
     t, c = eval_step(state["params"], state["frozen"],
                      sharding.global_batch(batch, batch_sharding))
     total, count = total + float(t), count + float(c)
@@ -467,15 +591,18 @@ def evaluate_loss(config, eval_step, state, batch_sharding) -> float:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:  # keep the console to progress and results;
-    logging.set_verbosity(logging.WARNING)  # --verbosity=0 shows Orbax's INFO logs again
-  sharding.initialize_distributed()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with cli.native_stderr_held():  # libtpu's start-up lines on a host without TPUs
+    sharding.initialize_distributed()
+    jax.devices()
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except Interrupted as e:  # SIGTERM during a backbone's pretraining: a clean exit
+    print(f"SIGTERM: {e}", flush=True)
 
 
 if __name__ == "__main__":
   # Defined here, not at import, so that other entry points can import the trainer.
-  config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  config_lib.define_flag()
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the config go here.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, flags_parser=config_lib.parse_flags)

@@ -5,8 +5,8 @@ import jax
 import pytest
 from test_train import flamingo_config, lm_config
 
+from mmjax import cli, flops, train
 from mmjax import compile as aot
-from mmjax import flops, train
 from mmjax.checkpoints import flat_params
 
 
@@ -65,7 +65,7 @@ def _tpu(topology):
                       "extra where a wheel exists for this platform)")
   try:
     return aot.tpu_devices(topology)
-  except RuntimeError as error:  # a libtpu that does not match the installed jax
+  except cli.UserError as error:  # a libtpu that does not match the installed jax
     pytest.skip(str(error))
 
 

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from configs import lm as lm_recipe
+from mmjax.configs import lm as lm_recipe
 from mmjax import train
 from mmjax.data import sources
 

@@ -4,9 +4,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from configs import clip as clip_recipe
-from configs import flamingo as flamingo_recipe
-from configs import lm as lm_recipe
+from mmjax.configs import clip as clip_recipe
+from mmjax.configs import flamingo as flamingo_recipe
+from mmjax.configs import lm as lm_recipe
 from mmjax import evaluate
 from mmjax.data import shapes_world as sw
 from mmjax.data.tokenizer import Tokenizer
@@ -108,4 +108,32 @@ def test_recipes_agree_on_the_backbone_shapes():
                                             shapes["clip"]["image"])))
   lm = {k: v for k, v in shapes["flamingo"]["lm"].items() if not k.startswith("xattn_")}
   assert all(jax.tree_util.tree_leaves(same(lm, shapes["lm"])))
-  assert [i["recipe"] for i in flamingo.init] == ["clip", "lm"]
+  assert {target: init.recipe for target, init in flamingo.init.items()} == {
+      "vision": "clip", "lm": "lm"}
+
+
+
+def test_padded_prompts_and_images_give_the_answers_of_unpadded_ones():
+  """Every cell of an evaluation is padded to one shape so that it compiles once; padding
+  tokens and images must not change a single answer."""
+  import dataclasses
+
+  import jax.numpy as jnp
+  from conftest import flamingo_config, random_gates
+
+  from mmjax.models.flamingo import Flamingo
+  tokenizer = Tokenizer()
+  config = flamingo_config()
+  model = Flamingo(dataclasses.replace(
+      config, lm=dataclasses.replace(config.lm, vocab_size=tokenizer.vocab_size),
+      media_token_id=tokenizer.media_id, endofchunk_token_id=tokenizer.endofchunk_id))
+  images = jnp.zeros((1, 2, 1, 16, 16, 3), jnp.uint8)
+  params = random_gates(nn.unbox(jax.jit(model.init)(
+      jax.random.key(1), jnp.ones((1, 8), jnp.int32), images, jnp.ones((1,), jnp.int32)
+  )["params"]))
+  prompts = evaluate.example_prompts(sw.ShapesWorld(seed=0, image_size=16), shots=1,
+                                     episodes=4, task="vqa")
+  answer = evaluate.make_answer_fn(model, tokenizer, max_new_tokens=5)
+  unpadded = answer(params, prompts, "vqa", 0, 2)
+  assert unpadded == answer(params, prompts, "vqa", 40, 4)
+  assert any(unpadded)  # a random model still says something

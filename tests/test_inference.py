@@ -14,8 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from configs import flamingo as flamingo_recipe
-from configs import lm as lm_recipe
+from mmjax.configs import flamingo as flamingo_recipe
+from mmjax.configs import lm as lm_recipe
 from conftest import random_gates
 from mmjax import checkpoints, convert, evaluate, inference
 from mmjax.cli import UserError
@@ -173,7 +173,8 @@ def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task, inputs
                              np.concatenate([prompt.images[:-1], q.image[None]]), "")
              for q in queries]
   assert prompts[0].text == prompt.text
-  expected = evaluate.run_prompts(model, params, vlm.tokenizer, prompts, max_new, task)
+  expected = evaluate.make_answer_fn(model, vlm.tokenizer, max_new)(
+      params, prompts, task, length=0, max_images=len(prompts[0].images))
   got = ask([q.image for q in queries], [q.question for q in queries])
   assert got == expected
   # The very prompts and images the evaluation generates from.
@@ -281,7 +282,7 @@ def test_what_cannot_be_loaded_is_named(run, tmp_path):
 
 
 def test_a_clip_run_is_refused_saying_what_it_is_and_what_is_served(tmp_path):
-  from configs import clip as clip_recipe
+  from mmjax.configs import clip as clip_recipe
   config = clip_recipe.get_config()
   (tmp_path / "clip").mkdir()
   (tmp_path / "clip" / "config.json").write_text(config.to_json_best_effort())

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import flamingo as flamingo_recipe
-from configs import lm as lm_recipe
+from mmjax.configs import flamingo as flamingo_recipe
+from mmjax.configs import lm as lm_recipe
 import orbax.checkpoint as ocp
 
 from mmjax import checkpoints, sharding, train
+from mmjax.cli import UserError
 from mmjax.tasks import get_task
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -60,7 +62,7 @@ def flamingo_config(**overrides):
     config.model = model
     config.trainable = flamingo_recipe.get_config().trainable
     config.data = dict(seq_len=48, batch_size=4, max_images=2, image_size=32,
-                       datasets=[dict(name="docs", source=source)], eval_datasets=[])
+                       datasets=dict(docs=dict(source=source)), eval_datasets={})
   return config
 
 
@@ -206,7 +208,7 @@ def _one_step(config, batch, devices=None):
 
 
 def _lm_batch(config, seed=0):
-  data = train.make_data(config, config.data.datasets, seed=seed, health=train.DataHealth())
+  data = train.make_data(config, seed=seed, health=train.DataHealth())
   return next(iter(data))
 
 
@@ -253,7 +255,9 @@ def test_a_batch_with_every_label_masked_gives_zero_loss_not_nan():
 
 
 def test_nonfinite_updates_abort_with_the_step_or_are_skipped(tmp_path):
-  config = lm_config(**{"optim.lr": float("nan"), "train.steps": 3})
+  # A finite learning rate whose updates' norm overflows float32 (a NaN one is refused by
+  # the config's validation).
+  config = lm_config(**{"optim.lr": 1e38, "optim.warmup_steps": 0, "train.steps": 3})
   with pytest.raises(train.NonFiniteError, match=r"step 1: .*update is not .*optim.lr"):
     run(config, tmp_path / "abort")
   skip = lm_config(**{"optim.lr": float("nan"), "train.nonfinite": "skip"})
@@ -279,14 +283,14 @@ def test_contrastive_loss_matches_naive_infonce():
 
 def clip_config(vision_depth: int, embed_dim: int, batch_size: int):
   """The CLIP recipe with 32px images and 32-wide towers."""
-  from configs import clip as clip_recipe
+  from mmjax.configs import clip as clip_recipe
   config = clip_recipe.get_config()
   config.model.vision.update(image_size=32, patch_size=8, width=32, depth=vision_depth,
                              num_heads=2, output_dim=embed_dim)
   config.model.text.update(width=32, depth=1, num_heads=2)
   config.model.embed_dim = embed_dim
   config.data.update(image_size=32, batch_size=batch_size)
-  config.data.datasets[0]["source"]["image_size"] = 32
+  config.data.datasets.pairs.source.image_size = 32
   return config
 
 
@@ -322,7 +326,7 @@ def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
   run(lm_run, tmp_path / "lm")
   config = flamingo_config(**{"train.steps": 1})
   with config.unlocked():
-    config.init = [dict(target="lm", workdir=str(tmp_path / "lm"))]
+    config.init = dict(lm=dict(workdir=str(tmp_path / "lm")))
   task = get_task("flamingo")
   model = task.build_model(config)
   args, _ = task.init_inputs(config)
@@ -343,7 +347,7 @@ def test_a_scanned_rematerialised_flamingo_trains_from_a_per_layer_lm_run(tmp_pa
   run(lm_run, tmp_path / "lm")
   config = flamingo_config(**{"train.steps": 2, "scan_layers": True, "remat": "full"})
   with config.unlocked():
-    config.init = [dict(target="lm", workdir=str(tmp_path / "lm"))]
+    config.init = dict(lm=dict(workdir=str(tmp_path / "lm")))
   run(config, tmp_path / "flamingo")
   trained = checkpoints.load_params(tmp_path / "flamingo")
   assert "groups" in trained["lm"] and "layers" in trained["vision"]
@@ -413,3 +417,134 @@ def test_graft_gives_a_larger_vocabulary_the_checkpoint_rows_and_their_mean():
     checkpoints.graft(params, "lm", {"embed": {"embedding": np.zeros((3, 4))},
                                      "lm_head": {"kernel": np.zeros((2, 5))},
                                      "norm": {"scale": np.ones(2)}})
+
+
+def _lm_eval_cli(workdir, shots):
+  """The LM recipe at toy size, 2 steps, then a few-shot evaluation of `shots`."""
+  overrides = {**TINY_LM, "train.steps": 2, "evaluate.episodes": 256}
+  return [*cli(workdir, 2)[:5], *[f"--config.{k}={v}" for k, v in overrides.items()],
+          f"--config.evaluate.shots={shots}"]
+
+
+def test_sigterm_stops_the_final_evaluation_which_the_next_run_redoes_then_it_is_finished(
+    tmp_path):
+  shots = tuple(range(8))  # 8 cells: well over the time to answer a SIGTERM
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  process = subprocess.Popen(_lm_eval_cli(tmp_path, shots), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  wait_for_step(tmp_path, 2, process)  # trained and saved; evaluating
+  sent = time.time()
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, out
+  assert "SIGTERM: stopped the final evaluation; the checkpoint at step 2 is saved" in out
+  assert time.time() - sent < 60
+  assert not (tmp_path / "eval.json").exists() and not (tmp_path / train.FINISHED).exists()
+
+  config = lm_config(few_shot=True, **{"train.steps": 2, "evaluate.episodes": 4,
+                                       "evaluate.shots": (0, 2)})
+  last = run(config, tmp_path)  # resumes at the last step: only the evaluation is left
+  assert set(last["few_shot"]["naming"]) == {0, 2}
+  assert len(losses_by_step(tmp_path)) == 2
+  recorded = json.loads((tmp_path / train.FINISHED).read_text())
+  assert recorded["step"] == 2 and (tmp_path / "eval.json").exists()
+
+  eval_json = (tmp_path / "eval.json").read_text()
+  again = run(config, tmp_path)  # finished: neither trained nor evaluated again
+  assert again == recorded["metrics"]
+  assert len(losses_by_step(tmp_path)) == 2
+  assert (tmp_path / "eval.json").read_text() == eval_json
+
+  from mmjax import evaluate
+  evaluate.evaluate_workdir(tmp_path, shots=["0"], episodes=2)  # kept beside eval.json
+  written = list(tmp_path.glob("eval-2-*.json"))
+  assert len(written) == 1 and set(json.loads(written[0].read_text())["naming"]) == {"0"}
+  assert (tmp_path / "eval.json").read_text() == eval_json
+  # A run asked for more steps than it finished with goes on training.
+  longer = lm_config(few_shot=True, **{"train.steps": 3, "evaluate.episodes": 4,
+                                        "evaluate.shots": (0,)})
+  run(longer, tmp_path)
+  assert len(losses_by_step(tmp_path)) == 3
+
+
+def test_sigterm_during_backbone_pretraining_saves_it_and_exits_and_the_next_run_resumes_it(
+    tmp_path):
+  """configs/flamingo.py with the LM pretrained for 12 steps (the tiny LM recipe) and the
+  vision tower left random: a SIGTERM during the LM's pretraining saves the LM's run and
+  exits without training Flamingo; the same command resumes the LM, then trains."""
+  cache, workdir = tmp_path / "cache", tmp_path / "flamingo"
+  flags = {"init.lm.steps": 12, "init.vision.steps": 0, "train.steps": 1,
+           "train.log_every": 1, "data.batch_size": 2, "evaluate.episodes": 2,
+           "evaluate.shots": "(0,)"}
+  command = [sys.executable, "-m", "mmjax.train", f"--config={ROOT / 'configs/flamingo.py'}",
+             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MMJAX_CACHE=str(cache))
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  lines = []
+  while not lines or not lines[-1].startswith("lm: "):  # the LM's run has started
+    lines.append(process.stdout.readline())
+    assert lines[-1], "the LM's pretraining did not start"
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=240)
+  out = "".join(lines) + out
+  assert process.returncode == 0, out
+  assert "SIGTERM: The pretraining of 'lm' was stopped and is saved in" in out, out
+  lm_run = next(cache.glob("backbones/lm-*"))
+  # Stopped in its training or, if that was done, in its final evaluation.
+  stopped = int(re.search(r"checkpoint at step (\d+)", out)[1])
+  assert stopped <= 12 and not (lm_run / train.FINISHED).exists()
+  assert not list(workdir.glob("checkpoints/*"))  # Flamingo never trained on it
+
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  if stopped:
+    assert f"Resumed from the checkpoint at step {stopped}." in result.stdout
+  assert sorted(losses_by_step(lm_run)) == [12]  # the LM recipe logs every 50 steps
+  assert json.loads((lm_run / train.FINISHED).read_text())["step"] == 12
+  assert "Left 'vision' as initialised (config.init.vision.steps=0)." in result.stdout
+  assert f"Initialised 'lm' from {lm_run}." in result.stdout
+  assert losses_by_step(workdir).keys() == {1} and (workdir / train.FINISHED).exists()
+
+
+def test_a_backbone_run_is_used_only_once_recorded_finished(tmp_path, monkeypatch):
+  monkeypatch.setenv("MMJAX_CACHE", str(tmp_path))
+  init = {"recipe": "lm", "variant": "tiny", "steps": 5}
+  calls = []
+
+  def interrupted_run(config, workdir):  # what a run stopped by SIGTERM leaves: no record
+    calls.append(config.train.steps)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+
+  monkeypatch.setattr(train, "run", interrupted_run)
+  with pytest.raises(train.Interrupted, match="pretraining of 'lm' was stopped"):
+    train.pretrained_workdir("lm", init)
+  workdir = next(tmp_path.glob("backbones/lm-*"))
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "checkpoints" / "5").mkdir()
+  (workdir / train.FINISHED).write_text(json.dumps({"step": 4, "time": "", "metrics": {}}))
+  with pytest.raises(train.Interrupted):  # recorded at fewer steps than asked for
+    train.pretrained_workdir("lm", init)
+  (workdir / train.FINISHED).write_text(json.dumps({"step": 5, "time": "", "metrics": {}}))
+  assert train.pretrained_workdir("lm", init) == workdir
+  # The steps are part of the cached run's identity: the recipe's own 400 are another run.
+  with pytest.raises(train.Interrupted):
+    train.pretrained_workdir("lm", {**init, "steps": -1})
+  assert calls == [5, 5, 400] and len(list(tmp_path.glob("backbones/lm-*"))) == 2
+
+
+def test_datasets_are_keyed_by_name_and_weight_0_leaves_one_out():
+  config = flamingo_recipe.get_config()
+  assert [d.name for d in train.datasets(config)] == ["documents", "pairs"]
+  assert [d.loss_weight for d in train.datasets(config)] == [1.0, 0.5]
+  config.data.datasets.pairs.weight = 0.0
+  assert [d.name for d in train.datasets(config)] == ["documents"]
+  assert [d.name for d in train.datasets(config, "eval_datasets")] == ["documents_eval"]
+  config.data.datasets.documents.source.pathz = "/data/*.array_record"
+  with pytest.raises(UserError, match=r"config.data.datasets.documents: .*pathz"):
+    train.datasets(config)
+  config.data.datasets = {"cc": {"source": {"kind": "arrayrecord_pairs", "image_size": 64,
+                                            "paths": "/no/such/cc-*.array_record"}}}
+  with pytest.raises(UserError, match=r"config.data.datasets.cc: .*/no/such/cc-"):
+    train.datasets(config)

@@ -1,6 +1,9 @@
 """Recipes' tasks: how a config becomes a model, its init inputs and its loss.
 
 A task module provides:
+  MODEL_CONFIG: the dataclass `config.model` describes (checked field by field)
+  check_config(config) -> [problem, ...]: what its config needs beyond each field's own
+    type and range (`mmjax.config.validate` checks those, then calls this)
   build_model(config) -> flax module
   init_inputs(config) -> (args, kwargs) of one dummy forward pass for `model.init`
   loss_terms(model, params, batch) -> (loss_sum, count, metrics): see `mmjax.losses`.
@@ -11,6 +14,7 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+from mmjax.cli import UserError
 from mmjax.models.common import config_from_dict
 
 TASKS = ("lm", "clip", "flamingo")
@@ -18,7 +22,7 @@ TASKS = ("lm", "clip", "flamingo")
 
 def get_task(name: str) -> ModuleType:
   if name not in TASKS:
-    raise ValueError(f"Unknown task {name!r}; expected one of {TASKS}.")
+    raise UserError(f"Unknown task {name!r}; expected one of {TASKS}.")
   return importlib.import_module(f"mmjax.tasks.{name}")
 
 
