@@ -375,25 +375,29 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   checkpoint, whatever mesh saved it; returns the last logged metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   health = DataHealth()
   train_data = make_data(config, config.data.datasets, seed=config.seed, health=health)
   iterator = iter(train_data)
 
   manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
-  start = manager.latest_step() or 0
   parts = build(config, devices)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   print(f"{config.task}: {count(parts.abstract['params']):,} trainable and "
         f"{count(parts.abstract['frozen']):,} frozen parameters on a mesh "
         f"{dict(parts.mesh.shape)}.", flush=True)
-  if start:  # a resumed run gets every parameter from its own checkpoint, resharded
-    state = checkpoints.restore(manager, start, parts.abstract, iterator)
-    print(f"Resumed from the checkpoint at step {start}.", flush=True)
-  else:
-    state = init_state(config, parts)
+  # A resumed run gets every parameter from its newest readable and verified checkpoint,
+  # resharded; a checkpoint of another model is refused naming what differs.
+  config_dict = json.loads(config.to_json_best_effort())
+  resumed = checkpoints.restore_latest(manager, parts.abstract, iterator, config=config_dict)
+  start, state = (resumed.step, resumed.state) if resumed else (0, init_state(config, parts))
+  if jax.process_index() == 0:  # after the check above, which compares with the old one
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  def checkpoint_meta() -> dict:
+    # Saved with every checkpoint, returned by `checkpoints.restore_latest` as
+    # `resumed.meta`. Whatever else a resumed run needs back goes here too.
+    return {"config": config_dict}
 
   train_step = make_train_step(config, parts)
   eval_step = make_eval_step(parts)
@@ -407,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     step = start
     while step < config.train.steps:
       if stop["requested"]:
-        checkpoints.save(manager, step, state, iterator)
+        checkpoints.save(manager, step, state, iterator, meta=checkpoint_meta())
         manager.wait_until_finished()
         print(f"SIGTERM: saved the checkpoint at step {step}; exiting.", flush=True)
         return last
@@ -433,7 +437,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         log.write(step, few_shot_scalars(results))
         print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results)}", flush=True)
       if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-        checkpoints.save(manager, step, state, iterator)
+        checkpoints.save(manager, step, state, iterator, meta=checkpoint_meta())
     manager.wait_until_finished()
     if config.get("evaluate"):
       last["few_shot"] = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]))
