@@ -20,6 +20,7 @@ import hashlib
 import json
 import pathlib
 import re
+import shlex
 from typing import Any, NamedTuple
 
 import grain
@@ -448,12 +449,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, iterator=None, *
     return None
   dests = _aside(directory, list(damaged))
   listing = "; ".join(f"step {s} ({directory / str(s)}): {why}" for s, why in damaged.items())
-  moves = " && ".join(f"mv {directory / str(s)} {dests[s]}" for s in damaged)
+  q = lambda path: shlex.quote(str(path))
+  moves = " && ".join(f"mv {q(directory / str(s))} {q(dests[s])}" for s in damaged)
   raise UserError(
       f"No checkpoint under {directory} can be read completely and verifiably: {listing}. "
       f"Starting from scratch would lose the run, so nothing was changed. To keep the "
       f"damaged steps for inspection and start this run from scratch, run\n"
-      f"  mkdir -p {directory / DAMAGED} && {moves}\n"
+      f"  mkdir -p {q(directory / DAMAGED)} && {moves}\n"
       f"and re-run the same command; or use another --workdir.")
 
 
