@@ -161,14 +161,15 @@ class DamagedCheckpoint(UserError):
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
+  """One line of `error`, without the TensorStore spec that its errors append."""
   text = " ".join(f"{type(error).__name__}: {error}".split())
+  text = re.sub(r" \[tensorstore_spec=.*", "", text)
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class _Contents(NamedTuple):
   """What a step holds besides its arrays, read and checked."""
 
-  items: tuple[str, ...]
   meta: dict
   checksums: dict | None  # None: saved before checksums were (unverifiable)
   tree: dict  # Orbax's metadata of the `state` item: leaves have .shape and .dtype
@@ -217,7 +218,7 @@ def _inspect(step_dir: epath.Path, need_data: bool) -> _Contents:
     tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
   except Exception as e:  # noqa: BLE001 (whatever Orbax raises on a damaged file)
     raise fail(f"the metadata of its arrays cannot be read ({_short(e)})") from e
-  return _Contents(tuple(items), meta, checksums, tree)
+  return _Contents(meta, checksums, tree)
 
 
 def _leaves(tree) -> dict[str, Any]:
@@ -340,20 +341,21 @@ def _check_fits(step_dir: epath.Path, contents: _Contents, abstract_state,
       source = f"in {config_json} (written by the last run started in this workdir)"
     except ValueError:
       saved_config = None
-  if config is not None and isinstance(saved_config, dict):
+  if not isinstance(saved_config, dict):
+    message += " No config was saved with it to compare with."
+  elif config is not None:
     differences = config_differences(saved_config, config)
     shown = [f"{k} ({json.dumps(old)} then, {json.dumps(new)} now)"
              for k, old, new in differences]
     if shown:
       message += f" Config fields that differ from the config {source}: {_listed(shown, 8)}."
-      old_values = " ".join(f"--config.{k}={old}" for k, old, _ in differences[:8]
-                            if isinstance(old, (int, float, str)) and old is not None)
+      old_values = " ".join(f"--config.{k}={shlex.quote(str(old))}"
+                            for k, old, _ in differences[:8]
+                            if isinstance(old, (int, float, str)))
       if old_values:
         message += f" To resume this run, restore the old values ({old_values})."
     else:
       message += f" The config {source} has the same values as this one."
-  else:
-    message += " No config was saved with it to compare with."
   raise UserError(message + " To train the changed model, use another --workdir.")
 
 

@@ -4,17 +4,19 @@ saved fingerprints; all steps damaged, or a changed model, is a clear error."""
 
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from test_train import lm_config, losses_by_step, run
+from test_train import ROOT, TINY_LM, lm_config, losses_by_step, run
 
 from mmjax import checkpoints, sharding, train
 from mmjax.cli import UserError
@@ -323,3 +325,32 @@ def test_load_params_falls_back_past_a_damaged_step_and_names_it(trained, tmp_pa
     checkpoints.load_params(workdir, step=5)
   with pytest.raises(UserError, match="No complete checkpoint under"):
     checkpoints.load_params(tmp_path / "nothing")
+
+
+def test_two_processes_agree_on_the_step_to_resume_and_set_the_damaged_one_aside(tmp_path):
+  """launch/local.sh: a two-process run whose newest step has a flipped byte resumes, in
+  two processes, from the step before, on the same curve."""
+  import os
+  import sys
+
+  from test_train import ROOT, TINY_LM
+  overrides = {**TINY_LM, "data.batch_size": 8, "train.steps": 6, "train.checkpoint_every": 4}
+  command = [str(ROOT / "launch/local.sh"), "2", sys.executable, "-m", "mmjax.train",
+             f"--config={ROOT / 'configs/lm.py'}", f"--workdir={tmp_path}",
+             "--config.evaluate.episodes=2", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  launch = lambda: subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=300)
+  done = launch()
+  assert done.returncode == 0, done.stdout[-3000:]
+  first = losses_by_step(tmp_path)
+  flip_byte(largest_array_file(tmp_path / "checkpoints" / "6"))
+  done = launch()
+  assert done.returncode == 0, done.stdout[-3000:]
+  for process in (0, 1):
+    assert re.search(rf"\[{process}\] Resumed from step 4; skipped step 6: .*differ from "
+                     r"the checksums", done.stdout), done.stdout[-3000:]
+  assert losses_by_step(tmp_path) == first
+  assert (tmp_path / "checkpoints" / "damaged" / "6").is_dir()
+  assert checksums(tmp_path, 6)["arrays"] == json.loads(
+      (tmp_path / "checkpoints" / "damaged" / "6" / "checksums" / "metadata").read_text())["arrays"]
