@@ -286,13 +286,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, shots=None, episodes=None) -> 
     config.evaluate.episodes = episodes
   config.init = {}  # where the run's backbones came from does not matter here
   config_lib.validate(config)
-  manager = checkpoints.manager(workdir)
-  step = manager.latest_step()
-  manager.close()
-  try:
-    params = checkpoints.load_params(workdir)
-  except FileNotFoundError as e:
-    raise cli.UserError(f"{e} Train the run first (or give another --workdir).") from e
+  step, params, _ = checkpoints.load(workdir)  # the newest verified step
   results = evaluate(config, params)
   stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
   report(results, workdir, f"eval-{step}-{stamp}.json")

@@ -107,19 +107,7 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
   except (TypeError, ValueError) as error:  # config_from_dict's unknown or missing fields
     raise UserError(f"{path / 'config.json'}: its model config does not build a {task} "
                     f"model: {error}") from error
-  if step is not None:
-    mngr = checkpoints.manager(path)
-    steps = sorted(mngr.all_steps())
-    mngr.close()
-    if step not in steps:
-      raise UserError(f"No checkpoint of step {step} in {path / 'checkpoints'}; its complete "
-                      f"checkpoints are of steps {steps or 'none'}.")
-  try:
-    params = checkpoints.load_params(path, step)
-  except FileNotFoundError as error:
-    raise UserError(f"{error} Train a run into {path} (python -m mmjax.train "
-                    f"--workdir={path} ...) or convert one there (python -m mmjax.convert "
-                    f"--output={path} ...).") from error
+  params = checkpoints.load_params(path, step)  # verified; UserError if there is none
   _check_params(params, model, path)
   cls = FlamingoModel if task == "flamingo" else TextModel
   return cls(model, jax.device_put(params), tok, config, path)

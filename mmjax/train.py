@@ -472,8 +472,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           f"--workdir={workdir}` evaluates it again.", flush=True)
     return done["metrics"]
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   # Installed first, so that a SIGTERM while backbones are loaded or the step compiles
   # is also answered by a checkpoint (a backbone's own run installs its own meanwhile).
   stop = {"requested": False}
@@ -490,17 +488,23 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
   iterator = iter(train_data)
 
   manager = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
-  start = manager.latest_step() or 0
   parts = build(config, devices)
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
   print(f"{config.task}: {count(parts.abstract['params']):,} trainable and "
         f"{count(parts.abstract['frozen']):,} frozen parameters on a mesh "
         f"{dict(parts.mesh.shape)}.", flush=True)
-  if start:  # a resumed run gets every parameter from its own checkpoint, resharded
-    state = checkpoints.restore(manager, start, parts.abstract, iterator)
-    print(f"Resumed from the checkpoint at step {start}.", flush=True)
-  else:
-    state = init_state(config, parts)
+  # A resumed run gets every parameter from its newest readable and verified checkpoint,
+  # resharded; a checkpoint of another model is refused naming what differs.
+  config_dict = json.loads(config.to_json_best_effort())
+  resumed = checkpoints.restore_latest(manager, parts.abstract, iterator, config=config_dict)
+  start, state = (resumed.step, resumed.state) if resumed else (0, init_state(config, parts))
+  if jax.process_index() == 0:  # after the check above, which compares with the old one
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  def checkpoint_meta() -> dict:
+    # Saved with every checkpoint, returned by `checkpoints.restore_latest` as
+    # `resumed.meta`. Whatever else a resumed run needs back goes here too.
+    return {"config": config_dict}
 
   train_step = make_train_step(config, parts)
   eval_step = make_eval_step(parts)
@@ -513,7 +517,7 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
     step = start
     while step < config.train.steps:
       if stop["requested"]:
-        checkpoints.save(manager, step, state, iterator)
+        checkpoints.save(manager, step, state, iterator, meta=checkpoint_meta())
         manager.wait_until_finished()
         print(f"SIGTERM: saved the checkpoint at step {step}; exiting.", flush=True)
         return last
@@ -530,7 +534,7 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
         log.progress(step, values)
         last = values
       if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-        checkpoints.save(manager, step, state, iterator)
+        checkpoints.save(manager, step, state, iterator, meta=checkpoint_meta())
       try:  # a SIGTERM stops these evaluations; the loop's next turn saves and exits
         if config.train.eval_every and step % config.train.eval_every == 0:
           last["eval_loss"] = evaluate_loss(config, eval_step, state, batch_sharding,

@@ -355,13 +355,11 @@ def check_flamingo(params: dict, cfg) -> None:
 def save(output: str | pathlib.Path, task: str, model_config, params: dict) -> None:
   """Writes `output/checkpoints/0` (params, as a finished run's) and `output/config.json`
   (`{"task": task, "model": model_config}`)."""
-  import orbax.checkpoint as ocp
-
   from mmjax import checkpoints
   output = pathlib.Path(output)
   output.mkdir(parents=True, exist_ok=True)
   mngr = checkpoints.manager(output)
-  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+  checkpoints.save(mngr, 0, {"params": params})  # with fingerprints: verified when loaded
   mngr.wait_until_finished()
   mngr.close()
   (output / "config.json").write_text(json.dumps(
