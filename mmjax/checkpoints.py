@@ -510,8 +510,9 @@ def load(workdir: str | pathlib.Path, step: int | None = None) -> Loaded:
                       f"{sorted(steps) or 'none'}.")
     return _read_params(directory / str(step))
   if not steps:
-    raise UserError(f"No complete checkpoint under {directory}: check the workdir (it "
-                    f"should be a run's --workdir or a converter's --output).")
+    raise UserError(f"No complete checkpoint under {directory}: check the path. It should "
+                    "be the --workdir of a run (python -m mmjax.train --workdir=...) or the "
+                    "--output of a conversion (python -m mmjax.convert --output=...).")
   damaged = []
   for s in steps:
     try:

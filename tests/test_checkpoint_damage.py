@@ -37,8 +37,11 @@ def checksums(workdir, step) -> dict:
 
 
 def copy(trained, tmp_path) -> pathlib.Path:
+  """A copy of the run as if it had been killed right after its last save (before it
+  recorded itself finished), so that re-running it resumes."""
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
+  (workdir / "finished.json").unlink()
   return workdir
 
 
@@ -345,6 +348,7 @@ def test_two_processes_agree_on_the_step_to_resume_and_set_the_damaged_one_aside
   assert done.returncode == 0, done.stdout[-3000:]
   first = losses_by_step(tmp_path)
   flip_byte(largest_array_file(tmp_path / "checkpoints" / "6"))
+  (tmp_path / "finished.json").unlink()  # as if killed right after its last save
   done = launch()
   assert done.returncode == 0, done.stdout[-3000:]
   for process in (0, 1):

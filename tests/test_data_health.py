@@ -48,10 +48,7 @@ def config_reading(paths: str):
       config[section][leaf] = value
     entry = dict(weight=1.0, loss_weight=1.0, source=dict(
         kind="arrayrecord_documents", paths=paths, image_size=SIZE))
-    if isinstance(config.data.datasets, (list, tuple)):
-      config.data.datasets = [dict(name="shard", **entry)]
-    else:  # datasets keyed by name
-      config.data.datasets = {"shard": entry}
+    config.data.datasets = {"shard": entry}
   return config
 
 
@@ -86,8 +83,7 @@ def test_a_run_reports_what_it_consumed_and_its_checkpoints_carry_the_counts(tmp
   # The checkpoint of step 3 restores the counts with the data iterator, and reading on
   # from there reaches the uninterrupted run's totals.
   health = train.DataHealth()
-  iterator = iter(train.make_data(config, config.data.datasets, seed=config.seed,
-                                  health=health))
+  iterator = iter(train.make_data(config, seed=config.seed, health=health))
   with ocp.CheckpointManager(tmp_path / "run/checkpoints", item_names=("state", "data")) as m:
     m.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
   assert health.counts() == logged[3]

@@ -259,7 +259,7 @@ def test_a_converted_checkpoint_loads_with_its_tokenizer_directory(run, vlm, tmp
 def test_what_cannot_be_loaded_is_named(run, tmp_path):
   workdir, config, _, params = run
   assert inference.load(workdir, step=7).config.task == "flamingo"
-  with pytest.raises(UserError, match=r"No checkpoint of step 3 in .*steps \[7\]"):
+  with pytest.raises(UserError, match=r"No checkpoint of step 3 under .*steps \[7\]"):
     inference.load(workdir, step=3)
   with pytest.raises(UserError, match="No directory"):
     inference.load(tmp_path / "nowhere")
