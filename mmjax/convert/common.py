@@ -292,6 +292,17 @@ def norm(read: Reader, name: str, width: int, bias: bool = True) -> dict:
   return out
 
 
+def output_layer(read: Reader, out: dict, cfg, embedding_name: str) -> None:
+  """Adds a causal LM's output layer to `out` from the top-level `lm_head.weight`: with
+  tied embeddings nothing (a saved copy must equal the embedding `embedding_name`),
+  otherwise its own `lm_head` kernel."""
+  read.prefix = ""
+  if cfg.tie_embeddings:
+    read.tied("lm_head.weight", out["embed"]["embedding"], embedding_name)
+  else:
+    out["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, cfg.width)).T}
+
+
 def linear_layer(read: Reader, p: str, names: tuple[str, str, str, str], d: int, h: int,
                  k: int, m: int, bias: bool = True, norm_bias: bool | None = None) -> dict:
   """A pre-norm layer stored as torch Linear weights (`[out, in]`): `self_attn.{q,k,v,out}

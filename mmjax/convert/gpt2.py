@@ -65,10 +65,6 @@ def params(state: dict[str, Any], cfg: LMConfig) -> dict:
         "mlp": {"up": conv1d(p + "mlp.c_fc", (d,), (m,)),
                 "down": conv1d(p + "mlp.c_proj", (m,), (d,))}}
   out["final_norm"] = common.norm(read, "ln_f", d)
-  read.prefix = ""
-  if cfg.tie_embeddings:
-    read.tied("lm_head.weight", out["embed"]["embedding"], "transformer.wte.weight")
-  else:
-    out["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  common.output_layer(read, out, cfg, "transformer.wte.weight")
   read.finish(IGNORED_TENSORS)
   return out

@@ -103,10 +103,6 @@ def params(state: dict[str, Any], cfg: LMConfig) -> dict:
   for i in range(cfg.depth):
     out[f"layers_{i}"] = layer(read, f"layers.{i}.", d, h, g, k, m)
   out["final_norm"] = common.norm(read, "norm", d, bias=False)
-  read.prefix = ""
-  if cfg.tie_embeddings:
-    read.tied("lm_head.weight", out["embed"]["embedding"], "model.embed_tokens.weight")
-  else:
-    out["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  common.output_layer(read, out, cfg, "model.embed_tokens.weight")
   read.finish(IGNORED_TENSORS)
   return out

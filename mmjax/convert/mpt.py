@@ -78,10 +78,6 @@ def params(state: dict[str, Any], cfg: LMConfig) -> dict:
         "mlp": {"up": common.linear(read, p + "ffn.up_proj", (d,), (m,)),
                 "down": common.linear(read, p + "ffn.down_proj", (m,), (d,))}}
   out["final_norm"] = common.norm(read, "norm_f", d, bias=False)
-  read.prefix = ""
-  if cfg.tie_embeddings:
-    read.tied("lm_head.weight", out["embed"]["embedding"], "transformer.wte.weight")
-  else:
-    out["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  common.output_layer(read, out, cfg, "transformer.wte.weight")
   read.finish(IGNORED_TENSORS)
   return out

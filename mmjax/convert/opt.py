@@ -50,10 +50,6 @@ def params(state: dict[str, Any], cfg: LMConfig) -> dict:
         read, f"layers.{i}.", ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"),
         d, h, k, m, bias=cfg.use_bias, norm_bias=True)
   out["final_norm"] = common.norm(read, "final_layer_norm", d)
-  read.prefix = ""
-  if cfg.tie_embeddings:
-    read.tied("lm_head.weight", out["embed"]["embedding"], "model.decoder.embed_tokens.weight")
-  else:
-    out["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  common.output_layer(read, out, cfg, "model.decoder.embed_tokens.weight")
   read.finish(IGNORED_TENSORS)
   return out

@@ -26,6 +26,27 @@ def get_task(name: str) -> ModuleType:
   return importlib.import_module(f"mmjax.tasks.{name}")
 
 
+def data_fits_model(config, mode: str, text: str = "", vision: str = "") -> list[str]:
+  """Problems every recipe's data config can have against its model: sequences of
+  another `mode` than the task trains on, images of another size than the vision tower
+  `config.model.<vision>` takes, sequences longer than the learned positions of the text
+  model `config.model.<text>` ("" for `config.model` itself)."""
+  found, data = [], config.data
+  if data.get("mode", mode) != mode:
+    found.append(f"config.data.mode={data.mode!r}: the {config.task} task trains on "
+                 f"{mode!r} sequences")
+  if vision and data.get("image_size") != config.model[vision].image_size:
+    found.append(f"config.data.image_size={data.get('image_size')} differs from "
+                 f"config.model.{vision}.image_size={config.model[vision].image_size}")
+  model = config.model[text] if text else config.model
+  name = f"config.model.{text}" if text else "config.model"
+  if (model.get("position", "learned") == "learned"
+      and data.seq_len > model.get("max_len", 1024)):
+    found.append(f"config.data.seq_len={data.seq_len} exceeds the learned positions' "
+                 f"{name}.max_len={model.get('max_len', 1024)}")
+  return found
+
+
 def model_config(cls, config):
   """`config.model` as the dataclass `cls`, with the recipe-wide settings applied to it
   and to every nested sub-model config:

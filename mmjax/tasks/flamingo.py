@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from mmjax import losses
 from mmjax.models.flamingo import Flamingo, FlamingoConfig
-from mmjax.tasks import model_config
+from mmjax.tasks import data_fits_model, model_config
 
 MODEL_CONFIG = FlamingoConfig
 
@@ -12,19 +12,10 @@ MODEL_CONFIG = FlamingoConfig
 def check_config(config) -> list[str]:
   """Problems of a Flamingo recipe's config beyond its fields' own (`mmjax.config`)."""
   found, data, model = [], config.data, config.model
-  if data.get("mode", "interleaved") != "interleaved":
-    found.append(f"config.data.mode={data.mode!r}: Flamingo trains on 'interleaved' "
-                 "sequences")
+  found += data_fits_model(config, "interleaved", text="lm", vision="vision")
   if data.get("max_images", 0) < 1:
     found.append(f"config.data.max_images={data.get('max_images')}: Flamingo's sequences "
                  "hold at least one image; set it to 1 or more")
-  if data.get("image_size") != model.vision.image_size:
-    found.append(f"config.data.image_size={data.get('image_size')} differs from "
-                 f"config.model.vision.image_size={model.vision.image_size}")
-  if (model.lm.get("position", "learned") == "learned"
-      and data.seq_len > model.lm.get("max_len", 1024)):
-    found.append(f"config.data.seq_len={data.seq_len} exceeds the learned positions' "
-                 f"config.model.lm.max_len={model.lm.get('max_len', 1024)}")
   for name in ("media_token_id", "endofchunk_token_id"):
     if not 0 <= model[name] < model.lm.vocab_size:
       found.append(f"config.model.{name}={model[name]} is not a token id of the "

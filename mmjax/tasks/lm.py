@@ -4,22 +4,14 @@ import jax.numpy as jnp
 
 from mmjax import losses
 from mmjax.models.lm import LanguageModel, LMConfig
-from mmjax.tasks import model_config
+from mmjax.tasks import data_fits_model, model_config
 
 MODEL_CONFIG = LMConfig
 
 
 def check_config(config) -> list[str]:
   """Problems of an LM recipe's config beyond its fields' own (`mmjax.config`)."""
-  found = []
-  if config.data.get("mode", "text") != "text":
-    found.append(f"config.data.mode={config.data.mode!r}: a language model trains on "
-                 "'text' sequences")
-  if (config.model.get("position", "learned") == "learned"
-      and config.data.seq_len > config.model.get("max_len", 1024)):
-    found.append(f"config.data.seq_len={config.data.seq_len} exceeds the learned positions' "
-                 f"config.model.max_len={config.model.get('max_len', 1024)}")
-  return found
+  return data_fits_model(config, "text")
 
 
 def build_model(config) -> LanguageModel:
