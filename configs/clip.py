@@ -8,7 +8,7 @@ The vision tower's shape is that of the same-named variant of configs/flamingo.p
 
 import ml_collections
 
-from configs import flamingo
+from mmjax.configs import flamingo
 
 
 

@@ -8,7 +8,7 @@ The LM's shape is that of the same-named variant of configs/flamingo.py.
 
 import ml_collections
 
-from configs import flamingo
+from mmjax.configs import flamingo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
