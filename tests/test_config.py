@@ -1,6 +1,8 @@
 """Config validation (mmjax.config): every recipe's mistakes are named at start-up, with
 the field, the value and what is allowed; the recipes themselves pass."""
 
+import os
+
 import pytest
 
 from mmjax.configs import clip as clip_recipe
@@ -174,3 +176,16 @@ def test_unknown_variants_name_the_variants():
   for recipe in RECIPES.values():
     with pytest.raises(cli.UserError, match=r"variant 'huge'; choose from \['3b', '80b'"):
       recipe.get_config("huge")
+
+
+def test_recipes_load_from_any_directory(tmp_path):
+  """The recipes are the installed `mmjax.configs` package: they import each other through
+  it, not through a `configs` package that only the repository's root provides."""
+  import subprocess
+  import sys
+  code = ("from mmjax.configs import clip, flamingo, lm\n"
+          "for r in (clip, flamingo, lm): r.get_config()")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
