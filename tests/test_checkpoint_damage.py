@@ -352,8 +352,11 @@ def test_two_processes_agree_on_the_step_to_resume_and_set_the_damaged_one_aside
   done = launch()
   assert done.returncode == 0, done.stdout[-3000:]
   for process in (0, 1):
-    assert re.search(rf"\[{process}\] Resumed from step 4; skipped step 6: .*differ from "
-                     r"the checksums", done.stdout), done.stdout[-3000:]
+    # The flipped byte lands in a compressed chunk: it either decodes to other values (the
+    # checksums differ) or does not decode at all (the read fails), depending on the layout
+    # the two processes wrote; either way the step is skipped.
+    assert re.search(rf"\[{process}\] Resumed from step 4; skipped step 6: (.*differ from "
+                     r"the checksums|reading it failed)", done.stdout), done.stdout[-3000:]
   assert losses_by_step(tmp_path) == first
   assert (tmp_path / "checkpoints" / "damaged" / "6").is_dir()
   assert checksums(tmp_path, 6)["arrays"] == json.loads(
