@@ -172,3 +172,29 @@ def test_retrieval_among_benchmark_examples_with_a_tiny_clip(tiny_clip, tmp_path
   expected = naive_rices(distinct[[0, 1, 2, 3, 4, 5, 3]], encoder(queries), 3)
   np.testing.assert_array_equal(found, expected)
   assert retriever.cache_file.name.startswith("rices-") and retriever.cache_file.is_file()
+
+
+def test_a_converted_transformers_clip_embeds_images_as_transformers_does(tmp_path):
+  """uint8 pixels through the encoder = transformers' processor (no resizing: the images
+  are already square) and its image features, L2-normalised."""
+  torch = pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  from mmjax import convert
+  torch.manual_seed(0)
+  transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=16, pad_token_id=0,
+                       bos_token_id=62, eos_token_id=63),
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4),
+      projection_dim=16)).save_pretrained(tmp_path)
+  model = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+  images = random_images(3, size=32)
+  processor = transformers.CLIPImageProcessor(do_resize=False, do_center_crop=False)
+  pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+  with torch.no_grad():
+    pooled = model.vision_model(pixel_values=pixels).pooler_output
+    expected = model.visual_projection(pooled).numpy()
+  expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+  encoder = rices.clip_image_encoder(*convert.convert_clip(tmp_path))
+  np.testing.assert_allclose(encoder(images), expected, atol=1e-5)
