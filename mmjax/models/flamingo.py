@@ -123,13 +123,13 @@ class Flamingo(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id",
-                                             "sampling"))
+                                             "sampling", "beams"))
 def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, *, images: jax.Array | None = None,
              num_images: jax.Array | None = None, media: jax.Array | None = None,
              max_new_tokens: int, stop_ids: Sequence[int] | None = None, pad_id: int = 0,
-             sampling: decoding.SamplingConfig = decoding.GREEDY
-             ) -> decoding.Generated:
+             sampling: decoding.SamplingConfig = decoding.GREEDY,
+             beams: decoding.BeamConfig | None = None) -> decoding.Generated:
   """Continues interleaved prompts; media are encoded once and their projections cached.
 
   Args:
@@ -137,6 +137,9 @@ def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: ja
     prompt: `"b t"` right-padded tokens; prompt_lengths: `"b"` real lengths.
     images / num_images / media: as for `Flamingo.__call__`.
     stop_ids: default `(<|endofchunk|>,)`; add the tokenizer's EOS.
+    sampling: greedy (default) or sampling settings.
+    beams: beam search instead (`decoding.beam_search`); each prompt and its media are
+      run once, then their caches copied to the beams.
   Returns:
     `decoding.Generated` with `"b max_new_tokens"` tokens and per-row lengths.
   """
@@ -158,11 +161,14 @@ def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: ja
                                 decode=True, mutable=["cache"], **media_kw)
     return logits, state["cache"]
 
+  def cache_for(n):  # only the inputs' shapes matter
+    return decoding.init_cache(
+        model.apply, variables, jnp.zeros((n, max_len), jnp.int32),
+        media=jnp.zeros((n,) + media.shape[1:], media.dtype), num_images=jnp.zeros((n,), jnp.int32),
+        positions=jnp.broadcast_to(jnp.arange(max_len), (n, max_len)), decode=True,
+        mutable=["cache"])
+
   prefill = functools.partial(run, media=media, num_images=num_images)
-  cache = decoding.init_cache(
-      model.apply, variables, jnp.zeros((b, max_len), jnp.int32), media=media,
-      num_images=num_images, positions=jnp.broadcast_to(jnp.arange(max_len), (b, max_len)),
-      decode=True, mutable=["cache"])
-  return decoding.generate(run, cache, prompt, prompt_lengths, rng,
-                           max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                           sampling=sampling, prefill_fn=prefill)
+  return decoding.decode(run, cache_for, prompt, prompt_lengths, rng,
+                         max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                         sampling=sampling, beams=beams, prefill_fn=prefill)

@@ -240,14 +240,17 @@ class LanguageModel(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id",
-                                             "sampling"))
+                                             "sampling", "beams"))
 def generate(model: LanguageModel, params: Any, prompt: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, sampling: decoding.SamplingConfig = decoding.GREEDY
-             ) -> decoding.Generated:
+             pad_id: int = 0, sampling: decoding.SamplingConfig = decoding.GREEDY,
+             beams: decoding.BeamConfig | None = None) -> decoding.Generated:
   """Continues right-padded text prompts `"b t"` (real lengths `"b"`) with the KV cache;
-  `decoding.Generated` holds `"b max_new_tokens"` tokens and per-row lengths."""
-  b, t = prompt.shape
+  `decoding.Generated` holds `"b max_new_tokens"` tokens and per-row lengths.
+
+  Greedy or sampled by `sampling`, or, given `beams`, each row's best beam search
+  hypothesis (`decoding.beam_search`; `sampling` must then stay greedy)."""
+  t = prompt.shape[1]
   max_len = t + max_new_tokens
   if model.config.position == "learned" and max_len > model.config.max_len:
     raise ValueError(f"Prompt length {t} + max_new_tokens {max_new_tokens} exceeds the LM's "
@@ -258,9 +261,12 @@ def generate(model: LanguageModel, params: Any, prompt: jax.Array, prompt_length
                                 positions=positions, decode=True, mutable=["cache"])
     return logits, state["cache"]
 
-  cache = decoding.init_cache(model.apply, {"params": params}, jnp.zeros((b, max_len), jnp.int32),
-                              positions=jnp.broadcast_to(jnp.arange(max_len), (b, max_len)),
-                              decode=True, mutable=["cache"])
-  return decoding.generate(step, cache, prompt, prompt_lengths, rng,
-                           max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
-                           pad_id=pad_id, sampling=sampling)
+  def cache_for(n):
+    return decoding.init_cache(model.apply, {"params": params},
+                               jnp.zeros((n, max_len), jnp.int32),
+                               positions=jnp.broadcast_to(jnp.arange(max_len), (n, max_len)),
+                               decode=True, mutable=["cache"])
+
+  return decoding.decode(step, cache_for, prompt, prompt_lengths, rng,
+                         max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), pad_id=pad_id,
+                         sampling=sampling, beams=beams)
