@@ -17,6 +17,11 @@ TEST = [
     # open_flamingo's modules import it; open_flamingo itself pins torch 2.0 and is
     # installed without its dependencies (README, "Test").
     "einops-exts==0.0.4",
+    # The notebooks run in a real kernel (tests/test_notebooks.py) and plot.
+    "nbclient>=0.10,<0.12",
+    "nbformat>=5.10,<6",
+    "ipykernel>=6.29,<8",
+    "matplotlib>=3.8,<4",
 ]
 
 setuptools.setup(
@@ -56,6 +61,9 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "safetensors>=0.4,<1",  # reading Hugging Face checkpoints (mmjax.convert)
         "tokenizers>=0.20,<1",  # their tokenizers (mmjax.data.tokenizer.HFTokenizer)
+        # The COCO caption toolkit's PTB tokenizer (Java) for CIDEr and BLEU as published
+        # (mmjax.evaluate.metrics; without Java a pure-Python tokenizer stands in).
+        "pycocoevalcap>=1.2,<1.3",
     ],
     extras_require={
         "tfds": TFDS,

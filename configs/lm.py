@@ -34,10 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # episodes are over-represented: repeating a name seen earlier in the context is the
   # skill the Flamingo recipe's in-context naming builds on.
   config.data = dict(
-      seq_len=64, batch_size=32, mode="text",
+      seq_len=80, batch_size=32, mode="text",
       datasets=dict(text=dict(
           source=dict(kind="shapes_world_documents", split="train", naming_fraction=0.6,
-                      max_images=6),
+                      max_images=9, image_size=16),
           weight=1.0, loss_weight=1.0)),
       eval_datasets=dict(text_eval=dict(
           source=dict(kind="shapes_world_documents", split="eval", size=4096),
@@ -53,5 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       few_shot_every=0)
   # Run at the end of training, and every `train.few_shot_every` steps when that is set.
   # In-context recall of names from the text of naming prompts (see mmjax.evaluate).
-  config.evaluate = dict(shots=(0, 1, 2, 4), episodes=256, seed=0)
+  config.evaluate = dict(tasks=("naming",), shots=(0, 1, 2, 4, 8), episodes=256, ways=4,
+                         batch_size=64, seed=0)
   return config

@@ -77,3 +77,10 @@ def run(main, flags_parser=app.parse_flags_with_usage) -> None:
       fail(str(e))
 
   app.run(guarded, flags_parser=flags_parser)
+
+
+def duration(seconds: float) -> str:
+  """"1h02m", "3m07s" or "0m09s": a time left or spent, for progress lines."""
+  seconds = round(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

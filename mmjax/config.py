@@ -199,10 +199,20 @@ SCHEMA = Section({
         "nonfinite": Field(STR, choices=NONFINITE),
         "few_shot_every": Field(INT, min=0, optional=True),  # 0: at the end only
     }),
-    "evaluate": Section({
+    "evaluate": Section({  # mmjax.evaluate
+        "tasks": Field(SEQUENCE, optional=True),
         "shots": Field(SEQUENCE, check=_shots),
-        "episodes": Field(INT, min=1),
+        "episodes": Field(INT, min=-1, check=lambda v: "must be -1 or >= 1" if v == 0 else None),
+        "trials": Field(INT, min=1, optional=True),
+        "query_set_size": Field(INT, min=-1, optional=True),
+        "demos": Field(STR, choices=("random", "rices"), optional=True),
+        "rices_tower": Field(STR, optional=True),
+        "ways": Field(INT, min=1, max=6, optional=True),
+        "batch_size": Field(INT, min=1, optional=True),
         "max_new_tokens": Field(INT, min=1, optional=True),
+        "num_beams": Field(INT, min=1, optional=True),  # 1: greedy
+        "length_penalty": Field(FLOAT, optional=True),
+        "data_dir": Field(STR, optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},

@@ -440,7 +440,7 @@ class MetricsLog:
     eta = (self.total - step) / max(values["steps_per_s"], 1e-9)
     print(f"step {step}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
           f"grad_norm {values['grad_norm']:.3f} | {values['examples_per_s']:.1f} ex/s "
-          f"{values['tokens_per_s']:.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s",
+          f"{values['tokens_per_s']:.0f} tok/s | ETA {cli.duration(eta)}",
           flush=True)
 
 
@@ -545,22 +545,23 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
         if config.get("evaluate") and every and step % every == 0 and step < config.train.steps:
           results = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]),
                                       should_stop=should_stop)
-          log.write(step, few_shot_scalars(results))
-          print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results)}",
+          log.write(step, few_shot_scalars(results.scores))
+          print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results.scores)}",
                 flush=True)
       except evaluate.Stopped:
         continue
     manager.wait_until_finished()
     if config.get("evaluate"):
       try:
-        last["few_shot"] = evaluate.evaluate(
+        results = evaluate.evaluate(
             config, merge_params(state["params"], state["frozen"]), should_stop=should_stop)
       except evaluate.Stopped:
         print(f"SIGTERM: stopped the final evaluation; the checkpoint at step {step} is "
               "saved, and the same command evaluates it.", flush=True)
         return last
-      log.write(step, few_shot_scalars(last["few_shot"]))
-      evaluate.report(last["few_shot"], workdir)
+      last["few_shot"] = results.scores
+      log.write(step, few_shot_scalars(results.scores))
+      evaluate.report(results, workdir)
     mark_finished(workdir, step, last)
   finally:
     manager.close()
@@ -569,7 +570,8 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
 
 
 def few_shot_scalars(results: dict) -> dict[str, float]:
-  """`{"few_shot/<task>/<metric>/<k>shot": value}` of an `evaluate.evaluate` result."""
+  """`{"few_shot/<task>/<metric>/<k>shot": value}` of an `evaluate.evaluate` result's
+  scores."""
   return {f"few_shot/{task}/{metric}/{k}shot": value
           for task, by_shots in results.items() for k, metrics in by_shots.items()
           for metric, value in metrics.items()}

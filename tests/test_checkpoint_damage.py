@@ -333,10 +333,7 @@ def test_load_params_falls_back_past_a_damaged_step_and_names_it(trained, tmp_pa
 def test_two_processes_agree_on_the_step_to_resume_and_set_the_damaged_one_aside(tmp_path):
   """launch/local.sh: a two-process run whose newest step has a flipped byte resumes, in
   two processes, from the step before, on the same curve."""
-  import os
-  import sys
 
-  from test_train import ROOT, TINY_LM
   overrides = {**TINY_LM, "data.batch_size": 8, "train.steps": 6, "train.checkpoint_every": 4}
   command = [str(ROOT / "launch/local.sh"), "2", sys.executable, "-m", "mmjax.train",
              f"--config={ROOT / 'configs/lm.py'}", f"--workdir={tmp_path}",

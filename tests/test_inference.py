@@ -22,6 +22,8 @@ from mmjax.cli import UserError
 from mmjax.data import shapes_world as sw
 from mmjax.data import tokenizer as tok
 from mmjax.data.sources import decode_image, resize_center_crop
+from mmjax.evaluate import prompts as prompts_lib
+from mmjax.evaluate import scoring
 from mmjax.decoding import SamplingConfig
 from mmjax.models.flamingo import generate as flamingo_generate
 from mmjax.models.lm import generate as lm_generate
@@ -156,9 +158,14 @@ def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task, inputs
   the answers parsed as it parses them (a batch of queries shares the examples)."""
   _, _, model, params = run
   shots, max_new = 2, 6
-  prompt = evaluate.example_prompts(WORLD, shots, 1, task)[0]
-  support = [WORLD.example("eval", 10_000 + j) for j in range(shots)]  # episode 0's
+  support = [WORLD.example("train", j) for j in range(shots)]
   queries = [WORLD.example("eval", i) for i in range(3)]
+  fmt = prompts_lib.FORMATS[f"shapes_{task}"]
+  answer = (lambda e: e.answer) if task == "vqa" else (lambda e: e.caption)
+  prompt = scoring.Prompt(evaluate.few_shot_text(
+      [fmt.solved(question=e.question, answer=answer(e)) for e in support],
+      fmt.query(question=queries[0].question)),
+      np.stack([e.image for e in support] + [queries[0].image]))
 
   def ask(images, questions):
     if task == "captioning":
@@ -168,13 +175,13 @@ def test_caption_and_answer_are_what_the_evaluation_reads(run, vlm, task, inputs
                       examples=[(e.image, e.question, e.answer) for e in support])
 
   # The evaluation's prompt, and the same with other queries: a batch shares the support.
-  prompts = [evaluate.Prompt(prompt.text.rsplit(sw.MEDIA_TOKEN, 1)[0] + sw.MEDIA_TOKEN
-                             + evaluate.chunk_text(task, q.question),
-                             np.concatenate([prompt.images[:-1], q.image[None]]), "")
+  prompts = [scoring.Prompt(prompt.text.rsplit(sw.MEDIA_TOKEN, 1)[0] + sw.MEDIA_TOKEN
+                            + evaluate.chunk_text(task, q.question),
+                            np.concatenate([prompt.images[:-1], q.image[None]]))
              for q in queries]
   assert prompts[0].text == prompt.text
-  expected = evaluate.make_answer_fn(model, vlm.tokenizer, max_new)(
-      params, prompts, task, length=0, max_images=len(prompts[0].images))
+  expected = scoring.make_answer_fn(model, vlm.tokenizer, max_new)(
+      params, prompts, length=0, max_images=len(prompts[0].images), task=task)
   got = ask([q.image for q in queries], [q.question for q in queries])
   assert got == expected
   # The very prompts and images the evaluation generates from.

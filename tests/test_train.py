@@ -391,14 +391,16 @@ def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(tmp_
                                        "evaluate.episodes": 4, "evaluate.shots": (0, 2)})
   last = run(config, tmp_path)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  logged = {r["step"]: r for r in records if "few_shot/naming/recall/2shot" in r}
+  logged = {r["step"]: r for r in records if "few_shot/naming/accuracy/2shot" in r}
   assert set(logged) == {2, 4}
   assert set(last["few_shot"]["naming"]) == {0, 2}
   assert last["few_shot"]["naming"][0]["chance"] == 0.0
   report = json.loads((tmp_path / "eval.json").read_text())
-  assert report["naming"]["2"]["recall"] == logged[4]["few_shot/naming/recall/2shot"]
+  assert report["scores"]["naming"]["2"]["accuracy"] == logged[4][
+      "few_shot/naming/accuracy/2shot"]
+  assert len(report["predictions"]["naming"]["2"]) == 4  # one per test example
   scalars = read_scalars(tmp_path / "tensorboard")
-  assert set(scalars["few_shot/naming/recall/0shot"]) == {2, 4}
+  assert set(scalars["few_shot/naming/accuracy/0shot"]) == {2, 4}
 
 
 def test_graft_gives_a_larger_vocabulary_the_checkpoint_rows_and_their_mean():
@@ -458,7 +460,8 @@ def test_sigterm_stops_the_final_evaluation_which_the_next_run_redoes_then_it_is
   from mmjax import evaluate
   evaluate.evaluate_workdir(tmp_path, shots=["0"], episodes=2)  # kept beside eval.json
   written = list(tmp_path.glob("eval-2-*.json"))
-  assert len(written) == 1 and set(json.loads(written[0].read_text())["naming"]) == {"0"}
+  assert len(written) == 1
+  assert set(json.loads(written[0].read_text())["scores"]["naming"]) == {"0"}
   assert (tmp_path / "eval.json").read_text() == eval_json
   # A run asked for more steps than it finished with goes on training.
   longer = lm_config(few_shot=True, **{"train.steps": 3, "evaluate.episodes": 4,

@@ -675,19 +675,13 @@ class _Progress:
     total = sum(source.total for source in self._inputs)
     done = sum(source.done for source in self._inputs)
     fraction = done / total if total else 0.0
-    eta = (f"ETA {_duration(elapsed * (1 - fraction) / fraction)}" if fraction > 0
+    eta = (f"ETA {cli.duration(elapsed * (1 - fraction) / fraction)}" if fraction > 0
            else "ETA unknown")
     elapsed = max(elapsed, 1e-9)
     return (f"{report.rows:,} rows ({report.rows / elapsed:,.0f}/s), {report.written:,} "
             f"records, {report.images:,} images ({report.images / elapsed:,.1f}/s), "
             f"{sum(report.skipped.values()):,} rows skipped; {100 * fraction:.1f}% of the "
-            f"input read, {_duration(elapsed)} so far, {eta}")
-
-
-def _duration(seconds: float) -> str:
-  seconds = round(seconds)
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+            f"input read, {cli.duration(elapsed)} so far, {eta}")
 
 
 def _input_files(inputs: str | Sequence[str]) -> list[pathlib.Path]:

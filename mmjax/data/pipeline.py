@@ -49,13 +49,15 @@ class ShapesWorldDocuments:
   image_size: int = 64
   max_images: int = 4
   naming_fraction: float = 1 / 3
+  max_ways: int = 4
 
   def __len__(self) -> int:
     return self.size
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     world = shapes_world.ShapesWorld(self.seed, self.image_size)
-    return world.document(self.split, index, self.max_images, self.naming_fraction)
+    return world.document(self.split, index, self.max_images, self.naming_fraction,
+                          self.max_ways)
 
 
 @dataclasses.dataclass(frozen=True)

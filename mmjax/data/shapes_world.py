@@ -9,11 +9,12 @@ Compositional hold-out: some (shape, colour) pairs never occur in the "train" sp
 are the only pairs of the "eval" split, so captioning and VQA evaluation measure
 generalisation rather than recall.
 
-In-context naming: each episode binds made-up names, drawn afresh, to the colours it shows
-("this is a red dax.") in its support examples; the query shows a new image of one of
-those colours and asks for its name ("this is a" -> "red dax."). The binding exists only
-inside the episode, so naming the query needs the colour perceived in its image and the
-name retrieved from the prompt: accuracy above chance needs in-context learning.
+In-context naming: each episode binds made-up names, drawn afresh from a pool of four per
+colour, to the colours it shows ("this is a red dax.") in its support examples; the query
+shows a new image of one of those colours and asks for its name ("this is a" -> "red
+dax."). The binding exists only inside the episode, so naming the query needs the colour
+perceived in its image and the name retrieved from the prompt: accuracy above a guess
+from the colour's pool needs in-context learning.
 """
 
 import dataclasses
@@ -41,10 +42,13 @@ HELDOUT_PAIRS = frozenset((s, c) for i, s in enumerate(SHAPES)
 SPLITS = ("train", "eval")
 
 # Made-up names: one word (and one token of the embedded tokenizer) each, never a word
-# of the captions or questions; an episode binds a few of them to colours at random.
+# of the captions or questions. Each colour has its own pool of four; an episode binds
+# one name of its pool to each colour it shows, at random. Knowing the colour narrows the
+# name to four (a guess is right one time in four); which one, only the prompt says.
 NAMES = ("dax", "wug", "fep", "zib", "toma", "blick", "kiki", "modi", "tupa", "lorp",
          "gazz", "mib", "pilk", "sarp", "vek", "yoll", "zup", "bix", "dorf", "jaff", "kell",
          "nup", "quib", "howt")
+NAME_POOLS = {colour: NAMES[4 * i:4 * i + 4] for i, colour in enumerate(COLOURS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,16 +217,18 @@ class ShapesWorld:
     return Example(render(scene, self.image_size, rng), scene, caption(scene), question, answer)
 
   def naming_episode(self, split: str, index: int, shots: int, ways: int = 2) -> NamingEpisode:
-    """`shots` support images over `ways` colours (each colour at least once when shots
-    allow), then a query of one of those colours and any shape."""
+    """`shots` support images, each of a colour drawn independently from the episode's
+    `ways` colours, then a query of one of those colours and any shape.
+
+    The support shows the query's colour with probability 1 - (1 - 1/ways)^shots, so
+    every further example carries information: naming accuracy can rise with shots up to
+    the ceiling of retrieving the name perfectly whenever it was shown."""
     if not 1 <= ways <= len(COLOURS):
       raise ValueError(f"ways must be in [1, {len(COLOURS)}], got {ways}.")
     rng = _rng(self.seed, split_id(split), 1, index)
     colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), ways, replace=False)]
-    names = dict(zip(colours, (NAMES[i] for i in rng.choice(len(NAMES), ways, replace=False)),
-                     strict=True))
-    support_colours = [colours[i % ways] for i in range(shots)]
-    rng.shuffle(support_colours)
+    names = {c: NAME_POOLS[c][rng.integers(len(NAME_POOLS[c]))] for c in colours}
+    support_colours = [colours[i] for i in rng.integers(ways, size=shots)]
     query_colour = colours[rng.integers(ways)]
 
     def draw(colour: str, shapes: Sequence[str]) -> np.ndarray:
@@ -238,11 +244,12 @@ class ShapesWorld:
                          names)
 
   def document(self, split: str, index: int, max_images: int = 4,
-               naming_fraction: float = 1 / 3) -> dict:
+               naming_fraction: float = 1 / 3, max_ways: int = 4) -> dict:
     """An interleaved document: a few image-text chunks of one kind.
 
-    Kinds: a naming episode whose last chunk is the query answered (so training on
-    documents teaches the in-context task) with probability `naming_fraction`, else
+    Kinds: a naming episode of 1 to `max_ways` colours whose last chunk is the query
+    answered (so training on documents teaches the in-context task) with probability
+    `naming_fraction`, else
     captions or question/answer pairs in equal shares.
     Returns `{"images": uint8 "n h w 3", "text": str}` with one `<image>` per image and
     `<|endofchunk|>` after each chunk's text.
@@ -253,7 +260,7 @@ class ShapesWorld:
     kind = ("captions", "vqa", "naming")[rng.choice(3, p=[other, other, naming_fraction])]
     if kind == "naming":
       episode = self.naming_episode(split, int(rng.integers(2 ** 31)), num_images - 1,
-                                    ways=int(rng.integers(1, 4)))
+                                    ways=int(rng.integers(1, max_ways + 1)))
       images = np.concatenate([episode.support_images, episode.query_image[None]])
       texts = [naming_text(c, n) for c, n in zip(
           (*episode.support_colours, episode.query_colour),

@@ -425,3 +425,88 @@ def read_hateful_memes(annotations: PathLike, image_root: PathLike | None = None
   _unique_ids(examples, annotations, "ids")
   split = _present(examples, str(annotations), image_root)
   return dataclasses.replace(split, class_names=HATEFUL_MEMES_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------
+# Few-shot tasks on the benchmarks, as OpenFlamingo evaluates them.
+# ---------------------------------------------------------------------------------------
+# Where each benchmark's files are, under `config.evaluate.data_dir/<task>/`: its own
+# published names. Demonstrations come from the first split, test examples from the second.
+LAYOUTS = {
+    "coco": "dataset_coco.json (Karpathy's split file), train2014/, val2014/",
+    "vqav2": "v2_OpenEnded_mscoco_{train,val}2014_questions.json, "
+             "v2_mscoco_{train,val}2014_annotations.json, train2014/, val2014/",
+    "okvqa": "OpenEnded_mscoco_{train,val}2014_questions.json, "
+             "mscoco_{train,val}2014_annotations.json, train2014/, val2014/",
+    "imagenet": "train/<class>/<images>, val/<class>/<images>, optional class_names.json",
+    "hateful_memes": "train.jsonl, dev_seen.jsonl, img/",
+}
+
+
+def read_task_splits(name: str, root: PathLike) -> tuple[Split, Split]:
+  """`(support, test)` splits of benchmark `name` in `root` (laid out as `LAYOUTS` says)."""
+  root = pathlib.Path(root)
+  if name == "coco":
+    file = root / "dataset_coco.json"
+    return read_coco_karpathy(file, root, "train"), read_coco_karpathy(file, root, "test")
+  if name in ("vqav2", "okvqa"):
+    prefix = "v2_" if name == "vqav2" else ""
+    return tuple(read_vqa(root / f"{prefix}OpenEnded_mscoco_{s}2014_questions.json",
+                          root / f"{s}2014", root / f"{prefix}mscoco_{s}2014_annotations.json")
+                 for s in ("train", "val"))
+  if name == "imagenet":
+    names = root / "class_names.json"
+    names = names if names.is_file() else None
+    return read_image_folder(root / "train", names), read_image_folder(root / "val", names)
+  if name == "hateful_memes":
+    return read_hateful_memes(root / "train.jsonl"), read_hateful_memes(root / "dev_seen.jsonl")
+  raise UserError(f"Unknown evaluation task {name!r}; the benchmarks are {sorted(LAYOUTS)}, "
+                  "the shapes-world tasks naming, vqa and captioning.")
+
+
+def _items(split: Split, name: str, image_size: int) -> list:
+  from mmjax.evaluate.tasks import Item  # noqa: PLC0415 (tasks imports scoring and models)
+  items = []
+  for e in split:
+    image = lambda e=e: load_image(e, image_size)
+    if name == "coco":
+      items.append(Item(e.id, image, {}, e.captions[0], list(e.captions)))
+    elif name in ("vqav2", "okvqa"):
+      items.append(Item(e.id, image, {"question": e.question}, e.answers[0] if e.answers
+                        else "", list(e.answers), image_key=e.image_path))
+    elif name == "hateful_memes":
+      items.append(Item(e.id, image, {"ocr": e.text}, HATEFUL_MEMES_CLASSES[e.label], e.label))
+    else:
+      items.append(Item(e.id, image, {}, split.class_names[e.label], e.label))
+  return items
+
+
+def make_task(name: str, data_dir: PathLike, image_size: int):
+  """The few-shot task of benchmark `name` read from `data_dir/<name>`: OpenFlamingo's
+  prompt, answer length and post-processing (`mmjax.evaluate.prompts.FORMATS`)."""
+  from mmjax.evaluate import metrics  # noqa: PLC0415
+  from mmjax.evaluate.prompts import FORMATS  # noqa: PLC0415
+  from mmjax.evaluate.tasks import FewShotTask  # noqa: PLC0415
+  if not data_dir:
+    raise UserError(f"Evaluating {name!r} needs its files: --data_dir=DIR (or "
+                    f"config.evaluate.data_dir) with {name}/ holding {LAYOUTS.get(name)}.")
+  support, test = read_task_splits(name, pathlib.Path(data_dir) / name)
+  for split, role in ((support, "demonstrations"), (test, "test")):
+    if split.skipped:
+      logging.warning("%s %s: left out %s.", name, role, split.skipped)
+  items = lambda split: _items(split, name, image_size)
+  if name == "coco":
+    return FewShotTask(name, "captioning", items(support), items(test),
+                       FORMATS["openflamingo_captioning"], max_new_tokens=20,
+                       postprocess=metrics.postprocess_caption_generation)
+  if name in ("vqav2", "okvqa"):
+    if not all(e.answers for e in test):
+      raise UserError(f"{name}: the test questions need their annotations file.")
+    return FewShotTask(name, "vqa", items(support), items(test), FORMATS["openflamingo_vqa"],
+                       max_new_tokens=5, postprocess=metrics.postprocess_vqa_generation)
+  if name == "hateful_memes":
+    return FewShotTask(name, "classification", items(support), items(test),
+                       FORMATS["openflamingo_hateful_memes"], classes=HATEFUL_MEMES_CLASSES,
+                       positive=1)
+  return FewShotTask(name, "classification", items(support), items(test),
+                     FORMATS["openflamingo_classification"], classes=test.class_names)

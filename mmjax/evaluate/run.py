@@ -1,0 +1,256 @@
+"""Running an evaluation: tasks x shots x trials for a model's parameters, the table, and
+`eval.json` with every prediction beside the scores."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from mmjax import cli, decoding
+from mmjax.data import shapes_world as sw
+from mmjax.data.sources import resize_center_crop
+from mmjax.data.tokenizer import make_tokenizer
+from mmjax.evaluate import benchmarks, rices, scoring, shapes
+from mmjax.evaluate import protocol as protocol_lib
+from mmjax.evaluate.tasks import FewShotTask
+from mmjax.evaluate.prompts import encode_prompts
+from mmjax.models import lm as lm_model
+from mmjax.models.flamingo import FlamingoConfig
+from mmjax.tasks import model_config
+
+
+class Stopped(Exception):
+  """The evaluation was asked to stop (`should_stop`), e.g. by SIGTERM during training."""
+
+
+@dataclasses.dataclass
+class Results:
+  """`scores[task][shots][metric]` (the mean over trials, with `_std` over trials and `_se`
+  over test examples), `predictions[task][shots]`: one record per test example and trial,
+  and `info`: the protocol and each cell's evaluation time."""
+
+  scores: dict = dataclasses.field(default_factory=dict)
+  predictions: dict = dataclasses.field(default_factory=dict)
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict:
+    return {"scores": self.scores, "info": self.info, "predictions": self.predictions}
+
+
+def protocol_of(config: ml_collections.ConfigDict) -> protocol_lib.Protocol:
+  e = config.evaluate
+  return protocol_lib.Protocol(
+      shots=tuple(int(k) for k in e.shots), trials=e.get("trials", 1), seed=e.seed,
+      num_samples=e.episodes, query_set_size=e.get("query_set_size", 2048),
+      demos=e.get("demos", "random"))
+
+
+SHAPES_TASKS = ("naming", "vqa", "captioning")
+
+
+def make_tasks(config: ml_collections.ConfigDict, names: Sequence[str],
+               protocol: protocol_lib.Protocol, params=None) -> list:
+  """The tasks `names` of a run with `config`: the shapes-world ones (`SHAPES_TASKS`), or
+  benchmarks read from `config.evaluate.data_dir/<name>` (`benchmarks.LAYOUTS`). With
+  `demos="rices"`, demonstrations are retrieved with `config.evaluate.rices_tower` (a
+  CLIP run or converted checkpoint) or else the run's own vision tower in `params`."""
+  e = config.evaluate
+  image_size = config.data.get("image_size", 64)
+  world = sw.ShapesWorld(seed=e.seed, image_size=image_size)
+  tasks = []
+  for name in names:
+    if name == "naming":
+      tasks.append(shapes.NamingTask(world, ways=e.get("ways", 4),
+                                     with_colour=config.task == "lm"))
+    elif name in ("vqa", "captioning"):
+      tasks.append(shapes.example_task(world, name, protocol))
+    else:
+      tasks.append(benchmarks.make_task(name, e.get("data_dir", ""), image_size))
+  if protocol.demos == "rices":
+    encoder = (rices.load_clip_image_encoder(e.rices_tower) if e.get("rices_tower")
+               else rices.clip_image_encoder(model_config(FlamingoConfig, config).vision,
+                                             params["vision"]))
+    cache_dir = pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
+    for task in tasks:
+      if isinstance(task, FewShotTask):
+        task.demo_fn = rices_demo_fn(task, encoder, cache_dir / "rices")
+  return tasks
+
+
+def rices_demo_fn(task: FewShotTask, encoder: rices.ClipImageEncoder, cache_dir
+                  ) -> protocol_lib.DemoFn:
+  """Each test example's demonstrations: the `k` training examples whose images are the
+  most similar to its own (over the whole training split, as OpenFlamingo retrieves them),
+  the most similar last."""
+  by_key = {item.image_key or item.id: item for item in task.support}
+  size = encoder.image_size
+  load = lambda items: np.stack([_sized(item.image(), size) for item in items])
+  retrieval = rices.Rices(encoder, [item.image_key or item.id for item in task.support],
+                          lambda keys: load([by_key[k] for k in keys]), cache_dir=cache_dir)
+
+  def demos(query_set, tests, k, rng):
+    del query_set, rng
+    return retrieval.find(load([task.test[i] for i in tests]), k)
+
+  return demos
+
+
+def _sized(image: np.ndarray, size: int) -> np.ndarray:
+  return image if image.shape[0] == size else resize_center_crop(Image.fromarray(image), size)
+
+
+class Progress:
+  """Queries done, elapsed time and ETA on stderr: a line at most every `every` seconds
+  and at the end of each cell."""
+
+  def __init__(self, total: int, every: float = 10.0, enabled: bool = True):
+    self.total, self.done, self.every, self.enabled = total, 0, every, enabled
+    self.start = self.last = time.monotonic()
+
+  def update(self, n: int, label: str, force: bool = False):
+    self.done += n
+    now = time.monotonic()
+    if not self.enabled or (not force and now - self.last < self.every):
+      return
+    self.last = now
+    elapsed = now - self.start
+    eta = elapsed * (self.total - self.done) / max(self.done, 1)
+    print(f"evaluation: {label}, {self.done}/{self.total} queries "
+          f"({100 * self.done / self.total:.0f}%), {cli.duration(elapsed)} so far, "
+          f"ETA {cli.duration(eta)}", file=sys.stderr, flush=True)
+
+
+def _batches(prompts: list, batch_size: int):
+  """Fixed-size batches (the last one padded by repeating its last prompt) and their real
+  sizes: one compilation for every batch."""
+  for start in range(0, len(prompts), batch_size):
+    batch = prompts[start:start + batch_size]
+    yield batch + [batch[-1]] * (batch_size - len(batch)), len(batch)
+
+
+def _model_fns(config, params):
+  """`(answer, rank, tokenizer)` for the run's model: a Flamingo's generation and class
+  ranking, or a text-only LM's next tokens (images ignored)."""
+  from mmjax.tasks import flamingo as flamingo_task  # noqa: PLC0415
+  from mmjax.tasks import lm as lm_task  # noqa: PLC0415
+  tokenizer = make_tokenizer(config)
+  if config.task == "lm":
+    model = lm_task.build_model(config)
+
+    @jax.jit
+    def next_token(tokens, lengths):
+      return lm_model.generate(model, params, tokens, lengths, jax.random.key(0),
+                               max_new_tokens=1, pad_id=tokenizer.pad_id).tokens
+
+    def answer(params_, prompts, length, max_images, task="", max_new_tokens=None):
+      del params_, max_images, task, max_new_tokens
+      tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts], length)
+      return [tokenizer.decode(row).strip() for row in np.asarray(next_token(tokens, lengths))]
+
+    return answer, None, tokenizer
+  model = flamingo_task.build_model(config)
+  e = config.evaluate
+  beams = (decoding.BeamConfig(e.num_beams, e.get("length_penalty", 0.0))
+           if e.get("num_beams", 1) > 1 else None)
+  answer = scoring.make_answer_fn(model, tokenizer, e.max_new_tokens, beams)
+  return answer, scoring.make_rank_fn(model, tokenizer), tokenizer
+
+
+def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] | None = None,
+             should_stop: Callable[[], bool] = lambda: False, progress: bool = True
+             ) -> Results:
+  """Evaluates a Flamingo or LM run's `params` on `tasks` (default
+  `config.evaluate.tasks`) with the protocol of `config.evaluate`.
+
+  Raises:
+    Stopped: `should_stop()` turned true; it is asked before each batch.
+  """
+  protocol = protocol_of(config)
+  names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
+  if config.task == "lm":
+    names = [n for n in names if n == "naming"] or ["naming"]
+  answer, rank, tokenizer = _model_fns(config, params)
+  batch_size = config.evaluate.get("batch_size", 32)
+  built = [(task, task.cells(protocol))
+           for task in make_tasks(config, names, protocol, params)]
+  bar = Progress(sum(len(c.prompts) for _, cells in built for c in cells), enabled=progress)
+  results = Results(info={"protocol": dataclasses.asdict(protocol), "seconds": {}})
+  for task, cells in built:
+    length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c.prompts)
+    max_images = max(len(p.text.split(sw.MEDIA_TOKEN)) - 1 for c in cells for p in c.prompts)
+    by_shots: dict[int, list] = {}
+    for cell in cells:
+      start, outputs = time.monotonic(), []
+      for batch, n in _batches(cell.prompts, batch_size):
+        if should_stop():
+          raise Stopped
+        if task.mode == "rank":
+          out = rank(params, batch, length, max_images, task.classes, task.rank_prefix)
+        else:
+          out = answer(params, batch, length, max_images, task.name, task.max_new_tokens)
+        outputs += list(out[:n])
+        bar.update(n, f"{task.name} {cell.shots}-shot")
+      scores, per_example = task.score(cell, outputs)
+      by_shots.setdefault(cell.shots, []).append((cell, scores, per_example))
+      seconds = results.info["seconds"].setdefault(task.name, {})
+      seconds[cell.shots] = seconds.get(cell.shots, 0.0) + time.monotonic() - start
+    results.scores[task.name], results.predictions[task.name] = {}, {}
+    for k, trials in by_shots.items():
+      per_example = {name: np.concatenate([np.asarray(t[2][name], np.float64) for t in trials])
+                     for name, v in trials[0][2].items() if name not in ("prediction", "answer")}
+      results.scores[task.name][k] = protocol_lib.aggregate([t[1] for t in trials], per_example)
+      results.predictions[task.name][k] = [
+          {"trial_seed": cell.seed, "id": i, "prompt": p.text, "target": _jsonable(target),
+           **{name: _jsonable(v[j]) for name, v in ex.items()}}
+          for cell, _, ex in trials
+          for j, (i, p, target) in enumerate(zip(cell.ids, cell.prompts, cell.targets,
+                                                 strict=True))]
+  return results
+
+
+def _jsonable(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, sw.NamingEpisode):
+    return value.answer
+  return value
+
+
+# Rows of the table: (task, metric) in this order when present; others follow.
+ORDER = ("accuracy", "chance", "ceiling", "colour", "CIDEr", "BLEU-4", "top1", "top5",
+         "roc_auc")
+
+
+def format_table(scores: dict) -> str:
+  """Tasks and metrics by rows, shots by columns; `± se` beside each per-example metric."""
+  shots = sorted({int(k) for task in scores.values() for k in task})
+  lines = [f"{'task':<12} {'metric':<12}" + "".join(f"{f'{k}-shot':>16}" for k in shots)]
+  for task, by_shots in scores.items():
+    metrics = {m for cell in by_shots.values() for m in cell if not m.endswith(("_std", "_se"))}
+    for metric in sorted(metrics, key=lambda m: (ORDER.index(m) if m in ORDER else 99, m)):
+      row = f"{task:<12} {metric:<12}"
+      for k in shots:
+        cell = by_shots.get(k, by_shots.get(str(k), {}))
+        if metric not in cell:
+          row += f"{'-':>16}"
+          continue
+        se = cell.get(f"{metric}_se")
+        row += f"{cell[metric]:>9.3f}" + (f" ±{se:.3f}" if se is not None else " " * 7)
+      lines.append(row)
+  return "\n".join(lines)
+
+
+def report(results: Results, workdir: pathlib.Path, name: str = "eval.json") -> None:
+  """Prints the table and writes `workdir/<name>` (process 0 of several does both)."""
+  if jax.process_index() == 0:
+    print(format_table(results.scores), flush=True)
+    (workdir / name).write_text(json.dumps(results.to_json(), indent=1))
+    print(f"Written to {workdir / name}.", flush=True)

@@ -1,0 +1,100 @@
+"""The embedded default's evaluation tasks, on held-out shapes-world data.
+
+  naming      in-context naming (`NamingTask`): each episode binds made-up names to
+              `ways` colours ("this is a red dax."), its support images' colours drawn
+              independently, so that more shots show more of the bindings; the model
+              completes the query's "this is a" with a colour and a name. `accuracy`: the
+              name is right, which needs the query's colour perceived and its name
+              retrieved from the prompt; `colour`: the colour is right; `chance`: the
+              accuracy of answering a random name seen in the support; `ceiling`: the
+              share of queries whose colour the support shows at all.
+  vqa         questions about held-out (shape, colour) pairs, demonstrations from the
+              training split: VQA accuracy.
+  captioning  captions of held-out pairs: CIDEr and BLEU.
+
+Zero-shot naming has no demonstrations at all (the names exist only in the episode's
+support); zero-shot VQA and captioning have two text-only ones, as for any benchmark.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from mmjax.data import shapes_world as sw
+from mmjax.evaluate import protocol as protocol_lib
+from mmjax.evaluate.prompts import FORMATS, few_shot_text
+from mmjax.evaluate.scoring import Prompt
+from mmjax.evaluate.tasks import Cell, FewShotTask, Item
+
+NAMING_EPISODE_STRIDE = 1_000_000  # trial t's episodes start at index t * stride
+
+
+@dataclasses.dataclass(frozen=True)
+class NamingTask:
+  """In-context naming episodes (see the module docstring)."""
+
+  world: sw.ShapesWorld
+  ways: int = 4
+  with_colour: bool = False  # end prompts with the query's colour (a text-only LM's task)
+  name: str = "naming"
+  mode: str = "generate"
+  max_new_tokens: int = 6
+
+  def episode_prompt(self, index: int, shots: int) -> tuple[Prompt, sw.NamingEpisode]:
+    ep = self.world.naming_episode("eval", index, shots=shots, ways=self.ways)
+    query = sw.naming_text() + (f" {ep.query_colour}" if self.with_colour else "")
+    text = few_shot_text([sw.naming_text(c, n) for c, n in zip(
+        ep.support_colours, ep.support_names, strict=True)], query)
+    return Prompt(text, np.concatenate([ep.support_images, ep.query_image[None]])), ep
+
+  def cells(self, protocol: protocol_lib.Protocol) -> list[Cell]:
+    cells = []
+    for seed in protocol.seeds():
+      for shots in protocol.shots:
+        prompts, episodes = zip(*(self.episode_prompt(seed * NAMING_EPISODE_STRIDE + i, shots)
+                                  for i in range(protocol.num_samples)), strict=True)
+        cells.append(Cell(seed, shots, [str(i) for i in range(protocol.num_samples)],
+                          list(prompts), list(episodes)))
+    return cells
+
+  def score(self, cell: Cell, outputs) -> tuple[dict[str, float], dict[str, list]]:
+    words = [o.split() for o in outputs]
+    correct = [float(w[-1:] == [e.answer]) for w, e in zip(words, cell.targets, strict=True)]
+    colour = [float(w[:1] == [e.query_colour]) for w, e in zip(words, cell.targets,
+                                                               strict=True)]
+    chance, shown = [], []
+    for e in cell.targets:
+      seen = set(e.support_names)
+      chance.append(1 / len(seen) if e.answer in seen else 0.0)
+      shown.append(float(e.answer in seen))
+    scores = {"accuracy": float(np.mean(correct)), "chance": float(np.mean(chance)),
+              "ceiling": float(np.mean(shown))}
+    if not self.with_colour:
+      scores["colour"] = float(np.mean(colour))
+    return scores, {"prediction": list(outputs), "answer": [e.answer for e in cell.targets],
+                    "accuracy": correct}
+
+
+def _example_item(world: sw.ShapesWorld, split: str, index: int, kind: str) -> Item:
+  e = world.example(split, index)
+  if kind == "vqa":
+    return Item(f"{split}-{index}", lambda: e.image, {"question": e.question}, e.answer,
+                [e.answer] * 10)
+  return Item(f"{split}-{index}", lambda: e.image, {}, e.caption, [e.caption])
+
+
+@functools.lru_cache(maxsize=8)
+def _items(world: sw.ShapesWorld, split: str, size: int, kind: str) -> tuple[Item, ...]:
+  return tuple(_example_item(world, split, i, kind) for i in range(size))
+
+
+def example_task(world: sw.ShapesWorld, kind: str, protocol: protocol_lib.Protocol
+                 ) -> FewShotTask:
+  """Shapes-world VQA or captioning: demonstrations from the training split, queries from
+  the held-out pairs of the eval split."""
+  support = max(protocol.query_set_size, max(protocol.shots))
+  return FewShotTask(kind, kind, _items(world, "train", support, kind),
+                     _items(world, "eval", max(protocol.num_samples, 1), kind),
+                     FORMATS[f"shapes_{kind}"],
+                     max_new_tokens=16 if kind == "captioning" else 4)

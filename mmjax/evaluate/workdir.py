@@ -1,0 +1,76 @@
+"""Evaluating a run's (or a converted checkpoint's) directory: `python -m mmjax.evaluate`."""
+
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+
+import ml_collections
+
+from mmjax import checkpoints, cli
+from mmjax import config as config_lib
+from mmjax.evaluate.run import Results, evaluate, report
+
+
+def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
+  """The config a run was trained with; for a converted checkpoint (whose config.json
+  holds only its task and model), the Flamingo recipe's evaluation settings around its
+  model, with the Hugging Face `tokenizer` directory it was converted with."""
+  from mmjax.inference import read_config  # noqa: PLC0415 (inference imports this package)
+  config = read_config(workdir)
+  task = config.get("task")
+  if task not in ("flamingo", "lm"):
+    raise cli.UserError(f"The run in {workdir} (task {task!r}) has no few-shot evaluation; "
+                        "Flamingo and LM runs and converted Flamingo checkpoints have one.")
+  if "evaluate" not in config:  # a converted checkpoint
+    from mmjax.configs import flamingo, lm  # noqa: PLC0415
+    recipe = (flamingo if task == "flamingo" else lm).get_config()
+    recipe.model = config.model
+    recipe.tokens = config.get("tokens", recipe.tokens)
+    config = recipe
+    if tokenizer is None:
+      raise cli.UserError(f"{workdir} is a converted checkpoint, whose config names no "
+                          "tokenizer: pass --tokenizer=<the Hugging Face directory it was "
+                          "converted from>.")
+  if tokenizer is not None:
+    config.tokenizer = os.fspath(tokenizer)
+  return config
+
+
+def evaluate_workdir(workdir: str | os.PathLike, *, tasks: Sequence[str] | None = None,
+                     shots: Sequence[str] | None = None, episodes: int | None = None,
+                     trials: int | None = None, demos: str | None = None,
+                     tokenizer: str | None = None, progress: bool = True,
+                     **settings) -> Results:
+  """Evaluates the newest verified checkpoint in `workdir`; the results also go to
+  `workdir/eval-<step>-<UTC time>.json`, beside earlier ones, never over them. `settings`
+  set other fields of `config.evaluate` (e.g. `benchmarks={"coco": {"root": ...}}`).
+
+  Raises:
+    cli.UserError: `workdir` holds no run or no checkpoint, or a setting is invalid.
+  """
+  workdir = pathlib.Path(workdir)
+  config = eval_config(workdir, tokenizer)
+  e = config.evaluate
+  if shots is not None:
+    try:
+      e.shots = tuple(int(s) for s in shots)
+    except ValueError:
+      raise cli.UserError(f"--shots={','.join(shots)}: shot counts are integers, e.g. "
+                          "--shots=0,4,8.") from None
+  with e.ignore_type():
+    for key, value in dict(episodes=episodes, trials=trials, demos=demos, **settings).items():
+      if value is not None:
+        e[key] = value
+  if tasks is not None:
+    e.tasks = tuple(tasks)
+  config.init = {}  # where the run's backbones came from does not matter here
+  config_lib.validate(config)
+  step, params, _ = checkpoints.load(workdir)  # the newest verified step
+  try:
+    results = evaluate(config, params, progress=progress)
+  except ValueError as error:
+    raise cli.UserError(str(error)) from None
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  report(results, workdir, f"eval-{step}-{stamp}.json")
+  return results
