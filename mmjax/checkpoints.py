@@ -544,6 +544,18 @@ def tree_params(flat: dict[str, Any]) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
 
 
+def param_mismatches(expected, params) -> list[str]:
+  """Where `params` differ from the `expected` tree (e.g. `jax.eval_shape` of an init) in
+  names or shapes: "missing a/b", "unexpected a/c", "a/d is (2, 3), the config makes
+  (3, 3)"; empty if they agree."""
+  want = {k: tuple(v.shape) for k, v in flat_params(expected).items()}
+  have = {k: tuple(np.shape(v)) for k, v in flat_params(params).items()}
+  problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
+  problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+  return problems + [f"{k} is {have[k]}, the config makes {want[k]}"
+                     for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+
+
 # ---------------------------------------------------------------------------------------
 # Scanned and per-layer layouts (mmjax.layers.scan).
 # ---------------------------------------------------------------------------------------

@@ -142,12 +142,7 @@ def _check_params(params: dict, model: nn.Module, path: pathlib.Path) -> None:
   else:
     args = (jnp.zeros((1, 2), jnp.int32),)
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
-  want = {k: tuple(v.shape) for k, v in checkpoints.flat_params(abstract).items()}
-  have = {k: tuple(np.shape(v)) for k, v in checkpoints.flat_params(params).items()}
-  problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
-  problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
-  problems += [f"{k} is {have[k]}, the config makes {want[k]}"
-               for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+  problems = checkpoints.param_mismatches(abstract, params)
   if problems:
     shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
                                        else "")

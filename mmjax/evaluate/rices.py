@@ -154,12 +154,7 @@ def _check_fits(params: dict, config: ViTConfig) -> None:
   size = config.image_size
   abstract = jax.eval_shape(lambda: nn.unbox(ViT(config).init(
       jax.random.key(0), jnp.zeros((1, size, size, config.channels), jnp.uint8))["params"]))
-  want = {k: tuple(v.shape) for k, v in checkpoints.flat_params(abstract).items()}
-  have = {k: tuple(np.shape(v)) for k, v in checkpoints.flat_params(params).items()}
-  problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
-  problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
-  problems += [f"{k} is {have[k]}, the config makes {want[k]}"
-               for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+  problems = checkpoints.param_mismatches(abstract, params)
   if problems:
     raise UserError(f"The image tower's parameters do not fit its config: "
                     f"{'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}.")
