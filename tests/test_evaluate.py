@@ -4,7 +4,10 @@ on the shapes world and on benchmark files in their published layouts."""
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -86,6 +89,10 @@ def test_naming_support_colours_are_independent_so_more_shots_show_more_names():
   ceilings = [task.score(c, [""] * len(c.prompts))[0]["ceiling"] for c in cells]
   expected = [1 - (3 / 4) ** k for k in (0, 1, 2, 4, 8)]
   np.testing.assert_allclose(ceilings, expected, atol=0.06)
+  # Nested supports: a query whose colour k shots show is shown it by every larger k.
+  shown = [[e.answer in e.support_names for e in c.targets] for c in cells]
+  assert all(a <= b for fewer, more in zip(shown, shown[1:]) for a, b in zip(fewer, more))
+  assert all(c.ids == cells[0].ids for c in cells)  # the same queries at every shot count
   for cell in cells:
     for p, ep in zip(cell.prompts, cell.targets, strict=True):
       assert p.text.endswith(f"{IMG}this is a") and p.text.count(IMG) == len(p.images)
@@ -288,3 +295,10 @@ def test_recipes_agree_on_the_backbone_shapes():
   assert all(jax.tree_util.tree_leaves(same(lm, shapes_["lm"])))
   assert {target: init.recipe for target, init in flamingo.init.items()} == {
       "vision": "clip", "lm": "lm"}
+
+
+def test_the_command_line_names_a_missing_run_in_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "mmjax.evaluate", f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2
+  assert out.stderr.startswith("error: ") and "config.json" in out.stderr, out.stderr

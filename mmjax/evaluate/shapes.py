@@ -2,7 +2,8 @@
 
   naming      in-context naming (`NamingTask`): each episode binds made-up names to
               `ways` colours ("this is a red dax."), its support images' colours drawn
-              independently, so that more shots show more of the bindings; the model
+              independently, so that more shots show more of the bindings (k shots are
+              the first k support examples of each episode); the model
               completes the query's "this is a" with a colour and a name. `accuracy`: the
               name is right, which needs the query's colour perceived and its name
               retrieved from the prompt; `colour`: the colour is right; `chance`: the
@@ -41,21 +42,30 @@ class NamingTask:
   mode: str = "generate"
   max_new_tokens: int = 6
 
-  def episode_prompt(self, index: int, shots: int) -> tuple[Prompt, sw.NamingEpisode]:
-    ep = self.world.naming_episode("eval", index, shots=shots, ways=self.ways)
+  def episode(self, index: int, max_shots: int) -> sw.NamingEpisode:
+    return self.world.naming_episode("eval", index, shots=max_shots, ways=self.ways)
+
+  def prompt(self, episode: sw.NamingEpisode, shots: int) -> tuple[Prompt, sw.NamingEpisode]:
+    """The episode's query after the first `shots` of its support examples, and the
+    episode cut to them."""
+    ep = dataclasses.replace(episode, support_images=episode.support_images[:shots],
+                             support_names=episode.support_names[:shots])
     query = sw.naming_text() + (f" {ep.query_colour}" if self.with_colour else "")
     text = few_shot_text([sw.naming_text(c, n) for c, n in zip(
         ep.support_colours, ep.support_names, strict=True)], query)
     return Prompt(text, np.concatenate([ep.support_images, ep.query_image[None]])), ep
 
   def cells(self, protocol: protocol_lib.Protocol) -> list[Cell]:
+    """Each trial's episodes are shared by its shot counts: k shots are the first k
+    support examples of the episode, so that each query is asked with nested supports
+    and the differences between shot counts are those of the examples added."""
     cells = []
     for seed in protocol.seeds():
+      ids = [seed * NAMING_EPISODE_STRIDE + i for i in range(protocol.num_samples)]
+      episodes = [self.episode(i, max(protocol.shots)) for i in ids]
       for shots in protocol.shots:
-        prompts, episodes = zip(*(self.episode_prompt(seed * NAMING_EPISODE_STRIDE + i, shots)
-                                  for i in range(protocol.num_samples)), strict=True)
-        cells.append(Cell(seed, shots, [str(i) for i in range(protocol.num_samples)],
-                          list(prompts), list(episodes)))
+        prompts, cut = zip(*(self.prompt(ep, shots) for ep in episodes), strict=True)
+        cells.append(Cell(seed, shots, [str(i) for i in ids], list(prompts), list(cut)))
     return cells
 
   def score(self, cell: Cell, outputs) -> tuple[dict[str, float], dict[str, list]]:
