@@ -187,6 +187,7 @@ def test_evaluation_of_a_toy_model_on_the_shapes_world(tmp_path):
   record = written["predictions"]["captioning"]["2"][0]
   assert {"prompt", "prediction", "target", "CIDEr", "trial_seed"} <= set(record)
   assert written["info"]["protocol"]["trials"] == 2
+  assert written["info"]["caption_tokenizer"]["captioning"] in ("ptb", "simple")
 
 
 def test_a_language_model_is_scored_on_recalling_names_from_prompt_text():

@@ -31,6 +31,9 @@ from absl import logging
 from mmjax.cli import UserError
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.sources import IMAGE_EXTENSIONS, decode_image
+from mmjax.evaluate import metrics
+from mmjax.evaluate.prompts import FORMATS
+from mmjax.evaluate.tasks import FewShotTask, Item
 
 PathLike = str | os.PathLike
 CAPTION_SPLITS = ("train", "restval", "val", "test")
@@ -465,7 +468,6 @@ def read_task_splits(name: str, root: PathLike) -> tuple[Split, Split]:
 
 
 def _items(split: Split, name: str, image_size: int) -> list:
-  from mmjax.evaluate.tasks import Item  # noqa: PLC0415 (tasks imports scoring and models)
   items = []
   for e in split:
     image = lambda e=e: load_image(e, image_size)
@@ -484,9 +486,6 @@ def _items(split: Split, name: str, image_size: int) -> list:
 def make_task(name: str, data_dir: PathLike, image_size: int):
   """The few-shot task of benchmark `name` read from `data_dir/<name>`: OpenFlamingo's
   prompt, answer length and post-processing (`mmjax.evaluate.prompts.FORMATS`)."""
-  from mmjax.evaluate import metrics  # noqa: PLC0415
-  from mmjax.evaluate.prompts import FORMATS  # noqa: PLC0415
-  from mmjax.evaluate.tasks import FewShotTask  # noqa: PLC0415
   if not data_dir:
     raise UserError(f"Evaluating {name!r} needs its files: --data_dir=DIR (or "
                     f"config.evaluate.data_dir) with {name}/ holding {LAYOUTS.get(name)}.")

@@ -24,6 +24,8 @@ from mmjax.evaluate.tasks import FewShotTask
 from mmjax.evaluate.prompts import encode_prompts
 from mmjax.models import lm as lm_model
 from mmjax.models.flamingo import FlamingoConfig
+from mmjax.tasks import flamingo as flamingo_task
+from mmjax.tasks import lm as lm_task
 from mmjax.tasks import model_config
 
 
@@ -139,8 +141,6 @@ def _batches(prompts: list, batch_size: int):
 def _model_fns(config, params):
   """`(answer, rank, tokenizer)` for the run's model: a Flamingo's generation and class
   ranking, or a text-only LM's next tokens (images ignored)."""
-  from mmjax.tasks import flamingo as flamingo_task  # noqa: PLC0415
-  from mmjax.tasks import lm as lm_task  # noqa: PLC0415
   tokenizer = make_tokenizer(config)
   if config.task == "lm":
     model = lm_task.build_model(config)
@@ -175,8 +175,9 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   """
   protocol = protocol_of(config)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
-  if config.task == "lm":
-    names = [n for n in names if n == "naming"] or ["naming"]
+  if config.task == "lm" and set(names) != {"naming"}:
+    raise ValueError(f"A language model is evaluated on the text of the naming task only "
+                     f"(--tasks=naming), not on {sorted(set(names) - {'naming'})}.")
   answer, rank, tokenizer = _model_fns(config, params)
   batch_size = config.evaluate.get("batch_size", 32)
   built = [(task, task.cells(protocol))
@@ -202,10 +203,12 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
       by_shots.setdefault(cell.shots, []).append((cell, scores, per_example))
       seconds = results.info["seconds"].setdefault(task.name, {})
       seconds[cell.shots] = seconds.get(cell.shots, 0.0) + time.monotonic() - start
+    if getattr(task, "tokenizer", ""):  # captioning: "ptb", or "simple" without Java
+      results.info.setdefault("caption_tokenizer", {})[task.name] = task.tokenizer
     results.scores[task.name], results.predictions[task.name] = {}, {}
     for k, trials in by_shots.items():
       per_example = {name: np.concatenate([np.asarray(t[2][name], np.float64) for t in trials])
-                     for name, v in trials[0][2].items() if name not in ("prediction", "answer")}
+                     for name in trials[0][2] if name not in ("prediction", "answer")}
       results.scores[task.name][k] = protocol_lib.aggregate([t[1] for t in trials], per_example)
       results.predictions[task.name][k] = [
           {"trial_seed": cell.seed, "id": i, "prompt": p.text, "target": _jsonable(target),

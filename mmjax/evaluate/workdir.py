@@ -9,6 +9,7 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
+from mmjax.configs import flamingo, lm
 from mmjax.evaluate.run import Results, evaluate, report
 
 
@@ -23,7 +24,6 @@ def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no few-shot evaluation; "
                         "Flamingo and LM runs and converted Flamingo checkpoints have one.")
   if "evaluate" not in config:  # a converted checkpoint
-    from mmjax.configs import flamingo, lm  # noqa: PLC0415
     recipe = (flamingo if task == "flamingo" else lm).get_config()
     recipe.model = config.model
     recipe.tokens = config.get("tokens", recipe.tokens)
