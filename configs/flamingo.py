@@ -159,11 +159,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Run at the end of training, and every `train.few_shot_every` steps when that is set
   # (mmjax.evaluate): `episodes` test examples per task, shot count and trial; `ways`
   # colours per naming episode; benchmarks (`tasks=("coco", ...)`) read from `data_dir`;
-  # `num_beams=3, length_penalty=0.0` decode as OpenFlamingo's evaluation does.
+  # `num_beams=3, length_penalty=0.0` decode as OpenFlamingo's evaluation does;
+  # `formats={"vqa": "openflamingo_vqa"}` prompts a task in a named format.
   config.evaluate = dict(
       tasks=("naming", "vqa", "captioning"), shots=(0, 1, 2, 4, 8), episodes=256, trials=1,
       query_set_size=2048, demos="random", rices_tower="", ways=4, batch_size=32,
-      max_new_tokens=12, num_beams=1, length_penalty=0.0, data_dir="", seed=0)
+      max_new_tokens=12, num_beams=1, length_penalty=0.0, data_dir="", formats={}, seed=0)
   config.tokens = dict(pad=PAD, eos=EOS, bos=BOS)
   config.summary = dict(batch_size=2, num_images=2, seq_len=64, max_new_tokens=16)
   return config

@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from mmjax import cli, sharding
 from mmjax.data.tokenizer import make_tokenizer
+from mmjax.evaluate.prompts import FORMATS
 from mmjax.layers import REMAT_POLICIES
 from mmjax.layers.mlp import ACTIVATIONS
 from mmjax.tasks import TASKS, get_task
@@ -129,6 +130,12 @@ def _shots(value) -> str | None:
   return None
 
 
+def _formats(value) -> str | None:
+  unknown = sorted(set(value.values()) - set(FORMATS))
+  return f"names unknown prompt formats {unknown}; choose from {sorted(FORMATS)}" if unknown \
+      else None
+
+
 INT, FLOAT, STR, BOOL = (int,), (int, float), (str,), (bool,)
 SEQUENCE = (tuple, list)
 
@@ -213,6 +220,8 @@ SCHEMA = Section({
         "num_beams": Field(INT, min=1, optional=True),  # 1: greedy
         "length_penalty": Field(FLOAT, optional=True),
         "data_dir": Field(STR, optional=True),
+        # {task: a name in mmjax.evaluate.prompts.FORMATS}: its prompt format
+        "formats": Field(Mapping, check=_formats, optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},

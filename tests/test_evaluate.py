@@ -172,8 +172,9 @@ def _toy_config(**evaluate_settings):
 
 
 def test_evaluation_of_a_toy_model_on_the_shapes_world(tmp_path):
-  config, params = _toy_config(trials=2)
+  config, params = _toy_config(trials=2, formats={"vqa": "openflamingo_vqa"})
   results = evaluate.evaluate(config, params, progress=False)
+  assert results.predictions["vqa"][2][0]["prompt"].endswith(" Short answer:")  # by name
   assert set(results.scores) == {"naming", "vqa", "captioning"}
   assert set(results.scores["naming"]) == {0, 2}
   assert results.scores["naming"][0]["chance"] == 0.0

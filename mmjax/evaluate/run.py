@@ -18,7 +18,7 @@ from mmjax import cli, decoding
 from mmjax.data import shapes_world as sw
 from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
-from mmjax.evaluate import benchmarks, rices, scoring, shapes
+from mmjax.evaluate import benchmarks, prompts, rices, scoring, shapes
 from mmjax.evaluate import protocol as protocol_lib
 from mmjax.evaluate.tasks import FewShotTask
 from mmjax.evaluate.prompts import encode_prompts
@@ -61,7 +61,8 @@ SHAPES_TASKS = ("naming", "vqa", "captioning")
 def make_tasks(config: ml_collections.ConfigDict, names: Sequence[str],
                protocol: protocol_lib.Protocol, params=None) -> list:
   """The tasks `names` of a run with `config`: the shapes-world ones (`SHAPES_TASKS`), or
-  benchmarks read from `config.evaluate.data_dir/<name>` (`benchmarks.LAYOUTS`). With
+  benchmarks read from `config.evaluate.data_dir/<name>` (`benchmarks.LAYOUTS`), with the
+  prompt formats `config.evaluate.formats` names (`{task: prompts.FORMATS key}`). With
   `demos="rices"`, demonstrations are retrieved with `config.evaluate.rices_tower` (a
   CLIP run or converted checkpoint) or else the run's own vision tower in `params`."""
   e = config.evaluate
@@ -76,6 +77,9 @@ def make_tasks(config: ml_collections.ConfigDict, names: Sequence[str],
       tasks.append(shapes.example_task(world, name, protocol))
     else:
       tasks.append(benchmarks.make_task(name, e.get("data_dir", ""), image_size))
+  for task in tasks:  # a published setting's prompts, by name (prompts.FORMATS)
+    if isinstance(task, FewShotTask) and task.name in e.get("formats", {}):
+      task.format = prompts.prompt_format(e.formats[task.name])
   if protocol.demos == "rices":
     encoder = (rices.load_clip_image_encoder(e.rices_tower) if e.get("rices_tower")
                else rices.clip_image_encoder(model_config(FlamingoConfig, config).vision,

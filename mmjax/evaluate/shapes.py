@@ -19,6 +19,7 @@ support); zero-shot VQA and captioning have two text-only ones, as for any bench
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -94,9 +95,24 @@ def _example_item(world: sw.ShapesWorld, split: str, index: int, kind: str) -> I
   return Item(f"{split}-{index}", lambda: e.image, {}, e.caption, [e.caption])
 
 
-@functools.lru_cache(maxsize=8)
-def _items(world: sw.ShapesWorld, split: str, size: int, kind: str) -> tuple[Item, ...]:
-  return tuple(_example_item(world, split, i, kind) for i in range(size))
+@dataclasses.dataclass(frozen=True)
+class _Items(Sequence):
+  """The first `size` examples of a split as items, each drawn when first indexed: the
+  protocol reads only the ones it samples."""
+
+  world: sw.ShapesWorld
+  split: str
+  size: int
+  kind: str
+
+  def __len__(self) -> int:
+    return self.size
+
+  @functools.lru_cache(maxsize=None)
+  def __getitem__(self, index: int) -> Item:
+    if not 0 <= index < self.size:
+      raise IndexError(index)
+    return _example_item(self.world, self.split, int(index), self.kind)
 
 
 def example_task(world: sw.ShapesWorld, kind: str, protocol: protocol_lib.Protocol
@@ -104,7 +120,7 @@ def example_task(world: sw.ShapesWorld, kind: str, protocol: protocol_lib.Protoc
   """Shapes-world VQA or captioning: demonstrations from the training split, queries from
   the held-out pairs of the eval split."""
   support = max(protocol.query_set_size, max(protocol.shots))
-  return FewShotTask(kind, kind, _items(world, "train", support, kind),
-                     _items(world, "eval", max(protocol.num_samples, 1), kind),
+  return FewShotTask(kind, kind, _Items(world, "train", support, kind),
+                     _Items(world, "eval", max(protocol.num_samples, 1), kind),
                      FORMATS[f"shapes_{kind}"],
                      max_new_tokens=16 if kind == "captioning" else 4)
