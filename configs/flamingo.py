@@ -9,7 +9,7 @@ The frozen backbones are the runs of configs/clip.py (vision tower) and configs/
 $MMJAX_CACHE (default ~/.cache/mmjax) by a hash of their config, reused afterwards.
 `--config.init.lm.workdir=DIR` takes the LM from another run (or a converted checkpoint),
 `--config.init.lm.steps=20` pretrains it for 20 steps only, `--config.init.lm.steps=0`
-not at all. A smoke run of the whole recipe (backbones included) takes under two minutes
+not at all. A smoke run of the whole recipe (backbones included) takes about 2.5 minutes
 on a 2-core CPU:
 
   python -m mmjax.train --config=configs/flamingo.py --workdir=/tmp/smoke \
