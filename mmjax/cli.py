@@ -12,6 +12,7 @@ traceback, and library chatter stays off the console unless asked for.
 
 import contextlib
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -84,3 +85,8 @@ def duration(seconds: float) -> str:
   seconds = round(seconds)
   hours, rest = divmod(seconds, 3600)
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def cache_root() -> pathlib.Path:
+  """`$MMJAX_CACHE` (default `~/.cache/mmjax`): pretrained backbones, RICES embeddings."""
+  return pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()

@@ -17,7 +17,6 @@ sharding preset are config too (`--config.mesh.fsdp=-1 --config.mesh.data=1`; se
 import hashlib
 import importlib
 import json
-import os
 import pathlib
 import re
 import signal
@@ -306,10 +305,6 @@ class Interrupted(Exception):
   the backbone exits, and resumes the pretraining when started again."""
 
 
-def cache_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
-
-
 def backbone_recipe(init) -> ml_collections.ConfigDict:
   """The config of `configs/<init.recipe>.py:<init.variant>`, with `init.steps` (if not
   -1) as its `train.steps`."""
@@ -334,7 +329,7 @@ def pretrained_workdir(target: str, init) -> pathlib.Path:
     return pathlib.Path(init["workdir"])
   recipe = backbone_recipe(init)
   digest = hashlib.sha256(recipe.to_json(sort_keys=True).encode()).hexdigest()[:12]
-  workdir = cache_root() / "backbones" / f"{init['recipe']}-{digest}"
+  workdir = cli.cache_root() / "backbones" / f"{init['recipe']}-{digest}"
   if not finished(workdir, recipe):
     print(f"Pretraining '{target}' with configs/{init['recipe']}.py:"
           f"{init.get('variant') or 'tiny'} for {recipe.train.steps} steps (cached in "

@@ -3,7 +3,6 @@
 
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -20,7 +19,7 @@ from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import benchmarks, prompts, rices, scoring, shapes
 from mmjax.evaluate import protocol as protocol_lib
-from mmjax.evaluate.tasks import FewShotTask
+from mmjax.evaluate.tasks import FewShotTask, max_prompt_images
 from mmjax.evaluate.prompts import encode_prompts
 from mmjax.models import lm as lm_model
 from mmjax.models.flamingo import FlamingoConfig
@@ -84,10 +83,9 @@ def make_tasks(config: ml_collections.ConfigDict, names: Sequence[str],
     encoder = (rices.load_clip_image_encoder(e.rices_tower) if e.get("rices_tower")
                else rices.clip_image_encoder(model_config(FlamingoConfig, config).vision,
                                              params["vision"]))
-    cache_dir = pathlib.Path(os.environ.get("MMJAX_CACHE", "~/.cache/mmjax")).expanduser()
     for task in tasks:
       if isinstance(task, FewShotTask):
-        task.demo_fn = rices_demo_fn(task, encoder, cache_dir / "rices")
+        task.demo_fn = rices_demo_fn(task, encoder, cli.cache_root() / "rices")
   return tasks
 
 
@@ -190,7 +188,7 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   results = Results(info={"protocol": dataclasses.asdict(protocol), "seconds": {}})
   for task, cells in built:
     length = max(len(tokenizer.encode(p.text, bos=True)) for c in cells for p in c.prompts)
-    max_images = max(len(p.text.split(sw.MEDIA_TOKEN)) - 1 for c in cells for p in c.prompts)
+    max_images = max_prompt_images(cells)
     by_shots: dict[int, list] = {}
     for cell in cells:
       start, outputs = time.monotonic(), []

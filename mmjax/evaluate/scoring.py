@@ -16,7 +16,7 @@ import numpy as np
 from mmjax import decoding
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.evaluate.prompts import answer_text, encode_prompts
-from mmjax.models.flamingo import Flamingo, generate
+from mmjax.models.flamingo import Flamingo, decode_fns, generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,28 +93,17 @@ def continuation_log_probs(model: Flamingo, params, tokens, lengths, images, num
   against that cache (`lax.map` over continuations, `batch_size` at a time); the cache
   is never written back, so each continuation sees only its own prompt.
   """
-  variables = {"params": params}
   b, t = tokens.shape
   num_tokens = continuations.shape[1]
-  media = model.apply(variables, images, method=Flamingo.encode_media)
-  max_len = t + num_tokens
-  cache = decoding.init_cache(
-      model.apply, variables, jnp.zeros((b, max_len), jnp.int32), media=media,
-      num_images=num_images, positions=jnp.broadcast_to(jnp.arange(max_len), (b, max_len)),
-      decode=True, mutable=["cache"])
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits, state = model.apply({**variables, "cache": cache}, tokens, positions=positions,
-                              media=media, num_images=num_images, decode=True,
-                              mutable=["cache"])
-  cache = state["cache"]
+  media = model.apply({"params": params}, images, method=Flamingo.encode_media)
+  step, prefill, cache_for = decode_fns(model, params, media, num_images, t + num_tokens)
+  logits, cache = prefill(cache_for(b), tokens, jnp.broadcast_to(jnp.arange(t), (b, t)))
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)  # b 1 v
 
   def score(args):
     ids, n = args
     ids = jnp.broadcast_to(ids, (b, num_tokens))
-    pos = lengths[:, None] + jnp.arange(num_tokens)
-    out, _ = model.apply({**variables, "cache": cache}, ids, positions=pos, decode=True,
-                         mutable=["cache"])
+    out, _ = step(cache, ids, lengths[:, None] + jnp.arange(num_tokens))
     logp = jax.nn.log_softmax(jnp.concatenate([last, out[:, :-1]], axis=1).astype(jnp.float32))
     token_logp = jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(jnp.arange(num_tokens) < n, token_logp, 0.0), axis=-1)

@@ -166,5 +166,6 @@ class FewShotTask:
 
 
 def max_prompt_images(cells: Sequence[Cell]) -> int:
+  """The most `<image>`s of any prompt of the cells: the image count batches pad to."""
   return max(p.text.count(IMG) for c in cells for p in c.prompts)
 

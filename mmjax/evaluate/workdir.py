@@ -44,7 +44,7 @@ def evaluate_workdir(workdir: str | os.PathLike, *, tasks: Sequence[str] | None 
                      **settings) -> Results:
   """Evaluates the newest verified checkpoint in `workdir`; the results also go to
   `workdir/eval-<step>-<UTC time>.json`, beside earlier ones, never over them. `settings`
-  set other fields of `config.evaluate` (e.g. `benchmarks={"coco": {"root": ...}}`).
+  set other fields of `config.evaluate` (e.g. `data_dir="/data"`).
 
   Raises:
     cli.UserError: `workdir` holds no run or no checkpoint, or a setting is invalid.

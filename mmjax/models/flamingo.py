@@ -149,14 +149,28 @@ def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: ja
   if cfg.lm.position == "learned" and max_len > cfg.lm.max_len:
     raise ValueError(f"Prompt length {t} + max_new_tokens {max_new_tokens} exceeds the LM's "
                      f"learned positions (max_len={cfg.lm.max_len}).")
-  variables = {"params": params}
   if media is None:
-    media = model.apply(variables, images, method=Flamingo.encode_media)
+    media = model.apply({"params": params}, images, method=Flamingo.encode_media)
   if num_images is None:
     num_images = jnp.full((b,), media.shape[1], jnp.int32)
   stop_ids = tuple(stop_ids) if stop_ids is not None else (cfg.endofchunk_token_id,)
+  step, prefill, cache_for = decode_fns(model, params, media, num_images, max_len)
+  return decoding.decode(step, cache_for, prompt, prompt_lengths, rng,
+                         max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                         sampling=sampling, beams=beams, prefill_fn=prefill)
 
-  def run(cache, tokens, positions, **media_kw):
+
+def decode_fns(model: Flamingo, params: Any, media: jax.Array, num_images: jax.Array,
+               max_len: int) -> tuple[decoding.StepFn, decoding.StepFn, Any]:
+  """`(step, prefill, cache_for)`: KV-cached decoding of a Flamingo, as `decoding` takes it.
+
+  `prefill(cache, tokens, positions)` consumes prompts with their `media "b T n e"`
+  (caching the media's projections), `step` continues them from the cache, and
+  `cache_for(n)` is an empty cache for `n` rows of up to `max_len` positions.
+  """
+  variables = {"params": params}
+
+  def step(cache, tokens, positions, **media_kw):
     logits, state = model.apply({**variables, "cache": cache}, tokens, positions=positions,
                                 decode=True, mutable=["cache"], **media_kw)
     return logits, state["cache"]
@@ -164,11 +178,9 @@ def generate(model: Flamingo, params: Any, prompt: jax.Array, prompt_lengths: ja
   def cache_for(n):  # only the inputs' shapes matter
     return decoding.init_cache(
         model.apply, variables, jnp.zeros((n, max_len), jnp.int32),
-        media=jnp.zeros((n,) + media.shape[1:], media.dtype), num_images=jnp.zeros((n,), jnp.int32),
+        media=jnp.zeros((n,) + media.shape[1:], media.dtype),
+        num_images=jnp.zeros((n,), jnp.int32),
         positions=jnp.broadcast_to(jnp.arange(max_len), (n, max_len)), decode=True,
         mutable=["cache"])
 
-  prefill = functools.partial(run, media=media, num_images=num_images)
-  return decoding.decode(run, cache_for, prompt, prompt_lengths, rng,
-                         max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                         sampling=sampling, beams=beams, prefill_fn=prefill)
+  return step, functools.partial(step, media=media, num_images=num_images), cache_for
