@@ -157,6 +157,9 @@ BACKBONE = Section({
     "workdir": Field(STR, optional=True),
     # The subtree of the source's parameters to graft ("" for all; "image" for CLIP's).
     "source": Field(STR, optional=True),
+    # A regex on the source's '/'-joined parameter paths (within `source`) that the
+    # target leaves out on purpose (BLIP-2's stage 2 drops the Q-Former's text parts).
+    "drop": Field(STR, check=_regex, optional=True),
 })
 
 SCHEMA = Section({

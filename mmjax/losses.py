@@ -39,3 +39,20 @@ def contrastive_loss(image: jax.Array, text: jax.Array,
   image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
   return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """`logits "... k"`, integer `labels "..."` -> `"..."` cross-entropies against the
+  one-hot labels smoothed as torch's `label_smoothing` does:
+  `(1 - label_smoothing) * one_hot + label_smoothing / k`."""
+  logits = logits.astype(jnp.float32)
+  k = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, k) * (1 - label_smoothing) + label_smoothing / k
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def query_text_similarity(image: jax.Array, text: jax.Array) -> jax.Array:
+  """BLIP-2's image-text similarity: `image "b q k"` (one embedding per query), `text
+  "c k"` -> `"b c"`, the largest query-text dot product for each image and text."""
+  return jnp.max(jnp.einsum("bqk,ck->bcq", image, text), axis=-1)

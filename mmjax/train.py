@@ -198,7 +198,10 @@ def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
   init = jax.jit(lambda rng: nn.unbox(parts.init_params(rng)), out_shardings=param_sh)
   params = init(jax.random.key(config.seed))
   if pretrained:
-    params = sharding.place(load_pretrained(params, config), param_sh)
+    params = load_pretrained(params, config)
+  if hasattr(parts.task, "initial_params"):
+    params = parts.task.initial_params(params)
+  params = sharding.place(params, param_sh)
   trainable, frozen = partition_params(params, config.trainable)
   opt_state = jax.jit(parts.tx.init, out_shardings=parts.shardings["opt_state"])(trainable)
   step = jax.device_put(jnp.int32(0), parts.shardings["step"])
@@ -215,9 +218,9 @@ def make_train_step(config, parts: Parts):
   accum = config.optim.accum_steps
   skip_nonfinite = config.train.nonfinite == "skip"
 
-  def loss_sum(trainable, frozen, batch):
-    total, count, metrics = task.loss_terms(model, merge_params(trainable, frozen), batch)
-    return total, (count, metrics)
+  def loss_sum(trainable, frozen, batch, rng):
+    total, count, terms = task.loss_terms(model, merge_params(trainable, frozen), batch, rng)
+    return total, (count, terms)
 
   def only_token_rows(tree):
     # Applied to the gradients, so that clipping and Adam see only the rows that train,
@@ -237,16 +240,21 @@ def make_train_step(config, parts: Parts):
     # Micro-batches are summed, then divided by the total token count: the same update
     # as one batch of `accum` times the size.
     micro = jax.tree_util.tree_map(micro_batches, batch)
+    # Randomness inside the loss (BLIP-2's hard negatives) is a function of the step and
+    # the micro-batch, so a resumed run draws what an uninterrupted one would.
+    rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
 
-    def accumulate(carry, mb):
+    def accumulate(carry, mb_index):
       grads, total, count = carry
-      (t, (c, _)), g = jax.value_and_grad(loss_sum, has_aux=True)(
-          state["params"], state["frozen"], mb)
-      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c), None
+      mb, index = mb_index
+      (t, (c, terms)), g = jax.value_and_grad(loss_sum, has_aux=True)(
+          state["params"], state["frozen"], mb, jax.random.fold_in(rng, index))
+      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c), terms
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
     zero = jnp.zeros((), jnp.float32)
-    (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, zero, zero), micro)
+    (grads, total, count), terms = jax.lax.scan(accumulate, (zeros, zero, zero),
+                                                (micro, jnp.arange(accum)))
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
     grads = only_token_rows(grads)
     loss = losses.safe_mean(total, count)
@@ -263,7 +271,9 @@ def make_train_step(config, parts: Parts):
     nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g))
                        for k, g in checkpoints.flat_params(grads).items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
+    # The task's own terms (each loss of a multi-objective task), averaged over micro-batches.
+    terms = {f"loss/{name}": jnp.mean(value) for name, value in terms.items()}
+    metrics = {**terms, "loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
                "lr": schedule(state["step"]), "loss_terms": count, "finite": finite}
     return new_state, metrics, nonfinite_grads
 
@@ -275,7 +285,8 @@ def make_train_step(config, parts: Parts):
 
 def make_eval_step(parts: Parts):
   def step(trainable, frozen, batch):
-    total, count, _ = parts.task.loss_terms(parts.model, merge_params(trainable, frozen), batch)
+    total, count, _ = parts.task.loss_terms(parts.model, merge_params(trainable, frozen), batch,
+                                            jax.random.key(0))
     return total, count
   return jax.jit(sharding.with_rules(step, parts.mesh, parts.rules))
 
@@ -357,6 +368,10 @@ def load_pretrained(params: dict, config) -> dict:
           raise cli.UserError(f"has no {part!r} subtree to take as {field}.source; it "
                               f"has {sorted(source)}")
         source = source[part]
+      if init.get("drop"):
+        source = checkpoints.tree_params({
+            k: v for k, v in checkpoints.flat_params(source).items()
+            if not re.search(init["drop"], k)})
       params = checkpoints.graft(params, target, source, may_stay_new=config.trainable,
                                  origin=f"the checkpoint of {workdir}")
     except (FileNotFoundError, ValueError) as e:  # no checkpoint there, or not this model's
@@ -433,7 +448,9 @@ class MetricsLog:
 
   def progress(self, step: int, values: dict[str, float]) -> None:
     eta = (self.total - step) / max(values["steps_per_s"], 1e-9)
-    print(f"step {step}/{self.total} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+    terms = "".join(f" {k[5:]} {v:.4f}" for k, v in values.items() if k.startswith("loss/"))
+    terms = f" ({terms[1:]})" if terms else ""
+    print(f"step {step}/{self.total} | loss {values['loss']:.4f}{terms} | lr {values['lr']:.2e} | "
           f"grad_norm {values['grad_norm']:.3f} | {values['examples_per_s']:.1f} ex/s "
           f"{values['tokens_per_s']:.0f} tok/s | ETA {cli.duration(eta)}",
           flush=True)

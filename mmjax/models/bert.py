@@ -54,6 +54,15 @@ class BertConfig:
                        f"num_heads={self.num_heads}.")
 
 
+def post_norm(x: jax.Array, sublayer: nn.Module, norm_eps: float, *args, **kwargs
+              ) -> jax.Array:
+  """`norm(x + sublayer(x, *args, **kwargs))`, the norm named `<sublayer name>_norm` (with
+  the sublayer's dtypes): BERT's post-norm sub-block, called inside a compact method."""
+  h = sublayer(x, *args, **kwargs)
+  return Norm("layernorm", norm_eps, name=f"{sublayer.name}_norm", dtype=sublayer.dtype,
+              param_dtype=sublayer.param_dtype)(x + h)
+
+
 class BertLayer(nn.Module):
   """Post-norm bidirectional layer, `x "b t d" -> "b t d"`; `mask` is boolean `"b t s"` or
   `"b h t s"` (True where a query may attend to a key), None to attend everywhere."""
@@ -64,17 +73,11 @@ class BertLayer(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-
-    def sub_block(x, sublayer, *args, **kwargs):
-      # Post-norm: the residual sum is normalised; the norm is named after the sublayer.
-      h = sublayer(x, *args, **kwargs)
-      return Norm("layernorm", cfg.norm_eps, name=f"{sublayer.name}_norm", **kw)(x + h)
-
-    x = sub_block(x, Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads,
+    x = post_norm(x, Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads,
                                use_bias=True, implementation=cfg.attention_impl, name="attn",
-                               **kw), mask=mask)
-    x = sub_block(x, Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True,
-                         name="mlp", **kw))
+                               **kw), cfg.norm_eps, mask=mask)
+    x = post_norm(x, Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True,
+                         name="mlp", **kw), cfg.norm_eps)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 

@@ -175,32 +175,41 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                token_mask: jax.Array | None = None, media: jax.Array | None = None,
-               media_mask: jax.Array | None = None, decode: bool = False,
-               return_hidden: bool = False) -> jax.Array:
+               media_mask: jax.Array | None = None, prefix: jax.Array | None = None,
+               decode: bool = False, return_hidden: bool = False) -> jax.Array:
     """Runs the LM.
 
     Args:
       tokens: `"b t"` token ids.
       positions: `"b t"` absolute positions; default `0..t-1`. Required when decoding.
-      token_mask: `"b t"` True for real tokens; padding keys are hidden from every query.
+        With a `prefix`, `"b (p + t)"`: the prefix's, then the tokens'.
+      token_mask: `"b t"` True for real tokens (`"b (p + t)"` with a prefix); padding keys
+        are hidden from every query.
         Right padding needs no mask (causality already hides it).
       media: `"b s e"` visual tokens for the cross-attention blocks (s = images x
         latents). In decode mode, pass it on the first (prefill) call only.
       media_mask: `"b t s"` which visual tokens each text token may attend to.
+      prefix: `"b p d"` embeddings read before the tokens (a soft prompt: BLIP-2's
+        projected queries); the outputs are the tokens' only. When decoding, pass it on
+        the first call only.
       decode: incremental decoding with the KV cache (see `Attention`).
       return_hidden: return the final normalised hidden states `"b t d"` instead.
     """
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
-    b, t = tokens.shape
+    embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("vocab", "embed")), name="embed", **kw)
+    x = embed(tokens)
+    if prefix is not None:
+      if prefix.shape[-1] != cfg.width:
+        raise ValueError(f"LanguageModel: the prefix is {prefix.shape[-1]} wide, the LM "
+                         f"{cfg.width}.")
+      x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    b, t = x.shape[:2]
     if positions is None:
       if decode:
         raise ValueError("LanguageModel: decoding needs explicit `positions`.")
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-
-    embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("vocab", "embed")), name="embed", **kw)
-    x = embed(tokens)
     if cfg.position == "learned":
       x = x + LearnedPositions(cfg.max_len, cfg.width, kw["param_dtype"],
                                name="positions")(positions).astype(x.dtype)
@@ -230,6 +239,8 @@ class LanguageModel(nn.Module):
       x = _layer_and_block(x, cfg, self.xattn if i in xattn_layers else None, f"layers_{i}",
                            f"xattn_{i}", *inputs, index=i)
     x = Norm(cfg.norm, cfg.norm_eps, use_bias=_norm_bias(cfg), name="final_norm", **kw)(x)
+    if prefix is not None:
+      x = x[:, prefix.shape[1]:]
     if return_hidden:
       return x
     if cfg.tie_embeddings:

@@ -6,7 +6,12 @@ A task module provides:
     type and range (`mmjax.config.validate` checks those, then calls this)
   build_model(config) -> flax module
   init_inputs(config) -> (args, kwargs) of one dummy forward pass for `model.init`
-  loss_terms(model, params, batch) -> (loss_sum, count, metrics): see `mmjax.losses`.
+  loss_terms(model, params, batch, rng) -> (loss_sum, count, terms): see `mmjax.losses`;
+    `rng` is a key drawn per step and micro-batch (fixed in evaluation), `terms` a dict
+    of scalars (each loss of a multi-objective task) logged beside the loss.
+and optionally
+  initial_params(params) -> params: the fresh parameters (pretrained backbones grafted)
+    as training starts from them.
 The trainer picks the module named by `config.task`.
 """
 
@@ -17,7 +22,7 @@ from types import ModuleType
 from mmjax.cli import UserError
 from mmjax.models.common import config_from_dict
 
-TASKS = ("lm", "clip", "flamingo")
+TASKS = ("lm", "clip", "flamingo", "blip2")
 
 
 def get_task(name: str) -> ModuleType:

@@ -30,7 +30,8 @@ def init_inputs(config):
           jnp.ones((1, config.data.seq_len), jnp.int32)), {}
 
 
-def loss_terms(model, params, batch):
+def loss_terms(model, params, batch, rng):
+  del rng  # deterministic
   image, text, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
   batch_size = jnp.float32(image.shape[0])
   # As a (sum, count) pair so that the trainer's mean is the loss itself.

@@ -37,7 +37,8 @@ def init_inputs(config):
           jnp.ones((1,), jnp.int32)), {}
 
 
-def loss_terms(model, params, batch):
+def loss_terms(model, params, batch, rng):
+  del rng  # deterministic
   logits = model.apply({"params": params}, batch["tokens"], batch["images"],
                        batch["num_images"])
   total, count = losses.next_token_loss(logits, batch["targets"], batch["loss_mask"],

@@ -22,7 +22,8 @@ def init_inputs(config):
   return (jnp.zeros((1, config.data.seq_len), jnp.int32),), {}
 
 
-def loss_terms(model, params, batch):
+def loss_terms(model, params, batch, rng):
+  del rng  # deterministic
   logits = model.apply({"params": params}, batch["tokens"])
   total, count = losses.next_token_loss(logits, batch["targets"], batch["loss_mask"],
                                         batch.get("loss_weight"))
