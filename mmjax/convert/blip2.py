@@ -264,6 +264,11 @@ def blip2_config(hf: dict[str, Any], stage: int) -> tuple[Blip2Config, dict[str,
   qformer, qformer_text = qformer_config(q, num_queries, vision.width)
   facts = {"qkv_bias": v.get("qkv_bias", VISION_DEFAULTS["qkv_bias"]),
            "qformer_text": qformer_text}
+  if stage == 1 and not qformer_text:
+    raise common.ConversionError(
+        "BLIP-2 retrieval (stage 1, no language_model.* tensors) with "
+        "qformer_config.use_qformer_text_input=false is not supported: its text passes run "
+        "the Q-Former's text feed-forwards, which that setting leaves out.")
   lm_cfg = None
   if stage == 2:
     facts["text"] = _text_config(f)
@@ -293,10 +298,6 @@ def blip2_params(state: dict[str, np.ndarray], cfg: Blip2Config, facts: dict[str
   params["qformer"]["queries"] = read("query_tokens", (1, q.num_queries, d)).reshape(
       q.num_queries, d)
   if stage1:
-    if not facts["qformer_text"]:
-      raise common.ConversionError(
-          "A BLIP-2 retrieval checkpoint needs qformer_config.use_qformer_text_input=true "
-          "(the text feed-forwards its text passes run); this config says false.")
     params["qformer"]["embed"] = {"embedding": read("embeddings.word_embeddings.weight",
                                                     (q.vocab_size, d))}
     params["qformer"]["positions"] = {"embedding": read(
@@ -317,6 +318,10 @@ def blip2_params(state: dict[str, np.ndarray], cfg: Blip2Config, facts: dict[str
         "the Q-Former's text feed-forwards: stage 2 runs the queries alone")
   read.finish(ignored)
   return params
+
+
+# transformers' class (the config's `architectures`) -> the stage it converts to.
+STAGES = {"Blip2ForConditionalGeneration": 2, "Blip2ForImageTextRetrieval": 1}
 
 
 def stage_of(state: dict[str, np.ndarray]) -> int:
@@ -346,8 +351,17 @@ def convert_blip2(hf_dir: str | pathlib.Path) -> tuple[Blip2Config, dict[str, An
   Blip2ForConditionalGeneration (stage 2, with `lm`) or a Blip2ForImageTextRetrieval
   (stage 1)."""
   hf = common.read_hf_config(hf_dir)
-  state = common.read_hf_weights(hf_dir)
-  cfg, facts = blip2_config(hf, stage_of(state))
+  stages = {STAGES[a] for a in hf.get("architectures") or () if a in STAGES}
+  if len(stages) == 1:  # the config is checked before the weights are read
+    cfg, facts = blip2_config(hf, stages.pop())
+    state = common.read_hf_weights(hf_dir)
+  else:
+    state = common.read_hf_weights(hf_dir)
+    cfg, facts = blip2_config(hf, stage_of(state))
+  if stage_of(state) != (1 if cfg.lm is None else 2):
+    raise common.ConversionError(
+        f"{hf_dir}'s config says {hf.get('architectures')}, but its weights "
+        f"{'have' if cfg.lm is None else 'have no'} language_model.* tensors.")
   params = blip2_params(state, cfg, facts)
   check_blip2(params, cfg)
   return cfg, params
