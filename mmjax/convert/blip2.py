@@ -3,7 +3,10 @@
   Blip2ForConditionalGeneration (a decoder-only LM, OPT) -> a stage-2 `Blip2` with `lm`;
   Blip2ForImageTextRetrieval (the stage-1 Q-Former with its text embeddings and the ITC
   and ITM heads) -> a stage-1 `Blip2` without `lm`.
-Which one a directory holds follows from its tensors (`language_model.*`). Its parts
+Which one a directory holds follows from its config's `architectures` (or, without it, from
+its tensors: `language_model.*`). transformers' retrieval model has neither BLIP-2's
+captioning head (`text_head`, ITG) nor its contrastive temperature: the stage-1 parameters
+are those of `Blip2.contrastive` and `Blip2.matching`, with `temp` at `Blip2Config.temp`. Its parts
 convert on their own too: the vision tower (`vision_model.*`, or a `Blip2VisionModel`
 directory, `convert_blip2_vision`) and the Q-Former (`qformer.*`, `qformer_params`).
 
@@ -47,13 +50,10 @@ VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_laye
                        hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True)
 
 
-def _vision_ignored(prefix: str) -> dict[str, str]:
-  return {f"{prefix}attention_dropout": common.DROPOUT, f"{prefix}dropout": common.DROPOUT,
-          f"{prefix}projection_dim": "written by older transformers; no vision projection "
-                                     "exists in BLIP-2 (the Q-Former reads the tokens)"}
-
-
-VISION_IGNORED_FIELDS = _vision_ignored("")
+VISION_IGNORED_FIELDS = {
+    "attention_dropout": common.DROPOUT, "dropout": common.DROPOUT,
+    "projection_dim": "written by older transformers; BLIP-2's vision tower has no "
+                      "projection (the Q-Former reads its tokens)"}
 
 
 def _square(f: common.Fields, name: str) -> int:
@@ -305,7 +305,8 @@ def blip2_params(state: dict[str, np.ndarray], cfg: Blip2Config, facts: dict[str
     for name, hf in (("vision_proj", "vision_projection"), ("text_proj", "text_projection")):
       params[name] = common.linear(read, hf, (d,), (cfg.embed_dim,), bias=True)
     params["itm_head"] = common.linear(read, "itm_head", (d,), (2,), bias=True)
-    # transformers returns cosine similarities; LAVIS's temperature was not converted.
+    # No temperature in transformers' checkpoint (its ITC scores are plain cosine
+    # similarities; its conversion dropped LAVIS's `temp`): Blip2Config's initial value.
     params["temp"] = np.asarray(cfg.temp, np.float32)
   else:
     params["lm_proj"] = common.linear(read, "language_projection", (d,), (cfg.lm.width,),
