@@ -42,6 +42,9 @@ def check_config(config) -> list[str]:
       found.append(f"config.data.batch_size={config.data.batch_size}: stage 1's image-text "
                    "matching draws each negative from the other pairs of the batch; use 2 "
                    "or more")
+  if "evaluate" in config and tuple(config.evaluate.shots) != (0,):
+    found.append(f"config.evaluate.shots={tuple(config.evaluate.shots)}: BLIP-2 answers "
+                 "zero-shot (one image, no demonstrations); set it to (0,)")
   if model.vision.width != model.qformer.encoder_width:
     found.append(f"config.model.qformer.encoder_width={model.qformer.encoder_width} differs "
                  f"from config.model.vision.width={model.vision.width}, the width of the "
