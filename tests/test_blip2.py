@@ -220,3 +220,20 @@ def test_stage2_decoding_with_the_cache_equals_the_full_forward():
   for r in range(4):
     steps = lengths[r] - 1 + jnp.arange(4)
     np.testing.assert_array_equal(jnp.argmax(logits[r, steps], -1), out.tokens[r])
+
+
+def blip2_config(stage: int = 1, **data):
+  """The BLIP-2 recipe at toy size: 32px images, 32-wide towers, no pretrained parts."""
+  from mmjax.configs import blip2 as recipe
+  config = recipe.get_config("stage1" if stage == 1 else "tiny")
+  model = config.model
+  model.vision.update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2)
+  model.qformer.update(width=32, depth=2, num_heads=2, num_queries=4, encoder_width=32)
+  model.embed_dim = 16
+  if stage == 2:
+    model.lm.update(width=32, depth=2, num_heads=2)
+  config.data.update(image_size=32, batch_size=8, **data)
+  for entry in (*config.data.datasets.values(), *config.data.eval_datasets.values()):
+    entry.source.image_size = 32
+  config.init = {}
+  return config
