@@ -4,6 +4,7 @@ gives transformers' logits, encoder outputs with a prefix of embeddings, and gre
 beam search outputs; its relative position buckets are T5's; decoding with the KV cache
 gives the full forward's logits."""
 
+import functools
 import json
 import math
 
@@ -85,11 +86,11 @@ def test_logits_are_transformers(converted):
     out = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(valid.astype(int)),
              decoder_input_ids=torch.tensor(decoder))
   model = T5(cfg)
-  logits = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(decoder),
-                       token_mask=jnp.asarray(valid))
+  logits, encoded = jax.jit(lambda params, tokens, valid, decoder: (
+      model.apply({"params": params}, tokens, decoder, token_mask=valid),
+      model.apply({"params": params}, tokens, valid, method=T5.encode)))(
+          params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(decoder))
   np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4, rtol=0)
-  encoded = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(valid),
-                        method=T5.encode)
   expected = out.encoder_last_hidden_state.numpy()
   assert np.abs(np.asarray(encoded) - expected)[valid].max() < 1e-4
 
@@ -103,8 +104,8 @@ def test_encoder_with_a_prefix_is_transformers_with_its_embeddings_in_front(conv
   with torch.no_grad():
     expected = hf.encoder(inputs_embeds=torch.tensor(embeds),
                           attention_mask=torch.tensor(mask.astype(int))).last_hidden_state
-  encoded = T5(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(valid),
-                          prefix=jnp.asarray(prefix), method=T5.encode)
+  encoded = jax.jit(functools.partial(T5(cfg).apply, method=T5.encode))(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(valid), prefix=jnp.asarray(prefix))
   assert encoded.shape == (3, 17, 32)
   assert np.abs(np.asarray(encoded) - expected.numpy())[mask].max() < 1e-4
 
@@ -114,6 +115,8 @@ def test_generation_gives_transformers_tokens(converted, beams):
   flavour, hf, cfg, params = converted
   if flavour == "flan-v5":
     pytest.skip("transformers' generate needs as many decoder layers as encoder layers")
+  if beams and flavour != "flan-hub":
+    pytest.skip("beam search once is enough: it shares the decoding steps with greedy")
   tokens, valid, _ = _inputs(3)
   with torch.no_grad():
     expected = hf.generate(input_ids=torch.tensor(tokens),
@@ -158,31 +161,30 @@ def test_relative_position_buckets_are_t5s(bidirectional, num_buckets, max_dista
   assert max(expected) == last  # the distances reach the logarithmic buckets' cap
 
 
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scanned"])
-def test_decoding_with_the_cache_gives_the_full_forward(scan_layers):
+def test_decoding_with_the_cache_gives_the_full_forward():
+  """Scanned layers, whose caches stack on a layer axis (the generation tests decode
+  layer by layer)."""
   cfg = T5Config(vocab_size=VOCAB, width=32, depth=2, decoder_depth=3, num_heads=4,
                  head_dim=8, mlp_dim=64, activation="gelu", gated_mlp=True,
                  relative_buckets=8, relative_max_distance=12, tie_embeddings=False,
-                 scan_layers=scan_layers)
+                 scan_layers=True)
   model = T5(cfg)
-  tokens, valid, decoder = _inputs(4)
-  params = model.init(jax.random.key(0), jnp.asarray(tokens), jnp.asarray(decoder))["params"]
-  full = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(decoder),
-                     token_mask=jnp.asarray(valid))
-  encoded = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(valid),
-                        method=T5.encode)
+  tokens, valid, decoder = (jnp.asarray(x) for x in _inputs(4))
+  params = jax.jit(model.init)(jax.random.key(0), tokens, decoder)["params"]
+  full, encoded = jax.jit(lambda params: (
+      model.apply({"params": params}, tokens, decoder, token_mask=valid),
+      model.apply({"params": params}, tokens, valid, method=T5.encode)))(params)
   b, t = decoder.shape
-  _, state = model.apply({"params": params}, jnp.zeros((b, t), jnp.int32), encoded,
-                         jnp.asarray(valid), positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
-                         decode=True, method=T5.decode, mutable=["cache"])
-  cache = jax.tree_util.tree_map(jnp.zeros_like, state["cache"])
+  step = jax.jit(functools.partial(model.apply, method=T5.decode, decode=True,
+                                   mutable=["cache"]))
+  cache = decoding.init_cache(step, {"params": params}, jnp.zeros((b, t), jnp.int32), encoded,
+                              valid, positions=jnp.broadcast_to(jnp.arange(t), (b, t)))
   steps = []
   for i in range(t):  # the encoder's output is passed on the first step only
     first = i == 0
-    logits, state = model.apply(
-        {"params": params, "cache": cache}, jnp.asarray(decoder[:, i:i + 1]),
-        encoded if first else None, jnp.asarray(valid) if first else None,
-        positions=jnp.full((b, 1), i), decode=True, method=T5.decode, mutable=["cache"])
+    logits, state = step({"params": params, "cache": cache}, decoder[:, i:i + 1],
+                         encoded if first else None, valid if first else None,
+                         positions=jnp.full((b, 1), i))
     cache = state["cache"]
     steps.append(logits[:, 0])
   np.testing.assert_allclose(jnp.stack(steps, 1), full, atol=1e-5, rtol=0)
