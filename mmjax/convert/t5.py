@@ -40,12 +40,15 @@ FEED_FORWARD = ({name: (act, False) for name, act in common.HF_ACTIVATIONS.items
                 | {"gated-gelu": ("gelu_tanh", True)})
 
 
-def t5_config(hf: dict[str, Any]) -> T5Config:
+def t5_config(hf: dict[str, Any] | common.Fields) -> T5Config:
   """The `T5Config` of a Hugging Face T5 config, every field read or ignored on purpose
   (`IGNORED_FIELDS`). A config written by transformers 5 says nothing of whether the output
   layer is tied (see the module docstring): it is taken as tied here, and `convert_t5`
-  unties it when the checkpoint holds its own `lm_head.weight`."""
-  f = common.Fields(hf, "T5")
+  unties it where `has_own_output_layer`.
+
+  Given `Fields` (a T5 nested in another model's config, e.g. BLIP-2's `text_config`),
+  only reads them: the caller finishes them, with `IGNORED_FIELDS` under its prefix."""
+  f = hf if isinstance(hf, common.Fields) else common.Fields(hf, "T5")
   f.require("model_type", ("t5",))
   activation, gated = f.choice("feed_forward_proj", FEED_FORWARD, "relu")
   tied = f.get("tie_word_embeddings", True)
@@ -71,7 +74,8 @@ def t5_config(hf: dict[str, Any]) -> T5Config:
       norm_eps=f.get("layer_norm_epsilon", 1e-6), tie_embeddings=bool(tied),
       scale_output=bool(scale), pad_id=f.get("pad_token_id", 0),
       decoder_start_id=f.get("decoder_start_token_id", f.get("pad_token_id", 0)), eos_id=eos)
-  f.finish(IGNORED_FIELDS)
+  if not isinstance(hf, common.Fields):
+    f.finish(IGNORED_FIELDS)
   return cfg
 
 
@@ -101,9 +105,10 @@ def _layer(read: common.Reader, p: str, cfg: T5Config, decoder: bool) -> dict:
   return out
 
 
-def t5_params(state: dict[str, np.ndarray], cfg: T5Config) -> dict:
-  """`T5(cfg)`'s parameters from a T5ForConditionalGeneration state dict."""
-  read = common.Reader(state)
+def read_t5(read: common.Reader, cfg: T5Config) -> dict:
+  """`T5(cfg)`'s parameters, read (relative to `read.prefix`) from a
+  T5ForConditionalGeneration's tensors; the caller finishes `read` (with
+  `IGNORED_TENSORS` under its prefix)."""
   d = cfg.width
   embedding = read("shared.weight", (cfg.vocab_size, d))
   params = {"embed": {"embedding": embedding}}
@@ -117,15 +122,28 @@ def t5_params(state: dict[str, np.ndarray], cfg: T5Config) -> dict:
         "final_norm": common.norm(read, f"{stack}.final_layer_norm", d, bias=False)}
     for i in range(depth):
       params[stack][f"layers_{i}"] = _layer(read, f"{stack}.block.{i}.", cfg, decoder)
-  common.output_layer(read, params, cfg, "shared.weight")
+  if cfg.tie_embeddings:
+    read.tied("lm_head.weight", embedding, "shared.weight")
+  else:
+    params["lm_head"] = {"kernel": read("lm_head.weight", (cfg.vocab_size, d)).T}
+  return params
+
+
+def t5_params(state: dict[str, np.ndarray], cfg: T5Config) -> dict:
+  """`T5(cfg)`'s parameters from a T5ForConditionalGeneration state dict, every tensor
+  consumed or ignored on purpose (`IGNORED_TENSORS`)."""
+  read = common.Reader(state)
+  params = read_t5(read, cfg)
   read.finish(IGNORED_TENSORS)
   return params
 
 
-def _has_own_output_layer(hf: dict[str, Any], state: dict[str, np.ndarray]) -> bool:
+def has_own_output_layer(hf: dict[str, Any], state: dict[str, np.ndarray],
+                         prefix: str = "") -> bool:
   """Whether transformers 5 (whose configs have `scale_decoder_outputs`) keeps the
-  checkpoint's `lm_head.weight` as its own layer: when it differs from `shared.weight`."""
-  head, shared = state.get("lm_head.weight"), state.get("shared.weight")
+  checkpoint's `<prefix>lm_head.weight` as its own layer: when it differs from
+  `<prefix>shared.weight`."""
+  head, shared = state.get(prefix + "lm_head.weight"), state.get(prefix + "shared.weight")
   return ("scale_decoder_outputs" in hf and head is not None and not (
       shared is not None and head.shape == shared.shape and np.array_equal(head, shared)))
 
@@ -136,7 +154,7 @@ def convert_t5(hf_dir: str | pathlib.Path) -> tuple[T5Config, dict]:
   hf = common.read_hf_config(hf_dir)
   cfg = t5_config(hf)
   state = common.read_hf_weights(hf_dir)
-  if cfg.tie_embeddings and _has_own_output_layer(hf, state):
+  if cfg.tie_embeddings and has_own_output_layer(hf, state):
     cfg = dataclasses.replace(cfg, tie_embeddings=False)
   params = t5_params(state, cfg)
   common.check_tree(params, T5(cfg), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32))
