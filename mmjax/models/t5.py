@@ -117,7 +117,7 @@ def relative_position_bucket(relative: jax.Array, *, bidirectional: bool, num_bu
   else:
     distance = jnp.maximum(-relative, 0)
   exact = num_buckets // 2
-  # float32 as the reference computes it; log(0) of the exact distances is never used.
+  # In float32, as the reference computes it (the exact distances skip the logarithm).
   scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact)
             / math.log(max_distance / exact) * (num_buckets - exact))
   wide = jnp.minimum(exact + scaled.astype(jnp.int32), num_buckets - 1)
