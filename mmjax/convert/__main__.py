@@ -1,6 +1,6 @@
 """`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
 
-  python -m mmjax.convert --hf_dir=DIR --output=OUT          # LM, CLIP, BERT or IDEFICS
+  python -m mmjax.convert --hf_dir=DIR --output=OUT          # LM, CLIP, BERT, T5, IDEFICS
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
 
@@ -19,6 +19,7 @@ from mmjax.convert.clip import convert_clip
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.lm import LM_TYPES, convert_lm
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.t5 import convert_t5
 
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
 flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
@@ -34,7 +35,7 @@ flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the en
                      "token id.")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
-SUPPORTED = LM_TYPES + ("clip", "bert", "idefics")
+SUPPORTED = LM_TYPES + ("clip", "bert", "t5", "idefics")
 
 
 def main(argv):
@@ -68,6 +69,8 @@ def main(argv):
     task, (cfg, params) = "clip", convert_clip(hf_dir)
   elif kind == "bert":
     task, (cfg, params) = "bert", convert_bert(hf_dir)
+  elif kind == "t5":
+    task, (cfg, params) = "t5", convert_t5(hf_dir)
   elif kind in LM_TYPES:
     task, (cfg, params) = "lm", convert_lm(hf_dir)
   else:
