@@ -23,6 +23,7 @@ from mmjax.evaluate.tasks import FewShotTask, max_prompt_images
 from mmjax.evaluate.prompts import encode_prompts
 from mmjax.models import lm as lm_model
 from mmjax.models.flamingo import FlamingoConfig
+from mmjax.tasks import blip2 as blip2_task
 from mmjax.tasks import flamingo as flamingo_task
 from mmjax.tasks import lm as lm_task
 from mmjax.tasks import model_config
@@ -158,10 +159,13 @@ def _model_fns(config, params):
       return [tokenizer.decode(row).strip() for row in np.asarray(next_token(tokens, lengths))]
 
     return answer, None, tokenizer
-  model = flamingo_task.build_model(config)
   e = config.evaluate
   beams = (decoding.BeamConfig(e.num_beams, e.get("length_penalty", 0.0))
            if e.get("num_beams", 1) > 1 else None)
+  if config.task == "blip2":
+    return (scoring.make_blip2_answer_fn(blip2_task.build_model(config), tokenizer,
+                                         e.max_new_tokens, beams), None, tokenizer)
+  model = flamingo_task.build_model(config)
   answer = scoring.make_answer_fn(model, tokenizer, e.max_new_tokens, beams)
   return answer, scoring.make_rank_fn(model, tokenizer), tokenizer
 

@@ -1,5 +1,5 @@
 """A Flamingo's answers to batches of few-shot prompts: generated text, or class names
-ranked by their log-likelihood after the prompt.
+ranked by their log-likelihood after the prompt; a BLIP-2's zero-shot answers.
 
 Both pad every batch to one token length and one image count, so that all the cells of an
 evaluation (tasks x shots) share one compilation per batch size.
@@ -15,7 +15,8 @@ import numpy as np
 
 from mmjax import decoding
 from mmjax.data.tokenizer import Tokenizer
-from mmjax.evaluate.prompts import answer_text, encode_prompts
+from mmjax.evaluate.prompts import IMG, answer_text, encode_prompts
+from mmjax.models import blip2
 from mmjax.models.flamingo import Flamingo, decode_fns, generate
 
 
@@ -59,6 +60,35 @@ def make_answer_fn(model: Flamingo, tokenizer: Tokenizer, max_new_tokens: int,
     images, num_images = pad_images(prompts, max_images)
     tokens_out, lengths_out = map(np.asarray, answer(
         params, tokens, lengths, images, num_images,
+        max_new_tokens=max_new_tokens or default_max_new_tokens))
+    return [answer_text(tokenizer, t, n, task)
+            for t, n in zip(tokens_out, lengths_out, strict=True)]
+
+  return run
+
+
+def make_blip2_answer_fn(model: blip2.Blip2, tokenizer: Tokenizer, max_new_tokens: int,
+                         beams: decoding.BeamConfig | None = None):
+  """`make_answer_fn` for a stage-2 BLIP-2, which answers zero-shot: each prompt's query
+  (its last image and the text after it) is the image's soft prompt and the text; the
+  text-only demonstrations of a zero-shot prompt are not shown."""
+  default_max_new_tokens = max_new_tokens
+
+  @functools.partial(jax.jit, static_argnames="max_new_tokens")
+  def answer(params, images, tokens, lengths, max_new_tokens):
+    out = blip2.generate(model, params, images, tokens, lengths, jax.random.key(0),
+                         max_new_tokens=max_new_tokens,
+                         stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id),
+                         pad_id=tokenizer.pad_id, beams=beams)
+    return out.tokens, out.lengths
+
+  def run(params, prompts: Sequence[Prompt], length: int, max_images: int, task: str = "",
+          max_new_tokens: int | None = None):
+    del max_images  # one image each
+    tokens, lengths = encode_prompts(tokenizer, [p.text.split(IMG)[-1] for p in prompts],
+                                     length)
+    tokens_out, lengths_out = map(np.asarray, answer(
+        params, np.stack([p.images[-1] for p in prompts]), tokens, lengths,
         max_new_tokens=max_new_tokens or default_max_new_tokens))
     return [answer_text(tokenizer, t, n, task)
             for t, n in zip(tokens_out, lengths_out, strict=True)]

@@ -9,22 +9,24 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.configs import flamingo, lm
+from mmjax.configs import blip2, flamingo, lm
 from mmjax.evaluate.run import Results, evaluate, report
+
+RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation settings
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
   """The config a run was trained with; for a converted checkpoint (whose config.json
-  holds only its task and model), the Flamingo recipe's evaluation settings around its
-  model, with the Hugging Face `tokenizer` directory it was converted with."""
+  holds only its task and model), its recipe's evaluation settings around its model, with the Hugging Face `tokenizer` directory it was converted with."""
   from mmjax.inference import read_config  # noqa: PLC0415 (inference imports this package)
   config = read_config(workdir)
   task = config.get("task")
-  if task not in ("flamingo", "lm"):
+  if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no few-shot evaluation; "
-                        "Flamingo and LM runs and converted Flamingo checkpoints have one.")
+                        "Flamingo, LM and stage-2 BLIP-2 runs and converted checkpoints "
+                        "have one.")
   if "evaluate" not in config:  # a converted checkpoint
-    recipe = (flamingo if task == "flamingo" else lm).get_config()
+    recipe = RECIPES[task].get_config()
     recipe.model = config.model
     recipe.tokens = config.get("tokens", recipe.tokens)
     config = recipe
