@@ -251,8 +251,10 @@ def _blip2_dict(**c) -> dict:
 
 @pytest.mark.parametrize("change, message", [
     (lambda hf: hf | dict(some_new_setting=3), "some_new_setting"),
-    (lambda hf: hf | dict(text_config=dict(model_type="t5", d_model=32)),
-     r"text_config.model_type='t5'.*FLAN-T5"),
+    (lambda hf: hf | dict(text_config=dict(model_type="bart", d_model=32)),
+     r"text_config.model_type='bart' is not supported; supported: gpt2, opt, .*t5"),
+    (lambda hf: hf | dict(text_config=hf["text_config"] | dict(model_type="t5")),
+     "The BLIP-2 config has no 'text_config.d_model'"),
     (lambda hf: hf | dict(text_config=hf["text_config"] | dict(do_layer_norm_before=False)),
      "do_layer_norm_before=False"),
     (lambda hf: hf | dict(qformer_config=hf["qformer_config"] | dict(
@@ -528,13 +530,13 @@ def test_the_command_line_reports_user_mistakes_in_one_line(tmp_path):
                                    n_positions=8, activation_function="mish").to_dict()
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-  blip2 = _blip2_dict(text_config=dict(model_type="t5", d_model=32))
+  blip2 = _blip2_dict() | {"text_config": {"model_type": "bart"}}
   (tmp_path / "blip2").mkdir()  # (no weights: the config is checked first)
   (tmp_path / "blip2" / "config.json").write_text(json.dumps(
       blip2 | {"architectures": ["Blip2ForConditionalGeneration"]}))
   for hf_dir, message in ((tmp_path / "missing", "has no config.json"),
                           (tmp_path / "hf", "activation_function='mish' is not supported"),
-                          (tmp_path / "blip2", "text_config.model_type='t5'")):
+                          (tmp_path / "blip2", "text_config.model_type='bart'")):
     run = subprocess.run([sys.executable, "-m", "mmjax.convert", f"--hf_dir={hf_dir}",
                           f"--output={tmp_path / 'out'}"], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
