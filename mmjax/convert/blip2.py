@@ -7,9 +7,10 @@
 Which one a directory holds follows from its config's `architectures` (or, without it, from
 its tensors: `language_model.*`). transformers' retrieval model has neither BLIP-2's
 captioning head (`text_head`, ITG) nor its contrastive temperature: the stage-1 parameters
-are those of `Blip2.contrastive` and `Blip2.matching`, with `temp` at `Blip2Config.temp`. Its parts
-convert on their own too: the vision tower (`vision_model.*`, or a `Blip2VisionModel`
-directory, `convert_blip2_vision`) and the Q-Former (`qformer.*`, `qformer_params`).
+are those of `Blip2.contrastive` and `Blip2.matching`, with `temp` at `Blip2Config.temp`.
+The parts convert on their own too: the vision tower (`vision_model.*`, or a
+`Blip2VisionModel` directory: `convert_blip2_vision`) and the Q-Former (`qformer.*`:
+`qformer_params`).
 
 The vision tower is EVA's ViT-g in mmjax's `ViT` with EVA's options
 (`mmjax.models.vit.EVA_VIT_G`): a patch bias, no `ln_pre`, no key bias, and
@@ -235,6 +236,7 @@ IGNORED_FIELDS = {
 IGNORED_TENSORS = {
     r"embeddings\.position_ids": "a buffer of arange(positions)",
 }
+
 
 def _text_config(f: common.Fields) -> dict[str, Any]:
   """`text_config` of a decoder-only LM, with OPT's defaults for the fields transformers
