@@ -8,7 +8,14 @@ runs stage 2 (the queries' projection into the frozen LM) from the stage-1 run
 use and cached under $MMJAX_CACHE like the frozen backbones: the vision tower of
 configs/clip.py and the LM of configs/lm.py, the same runs the Flamingo recipe freezes.
 `--config.init.qformer.workdir=DIR --config.init.vision.workdir=DIR` takes stage 1 from
-another run instead.
+another run instead. Stage 1 starts its Q-Former from BERT, as the paper does, with a
+converted BERT (`python -m mmjax.convert --hf_dir=bert-base-uncased --output=/ckpt/bert`):
+
+  python -m mmjax.train --config=configs/blip2.py:stage1 --workdir=/tmp/stage1 \
+      --config.init.qformer="{'workdir': '/ckpt/bert', 'drop': '^(token_types|pooler)/'}"
+
+(its token types and pooler are unused; the Q-Former's vocabulary grows by [DEC], its
+cross-attention starts new and its query feed-forwards start as BERT's).
 
 Variants (`--config=configs/blip2.py:<variant>`):
   tiny         the embedded default, stage 2, with Flamingo's tiny backbones and a

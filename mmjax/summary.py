@@ -65,12 +65,12 @@ def model_and_inputs(config, rng):
         flamingo.generate, model, images=images, num_images=num_images)
   s, m = config.summary, config.model
   model = blip2_task.build_model(config)
-  vocab = (m.lm or m.qformer)["vocab_size"]
+  vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
   tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)
   images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
   def generate(params, *args, **kwargs):
     return blip2.generate(model, params, images, *args, **kwargs)
-  return model, (images, tokens), generate if m.get("lm") else None
+  return model, (images, tokens), generate if m.get("lm") or m.get("t5") else None
 
 
 def timed(fn, *args, **kwargs):

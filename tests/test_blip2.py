@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax import checkpoints
 from mmjax.models.bert import Bert, BertConfig
 from mmjax.models.blip2 import Blip2, Blip2Config, generate
 from mmjax.models.lm import LMConfig
-from mmjax.models.qformer import QFormer, QFormerConfig, attention_mask, from_bert
+from mmjax.models.qformer import QFormer, QFormerConfig, attention_mask
 from mmjax.models.t5 import T5, T5Config
 from mmjax.models.vit import ViTConfig
 from mmjax.tasks import blip2 as task
@@ -101,8 +102,10 @@ def test_the_queries_alone_build_only_the_query_parameters():
 
 
 def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
-  """With BERT's token-type embedding at zero (the Q-Former has none), the Q-Former's text
-  pass is the BERT's; the query feed-forwards start as the text ones."""
+  """A BERT grafted as the recipe's `config.init.qformer` does (token types and pooler
+  dropped, then `initial_params`): with BERT's token-type embedding at zero (the Q-Former
+  has none), the Q-Former's text pass is the BERT's; the query feed-forwards start as the
+  text ones; [DEC]'s row and the cross-attention stay new."""
   bert = Bert(BertConfig(vocab_size=VOCAB, width=32, depth=3, num_heads=4, max_len=16))
   tokens = jax.random.randint(jax.random.key(5), (2, 6), 1, VOCAB)
   bert_params = nn.unbox(bert.init(jax.random.key(1), tokens)["params"])
@@ -110,15 +113,17 @@ def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
       bert_params["token_types"]["embedding"])
   model = QFormer(QFORMER)
   initial = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 5, 24)), tokens)["params"])
-  grafted = from_bert(initial, bert_params)
+  source = {k: v for k, v in bert_params.items() if k not in ("token_types", "pooler")}
+  grafted = checkpoints.graft({"qformer": initial}, "qformer", source,
+                              may_stay_new=r"^qformer/")["qformer"]
+  grafted = task.initial_params({"qformer": grafted, "text_head": {}})["qformer"]
   np.testing.assert_allclose(model.apply({"params": grafted}, None, tokens)["text"],
                              bert.apply({"params": bert_params}, tokens)["hidden"], atol=1e-5)
   np.testing.assert_array_equal(grafted["layers_1"]["mlp_query"]["up"]["kernel"],
                                 bert_params["layers_1"]["mlp"]["up"]["kernel"])
-  np.testing.assert_array_equal(grafted["embed"]["embedding"][VOCAB],  # [DEC] kept
-                                initial["embed"]["embedding"][VOCAB])
   np.testing.assert_array_equal(grafted["layers_0"]["xattn"]["query"]["kernel"],
                                 initial["layers_0"]["xattn"]["query"]["kernel"])
+  assert grafted["embed"]["embedding"].shape[0] == VOCAB + 1  # [DEC] added
 
 
 def test_an_image_width_the_cross_attention_cannot_read_is_refused_naming_both():
