@@ -34,9 +34,8 @@ import ml_collections
 
 from mmjax.cli import UserError
 from mmjax.configs import flamingo
+from mmjax.models.vit import EVA_VIT_G
 
-EVA_VIT_G = dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16,
-                 mlp_dim=6144, activation="gelu", norm_eps=1e-6, output_dim=None)
 DEC = flamingo.VOCAB_SIZE  # the Q-Former's [DEC], one past the embedded vocabulary
 
 
@@ -58,7 +57,10 @@ TINY = dict(
                  cross_attention_freq=2, encoder_width=128, max_len=32),
     embed_dim=128, dec_token_id=DEC, pad_token_id=flamingo.PAD)
 VITG = dict(
-    vision=dict(EVA_VIT_G, keep_class_token=True, token_norm=True),
+    # ln_vision (the ViT's post_norm here) has LAVIS's eps, 1e-5; transformers' 1e-6 (a
+    # converted checkpoint's config says which).
+    vision=dict(EVA_VIT_G, output_dim=None, keep_class_token=True, token_norm=True,
+                post_norm_eps=1e-5),
     qformer=dict(vocab_size=30523, width=768, depth=12, num_heads=12, num_queries=32,
                  cross_attention_freq=2, encoder_width=EVA_VIT_G["width"], max_len=512),
     embed_dim=256, dec_token_id=30522, pad_token_id=0)

@@ -197,10 +197,11 @@ def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
   param_sh = merge_params(parts.shardings["params"], parts.shardings["frozen"])
   init = jax.jit(lambda rng: nn.unbox(parts.init_params(rng)), out_shardings=param_sh)
   params = init(jax.random.key(config.seed))
+  loaded: set[str] = set()
   if pretrained:
-    params = load_pretrained(params, config)
+    params = load_pretrained(params, config, loaded)
   if hasattr(parts.task, "initial_params"):
-    params = parts.task.initial_params(params)
+    params = parts.task.initial_params(params, loaded)
   params = sharding.place(params, param_sh)
   trainable, frozen = partition_params(params, config.trainable)
   opt_state = jax.jit(parts.tx.init, out_shardings=parts.shardings["opt_state"])(trainable)
@@ -352,9 +353,10 @@ def pretrained_workdir(target: str, init) -> pathlib.Path:
   return workdir
 
 
-def load_pretrained(params: dict, config) -> dict:
+def load_pretrained(params: dict, config, loaded: set[str] | None = None) -> dict:
   """`params` with each `config.init.<target>` subtree replaced by its backbone's
-  (`init.steps=0`: left as initialised)."""
+  (`init.steps=0`: left as initialised); the '/'-joined paths of the parameters taken from
+  a backbone are added to `loaded`."""
   for target, init in (config.get("init") or {}).items():
     if not init.get("workdir") and init.get("steps", -1) == 0:
       print(f"Left '{target}' as initialised (config.init.{target}.steps=0).", flush=True)
@@ -374,6 +376,8 @@ def load_pretrained(params: dict, config) -> dict:
             if not re.search(init["drop"], k)})
       params = checkpoints.graft(params, target, source, may_stay_new=config.trainable,
                                  origin=f"the checkpoint of {workdir}")
+      if loaded is not None:
+        loaded.update(f"{target}/{k}" for k in checkpoints.flat_params(source))
     except (FileNotFoundError, ValueError) as e:  # no checkpoint there, or not this model's
       raise cli.UserError(f"{field} ({workdir}): {e}") from e
     print(f"Initialised '{target}' from {workdir}.", flush=True)

@@ -116,7 +116,7 @@ def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
   source = {k: v for k, v in bert_params.items() if k not in ("token_types", "pooler")}
   grafted = checkpoints.graft({"qformer": initial}, "qformer", source,
                               may_stay_new=r"^qformer/")["qformer"]
-  grafted = task.initial_params({"qformer": grafted, "text_head": {}})["qformer"]
+  grafted = task.initial_params({"qformer": grafted})["qformer"]
   np.testing.assert_allclose(model.apply({"params": grafted}, None, tokens)["text"],
                              bert.apply({"params": bert_params}, tokens)["hidden"], atol=1e-5)
   np.testing.assert_array_equal(grafted["layers_1"]["mlp_query"]["up"]["kernel"],
@@ -124,6 +124,12 @@ def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
   np.testing.assert_array_equal(grafted["layers_0"]["xattn"]["query"]["kernel"],
                                 initial["layers_0"]["xattn"]["query"]["kernel"])
   assert grafted["embed"]["embedding"].shape[0] == VOCAB + 1  # [DEC] added
+  # Query feed-forwards that came from a pretrained BLIP-2 are kept.
+  kept = task.initial_params({"qformer": initial}, {"qformer/layers_0/mlp_query/up/kernel"})
+  np.testing.assert_array_equal(kept["qformer"]["layers_0"]["mlp_query"]["up"]["kernel"],
+                                initial["layers_0"]["mlp_query"]["up"]["kernel"])
+  assert not np.array_equal(kept["qformer"]["layers_1"]["mlp_query"]["up"]["kernel"],
+                            initial["layers_1"]["mlp_query"]["up"]["kernel"])
 
 
 def test_an_image_width_the_cross_attention_cannot_read_is_refused_naming_both():

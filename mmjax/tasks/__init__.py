@@ -10,8 +10,8 @@ A task module provides:
     `rng` is a key drawn per step and micro-batch (fixed in evaluation), `terms` a dict
     of scalars (each loss of a multi-objective task) logged beside the loss.
 and optionally
-  initial_params(params) -> params: the fresh parameters (pretrained backbones grafted)
-    as training starts from them.
+  initial_params(params, loaded) -> params: the fresh parameters (pretrained backbones
+    grafted; `loaded` holds the paths they filled) as training starts from them.
 The trainer picks the module named by `config.task`.
 """
 

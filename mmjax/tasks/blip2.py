@@ -19,6 +19,8 @@ to its middle, the queries and the part before go into the encoder, the decoder
 predicts the rest (`prefix_lm_split`).
 """
 
+from collections.abc import Collection
+
 import jax
 import jax.numpy as jnp
 
@@ -65,11 +67,16 @@ def init_inputs(config):
           jnp.ones((1, config.data.seq_len), jnp.int32)), {}
 
 
-def initial_params(params: dict) -> dict:
-  """Stage 1 starts the query feed-forwards as copies of the text ones."""
-  if "text_head" not in params:  # stage 2: the Q-Former comes trained
+def initial_params(params: dict, loaded: Collection[str] = ()) -> dict:
+  """Stage 1 starts each query feed-forward as a copy of its layer's text one, unless a
+  pretrained BLIP-2 (`loaded`, paths of parameters taken from `config.init`) gave it."""
+  qformer = params["qformer"]
+  if "embed" not in qformer:  # stage 2: no text feed-forwards
     return params
-  return dict(params, qformer=query_mlp_from_text(params["qformer"]))
+  fresh = {name: layer for name, layer in qformer.items() if name.startswith("layers_")
+           and not any(p.startswith(f"qformer/{name}/mlp_query") for p in loaded)}
+  copied = query_mlp_from_text(fresh)
+  return dict(params, qformer={**qformer, **copied})
 
 
 def loss_terms(model: Blip2, params, batch, rng):
