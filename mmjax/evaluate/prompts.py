@@ -49,6 +49,10 @@ FORMATS = {
     "openflamingo_classification": PromptFormat("Output:{answer}"),
     "openflamingo_hateful_memes": PromptFormat(
         "is an image with: '{ocr}' written on it. Is it hateful? Answer:{answer}"),
+    # BLIP-2's zero-shot prompts (LAVIS projects/blip2/eval/*_zeroshot_*_eval.yaml and
+    # caption_coco_*_eval.yaml: one prompt for OPT and FLAN-T5 alike).
+    "blip2_vqa": PromptFormat("Question: {question} Short answer: {answer}"),
+    "blip2_captioning": PromptFormat("a photo of {answer}"),
     # The shapes-world documents' (`ShapesWorld.document`).
     "shapes_captioning": PromptFormat("{answer}"),
     "shapes_vqa": PromptFormat("question: {question} answer: {answer}"),
