@@ -229,6 +229,56 @@ def test_mpt_fields_it_does_not_know_are_refused_by_name():
       convert.lm_config(hf | change)
 
 
+def _blip2(**c):
+  """A tiny Blip2ForConditionalGeneration (OPT); without q and v biases (`qkv_bias=False`),
+  so that random weights keep the key bias EVA lacks at zero."""
+  return transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(**{
+      **dict(vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                num_attention_heads=4, image_size=28, patch_size=14,
+                                qkv_bias=False),
+             qformer_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=48,
+                                 max_position_embeddings=16),
+             text_config=dict(model_type="opt", vocab_size=VOCAB, hidden_size=32,
+                              num_hidden_layers=1, ffn_dim=48, num_attention_heads=4,
+                              max_position_embeddings=40, word_embed_proj_dim=32),
+             num_query_tokens=4, image_token_index=VOCAB - 1), **c}))
+
+
+def _blip2_dict(**c) -> dict:
+  return json.loads(_blip2(**c).config.to_json_string())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda hf: hf | dict(some_new_setting=3), "some_new_setting"),
+    (lambda hf: hf | dict(text_config=dict(model_type="t5", d_model=32)),
+     r"text_config.model_type='t5'.*FLAN-T5"),
+    (lambda hf: hf | dict(text_config=hf["text_config"] | dict(do_layer_norm_before=False)),
+     "do_layer_norm_before=False"),
+    (lambda hf: hf | dict(qformer_config=hf["qformer_config"] | dict(
+        position_embedding_type="relative_key")), "position_embedding_type='relative_key'"),
+    (lambda hf: hf | dict(qformer_config=hf["qformer_config"] | dict(encoder_hidden_size=48)),
+     r"qformer_config.encoder_hidden_size=48 .*supported: 32"),
+    (lambda hf: hf | dict(vision_config=hf["vision_config"] | dict(num_channels=1)),
+     "vision_config.num_channels=1"),
+    (lambda hf: hf | dict(vision_config=hf["vision_config"] | dict(hidden_act="gelu_10")),
+     "vision_config.hidden_act='gelu_10'"),
+])
+def test_blip2_settings_and_fields_it_does_not_know_are_refused_by_name(change, message):
+  hf = _blip2_dict()
+  convert.blip2_config(hf, stage=2)
+  with pytest.raises(convert.ConversionError, match=message):
+    convert.blip2_config(change(hf), stage=2)
+
+
+def test_a_blip2_retrieval_config_without_the_q_formers_text_input_is_refused():
+  hf = _blip2_dict(qformer_config=dict(use_qformer_text_input=True))
+  convert.blip2_config(hf, stage=1)
+  hf["qformer_config"]["use_qformer_text_input"] = False
+  with pytest.raises(convert.ConversionError, match="use_qformer_text_input=false"):
+    convert.blip2_config(hf, stage=1)
+
+
 # ---------------------------------------------------------------------------------------
 # Tensors: every one consumed, or ignored on purpose.
 # ---------------------------------------------------------------------------------------
@@ -248,6 +298,7 @@ def _add_tensor(path, name):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
         intermediate_size=48, max_position_embeddings=16)), "encoder.layer.0.extra.bias",
      convert.convert_bert),
+    (lambda: _blip2(), "qformer.encoder.layer.0.extra.bias", convert.convert_blip2),
 ])
 def test_an_unknown_tensor_is_refused_by_name(make, extra, conversion, tmp_path):
   _save(tmp_path, make())
@@ -419,8 +470,13 @@ def test_the_command_line_reports_user_mistakes_in_one_line(tmp_path):
                                    n_positions=8, activation_function="mish").to_dict()
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+  blip2 = _blip2_dict(text_config=dict(model_type="t5", d_model=32))
+  (tmp_path / "blip2").mkdir()  # (no weights: the config is checked first)
+  (tmp_path / "blip2" / "config.json").write_text(json.dumps(
+      blip2 | {"architectures": ["Blip2ForConditionalGeneration"]}))
   for hf_dir, message in ((tmp_path / "missing", "has no config.json"),
-                          (tmp_path / "hf", "activation_function='mish' is not supported")):
+                          (tmp_path / "hf", "activation_function='mish' is not supported"),
+                          (tmp_path / "blip2", "text_config.model_type='t5'")):
     run = subprocess.run([sys.executable, "-m", "mmjax.convert", f"--hf_dir={hf_dir}",
                           f"--output={tmp_path / 'out'}"], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -1,6 +1,6 @@
 """`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
 
-  python -m mmjax.convert --hf_dir=DIR --output=OUT          # LM, CLIP, BERT or IDEFICS
+  python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, BERT, BLIP-2 or IDEFICS
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
 
@@ -15,6 +15,7 @@ from absl import flags
 from mmjax import cli
 from mmjax.convert import common
 from mmjax.convert.bert import convert_bert
+from mmjax.convert.blip2 import convert_blip2
 from mmjax.convert.clip import convert_clip
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.lm import LM_TYPES, convert_lm
@@ -34,7 +35,7 @@ flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the en
                      "token id.")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
-SUPPORTED = LM_TYPES + ("clip", "bert", "idefics")
+SUPPORTED = LM_TYPES + ("clip", "bert", "blip-2", "idefics")
 
 
 def main(argv):
@@ -68,6 +69,8 @@ def main(argv):
     task, (cfg, params) = "clip", convert_clip(hf_dir)
   elif kind == "bert":
     task, (cfg, params) = "bert", convert_bert(hf_dir)
+  elif kind == "blip-2":
+    task, (cfg, params) = "blip2", convert_blip2(hf_dir)
   elif kind in LM_TYPES:
     task, (cfg, params) = "lm", convert_lm(hf_dir)
   else:

@@ -48,6 +48,29 @@ def bert_config(hf: dict[str, Any]) -> BertConfig:
   return cfg
 
 
+def attention_block(read: common.Reader, p: str, d: int, h: int, kv_width: int | None = None,
+                    inner: str = "self") -> tuple[dict, dict]:
+  """BERT's post-norm attention sub-block `p` as mmjax's `(attention, norm)`:
+  `{p}.{inner}.{query,key,value}` (keys and values projecting from `kv_width`, default
+  `d`: cross-attention reads another width), `{p}.output.dense`, `{p}.output.LayerNorm`."""
+  k, e = d // h, kv_width or d
+  lin = lambda name, in_shape, out_shape: common.linear(read, name, in_shape, out_shape, True)
+  return ({"query": lin(f"{p}.{inner}.query", (d,), (h, k)),
+           "key": lin(f"{p}.{inner}.key", (e,), (h, k)),
+           "value": lin(f"{p}.{inner}.value", (e,), (h, k)),
+           "out": lin(f"{p}.output.dense", (h, k), (d,))},
+          common.norm(read, f"{p}.output.LayerNorm", d))
+
+
+def feed_forward_block(read: common.Reader, up: str, down: str, d: int, m: int
+                       ) -> tuple[dict, dict]:
+  """BERT's post-norm feed-forward as mmjax's `(mlp, norm)`: `{up}.dense`, `{down}.dense`,
+  `{down}.LayerNorm`."""
+  return ({"up": common.linear(read, up + ".dense", (d,), (m,), True),
+           "down": common.linear(read, down + ".dense", (m,), (d,), True)},
+          common.norm(read, down + ".LayerNorm", d))
+
+
 def bert_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
   read = common.Reader(state, ("bert.",))
   d, h, m = cfg.width, cfg.num_heads, cfg.mlp_dim
@@ -61,14 +84,10 @@ def bert_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
       "embed_norm": common.norm(read, "embeddings.LayerNorm", d)}
   for i in range(cfg.depth):
     p = f"encoder.layer.{i}."
-    params[f"layers_{i}"] = {
-        "attn": {name: lin(f"{p}attention.self.{name}", (d,), (h, d // h))
-                 for name in ("query", "key", "value")}
-                | {"out": lin(p + "attention.output.dense", (h, d // h), (d,))},
-        "attn_norm": common.norm(read, p + "attention.output.LayerNorm", d),
-        "mlp": {"up": lin(p + "intermediate.dense", (d,), (m,)),
-                "down": lin(p + "output.dense", (m,), (d,))},
-        "mlp_norm": common.norm(read, p + "output.LayerNorm", d)}
+    layer = params[f"layers_{i}"] = {}
+    layer["attn"], layer["attn_norm"] = attention_block(read, p + "attention", d, h)
+    layer["mlp"], layer["mlp_norm"] = feed_forward_block(read, p + "intermediate",
+                                                         p + "output", d, m)
   if cfg.pooler:
     params["pooler"] = lin("pooler.dense", (d,), (d,))
   read.finish(IGNORED_TENSORS)

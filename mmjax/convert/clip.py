@@ -53,13 +53,23 @@ def vit_config(f: common.Fields | dict[str, Any], projection_dim: int | None) ->
       output_dim=projection_dim)
 
 
-def vit_params(read: common.Reader, cfg: ViTConfig, projection: str | None) -> dict:
-  """ViT parameters from `vision_model.*` (read relative to it) and `projection`."""
+def patch_embed(read: common.Reader, name: str, cfg: ViTConfig) -> dict:
+  """The ViT's `patch_embed` from a torch `Conv2d` `name` (weight `[d, c, p, q]`; its bias
+  if `cfg.patch_bias`)."""
   d, p, c = cfg.width, cfg.patch_size, cfg.channels
   # Conv weights [d, c, p, q] -> the (p q c) order of the ViT's flattened patches.
-  conv = read("embeddings.patch_embedding.weight", (d, c, p, p))
+  conv = read(name + ".weight", (d, c, p, p))
+  out = {"kernel": conv.transpose(2, 3, 1, 0).reshape(p * p * c, d)}
+  if cfg.patch_bias:
+    out["bias"] = read(name + ".bias", (d,))
+  return out
+
+
+def vit_params(read: common.Reader, cfg: ViTConfig, projection: str | None) -> dict:
+  """ViT parameters from `vision_model.*` (read relative to it) and `projection`."""
+  d = cfg.width
   params = {
-      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(p * p * c, d)},
+      "patch_embed": patch_embed(read, "embeddings.patch_embedding", cfg),
       "cls_token": read("embeddings.class_embedding", (d,)),
       "positions": read("embeddings.position_embedding.weight", (cfg.num_patches + 1, d)),
       "pre_norm": common.norm(read, "pre_layrnorm", d),

@@ -17,6 +17,14 @@ IGNORED_FIELDS = {
     "layerdrop": "drops whole layers in training only",
 }
 IGNORED_TENSORS: dict[str, str] = {}
+# transformers' OPTConfig() values of the fields `config` reads. A config nested in another
+# and saved by transformers 4.x (BLIP-2's `text_config`) lists only the fields that differ
+# from these; the others have these values.
+DEFAULTS = {"vocab_size": 50272, "hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072,
+            "max_position_embeddings": 2048, "do_layer_norm_before": True,
+            "_remove_final_layer_norm": False, "word_embed_proj_dim": 768,
+            "num_attention_heads": 12, "activation_function": "relu", "enable_bias": True,
+            "layer_norm_elementwise_affine": True, "tie_word_embeddings": True}
 
 
 def config(f: common.Fields) -> LMConfig:

@@ -48,6 +48,8 @@ class Attention(nn.Module):
     cross: keys and values come from `kv`; in decode mode their projections are cached,
       so later steps may pass `kv=None`.
     use_bias: bias on the q/k/v/output projections (GPT-2, OPT, CLIP).
+    key_bias: bias on the key projection; None: as `use_bias`. False with `use_bias`
+      is EVA's ViT (BLIP-2), whose key bias is fixed at zero.
     qk_norm: normalise queries and keys over `head_dim` before the dot product.
     rope_theta: apply rotary position embeddings to q and k (self-attention only).
     rope_scaling: stretches the rotary frequencies (long-context checkpoints).
@@ -66,6 +68,7 @@ class Attention(nn.Module):
   causal: bool = False
   cross: bool = False
   use_bias: bool = False
+  key_bias: bool | None = None
   qk_norm: NormKind | None = None
   qk_norm_eps: float = 1e-6
   rope_theta: float | None = None
@@ -77,8 +80,9 @@ class Attention(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
-  def _dense(self, features, axes, name, axis=-1):
-    return Dense(features, axes, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+  def _dense(self, features, axes, name, axis=-1, use_bias=None):
+    return Dense(features, axes, axis=axis,
+                 use_bias=self.use_bias if use_bias is None else use_bias, dtype=self.dtype,
                  param_dtype=self.param_dtype, name=name)
 
   @nn.compact
@@ -127,7 +131,8 @@ class Attention(nn.Module):
     else:
       source = kv if self.cross else x
       kv_axes = ("embed", "kv_heads", "head_dim")
-      k = self._dense((num_kv_heads, self.head_dim), kv_axes, "key")(source)
+      k = self._dense((num_kv_heads, self.head_dim), kv_axes, "key", use_bias=self.key_bias)(
+          source)
       v = self._dense((num_kv_heads, self.head_dim), kv_axes, "value")(source)
       if self.qk_norm is not None:
         k = Norm(self.qk_norm, self.qk_norm_eps, axis_name="head_dim", dtype=self.dtype,

@@ -1,8 +1,12 @@
-"""Vision Transformer in the CLIP layout.
+"""Vision Transformer in the CLIP layout, and EVA's (BLIP-2's ViT-g) as options.
 
 Patch embedding (a strided projection without bias), class token, learned positions,
 `ln_pre`, pre-norm blocks, and `ln_post` on the class token followed by a projection.
 Patch tokens can be read from any layer: Flamingo uses the last, LLaVA the penultimate.
+
+EVA's layout (`EVA_VIT_G`) differs only in options: a patch bias, no `ln_pre`, no key
+bias (queries and values have theirs), and its final LayerNorm (BLIP-2's `ln_vision`) on
+all tokens, class token included (`keep_class_token=True, token_norm=True`).
 """
 
 import dataclasses
@@ -27,6 +31,12 @@ class ViTConfig:
       open_clip <= 2.22 (and so the OpenFlamingo checkpoints) returns them un-normed.
     keep_class_token: return the class token first among the tokens (IDEFICS's
       perceiver reads all of CLIP's last hidden state).
+    patch_bias: a bias on the patch embedding (EVA).
+    pre_norm: `ln_pre` after the positions are added (CLIP); EVA has none.
+    key_bias: the attention's key projection has a bias; EVA's is absent (fixed at zero)
+      while its queries and values have theirs.
+    post_norm_eps: epsilon of `ln_post`; None: `norm_eps`. (BLIP-2's `ln_vision` has
+      torch's default 1e-5 in LAVIS, while Hugging Face's conversion uses the blocks' 1e-6.)
     pixel_mean, pixel_std: integer images are scaled to [0, 1] and normalised with these
       (CLIP's statistics by default); float images are taken as already normalised.
   """
@@ -43,6 +53,10 @@ class ViTConfig:
   output_dim: int | None = 768
   token_norm: bool = False
   keep_class_token: bool = False
+  patch_bias: bool = False
+  pre_norm: bool = True
+  key_bias: bool = True
+  post_norm_eps: float | None = None
   pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
   pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
   dtype: str = "float32"
@@ -69,6 +83,12 @@ class ViTConfig:
     return self.num_patches + self.keep_class_token
 
 
+# BLIP-2's EVA ViT-g/14 (LAVIS `eva_vit.py:create_eva_vit_g`: 40 EVA blocks less the last).
+EVA_VIT_G = dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16,
+                 mlp_dim=6144, activation="gelu", norm_eps=1e-6, patch_bias=True,
+                 pre_norm=False, key_bias=False)
+
+
 class EncoderBlock(nn.Module):
   """Pre-norm bidirectional block, `"b n d -> b n d"`."""
 
@@ -79,7 +99,8 @@ class EncoderBlock(nn.Module):
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
     x = x + Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads,
-                      use_bias=True, implementation=cfg.attention_impl, name="attn", **kw)(
+                      use_bias=True, key_bias=cfg.key_bias, implementation=cfg.attention_impl,
+                      name="attn", **kw)(
                           Norm("layernorm", cfg.norm_eps, name="attn_norm", **kw)(x))
     x = x + Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True, name="mlp",
                 **kw)(Norm("layernorm", cfg.norm_eps, name="mlp_norm", **kw)(x))
@@ -116,7 +137,8 @@ class ViT(nn.Module):
     layer = feature_layer % (cfg.depth + 1)
     p = cfg.patch_size
     patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-    x = Dense(cfg.width, ("patch", "embed"), name="patch_embed", **kw)(patches)
+    x = Dense(cfg.width, ("patch", "embed"), use_bias=cfg.patch_bias, name="patch_embed",
+              **kw)(patches)
     cls = self.param("cls_token", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), kw["param_dtype"])
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width)), x],
@@ -125,13 +147,15 @@ class ViT(nn.Module):
         nn.initializers.normal(cfg.width ** -0.5), ("length", "embed")),
                      (cfg.num_patches + 1, cfg.width), kw["param_dtype"])
     x = x + pos.astype(x.dtype)
-    x = Norm("layernorm", cfg.norm_eps, name="pre_norm", **kw)(x)
+    if cfg.pre_norm:
+      x = Norm("layernorm", cfg.norm_eps, name="pre_norm", **kw)(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     block = remat(EncoderBlock, cfg.remat)
     x = stack(lambda name: block(cfg, name=name), layer, x, scanned=cfg.scan_layers)
 
-    post_norm = Norm("layernorm", cfg.norm_eps, name="post_norm", **kw)
+    post_eps = cfg.norm_eps if cfg.post_norm_eps is None else cfg.post_norm_eps
+    post_norm = Norm("layernorm", post_eps, name="post_norm", **kw)
     tokens = x if cfg.keep_class_token else x[:, 1:]
     out = {"tokens": post_norm(tokens) if cfg.token_norm else tokens}
     if layer == cfg.depth:
