@@ -62,7 +62,7 @@ from benchmarks.side_by_side import MmjaxStep, alternate, record_systems
 from mmjax import flops
 from mmjax.checkpoints import flat_params, per_layer
 from mmjax.convert.blip2 import convert_blip2
-from mmjax.models.blip2 import Blip2
+from mmjax.models.blip2 import TextHead
 
 SIZES = {
     # configs/blip2.py "tiny": its ViT and Q-Former; an OPT of its LM's shape; its batches.
@@ -147,13 +147,15 @@ def recipe(cfg, size: dict, stage: int):
   return config
 
 
-def with_text_head(cfg, params: dict, batch: dict) -> dict:
+def with_text_head(cfg, params: dict) -> dict:
   """Stage-1 parameters with a random ITG text head, which transformers' retrieval model
   does not have."""
-  init = jax.jit(Blip2(cfg).init)(jax.random.key(0), batch["image"][:1],
-                                  batch["tokens"][:1])
-  return {**params, "text_head": jax.tree_util.tree_map(
-      np.asarray, nn.unbox(init["params"]["text_head"]))}
+  q = cfg.qformer
+  embedding = params["qformer"]["embed"]["embedding"]
+  head = TextHead(q.activation, q.norm_eps).init(jax.random.key(0), np.zeros((1, 1, q.width),
+                                                                              np.float32),
+                                                 embedding)["params"]
+  return {**params, "text_head": jax.tree_util.tree_map(np.asarray, nn.unbox(head))}
 
 
 class TorchStep:
@@ -248,7 +250,7 @@ def run(size: dict, *, name: str, rounds: int, runs: int, stages: tuple[int, ...
                           np.random.default_rng(0))
     config = recipe(cfg, size, stage)
     if stage == 1:
-      params = with_text_head(cfg, params, batch)
+      params = with_text_head(cfg, params)
     ours = MmjaxStep(config, params, batch)
     theirs = TorchStep(model, stage, batch, config.optim)
     model_flops = ours.model_flops()

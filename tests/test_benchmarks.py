@@ -50,3 +50,34 @@ def test_side_by_side_times_both_systems_on_the_same_model(tmp_path):
                     and other["system"] == "torch")
       rate = next(k for k in line if k.endswith("_per_s") and k != "model_flops_per_s")
       assert line["speedup_vs_torch"] == pytest.approx(line[rate] / theirs[rate])
+
+
+def test_blip2_times_both_systems_on_the_same_model_in_both_stages(tmp_path, monkeypatch):
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  from benchmarks import blip2
+  monkeypatch.setattr(harness, "matmul_peak", lambda dtype: 1e10)  # not what is tested
+  size = {"vision": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+          "qformer": {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "intermediate_size": 24,
+                      "max_position_embeddings": 16, "cross_attention_frequency": 2},
+          "opt": {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "ffn_dim": 24},
+          "num_queries": 3, "embed_dim": 8, "seq_len": 8, "stage1_batch": 4,
+          "stage2_batch": 2}
+  lines = blip2.run(size, name="toy", rounds=1, runs=1, out=str(tmp_path / "results.jsonl"))
+  by = {(line["measurement"], line["system"]): line for line in lines}
+  assert set(by) == {(f"stage{s}_train_step", system) for s in (1, 2)
+                     for system in ("mmjax", "torch")}
+  for stage in (1, 2):
+    ours, theirs = by[f"stage{stage}_train_step", "mmjax"], by[f"stage{stage}_train_step",
+                                                                 "torch"]
+    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"]
+                                                     / theirs["tokens_per_s"])
+    assert ours["mfu"] > 0 and theirs["mfu"] > 0
+  # Stage 1: mmjax also computes ITG (and ITC as one pass), so it counts more FLOPs.
+  assert (by["stage1_train_step", "mmjax"]["model_flops_per_step"]
+          > by["stage1_train_step", "torch"]["model_flops_per_step"])
+  assert (by["stage2_train_step", "mmjax"]["model_flops_per_step"]
+          == by["stage2_train_step", "torch"]["model_flops_per_step"])
