@@ -8,18 +8,26 @@ runs stage 2 (the queries' projection into the frozen LM) from the stage-1 run
 use and cached under $MMJAX_CACHE like the frozen backbones: the vision tower of
 configs/clip.py and the LM of configs/lm.py, the same runs the Flamingo recipe freezes.
 `--config.init.qformer.workdir=DIR --config.init.vision.workdir=DIR` takes stage 1 from
-another run instead.
+another run instead. Stage 1 starts its Q-Former from BERT, as the paper does, with a
+converted BERT (`python -m mmjax.convert --hf_dir=bert-base-uncased --output=/ckpt/bert`):
+
+  python -m mmjax.train --config=configs/blip2.py:stage1 --workdir=/tmp/stage1 \
+      --config.init.qformer="{'workdir': '/ckpt/bert', 'drop': '^(token_types|pooler)/'}"
+
+(its token types and pooler are unused; the Q-Former's vocabulary grows by [DEC], its
+cross-attention starts new and its query feed-forwards start as BERT's).
 
 Variants (`--config=configs/blip2.py:<variant>`):
   tiny         the embedded default, stage 2, with Flamingo's tiny backbones and a
                4-layer Q-Former of 16 queries (as many visual tokens as Flamingo's
                resampler gives its LM).
   stage1       stage 1 of the same shapes.
-  vitg-stage1, vitg-opt2.7b, vitg-opt6.7b
+  vitg-stage1, vitg-opt2.7b, vitg-opt6.7b, vitg-flant5xl, vitg-flant5xxl
                the paper's shapes (Li et al. 2023): EVA ViT-g/14 at 224px (39 layers, the
                257 tokens of its penultimate EVA block), a BERT-base Q-Former with 32
-               queries and cross-attention every 2nd layer, and OPT-2.7B or 6.7B; for
-               `mmjax.summary`, FLOP counts and fit checks.
+               queries and cross-attention every 2nd layer, and OPT-2.7B or 6.7B or
+               FLAN-T5-XL or XXL; for `mmjax.summary`, FLOP counts and fit checks (the
+               FLAN-T5 variants have no embedded-data run: mmjax pretrains no T5).
 """
 
 import ml_collections
@@ -35,6 +43,12 @@ DEC = flamingo.VOCAB_SIZE  # the Q-Former's [DEC], one past the embedded vocabul
 def _opt(width: int, depth: int, heads: int) -> dict:
   return dict(vocab_size=50272, width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
               activation="relu", max_len=2048, tie_embeddings=True)
+
+
+def _flan_t5(width: int, heads: int, mlp_dim: int) -> dict:
+  # BLIP-2 runs FLAN-T5's gated feed-forward with erf GELU (its config override).
+  return dict(vocab_size=32128, width=width, depth=24, num_heads=heads, head_dim=64,
+              mlp_dim=mlp_dim, activation="gelu", gated_mlp=True, tie_embeddings=False)
 
 
 TINY = dict(
@@ -54,8 +68,11 @@ VARIANTS = {
     "vitg-stage1": VITG,
     "vitg-opt2.7b": dict(VITG, lm=_opt(2560, 32, 32)),
     "vitg-opt6.7b": dict(VITG, lm=_opt(4096, 32, 32)),
+    "vitg-flant5xl": dict(VITG, t5=_flan_t5(2048, 32, 5120)),
+    "vitg-flant5xxl": dict(VITG, t5=_flan_t5(4096, 64, 10240)),
 }
-PAPER_VARIANTS = ("vitg-stage1", "vitg-opt2.7b", "vitg-opt6.7b")
+PAPER_VARIANTS = ("vitg-stage1", "vitg-opt2.7b", "vitg-opt6.7b", "vitg-flant5xl",
+                  "vitg-flant5xxl")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise UserError(f"Unknown blip2 variant {variant!r}; choose from {sorted(VARIANTS)} "
                     "(--config=configs/blip2.py:<variant>).")
   model = VARIANTS[variant]
-  stage = 2 if "lm" in model else 1
+  stage = 2 if "lm" in model or "t5" in model else 1
   paper = variant in PAPER_VARIANTS
   image_size = model["vision"]["image_size"]
   config = ml_collections.ConfigDict()
@@ -88,17 +105,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # stage 1 starts from the CLIP vision tower (its projection head unused); stage 2 from
   # stage 1's vision tower and Q-Former (without the text embeddings and feed-forwards,
   # which stage 2 has no use for) and the LM.
-  backbone = "tiny" if not paper else "base"
-  if stage == 1:
-    config.init = dict(vision=dict(recipe="clip", variant=backbone, steps=-1, workdir="",
+  # The paper's shapes start from converted checkpoints, e.g.
+  # `--config.init.lm.workdir=/ckpt/opt-2.7b` (python -m mmjax.convert); as written they
+  # start from random weights (`steps=0`).
+  lm = "lm" if "lm" in model else "t5"
+  if paper:
+    converted = dict(steps=0, workdir="", source="")
+    config.init = dict(vision=converted) if stage == 1 else dict(
+        vision=converted, qformer=converted, **{lm: converted})
+  elif stage == 1:
+    config.init = dict(vision=dict(recipe="clip", variant="tiny", steps=-1, workdir="",
                                    source="image", drop=r"^head/"))
   else:
-    stage1 = "stage1" if not paper else "vitg-stage1"
     config.init = dict(
-        vision=dict(recipe="blip2", variant=stage1, steps=-1, workdir="", source="vision"),
-        qformer=dict(recipe="blip2", variant=stage1, steps=-1, workdir="", source="qformer",
+        vision=dict(recipe="blip2", variant="stage1", steps=-1, workdir="", source="vision"),
+        qformer=dict(recipe="blip2", variant="stage1", steps=-1, workdir="", source="qformer",
                      drop=r"^(embed|positions)/|/mlp(_norm)?/"),
-        lm=dict(recipe="lm", variant=backbone, steps=-1, workdir="", source=""))
+        lm=dict(recipe="lm", variant="tiny", steps=-1, workdir="", source=""))
   pairs = dict(kind="shapes_world_pairs", image_size=image_size)
   datasets = dict(pairs=dict(source=dict(pairs, split="train"), weight=1.0, loss_weight=1.0))
   if stage == 2:

@@ -1,12 +1,14 @@
 """Inspects a model config: parameter counts, then a compiled forward pass and generation.
 
   python -m mmjax.summary --config=configs/flamingo.py[:variant] [--run=false]
+  python -m mmjax.summary --config=configs/blip2.py:vitg-opt2.7b --run=false
 
 Counts come from abstract shapes (`jax.eval_shape`), so any size can be inspected on a
 laptop; `--run` then initialises random weights and times one compiled forward pass and
-one batched generation on a random interleaved batch.
+one batched generation on a random batch (interleaved for Flamingo).
 """
 
+import functools
 import re
 import time
 
@@ -18,7 +20,8 @@ from absl import flags
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.models.flamingo import generate
+from mmjax.models import blip2, flamingo
+from mmjax.tasks import blip2 as blip2_task
 from mmjax.tasks import flamingo as flamingo_task
 
 _CONFIG = config_lib.define_flag()
@@ -51,6 +54,25 @@ def example_batch(config, rng):
   return jnp.asarray(tokens), images, jnp.full((s.batch_size,), s.num_images, jnp.int32)
 
 
+def model_and_inputs(config, rng):
+  """`(model, inputs, generate)`: the recipe's model, the positional inputs of its forward
+  pass on a random batch, and `generate(params, prompt, lengths, rng, **settings)` on
+  that batch's images (None for a model that does not generate: BLIP-2's stage 1)."""
+  if config.task == "flamingo":
+    model = flamingo_task.build_model(config)
+    tokens, images, num_images = example_batch(config, rng)
+    return model, (tokens, images, num_images), functools.partial(
+        flamingo.generate, model, images=images, num_images=num_images)
+  s, m = config.summary, config.model
+  model = blip2_task.build_model(config)
+  vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
+  tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)
+  images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
+  def generate(params, *args, **kwargs):
+    return blip2.generate(model, params, images, *args, **kwargs)
+  return model, (images, tokens), generate if m.get("lm") or m.get("t5") else None
+
+
 def timed(fn, *args, **kwargs):
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args, **kwargs))
@@ -61,16 +83,15 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if config.task != "flamingo":
-    raise cli.UserError(f"mmjax.summary inspects Flamingo recipes; this config's task is "
-                        f"{config.task!r} (--config=configs/flamingo.py[:variant]).")
-  model = flamingo_task.build_model(config)
-  tokens, images, num_images = example_batch(config, jax.random.key(0))
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens, images,
-                                                      num_images)["params"]))
+  if config.task not in ("flamingo", "blip2"):
+    raise cli.UserError(f"mmjax.summary inspects Flamingo and BLIP-2 recipes; this config's "
+                        f"task is {config.task!r} (--config=configs/flamingo.py[:variant]).")
+  model, inputs, generate = model_and_inputs(config, jax.random.key(0))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
-  print(f"Flamingo '{config.variant}': {total / 1e6:,.2f}M parameters")
+  name = {"flamingo": "Flamingo", "blip2": "BLIP-2"}[config.task]
+  print(f"{name} '{config.variant}': {total / 1e6:,.2f}M parameters")
   for group, count, trains in sorted(rows):
     print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")
   print(f"  trainable: {sum(count for _, count, trains in rows if trains) / 1e6:,.2f}M")
@@ -78,21 +99,25 @@ def main(argv):
     return
 
   params, init_s = timed(jax.jit(lambda: nn.unbox(
-      model.init(jax.random.key(0), tokens, images, num_images)["params"])))
-  forward = jax.jit(lambda p, t, i, n: model.apply({"params": p}, t, i, n))
-  logits, compile_s = timed(forward, params, tokens, images, num_images)
-  _, step_s = timed(forward, params, tokens, images, num_images)
-  print(f"forward {tuple(tokens.shape)} with {num_images[0]} images/row: logits "
-        f"{tuple(logits.shape)}, first call {compile_s:.2f}s (compiles), then {step_s:.3f}s")
+      model.init(jax.random.key(0), *inputs)["params"])))
+  forward = jax.jit(lambda p, *args: model.apply({"params": p}, *args))
+  out, compile_s = timed(forward, params, *inputs)
+  _, step_s = timed(forward, params, *inputs)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(out)]
+  print(f"forward on {', '.join(str(tuple(x.shape)) for x in inputs)}: outputs "
+        f"{', '.join(map(str, shapes))}, first call {compile_s:.2f}s (compiles), then "
+        f"{step_s:.3f}s")
+  if generate is None:
+    return
   s = config.summary
   prompt_len = s.seq_len // 2
-  gen_kw = dict(images=images, num_images=num_images, max_new_tokens=s.max_new_tokens,
-                stop_ids=(config.model.endofchunk_token_id, config.tokens.eos),
-                pad_id=config.tokens.pad)
+  stop_ids = (config.tokens.eos,) + ((config.model.endofchunk_token_id,)
+                                     if config.task == "flamingo" else ())
+  gen_kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=stop_ids, pad_id=config.tokens.pad)
   lengths = jnp.full((s.batch_size,), prompt_len, jnp.int32)
-  prompt = tokens[:, :prompt_len]
-  out, compile_s = timed(generate, model, params, prompt, lengths, jax.random.key(1), **gen_kw)
-  _, step_s = timed(generate, model, params, prompt, lengths, jax.random.key(1), **gen_kw)
+  prompt = inputs[0 if config.task == "flamingo" else 1][:, :prompt_len]
+  out, compile_s = timed(generate, params, prompt, lengths, jax.random.key(1), **gen_kw)
+  _, step_s = timed(generate, params, prompt, lengths, jax.random.key(1), **gen_kw)
   print(f"greedy generation of up to {s.max_new_tokens} tokens: lengths "
         f"{np.asarray(out.lengths).tolist()}, first call {compile_s:.2f}s, then {step_s:.3f}s")
 

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax import checkpoints
 from mmjax.models.bert import Bert, BertConfig
 from mmjax.models.blip2 import Blip2, Blip2Config, generate
 from mmjax.models.lm import LMConfig
-from mmjax.models.qformer import QFormer, QFormerConfig, attention_mask, from_bert
+from mmjax.models.qformer import QFormer, QFormerConfig, attention_mask
+from mmjax.models.t5 import T5, T5Config
 from mmjax.models.vit import ViTConfig
 from mmjax.tasks import blip2 as task
 
@@ -22,8 +24,8 @@ QFORMER = QFormerConfig(vocab_size=VOCAB + 1, width=32, depth=3, num_heads=4, nu
 LM = LMConfig(vocab_size=VOCAB, width=16, depth=2, num_heads=2, max_len=64)
 
 
-def _model(lm=None):
-  model = Blip2(Blip2Config(VISION, QFORMER, dec_token_id=DEC, lm=lm, embed_dim=8))
+def _model(lm=None, t5=None):
+  model = Blip2(Blip2Config(VISION, QFORMER, dec_token_id=DEC, lm=lm, t5=t5, embed_dim=8))
   images = jax.random.randint(jax.random.key(1), (4, 16, 16, 3), 0, 255).astype(jnp.uint8)
   tokens = jax.random.randint(jax.random.key(2), (4, 7), 3, VOCAB)
   tokens = tokens.at[:, 0].set(2).at[1, 5:].set(0)  # [CLS]-first, row 1 padded
@@ -100,8 +102,10 @@ def test_the_queries_alone_build_only_the_query_parameters():
 
 
 def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
-  """With BERT's token-type embedding at zero (the Q-Former has none), the Q-Former's text
-  pass is the BERT's; the query feed-forwards start as the text ones."""
+  """A BERT grafted as the recipe's `config.init.qformer` does (token types and pooler
+  dropped, then `initial_params`): with BERT's token-type embedding at zero (the Q-Former
+  has none), the Q-Former's text pass is the BERT's; the query feed-forwards start as the
+  text ones; [DEC]'s row and the cross-attention stay new."""
   bert = Bert(BertConfig(vocab_size=VOCAB, width=32, depth=3, num_heads=4, max_len=16))
   tokens = jax.random.randint(jax.random.key(5), (2, 6), 1, VOCAB)
   bert_params = nn.unbox(bert.init(jax.random.key(1), tokens)["params"])
@@ -109,15 +113,17 @@ def test_a_grafted_bert_gives_the_qformer_its_text_encoder():
       bert_params["token_types"]["embedding"])
   model = QFormer(QFORMER)
   initial = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 5, 24)), tokens)["params"])
-  grafted = from_bert(initial, bert_params)
+  source = {k: v for k, v in bert_params.items() if k not in ("token_types", "pooler")}
+  grafted = checkpoints.graft({"qformer": initial}, "qformer", source,
+                              may_stay_new=r"^qformer/")["qformer"]
+  grafted = task.initial_params({"qformer": grafted, "text_head": {}})["qformer"]
   np.testing.assert_allclose(model.apply({"params": grafted}, None, tokens)["text"],
                              bert.apply({"params": bert_params}, tokens)["hidden"], atol=1e-5)
   np.testing.assert_array_equal(grafted["layers_1"]["mlp_query"]["up"]["kernel"],
                                 bert_params["layers_1"]["mlp"]["up"]["kernel"])
-  np.testing.assert_array_equal(grafted["embed"]["embedding"][VOCAB],  # [DEC] kept
-                                initial["embed"]["embedding"][VOCAB])
   np.testing.assert_array_equal(grafted["layers_0"]["xattn"]["query"]["kernel"],
                                 initial["layers_0"]["xattn"]["query"]["kernel"])
+  assert grafted["embed"]["embedding"].shape[0] == VOCAB + 1  # [DEC] added
 
 
 def test_an_image_width_the_cross_attention_cannot_read_is_refused_naming_both():
@@ -220,3 +226,62 @@ def test_stage2_decoding_with_the_cache_equals_the_full_forward():
   for r in range(4):
     steps = lengths[r] - 1 + jnp.arange(4)
     np.testing.assert_array_equal(jnp.argmax(logits[r, steps], -1), out.tokens[r])
+
+
+def test_prefix_lm_split_cuts_between_the_second_token_and_the_middle():
+  tokens = jnp.array([[5, 6, 7, 8, 9, 1, 0, 0], [5, 6, 1, 0, 0, 0, 0, 0]])
+  valid = tokens != 0
+  cuts = set()
+  for seed in range(40):
+    inputs, input_valid, targets, target_valid = task.prefix_lm_split(
+        tokens, valid, jax.random.key(seed), 0)
+    for row in range(2):
+      cut = int(jnp.sum(input_valid[row]))
+      n = int(jnp.sum(valid[row]))
+      assert 1 <= cut <= max(n // 2, 1)
+      cuts.add((row, cut))
+      # Inputs and targets together are the text, in order.
+      np.testing.assert_array_equal(
+          np.concatenate([inputs[row][input_valid[row]], targets[row][target_valid[row]]]),
+          tokens[row, :n])
+      assert np.all(np.asarray(targets[row])[~np.asarray(target_valid[row])] == 0)
+  assert cuts == {(0, 1), (0, 2), (0, 3), (1, 1)}  # every allowed cut is drawn
+
+
+def test_the_flan_t5_variant_encodes_the_queries_before_the_prompt():
+  t5 = T5Config(vocab_size=VOCAB, width=16, depth=2, num_heads=2, mlp_dim=32,
+                activation="gelu", gated_mlp=True, tie_embeddings=False)
+  model, params, images, tokens = _model(t5=t5)
+  assert "lm_proj" in params and "temp" not in params
+  lengths = jnp.array([3, 6, 5, 4])
+  mask = jnp.arange(7) < lengths[:, None]
+  decoder = jnp.array([[0, 5, 9]] * 4)
+  logits = model.apply({"params": params}, images, tokens, mask, decoder_tokens=decoder)
+  prefix = model.apply({"params": params}, images, method=Blip2.prefix)
+  np.testing.assert_allclose(logits, T5(t5).apply({"params": params["t5"]}, tokens, decoder,
+                                                  token_mask=mask, prefix=prefix), atol=1e-6)
+  out = generate(model, params, images, tokens, lengths, jax.random.key(0), max_new_tokens=3)
+  full = jnp.concatenate([jnp.zeros((4, 1), jnp.int32), out.tokens[:, :2]], axis=1)
+  greedy = jnp.argmax(model.apply({"params": params}, images, tokens, mask,
+                                  decoder_tokens=full), -1)
+  produced = jnp.arange(3) < out.lengths[:, None]  # up to and with the end token
+  np.testing.assert_array_equal(jnp.where(produced, greedy, -1),
+                                jnp.where(produced, out.tokens, -1))
+  assert int(jnp.sum(out.lengths)) > 4  # not all stopped at once
+
+
+def blip2_config(stage: int = 1, **data):
+  """The BLIP-2 recipe at toy size: 32px images, 32-wide towers, no pretrained parts."""
+  from mmjax.configs import blip2 as recipe
+  config = recipe.get_config("stage1" if stage == 1 else "tiny")
+  model = config.model
+  model.vision.update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2)
+  model.qformer.update(width=32, depth=2, num_heads=2, num_queries=4, encoder_width=32)
+  model.embed_dim = 16
+  if stage == 2:
+    model.lm.update(width=32, depth=2, num_heads=2)
+  config.data.update(image_size=32, batch_size=8, **data)
+  for entry in (*config.data.datasets.values(), *config.data.eval_datasets.values()):
+    entry.source.image_size = 32
+  config.init = {}
+  return config

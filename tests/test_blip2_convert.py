@@ -1,6 +1,6 @@
 """Converted Hugging Face BLIP-2 models compute what transformers computes (float32, within
 1e-4): the EVA ViT-g vision tower (`Blip2VisionModel`), the Q-Former (`Blip2QFormerModel`),
-Blip2ForConditionalGeneration with OPT (logits, and greedy tokens identical to its
+Blip2ForConditionalGeneration with OPT or T5 (logits, and greedy tokens identical to its
 `generate`), and Blip2ForImageTextRetrieval (ITM scores, ITC similarities)."""
 
 import jax
@@ -225,6 +225,36 @@ def test_blip2_greedy_generation_gives_transformers_tokens(tmp_path):
                              jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0),
                              max_new_tokens=8)
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def test_converted_blip2_flan_t5_gives_transformers_logits(tmp_path):
+  """The queries and the text (after its placeholders, for transformers) are encoded, the
+  decoder's tokens decoded. (tests/test_t5.py compares T5's generation with transformers',
+  tests/test_blip2.py BLIP-2's with its forward.)"""
+  t5 = dict(model_type="t5", vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=40, num_layers=2,
+            num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+  model = _randomise(transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+      vision_config=VISION, qformer_config=QFORMER, text_config=t5, num_query_tokens=QUERIES,
+      image_token_index=IMAGE_TOKEN)), 1, 0.15)
+  model.save_pretrained(tmp_path)
+  tokens, lengths = _prompts()
+  valid = np.arange(6)[None] < lengths[:, None]
+  decoder = np.random.default_rng(2).integers(2, IMAGE_TOKEN, size=(2, 5))
+  decoder[:, 0] = 0  # the decoder's start token
+  pixels = _pixels()
+  with torch.no_grad():
+    ids, mask = _with_placeholders(tokens, valid)
+    expected = model(pixel_values=torch.tensor(pixels), input_ids=ids, attention_mask=mask,
+                     decoder_input_ids=torch.tensor(decoder)).logits.numpy()
+  cfg, params = blip2.convert_blip2(tmp_path)
+  assert cfg.t5 is not None and cfg.lm is None and "lm" not in params
+  logits = Blip2(cfg).apply({"params": params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
+                            jnp.asarray(tokens), jnp.asarray(valid),
+                            decoder_tokens=jnp.asarray(decoder))
+  diff = np.abs(np.asarray(logits) - expected).max()
+  assert diff < 1e-4, diff
 
 
 def test_a_transformers_4_config_with_only_the_fields_that_differ_is_the_paper_model():

@@ -251,8 +251,10 @@ def _blip2_dict(**c) -> dict:
 
 @pytest.mark.parametrize("change, message", [
     (lambda hf: hf | dict(some_new_setting=3), "some_new_setting"),
-    (lambda hf: hf | dict(text_config=dict(model_type="t5", d_model=32)),
-     r"text_config.model_type='t5'.*FLAN-T5"),
+    (lambda hf: hf | dict(text_config=dict(model_type="bart", d_model=32)),
+     r"text_config.model_type='bart' is not supported; supported: gpt2, opt, .*t5"),
+    (lambda hf: hf | dict(text_config=hf["text_config"] | dict(model_type="t5")),
+     "The BLIP-2 config has no 'text_config.d_model'"),
     (lambda hf: hf | dict(text_config=hf["text_config"] | dict(do_layer_norm_before=False)),
      "do_layer_norm_before=False"),
     (lambda hf: hf | dict(qformer_config=hf["qformer_config"] | dict(
@@ -299,6 +301,8 @@ def _add_tensor(path, name):
         intermediate_size=48, max_position_embeddings=16)), "encoder.layer.0.extra.bias",
      convert.convert_bert),
     (lambda: _blip2(), "qformer.encoder.layer.0.extra.bias", convert.convert_blip2),
+    (lambda: _t5(), "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+     convert.convert_t5),
 ])
 def test_an_unknown_tensor_is_refused_by_name(make, extra, conversion, tmp_path):
   _save(tmp_path, make())
@@ -462,6 +466,62 @@ def test_bert_conversion_is_init_tree_and_transformers_outputs(pooler, act, type
     assert np.abs(np.asarray(out["pooled"]) - expected.pooler_output.numpy()).max() < 1e-4
 
 
+# ---------------------------------------------------------------------------------------
+# T5: settings it cannot compute, and the tensors beside the shared embedding as
+# transformers 4 and 5 write them (tests/test_t5.py compares outputs with transformers').
+# ---------------------------------------------------------------------------------------
+def _t5(**c):
+  return transformers.T5ForConditionalGeneration(transformers.T5Config(**{
+      **dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4), **c}))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(feed_forward_proj="gated-mish"), "feed_forward_proj='gated-mish'"),
+    (dict(relative_attention_max_distance=16), "relative_attention_max_distance=16"),
+    (dict(relative_attention_num_buckets=2), "relative_attention_num_buckets=2"),
+    (dict(eos_token_id=[1, 2]), r"eos_token_id=\[1, 2\]"),
+    (dict(is_decoder=True), "is_decoder=True"),
+    (dict(some_new_setting=3), "some_new_setting"),
+])
+def test_t5_settings_and_fields_it_does_not_know_are_refused_by_name(change, message):
+  hf = transformers.T5Config(vocab_size=VOCAB).to_dict()
+  assert convert.t5_config(hf).activation == "relu"
+  with pytest.raises(convert.ConversionError, match=message):
+    convert.t5_config(hf | change)
+
+
+def test_t5_tensors_beside_the_shared_embedding(tmp_path):
+  """Copies of the shared embedding must equal it; an `lm_head.weight` that differs is
+  the output layer where transformers 5 wrote the config, refused where transformers 4
+  did and tied it; the original checkpoints' unused cross-attention bias is ignored."""
+  from safetensors.numpy import load_file, save_file
+  _save(tmp_path, _t5())
+  state = load_file(str(tmp_path / "model.safetensors"))
+  shared = state["shared.weight"]
+  write = lambda **tensors: save_file(state | tensors, str(tmp_path / "model.safetensors"))
+  write(**{"encoder.embed_tokens.weight": shared, "lm_head.weight": shared,
+           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight":
+               np.ones((32, 4), np.float32)})
+  cfg, params = convert.convert_t5(tmp_path)
+  assert cfg.tie_embeddings and cfg.scales_output and "lm_head" not in params
+  write(**{"decoder.embed_tokens.weight": shared + 1})
+  with pytest.raises(convert.ConversionError,
+                     match="decoder.embed_tokens.weight: differs from shared.weight"):
+    convert.convert_t5(tmp_path)
+  write(**{"lm_head.weight": shared + 1})
+  cfg, params = convert.convert_t5(tmp_path)
+  assert not cfg.tie_embeddings and cfg.scales_output and "lm_head" in params
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["scale_decoder_outputs"]  # as transformers 4 writes it
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(convert.ConversionError, match="lm_head.weight: differs from"):
+    convert.convert_t5(tmp_path)
+  config["tie_word_embeddings"] = False
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  cfg, params = convert.convert_t5(tmp_path)
+  assert not cfg.tie_embeddings and not cfg.scales_output and "lm_head" in params
+
+
 def test_the_command_line_reports_user_mistakes_in_one_line(tmp_path):
   import os
   import subprocess
@@ -470,13 +530,13 @@ def test_the_command_line_reports_user_mistakes_in_one_line(tmp_path):
                                    n_positions=8, activation_function="mish").to_dict()
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-  blip2 = _blip2_dict(text_config=dict(model_type="t5", d_model=32))
+  blip2 = _blip2_dict() | {"text_config": {"model_type": "bart"}}
   (tmp_path / "blip2").mkdir()  # (no weights: the config is checked first)
   (tmp_path / "blip2" / "config.json").write_text(json.dumps(
       blip2 | {"architectures": ["Blip2ForConditionalGeneration"]}))
   for hf_dir, message in ((tmp_path / "missing", "has no config.json"),
                           (tmp_path / "hf", "activation_function='mish' is not supported"),
-                          (tmp_path / "blip2", "text_config.model_type='t5'")):
+                          (tmp_path / "blip2", "text_config.model_type='bart'")):
     run = subprocess.run([sys.executable, "-m", "mmjax.convert", f"--hf_dir={hf_dir}",
                           f"--output={tmp_path / 'out'}"], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})

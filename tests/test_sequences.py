@@ -81,10 +81,13 @@ def test_text_only_sequences_train_every_real_token():
 
 def test_pairs_keep_one_image_and_the_caption_ending_in_eos():
   record = {"text": f"{IMG}a red circle on the left.{EOC}", "images": images(1)}
-  out, _ = build_sequence(record, TOK, SequenceSpec(seq_len=6, image_size=8, mode="pair"))
+  out, stats = build_sequence(record, TOK, SequenceSpec(seq_len=6, image_size=8, mode="pair"))
   assert out["tokens"].shape == (6,) and out["tokens"][0] == TOK.bos_id
   assert out["tokens"][-1] == TOK.eos_id  # truncated, but still pooled at an EOS
   assert TOK.decode(out["tokens"][1:-1]) == "a red circle on"
+  assert stats == {"text_truncated": 1}  # counted, never silent
+  _, stats = build_sequence(record, TOK, SequenceSpec(seq_len=16, image_size=8, mode="pair"))
+  assert stats == {"text_truncated": 0}
   np.testing.assert_array_equal(out["image"], images(1)[0])
   with pytest.raises(CorruptRecord, match="exactly one image"):
     build_sequence({"text": "x", "images": images(2)}, TOK,

@@ -1,11 +1,16 @@
 """BLIP-2 (`model_type: blip-2`), from Hugging Face's Blip2 classes, as mmjax's `Blip2`
 (`task: "blip2"`):
-  Blip2ForConditionalGeneration (a decoder-only LM, OPT) -> a stage-2 `Blip2` with `lm`;
+  Blip2ForConditionalGeneration -> a stage-2 `Blip2` with `lm` (a decoder-only LM: OPT)
+    or `t5` (FLAN-T5);
   Blip2ForImageTextRetrieval (the stage-1 Q-Former with its text embeddings and the ITC
   and ITM heads) -> a stage-1 `Blip2` without `lm`.
-Which one a directory holds follows from its tensors (`language_model.*`). Its parts
-convert on their own too: the vision tower (`vision_model.*`, or a `Blip2VisionModel`
-directory, `convert_blip2_vision`) and the Q-Former (`qformer.*`, `qformer_params`).
+Which one a directory holds follows from its config's `architectures` (or, without it, from
+its tensors: `language_model.*`). transformers' retrieval model has neither BLIP-2's
+captioning head (`text_head`, ITG) nor its contrastive temperature: the stage-1 parameters
+are those of `Blip2.contrastive` and `Blip2.matching`, with `temp` at `Blip2Config.temp`.
+The parts convert on their own too: the vision tower (`vision_model.*`, or a
+`Blip2VisionModel` directory: `convert_blip2_vision`) and the Q-Former (`qformer.*`:
+`qformer_params`).
 
 The vision tower is EVA's ViT-g in mmjax's `ViT` with EVA's options
 (`mmjax.models.vit.EVA_VIT_G`): a patch bias, no `ln_pre`, no key bias, and
@@ -26,16 +31,19 @@ Prompts: mmjax prepends the projected queries to the LM's input. transformers sc
 them into the `num_query_tokens` `<image>` placeholders (`image_token_index`) that
 Blip2Processor puts before the text (before its BOS), and older transformers (no
 `image_token_index`) prepended them: the same function, given the text after the
-placeholders. The LM converts through `mmjax.convert.lm` (`text_config`, and the
-`language_model.*` tensors); a T5 language model (BLIP-2 FLAN-T5) is refused.
+placeholders (for T5, in the encoder's input). The LM converts through `mmjax.convert.lm`
+or `mmjax.convert.t5` (`text_config`, and the `language_model.*` tensors). transformers
+computes FLAN-T5's feed-forward with the activation its `feed_forward_proj` names, as the
+conversion does; LAVIS overrode it with exact GELU (`dense_act_fn="gelu"`).
 """
 
+import dataclasses
 import pathlib
 from typing import Any
 
 import numpy as np
 
-from mmjax.convert import bert, clip, common, lm, opt
+from mmjax.convert import bert, clip, common, lm, opt, t5
 from mmjax.models.blip2 import Blip2, Blip2Config
 from mmjax.models.qformer import QFormer, QFormerConfig
 from mmjax.models.vit import ViT, ViTConfig
@@ -47,13 +55,10 @@ VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_laye
                        hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True)
 
 
-def _vision_ignored(prefix: str) -> dict[str, str]:
-  return {f"{prefix}attention_dropout": common.DROPOUT, f"{prefix}dropout": common.DROPOUT,
-          f"{prefix}projection_dim": "written by older transformers; no vision projection "
-                                     "exists in BLIP-2 (the Q-Former reads the tokens)"}
-
-
-VISION_IGNORED_FIELDS = _vision_ignored("")
+VISION_IGNORED_FIELDS = {
+    "attention_dropout": common.DROPOUT, "dropout": common.DROPOUT,
+    "projection_dim": "written by older transformers; BLIP-2's vision tower has no "
+                      "projection (the Q-Former reads its tokens)"}
 
 
 def _square(f: common.Fields, name: str) -> int:
@@ -231,22 +236,16 @@ IGNORED_FIELDS = {
 IGNORED_TENSORS = {
     r"embeddings\.position_ids": "a buffer of arange(positions)",
 }
-# An LM family (text_config.model_type) BLIP-2 ships with that mmjax cannot compute yet.
-ENCODER_DECODER_LMS = ("t5",)
 
 
 def _text_config(f: common.Fields) -> dict[str, Any]:
-  """`text_config`, with OPT's defaults for the fields transformers 4.x did not write."""
+  """`text_config` of a decoder-only LM, with OPT's defaults for the fields transformers
+  4.x did not write."""
   text = dict(f.get("text_config", {}))
   kind = text.get("model_type", "opt")  # transformers' Blip2Config defaults to OPT
-  if kind in ENCODER_DECODER_LMS or f.get("use_decoder_only_language_model") is False:
-    raise common.ConversionError(
-        f"BLIP-2 with text_config.model_type={kind!r} (an encoder-decoder language model, "
-        "BLIP-2 FLAN-T5) is not supported: mmjax's Blip2 feeds the queries to a "
-        f"decoder-only LM; supported: {', '.join(lm.LM_TYPES)}.")
   if kind not in lm.LM_TYPES:
     raise common.ConversionError(f"BLIP-2 with text_config.model_type={kind!r} is not "
-                                 f"supported; supported: {', '.join(lm.LM_TYPES)}.")
+                                 f"supported; supported: {', '.join(lm.LM_TYPES + ('t5',))}.")
   return {**opt.DEFAULTS, **text, "model_type": "opt"} if kind == "opt" else text
 
 
@@ -269,30 +268,38 @@ def blip2_config(hf: dict[str, Any], stage: int) -> tuple[Blip2Config, dict[str,
         "BLIP-2 retrieval (stage 1, no language_model.* tensors) with "
         "qformer_config.use_qformer_text_input=false is not supported: its text passes run "
         "the Q-Former's text feed-forwards, which that setting leaves out.")
-  lm_cfg = None
-  if stage == 2:
+  lm_cfg = t5_cfg = None
+  ignored = dict(IGNORED_FIELDS)
+  if stage == 2 and (f.get("text_config") or {}).get("model_type") == "t5":
+    t5_cfg = t5.t5_config(f.sub("text_config"))
+    ignored |= {f"text_config.{k}": v for k, v in t5.IGNORED_FIELDS.items()}
+    facts["text"] = f.get("text_config")
+  elif stage == 2:
     facts["text"] = _text_config(f)
     lm_cfg = lm.lm_config(facts["text"])
+  else:
+    ignored["text_config"] = "a retrieval (stage-1) checkpoint has no language model"
   cfg = Blip2Config(
-      vision=vision, qformer=qformer, lm=lm_cfg, embed_dim=f.get("image_text_hidden_size", 256),
+      vision=vision, qformer=qformer, lm=lm_cfg, t5=t5_cfg,
+      embed_dim=f.get("image_text_hidden_size", 256),
       # LAVIS appends [DEC] as the last token of the Q-Former's vocabulary.
       dec_token_id=qformer.vocab_size - 1, pad_token_id=q.get("pad_token_id", 0))
-  f.finish({**IGNORED_FIELDS, **({"text_config": "a retrieval (stage-1) checkpoint has no "
-                                                  "language model"} if stage == 1 else {})})
+  f.finish(ignored)
   return cfg, facts
 
 
 def blip2_params(state: dict[str, np.ndarray], cfg: Blip2Config, facts: dict[str, Any]
                  ) -> dict:
-  """mmjax `Blip2` parameters from a Blip2ForConditionalGeneration's (with `cfg.lm`) or a
-  Blip2ForImageTextRetrieval's state dict, every tensor consumed or ignored on purpose."""
+  """mmjax `Blip2` parameters from a Blip2ForConditionalGeneration's (with `cfg.lm` or
+  `cfg.t5`) or a Blip2ForImageTextRetrieval's state dict, every tensor consumed or ignored
+  on purpose."""
   prefix = "language_model."
   read = common.Reader({k: v for k, v in state.items() if not k.startswith(prefix)})
   q, d = cfg.qformer, cfg.qformer.width
   read.prefix = "vision_model."
   params = {"vision": vision_params(read, cfg.vision, facts["qkv_bias"])}
   read.prefix = "qformer."
-  stage1 = cfg.lm is None
+  stage1 = cfg.stage == 1
   params["qformer"] = qformer_params(read, q, text=stage1)
   read.prefix = ""
   params["qformer"]["queries"] = read("query_tokens", (1, q.num_queries, d)).reshape(
@@ -305,13 +312,17 @@ def blip2_params(state: dict[str, np.ndarray], cfg: Blip2Config, facts: dict[str
     for name, hf in (("vision_proj", "vision_projection"), ("text_proj", "text_projection")):
       params[name] = common.linear(read, hf, (d,), (cfg.embed_dim,), bias=True)
     params["itm_head"] = common.linear(read, "itm_head", (d,), (2,), bias=True)
-    # transformers returns cosine similarities; LAVIS's temperature was not converted.
+    # No temperature in transformers' checkpoint (its ITC scores are plain cosine
+    # similarities; its conversion dropped LAVIS's `temp`): Blip2Config's initial value.
     params["temp"] = np.asarray(cfg.temp, np.float32)
   else:
-    params["lm_proj"] = common.linear(read, "language_projection", (d,), (cfg.lm.width,),
-                                      bias=True)
+    params["lm_proj"] = common.linear(read, "language_projection", (d,),
+                                      ((cfg.lm or cfg.t5).width,), bias=True)
     lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    params["lm"] = lm.lm_params(facts["text"], lm_state, cfg.lm)
+    if cfg.t5 is not None:
+      params["t5"] = t5.t5_params(lm_state, cfg.t5)
+    else:
+      params["lm"] = lm.lm_params(facts["text"], lm_state, cfg.lm)
   ignored = dict(IGNORED_TENSORS)
   if not stage1 and facts["qformer_text"]:
     ignored[r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*"] = (
@@ -336,7 +347,7 @@ def check_blip2(params: dict, cfg: Blip2Config) -> None:
   import jax.numpy as jnp
   size, channels = cfg.vision.image_size, cfg.vision.channels
   images, tokens = jnp.zeros((1, size, size, channels)), jnp.zeros((1, 1), jnp.int32)
-  if cfg.lm is not None:
+  if cfg.stage == 2:
     common.check_tree(params, Blip2(cfg), images, tokens)
     return
 
@@ -358,10 +369,13 @@ def convert_blip2(hf_dir: str | pathlib.Path) -> tuple[Blip2Config, dict[str, An
   else:
     state = common.read_hf_weights(hf_dir)
     cfg, facts = blip2_config(hf, stage_of(state))
-  if stage_of(state) != (1 if cfg.lm is None else 2):
+  if stage_of(state) != cfg.stage:
     raise common.ConversionError(
         f"{hf_dir}'s config says {hf.get('architectures')}, but its weights "
-        f"{'have' if cfg.lm is None else 'have no'} language_model.* tensors.")
+        f"{'have' if cfg.stage == 1 else 'have no'} language_model.* tensors.")
+  if cfg.t5 is not None and cfg.t5.tie_embeddings and t5.has_own_output_layer(
+      facts["text"], state, "language_model."):
+    cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, tie_embeddings=False))
   params = blip2_params(state, cfg, facts)
   check_blip2(params, cfg)
   return cfg, params

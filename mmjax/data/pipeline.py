@@ -146,7 +146,8 @@ class DataHealth:
   def counts(self) -> dict[str, int]:
     """`{"<dataset>/<reason>": count}` over the records training consumed: skipped records
     per reason (`bad_image`, `empty_text`, `no_image_left`, `unreadable`, ...) and images
-    cut from kept records (`images_over_limit`, `images_truncated`)."""
+    cut from kept records (`images_over_limit`, `images_truncated`), pairs' texts cut to
+    the sequence length (`text_truncated`)."""
     with self._lock:
       return {} if self._tally is None else self._tally.as_counts()
 

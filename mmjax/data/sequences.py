@@ -47,7 +47,8 @@ class SequenceSpec:
     "text": language-model sequences: the whole text (media tokens included, as ordinary
       tokens), every non-padding target trained; no images.
     "pair": contrastive pairs: exactly one image and its text without media markup,
-      `BOS text EOS` right-padded (EOS kept when truncating).
+      `BOS text EOS` right-padded (EOS kept when truncating; truncated texts are
+      counted as `text_truncated`).
   """
 
   seq_len: int
@@ -91,7 +92,8 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
   Returns:
     ({"tokens": int32 "t", "targets": int32 "t", "loss_mask": float32 "t",
       "images": uint8 "m 1 h w c", "num_images": int32}, stats) where `t = seq_len`,
-    `m = max_images` and stats counts images dropped by the image limit or truncation.
+    `m = max_images` and stats counts images dropped by the image limit or truncation
+    (pairs: texts cut to `seq_len`).
   Raises:
     CorruptRecord: empty text, images that do not match the `<image>` tokens, or
       images of the wrong shape or type.
@@ -111,7 +113,7 @@ def build_sequence(document: dict[str, Any], tokenizer: Tokenizer,
   if spec.mode == "pair":
     if num_given != 1:
       raise CorruptRecord("image_count", f"a pair needs exactly one image, got {num_given}")
-    return _pair(text, images[0], tokenizer, spec.seq_len), {}
+    return _pair(text, images[0], tokenizer, spec.seq_len)
   ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)
   media_positions = np.flatnonzero(ids == tokenizer.media_id)
   if len(media_positions) != num_given:
@@ -154,9 +156,11 @@ def _text_sequence(text: str, tokenizer: Tokenizer, seq_len: int) -> dict[str, n
 
 
 def _pair(text: str, image: np.ndarray, tokenizer: Tokenizer,
-          seq_len: int) -> dict[str, np.ndarray]:
+          seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   caption = text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip()
   if not caption:
     raise CorruptRecord("empty_text", "the pair has no text besides media markup")
-  ids = tokenizer.encode(caption, bos=True)[:seq_len - 1] + [tokenizer.eos_id]
-  return {"tokens": right_pad(ids, seq_len, tokenizer.pad_id), "image": image}
+  ids = tokenizer.encode(caption, bos=True)
+  stats = {"text_truncated": int(len(ids) + 1 > seq_len)}
+  ids = ids[:seq_len - 1] + [tokenizer.eos_id]
+  return {"tokens": right_pad(ids, seq_len, tokenizer.pad_id), "image": image}, stats

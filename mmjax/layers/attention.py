@@ -88,7 +88,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                mask: jax.Array | None = None, positions: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               bias: jax.Array | None = None, decode: bool = False) -> jax.Array:
     """Attends from `x` to itself (or to `kv` when `cross`).
 
     Args:
@@ -98,6 +98,9 @@ class Attention(nn.Module):
         Must be None for causal self-attention in decode mode, where the mask follows
         from the positions.
       positions: `"b t"` absolute positions of `x`; needed for RoPE, ALiBi and decoding.
+      bias: float `"b h t s"` added to the (scaled) logits, e.g. T5's relative position
+        biases; `b` and `h` may be 1. In self-attention decode mode `s` is the cache's
+        length (key slot i holds position i).
       decode: use and update the key/value cache (the "cache" collection). For
         self-attention, keys/values of `x` are written at `positions`, and each query sees
         the cache slots at or before its own position; the cache is created by a first
@@ -173,14 +176,14 @@ class Attention(nn.Module):
         distance = positions[:, None, :, None] - positions[:, None, None, :]  # b 1 t t
         mask = mask & (distance < self.sliding_window)
 
-    bias = None
     if self.alibi_bias_max is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
       # When decoding, the keys are the cache, whose slots are their positions.
       key_positions = jnp.arange(k.shape[1])[None] if decode else positions
-      bias = alibi_bias(positions, key_positions,
-                        alibi_slopes(self.num_heads, self.alibi_bias_max))
+      alibi = alibi_bias(positions, key_positions,
+                         alibi_slopes(self.num_heads, self.alibi_bias_max))
+      bias = alibi if bias is None else bias + alibi
 
     # Named for the "save_qkv_proj" remat policy (mmjax.layers.stack).
     q = checkpoint_name(nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim")),

@@ -9,8 +9,9 @@ objectives (`mmjax.tasks.blip2`), through heads that live beside it:
   `itm_head`                  (ITM) a 2-way match/no-match head on each query's output;
   `text_head`                 (ITG) BERT's LM head (dense, GELU, LayerNorm, the word
                               embeddings tied, a bias) on the text under the causal mask.
-Stage 2 feeds the query outputs through `lm_proj` into a frozen decoder-only LM as a soft
-prompt (`lm/`).
+Stage 2 feeds the query outputs through `lm_proj` into a frozen LM as a soft prompt: a
+decoder-only LM (`lm/`, OPT in the paper) reads them before the text; an encoder-decoder
+(`t5/`, FLAN-T5) encodes them before a prefix of the text and decodes the rest.
 """
 
 import dataclasses
@@ -29,6 +30,8 @@ from mmjax.models.common import config_from_dict
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.lm import LanguageModel, LMConfig
 from mmjax.models.qformer import QFormer, QFormerConfig
+from mmjax.models.t5 import T5, T5Config
+from mmjax.models.t5 import generate as t5_generate
 from mmjax.models.vit import ViT, ViTConfig
 
 TEMP_RANGE = (0.001, 0.5)  # BLIP's clamp of the contrastive temperature
@@ -43,6 +46,7 @@ class Blip2Config:
       its `post_norm` (`token_norm`), which is `ln_vision`.
     qformer: the Q-Former; its `encoder_width` must be the vision width.
     lm: the frozen decoder-only LM of stage 2; None for a stage-1 model.
+    t5: the frozen encoder-decoder LM of stage 2, instead of `lm`.
     embed_dim: width of the contrastive embeddings (ITC).
     dec_token_id: the Q-Former's decoder BOS (`[DEC]`), put in place of the first
       ([CLS]) token for captioning (ITG).
@@ -55,12 +59,16 @@ class Blip2Config:
   qformer: QFormerConfig
   dec_token_id: int
   lm: LMConfig | None = None
+  t5: T5Config | None = None
   pad_token_id: int = 0
   embed_dim: int = 256
   vision_feature_layer: int = -1
   temp: float = 0.07
 
   def __post_init__(self):
+    if self.lm is not None and self.t5 is not None:
+      raise ValueError("Blip2Config: stage 2 has one language model; set `lm` (decoder-only) "
+                       "or `t5` (encoder-decoder), not both.")
     if self.vision.width != self.qformer.encoder_width:
       raise ValueError(f"Blip2Config: the vision tower is {self.vision.width} wide but the "
                        f"Q-Former's cross-attention reads "
@@ -69,6 +77,11 @@ class Blip2Config:
     if not 0 <= self.dec_token_id < self.qformer.vocab_size:
       raise ValueError(f"Blip2Config.dec_token_id={self.dec_token_id} is outside the "
                        f"Q-Former's vocabulary [0, {self.qformer.vocab_size}).")
+
+  @property
+  def stage(self) -> int:
+    """1 for the Q-Former with its heads, 2 with a language model."""
+    return 1 if self.lm is None and self.t5 is None else 2
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "Blip2Config":
@@ -95,12 +108,15 @@ class Blip2(nn.Module):
     self.text_proj = Dense(cfg.embed_dim, ("embed", None), use_bias=True, **kw)
     self.itm_head = Dense(2, ("embed", None), use_bias=True, **kw)
     self.text_head = TextHead(cfg.qformer.activation, cfg.qformer.norm_eps, **kw)
-    if cfg.lm is None:
+    if cfg.stage == 1:
       self.temp = self.param("temp", nn.with_logical_partitioning(
           nn.initializers.constant(cfg.temp), ()), (), jnp.float32)
     else:
-      self.lm_proj = Dense(cfg.lm.width, ("embed", None), use_bias=True, **kw)
+      self.lm_proj = Dense((cfg.lm or cfg.t5).width, ("embed", None), use_bias=True, **kw)
+    if cfg.lm is not None:
       self.lm = LanguageModel(cfg.lm)
+    if cfg.t5 is not None:
+      self.t5 = T5(cfg.t5)
 
   def image_features(self, images: jax.Array) -> jax.Array:
     """`images "b h w c" -> "b n e"`: what the queries read (ViT tokens, `ln_vision`)."""
@@ -143,19 +159,25 @@ class Blip2(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array,
                token_mask: jax.Array | None = None, *, prefix: jax.Array | None = None,
-               positions: jax.Array | None = None, decode: bool = False):
-    """Stage 2 (with an `lm`): LM logits `"b t v"` of `tokens` read after the projected
+               positions: jax.Array | None = None, decode: bool = False,
+               decoder_tokens: jax.Array | None = None):
+    """Stage 2 with an `lm`: LM logits `"b t v"` of `tokens` read after the projected
     queries of `images` (or a precomputed `prefix`, or, when decoding after the first
-    call, the cache). Stage 1: the three objectives' outputs, for `init`."""
+    call, the cache). With a `t5`: logits `"b s v"` of `decoder_tokens` (default:
+    `tokens`) decoded from the encoding of the queries and `tokens` (`token_mask`).
+    Stage 1: the three objectives' outputs, for `init`."""
     if token_mask is None:
       token_mask = jnp.ones(tokens.shape, bool)
-    if self.config.lm is None:
+    if self.config.stage == 1:
       image = self.image_features(images)
       return (self.contrastive(image, tokens, token_mask),
               self.matching(image, tokens, token_mask),
               self.captioning(image, tokens, token_mask))
     if prefix is None and images is not None:
       prefix = self.prefix(images)
+    if self.config.t5 is not None:
+      return self.t5(tokens, tokens if decoder_tokens is None else decoder_tokens,
+                     token_mask=token_mask, prefix=prefix)
     return self.lm(tokens, prefix=prefix, positions=positions, decode=decode)
 
 
@@ -190,8 +212,15 @@ def generate(model: Blip2, params: Any, images: jax.Array, prompt: jax.Array,
              beams: decoding.BeamConfig | None = None) -> decoding.Generated:
   """Continues right-padded text prompts `"b t"` (real lengths `"b"`) after the projected
   queries of `images "b h w c"`, with the KV cache: greedy, sampled, or the best beam
-  search hypothesis (`beams`). Returns `decoding.Generated`."""
+  search hypothesis (`beams`). With a `t5`, the queries and the prompt are encoded and
+  the output decoded from its start token. Returns `decoding.Generated`."""
   prefix = model.apply({"params": params}, images, method=Blip2.prefix)
+  if model.config.t5 is not None:
+    mask = jnp.arange(prompt.shape[1]) < prompt_lengths[:, None]
+    return t5_generate(T5(model.config.t5), params["t5"], prompt, mask, rng,
+                       max_new_tokens=max_new_tokens, prefix=prefix,
+                       stop_ids=tuple(stop_ids) or None, pad_id=pad_id, sampling=sampling,
+                       beams=beams)
   step, prefill, cache_for = decode_fns(model, params, prefix,
                                         prompt.shape[1] + max_new_tokens)
   return decoding.decode(step, cache_for, prompt, prompt_lengths, rng,

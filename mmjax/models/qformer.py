@@ -8,7 +8,9 @@ every `cross_attention_freq`-th layer (0, 2, 4, ... by default; keys and values 
 from the image features' own width), and a feed-forward of their own (`mlp_query`),
 while text positions keep BERT's (`mlp`). Parameter names are BERT's (`mmjax.models.bert`)
 plus `queries`, `xattn`/`xattn_norm` and `mlp_query`/`mlp_query_norm`, so a converted
-BERT grafts onto a Q-Former (`from_bert`).
+BERT grafts onto a Q-Former (its token types and pooler dropped, its vocabulary grown by
+`[DEC]`), and `query_mlp_from_text` then starts the query feed-forwards as copies of
+BERT's, as BLIP-2's stage 1 starts.
 
 Which positions see which is the attention mask, one per BLIP-2 objective:
   "unimodal"      (ITC) queries see queries, text sees text: one pass gives the image's
@@ -194,32 +196,6 @@ class QFormer(nn.Module):
     if tokens is not None:
       out["text"] = x[:, num_queries:]
     return out
-
-
-def from_bert(qformer: dict, bert: dict) -> dict:
-  """Q-Former parameters `qformer` with a BERT's (`mmjax.models.bert.Bert`) grafted on,
-  as BLIP-2 starts stage 1: every BERT tensor with a Q-Former counterpart, the query
-  feed-forward a copy of the text one, the word embeddings' extra rows (`[DEC]`) and
-  the cross-attention kept as initialised; BERT's token types and pooler are unused.
-  """
-  out = {name: dict(v) if isinstance(v, dict) else v for name, v in qformer.items()}
-  rows = bert["embed"]["embedding"].shape[0]
-  if rows > out["embed"]["embedding"].shape[0]:
-    raise ValueError(f"from_bert: BERT's {rows} word embeddings do not fit the Q-Former's "
-                     f"vocab_size={out['embed']['embedding'].shape[0]}.")
-  out["embed"] = {"embedding": out["embed"]["embedding"].at[:rows].set(
-      bert["embed"]["embedding"])}
-  out["positions"] = bert["positions"]
-  out["embed_norm"] = bert["embed_norm"]
-  for name, layer in out.items():
-    if not name.startswith("layers_"):
-      continue
-    if name not in bert:
-      raise ValueError(f"from_bert: the Q-Former has {name} but the BERT has only "
-                       f"{sum(k.startswith('layers_') for k in bert)} layers.")
-    for part in ("attn", "attn_norm", "mlp", "mlp_norm"):
-      layer[part] = bert[name][part]
-  return query_mlp_from_text(out)
 
 
 def query_mlp_from_text(qformer: dict) -> dict:

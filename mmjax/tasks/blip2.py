@@ -12,8 +12,11 @@ Stage 1 (a model without `lm`) trains the Q-Former with the unweighted sum of
   ITG  captioning: the text after [DEC], each token predicting the next with the
        queries in view, label smoothing 0.1;
 each logged on its own (`loss/itc`, `loss/itm`, `loss/itg`).
-Stage 2 (with `lm`) trains the queries' projection into the frozen LM: next-token loss on
-the text after the projected queries.
+Stage 2 trains the queries' projection into the frozen LM: with a decoder-only `lm`, the
+next-token loss on the text after the projected queries; with a `t5`, the prefix-LM split
+the authors describe: each text is cut at a point drawn uniformly from its second token
+to its middle, the queries and the part before go into the encoder, the decoder
+predicts the rest (`prefix_lm_split`).
 """
 
 import jax
@@ -31,9 +34,9 @@ LABEL_SMOOTHING = 0.1  # ITC and ITG, as BLIP-2's stage 1
 def check_config(config) -> list[str]:
   """Problems of a BLIP-2 recipe's config beyond its fields' own (`mmjax.config`)."""
   found, model = [], config.model
-  text = "lm" if model.get("lm") else "qformer"
+  text = "lm" if model.get("lm") else "t5" if model.get("t5") else "qformer"
   found += data_fits_model(config, "pair", text=text, vision="vision")
-  if not model.get("lm"):
+  if text == "qformer":
     if config.optim.accum_steps != 1:
       found.append(f"config.optim.accum_steps={config.optim.accum_steps}: stage 1's "
                    "contrastive loss and hard negatives need the whole batch at once; set "
@@ -77,6 +80,15 @@ def loss_terms(model: Blip2, params, batch, rng):
   if cfg.lm is not None:
     logits = model.apply({"params": params}, batch["image"], tokens[:, :-1])
     total, count = losses.next_token_loss(logits, tokens[:, 1:], valid[:, 1:])
+    return total, count, {}
+  if cfg.t5 is not None:
+    inputs, input_valid, targets, target_valid = prefix_lm_split(tokens, valid, rng,
+                                                                 cfg.pad_token_id)
+    decoder_tokens = jnp.concatenate([jnp.full_like(targets[:, :1], cfg.t5.decoder_start_id),
+                                      targets[:, :-1]], axis=1)
+    logits = model.apply({"params": params}, batch["image"], inputs, input_valid,
+                         decoder_tokens=decoder_tokens)
+    total, count = losses.next_token_loss(logits, targets, target_valid)
     return total, count, {}
   image = apply(Blip2.image_features, batch["image"])
   itc, similarity = contrastive_loss(*apply(Blip2.contrastive, image, tokens, valid))
@@ -134,3 +146,26 @@ def matching_loss(matching, image: jax.Array, tokens: jax.Array, valid: jax.Arra
                     jnp.concatenate([valid, valid, valid[negative_text]]))
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
   return jnp.mean(losses.cross_entropy(logits, labels))
+
+
+def prefix_lm_split(tokens: jax.Array, valid: jax.Array, rng: jax.Array, pad_id: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Cuts each text `tokens "b t"` (real where `valid`, a prefix of each row) at a point
+  drawn uniformly from 1 to half its length (at least 1).
+
+  Returns:
+    `(inputs, input_valid, targets, target_valid)`, all `"b t"`: the tokens before the
+    cut (the rest masked), and those from it on, moved to the start of the row and
+    padded with `pad_id`.
+  """
+  t = tokens.shape[1]
+  lengths = jnp.sum(valid, axis=1)
+  cut = 1 + jnp.floor(jax.random.uniform(rng, lengths.shape)
+                      * jnp.maximum(lengths // 2, 1)).astype(jnp.int32)
+  positions = jnp.arange(t)
+  input_valid = valid & (positions < cut[:, None])
+  source = cut[:, None] + positions
+  target_valid = source < lengths[:, None]
+  targets = jnp.where(target_valid, jnp.take_along_axis(tokens, jnp.minimum(source, t - 1),
+                                                        axis=1), pad_id)
+  return tokens, input_valid, targets, target_valid
