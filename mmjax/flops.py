@@ -21,7 +21,8 @@ positions. Stage 1 runs three such passes (ITC over the batch under the unimodal
 over 3 x batch pairs, ITG over the batch) and the heads (the two projections and the
 similarities, the ITM head on every query, the text head with its vocabulary on every
 text token). Stage 2 runs the queries alone, `lm_proj`, and the frozen LM over the
-queries and the text; gradients pass through the LM to the prefix (x2).
+queries and the text (a T5 encodes the queries and the whole row, its targets masked, and
+decodes the row); gradients pass through the LM to the prefix (x2).
 """
 
 import re
@@ -36,6 +37,7 @@ from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.lm import LMConfig
 from mmjax.models.perceiver import ResamplerConfig
 from mmjax.models.qformer import QFormerConfig
+from mmjax.models.t5 import T5Config
 from mmjax.models.two_towers import TwoTowersConfig
 from mmjax.models.vit import ViTConfig
 from mmjax.models.xattn import XAttnConfig
@@ -98,6 +100,21 @@ def lm(cfg: LMConfig, tokens: int, xattn: XAttnConfig | None = None, media_token
   return parts + [(head, 2 * tokens * cfg.width * cfg.vocab_size)]
 
 
+def t5(cfg: T5Config, encoder_tokens: int, decoder_tokens: int) -> list[tuple[str, int]]:
+  """Per example of `encoder_tokens` encoded and `decoder_tokens` decoded over them."""
+  hidden = cfg.mlp_dim or 4 * cfg.width
+  n, m, heads, head_dim = encoder_tokens, decoder_tokens, cfg.num_heads, cfg.dims_per_head
+  encoder = attention(n, n, cfg.width, heads, head_dim) + mlp(n, cfg.width, hidden,
+                                                              cfg.gated_mlp)
+  decoder = (attention(m, m, cfg.width, heads, head_dim)
+             + attention(m, n, cfg.width, heads, head_dim)
+             + mlp(m, cfg.width, hidden, cfg.gated_mlp))
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  return ([(f"encoder/layers_{i}", encoder) for i in range(cfg.depth)]
+          + [(f"decoder/layers_{i}", decoder) for i in range(cfg.decoder_layers)]
+          + [(head, 2 * m * cfg.width * cfg.vocab_size)])
+
+
 def qformer(cfg: QFormerConfig, queries: int, text: int, image_tokens: int
             ) -> list[tuple[str, int]]:
   """One pass over a row of `queries` query and `text` text positions whose queries read
@@ -130,12 +147,16 @@ def blip2(cfg: Blip2Config, batch: int, seq_len: int, captioning: bool = True,
     return [(f"{prefix}/{p}", n * f, "media") for p, f in parts]
 
   parts = scale(vit(cfg.vision, cfg.vision_feature_layer), batch, "vision")
-  if cfg.lm is not None:
-    text = seq_len - 1  # the LM reads the tokens before each target
-    body, head = lm(cfg.lm, q + text)[:-1], lm(cfg.lm, text)[-1]
-    return (parts + scale(qformer(cfg.qformer, q, 0, image_tokens), batch, "qformer")
-            + [("lm_proj", batch * q * 2 * d * cfg.lm.width, "media")]
-            + [(f"lm/{p}", batch * f, "join") for p, f in body + [head]])
+  if cfg.stage == 2:
+    parts += (scale(qformer(cfg.qformer, q, 0, image_tokens), batch, "qformer")
+              + [("lm_proj", batch * q * 2 * d * (cfg.lm or cfg.t5).width, "media")])
+    if cfg.lm is not None:
+      text = seq_len - 1  # the LM reads the tokens before each target
+      lm_parts = lm(cfg.lm, q + text)[:-1] + lm(cfg.lm, text)[-1:]
+    else:  # the queries and the text encoded (its targets masked), the targets decoded
+      lm_parts = [(f"t5/{p}", f) for p, f in t5(cfg.t5, q + seq_len, seq_len)]
+    return parts + [(p if cfg.lm is None else f"lm/{p}", batch * f, "join")
+                    for p, f in lm_parts]
   if joint_contrastive:
     parts += scale(qformer(cfg.qformer, q, seq_len, image_tokens), batch, "qformer")
   else:

@@ -25,6 +25,10 @@ def blip2_config(variant: str):
   model["embed_dim"] = 16
   if "lm" in model:
     model["lm"].update(width=32, depth=2, num_heads=2, max_len=64)
+  if "t5" in model:
+    model["vision"]["mlp_dim"] = 64
+    model["t5"].update(vocab_size=600, width=32, depth=2, num_heads=2, head_dim=16,
+                       mlp_dim=64)
   with config.unlocked():
     config.model = model
     config.init = {}
@@ -43,8 +47,14 @@ def blip2_stage1_config():
   return blip2_config("stage1")
 
 
+def blip2_t5_config():
+  config = blip2_config("vitg-flant5xl")
+  config.scan_layers = False
+  return config
+
+
 @pytest.mark.parametrize("make_config", [flamingo_config, lm_config, blip2_stage2_config,
-                                         blip2_stage1_config])
+                                         blip2_stage1_config, blip2_t5_config])
 def test_analytic_flops_match_xla_cost_analysis_of_the_train_step(make_config):
   """XLA also counts elementwise work (norms, softmax, GELU, Adam) that the analytic
   count leaves out, so it is a little higher; matmul FLOPs dominate both. The count is
@@ -80,11 +90,11 @@ def test_flamingo_flops_follow_what_trains():
 def test_blip2_flops_follow_what_trains():
   """Frozen ViT forward only in both stages; stage 2's frozen LM x2 (the prefix trains),
   its Q-Former and lm_proj x3; stage 1's ITM pass is three ITC-sized passes."""
-  for config in (blip2_stage2_config(), blip2_stage1_config()):
+  for config in (blip2_t5_config(), blip2_stage2_config(), blip2_stage1_config()):
     parts = flops.components(config)
     totals = flops.train_step_flops(config, _params(train.build(config, jax.devices()[:1])))
     vision = sum(f for p, f, _ in parts if p.startswith("vision/"))
-    lm = sum(f for p, f, _ in parts if p.startswith("lm/"))
+    lm = sum(f for p, f, _ in parts if p.startswith(("lm/", "t5/")))
     assert totals["frozen_forward_only"] == vision
     assert totals["frozen_backprop"] == 2 * lm
     assert totals["trainable"] == 3 * (totals["forward"] - vision - lm)
