@@ -123,26 +123,33 @@ def recipe(cfg, size: dict, task: str = "flamingo"):
   return config
 
 
-class MmjaxStep:
-  """The `mmjax.train` step of `config` on one device, with `params` loaded."""
+def step_inputs(task: str, params: dict, batch: dict) -> tuple[dict, dict]:
+  """`(parameters, data)` of `MmjaxStep` training the Flamingo (`task` "flamingo") or its
+  LM alone ("lm") on `batch`: next-token targets, the last position masked."""
+  loaded = params if task == "flamingo" else {
+      k: v for k, v in params["lm"].items() if not k.startswith("xattn_")}
+  data = {"tokens": batch["tokens"], "targets": np.roll(batch["tokens"], -1, axis=1),
+          "loss_mask": np.ones(batch["tokens"].shape, np.float32)}
+  if task == "flamingo":
+    data |= {"images": batch["images"], "num_images": batch["num_images"]}
+  data["loss_mask"][:, -1] = 0
+  return loaded, data
 
-  def __init__(self, config, params, batch):
+
+class MmjaxStep:
+  """The `mmjax.train` step of `config` on one device, with `params` (the model's whole
+  tree) loaded, on `data` (one global batch, as the recipe's pipeline gives it)."""
+
+  def __init__(self, config, params, data):
     self.config = config
     self.parts = train.build(config, jax.devices()[:1])
     state = train.init_state(config, self.parts, pretrained=False)
-    loaded = params if config.task == "flamingo" else {
-        k: v for k, v in params["lm"].items() if not k.startswith("xattn_")}
-    trainable, frozen = train.partition_params(loaded, config.trainable)
+    trainable, frozen = train.partition_params(params, config.trainable)
     # Placed as the step's outputs are, so that it compiles once.
     self.state = jax.device_put({**state, "params": trainable, "frozen": frozen},
                                 self.parts.shardings)
     self.state["opt_state"] = jax.jit(self.parts.tx.init, out_shardings=self.parts.shardings[
         "opt_state"])(self.state["params"])
-    data = {"tokens": batch["tokens"], "targets": np.roll(batch["tokens"], -1, axis=1),
-            "loss_mask": np.ones(batch["tokens"].shape, np.float32)}
-    if config.task == "flamingo":
-      data |= {"images": batch["images"], "num_images": batch["num_images"]}
-    data["loss_mask"][:, -1] = 0
     self.batch = sharding.global_batch(data, sharding.batch_sharding(self.parts.mesh,
                                                                      self.parts.rules))
     self.step = train.make_train_step(config, self.parts)
@@ -221,6 +228,29 @@ def alternate(systems: dict, rounds: int, runs: int) -> dict[str, dict]:
                  "runs": len(t)} for name, t in times.items()}
 
 
+def record_systems(family: str, common: dict, kind: str, timing: dict[str, dict],
+                   per_call: float, *, peak: float, model_flops: float | dict | None = None,
+                   unit: str = "tokens", out: str | None = None) -> list[dict]:
+  """Records one line per system of measurement `kind` (`timing` as `alternate` gives it,
+  `per_call` units of work per call), with its MFU when `model_flops` per call are given
+  (one number for both systems, or `{system: number}` where they compute different
+  things) and, on the mmjax line, the ratio of throughputs mmjax/PyTorch."""
+  rates = {system: per_call / t["median_s"] for system, t in timing.items()}
+  lines = []
+  for system, t in timing.items():
+    line = {**common, "measurement": kind, "system": system, "step_s": t["median_s"],
+            "step_min_s": t["min_s"], "step_max_s": t["max_s"], "runs": t["runs"],
+            f"{unit}_per_s": rates[system]}
+    flops_per_call = model_flops.get(system) if isinstance(model_flops, dict) else model_flops
+    if flops_per_call:
+      line |= {"model_flops_per_step": flops_per_call,
+               "mfu": flops_per_call / t["median_s"] / peak}
+    if system == "mmjax":
+      line["speedup_vs_torch"] = rates["mmjax"] / rates["torch"]
+    lines.append(harness.record(family, line, out))
+  return lines
+
+
 def run(size: dict, *, name: str, rounds: int, runs: int,
         only: tuple[str, ...] = ("train", "lm", "generate", "openflamingo"),
         out: str | None = None
@@ -239,24 +269,15 @@ def run(size: dict, *, name: str, rounds: int, runs: int,
   lines = []
 
   def report(kind, timing, per_call, model_flops=None, unit="tokens"):
-    rates = {system: per_call / t["median_s"] for system, t in timing.items()}
-    for system, t in timing.items():
-      line = {**common, "measurement": kind, "system": system, "step_s": t["median_s"],
-              "step_min_s": t["min_s"], "step_max_s": t["max_s"], "runs": t["runs"],
-              f"{unit}_per_s": rates[system]}
-      if model_flops:
-        line |= {"model_flops_per_step": model_flops,
-                 "mfu": model_flops / t["median_s"] / peak}
-      if system == "mmjax":
-        line["speedup_vs_torch"] = rates["mmjax"] / rates["torch"]  # same work per call
-      lines.append(harness.record("side_by_side", line, out))
+    lines.extend(record_systems("side_by_side", common, kind, timing, per_call, peak=peak,
+                                model_flops=model_flops, unit=unit, out=out))
 
   tokens_per_step = size["batch"] * size["seq_len"]
   for kind, task in (("train_step", "flamingo"), ("lm_train_step", "lm")):
     if ("train" if task == "flamingo" else "lm") not in only:
       continue
     config = recipe(cfg, size, task)
-    ours = MmjaxStep(config, params, batch)
+    ours = MmjaxStep(config, *step_inputs(task, params, batch))
     theirs = TorchStep(model, cfg, batch, config.optim, lm_alone=task == "lm")
     report(kind, alternate({"mmjax": ours, "torch": theirs}, rounds, runs), tokens_per_step,
            ours.model_flops())

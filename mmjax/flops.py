@@ -11,6 +11,18 @@ A train step costs, per component, its forward FLOPs times
      Flamingo's first gated block on; not those below it, which see no trainable input),
   3  for a component with trainable parameters (activation and weight backward).
 Rematerialisation's recomputation is not counted: MFU measures useful work.
+
+BLIP-2 (`blip2`) runs its frozen ViT once per image (forward only: `ln_vision` trains, but
+a norm is not counted). Its Q-Former runs over `[queries; text]` rows: self-attention over
+the whole row, cross-attention from the query positions (on every
+`cross_attention_freq`-th layer) to all ViT tokens, class token included, projected from
+the vision width; the query feed-forward on query positions, the text one on text
+positions. Stage 1 runs three such passes (ITC over the batch under the unimodal mask, ITM
+over 3 x batch pairs, ITG over the batch) and the heads (the two projections and the
+similarities, the ITM head on every query, the text head with its vocabulary on every
+text token). Stage 2 runs the queries alone, `lm_proj`, and the frozen LM over the
+queries and the text (a T5 encodes the queries and the whole row, its targets masked, and
+decodes the row); gradients pass through the LM to the prefix (x2).
 """
 
 import re
@@ -20,9 +32,12 @@ from typing import Any
 import ml_collections
 
 from mmjax.checkpoints import per_layer
+from mmjax.models.blip2 import Blip2Config
 from mmjax.models.flamingo import FlamingoConfig
 from mmjax.models.lm import LMConfig
 from mmjax.models.perceiver import ResamplerConfig
+from mmjax.models.qformer import QFormerConfig
+from mmjax.models.t5 import T5Config
 from mmjax.models.two_towers import TwoTowersConfig
 from mmjax.models.vit import ViTConfig
 from mmjax.models.xattn import XAttnConfig
@@ -85,6 +100,79 @@ def lm(cfg: LMConfig, tokens: int, xattn: XAttnConfig | None = None, media_token
   return parts + [(head, 2 * tokens * cfg.width * cfg.vocab_size)]
 
 
+def t5(cfg: T5Config, encoder_tokens: int, decoder_tokens: int) -> list[tuple[str, int]]:
+  """Per example of `encoder_tokens` encoded and `decoder_tokens` decoded over them."""
+  hidden = cfg.mlp_dim or 4 * cfg.width
+  n, m, heads, head_dim = encoder_tokens, decoder_tokens, cfg.num_heads, cfg.dims_per_head
+  encoder = attention(n, n, cfg.width, heads, head_dim) + mlp(n, cfg.width, hidden,
+                                                              cfg.gated_mlp)
+  decoder = (attention(m, m, cfg.width, heads, head_dim)
+             + attention(m, n, cfg.width, heads, head_dim)
+             + mlp(m, cfg.width, hidden, cfg.gated_mlp))
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  return ([(f"encoder/layers_{i}", encoder) for i in range(cfg.depth)]
+          + [(f"decoder/layers_{i}", decoder) for i in range(cfg.decoder_layers)]
+          + [(head, 2 * m * cfg.width * cfg.vocab_size)])
+
+
+def qformer(cfg: QFormerConfig, queries: int, text: int, image_tokens: int
+            ) -> list[tuple[str, int]]:
+  """One pass over a row of `queries` query and `text` text positions whose queries read
+  `image_tokens` image tokens of `cfg.encoder_width`."""
+  n, head_dim, hidden = queries + text, cfg.width // cfg.num_heads, cfg.mlp_dim or 4 * cfg.width
+  parts = []
+  for i in range(cfg.depth):
+    layer = attention(n, n, cfg.width, cfg.num_heads, head_dim)
+    if queries and cfg.cross_attends(i):
+      layer += attention(queries, image_tokens, cfg.width, cfg.num_heads, head_dim,
+                         kv_width=cfg.encoder_width)
+    parts.append((f"layers_{i}", layer + mlp(queries, cfg.width, hidden)
+                  + mlp(text, cfg.width, hidden)))
+  return parts
+
+
+def blip2(cfg: Blip2Config, batch: int, seq_len: int, captioning: bool = True,
+          joint_contrastive: bool = True) -> list[tuple[str, int, str]]:
+  """`(parameter path prefix, forward FLOPs, stream)` of a BLIP-2 step on `batch` images
+  and texts of `seq_len` tokens (see `step_flops`); the Q-Former and its heads are the
+  "media" stream, the LM reads it ("join").
+
+  Stage 1 as `mmjax.tasks.blip2` computes it by default; `captioning=False` leaves out
+  ITG, `joint_contrastive=False` counts ITC as separate query and text passes (as
+  transformers' Blip2ForImageTextRetrieval runs it)."""
+  q, d = cfg.qformer.num_queries, cfg.qformer.width
+  image_tokens = cfg.vision.num_patches + 1
+
+  def scale(parts, n, prefix):
+    return [(f"{prefix}/{p}", n * f, "media") for p, f in parts]
+
+  parts = scale(vit(cfg.vision, cfg.vision_feature_layer), batch, "vision")
+  if cfg.stage == 2:
+    parts += (scale(qformer(cfg.qformer, q, 0, image_tokens), batch, "qformer")
+              + [("lm_proj", batch * q * 2 * d * (cfg.lm or cfg.t5).width, "media")])
+    if cfg.lm is not None:
+      text = seq_len - 1  # the LM reads the tokens before each target
+      lm_parts = lm(cfg.lm, q + text)[:-1] + lm(cfg.lm, text)[-1:]
+    else:  # the queries and the text encoded (its targets masked), the targets decoded
+      lm_parts = [(f"t5/{p}", f) for p, f in t5(cfg.t5, q + seq_len, seq_len)]
+    return parts + [(p if cfg.lm is None else f"lm/{p}", batch * f, "join")
+                    for p, f in lm_parts]
+  if joint_contrastive:
+    parts += scale(qformer(cfg.qformer, q, seq_len, image_tokens), batch, "qformer")
+  else:
+    parts += (scale(qformer(cfg.qformer, q, 0, image_tokens), batch, "qformer")
+              + scale(qformer(cfg.qformer, 0, seq_len, image_tokens), batch, "qformer"))
+  k = cfg.embed_dim
+  parts += [("vision_proj", batch * q * 2 * d * k + 2 * batch * batch * q * k, "media"),
+            ("text_proj", batch * 2 * d * k, "media")]  # and the similarities
+  parts += scale(qformer(cfg.qformer, q, seq_len, image_tokens), 3 * batch, "qformer")
+  parts += [("itm_head", 3 * batch * q * 2 * d * 2, "media")]
+  if captioning:
+    parts += scale(qformer(cfg.qformer, q, seq_len, image_tokens), batch, "qformer")
+    parts += [("text_head", batch * seq_len * 2 * d * (d + cfg.qformer.vocab_size), "media")]
+  return parts
+
+
 def step_flops(parts: Iterable[tuple[str, int, str]], param_paths: Iterable[str],
                trainable: str) -> dict[str, float]:
   """Train-step FLOPs by kind and in total.
@@ -141,6 +229,8 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
                     images, "resampler", "media")
             + scale(lm(cfg.lm, seq_len, cfg.xattn, media_tokens, cfg.vision.width), batch,
                     "lm", "text"))
+  if config.task == "blip2":
+    return blip2(model_config(Blip2Config, config), batch, seq_len)
   raise ValueError(f"No FLOP count for task {config.task!r}.")
 
 

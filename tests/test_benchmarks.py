@@ -50,3 +50,75 @@ def test_side_by_side_times_both_systems_on_the_same_model(tmp_path):
                     and other["system"] == "torch")
       rate = next(k for k in line if k.endswith("_per_s") and k != "model_flops_per_s")
       assert line["speedup_vs_torch"] == pytest.approx(line[rate] / theirs[rate])
+
+
+BLIP2_TOY = {"vision": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+             "qformer": {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "intermediate_size": 24,
+                         "max_position_embeddings": 16, "cross_attention_frequency": 2},
+             "opt": {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "ffn_dim": 24},
+             "num_queries": 3, "embed_dim": 8, "seq_len": 8, "stage1_batch": 4,
+             "stage2_batch": 2}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_blip2_torch_step_computes_mmjax_loss(stage, tmp_path, monkeypatch):
+  """The PyTorch side's loss is mmjax's on the same weights and batch: stage 2's
+  transformers `labels` loss, stage 1's ITC + ITM (on mmjax's ITM pairs of the same
+  negatives) from the retrieval model's modules."""
+  torch = pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import blip2
+  from mmjax.models.blip2 import Blip2
+  from mmjax.tasks import blip2 as task
+  model, cfg, params = blip2.reference_model(BLIP2_TOY, stage, str(tmp_path))
+  vocab = BLIP2_TOY["opt" if stage == 2 else "qformer"]["vocab_size"]
+  batch = blip2.example_batch(BLIP2_TOY, stage, vocab, np.random.default_rng(0))
+  step = blip2.TorchStep(model, stage, batch, blip2.recipe(cfg, BLIP2_TOY, stage).optim)
+  model.eval()
+  with torch.no_grad():
+    theirs = float(model(**step.inputs).loss if stage == 2 else step.stage1_loss())
+  mmjax = Blip2(cfg)
+  images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
+  if stage == 2:
+    total, count, _ = task.loss_terms(mmjax, params, {"image": images, "tokens": tokens},
+                                      jax.random.key(0))
+    ours = total / count
+  else:
+    apply = lambda method, *args: mmjax.apply({"params": params}, *args, method=method)
+    valid = tokens != cfg.pad_token_id
+    image = apply(Blip2.image_features, images)
+    ours, similarity = task.contrastive_loss(*apply(Blip2.contrastive, image, tokens, valid))
+    negative = jnp.roll(jnp.arange(len(tokens)), -1)  # the PyTorch side's negatives
+    monkeypatch.setattr(task, "hard_negatives", lambda similarity, rng: (negative, negative))
+    ours += task.matching_loss(lambda i, t, v: apply(Blip2.matching, i, t, v), image, tokens,
+                               valid, similarity, jax.random.key(0))
+  assert abs(float(ours) - theirs) < 1e-4, (float(ours), theirs)
+
+
+def test_blip2_times_both_systems_on_the_same_model_in_both_stages(tmp_path, monkeypatch):
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  from benchmarks import blip2
+  monkeypatch.setattr(harness, "matmul_peak", lambda dtype: 1e10)  # not what is tested
+  lines = blip2.run(BLIP2_TOY, name="toy", rounds=1, runs=1,
+                    out=str(tmp_path / "results.jsonl"))
+  by = {(line["measurement"], line["system"]): line for line in lines}
+  assert set(by) == {(f"stage{s}_train_step", system) for s in (1, 2)
+                     for system in ("mmjax", "torch")}
+  for stage in (1, 2):
+    ours, theirs = by[f"stage{stage}_train_step", "mmjax"], by[f"stage{stage}_train_step",
+                                                                 "torch"]
+    assert ours["speedup_vs_torch"] == pytest.approx(ours["tokens_per_s"]
+                                                     / theirs["tokens_per_s"])
+    assert ours["mfu"] > 0 and theirs["mfu"] > 0
+  # Stage 1: mmjax also computes ITG (and ITC as one pass), so it counts more FLOPs.
+  assert (by["stage1_train_step", "mmjax"]["model_flops_per_step"]
+          > by["stage1_train_step", "torch"]["model_flops_per_step"])
+  assert (by["stage2_train_step", "mmjax"]["model_flops_per_step"]
+          == by["stage2_train_step", "torch"]["model_flops_per_step"])
