@@ -63,6 +63,7 @@ from mmjax import flops
 from mmjax.checkpoints import flat_params, per_layer
 from mmjax.convert.blip2 import convert_blip2
 from mmjax.models.blip2 import TextHead
+from mmjax.tasks.blip2 import LABEL_SMOOTHING
 
 SIZES = {
     # configs/blip2.py "tiny": its ViT and Q-Former; an OPT of its LM's shape; its batches.
@@ -88,7 +89,6 @@ SIZES = {
         "num_queries": 32, "embed_dim": 256, "seq_len": 32, "stage1_batch": 16,
         "stage2_batch": 8},
 }
-LABEL_SMOOTHING = 0.1  # ITC, as mmjax.tasks.blip2
 
 
 def reference_model(size: dict, stage: int, path: str):

@@ -17,7 +17,8 @@ RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation s
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
   """The config a run was trained with; for a converted checkpoint (whose config.json
-  holds only its task and model), its recipe's evaluation settings around its model, with the Hugging Face `tokenizer` directory it was converted with."""
+  holds only its task and model), its recipe's evaluation settings around its model,
+  with the Hugging Face `tokenizer` directory it was converted with."""
   from mmjax.inference import read_config  # noqa: PLC0415 (inference imports this package)
   config = read_config(workdir)
   task = config.get("task")
