@@ -197,7 +197,7 @@ def test_itm_pairs_positives_with_one_negative_text_and_one_negative_image(stage
       [tokens, tokens, tokens[negative_text]]))
 
 
-def test_the_stage1_loss_is_the_sum_of_its_three_terms_and_trains_only_heads(stage1):
+def test_the_stage1_loss_is_the_sum_of_its_three_terms_and_itg_is_smoothed_after_dec(stage1):
   model, params, images, tokens = stage1
   total, count, terms = jax.jit(lambda p: task.loss_terms(
       model, p, {"image": images, "tokens": tokens}, jax.random.key(0)))(params)
