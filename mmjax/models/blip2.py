@@ -95,7 +95,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 class Blip2(nn.Module):
   """Methods per objective; `__call__` (used by `init`) runs those of the model's stage:
-  all three stage-1 heads without an `lm`, the LM's logits with one."""
+  all three stage-1 heads without a language model, its logits with one (`lm` or `t5`).
+  Parameters are created on first use, so a stage-2 model has no stage-1 heads."""
 
   config: Blip2Config
 
