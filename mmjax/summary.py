@@ -55,13 +55,14 @@ def example_batch(config, rng):
 
 
 def model_and_inputs(config, rng):
-  """`(model, inputs, generate)`: the recipe's model, the positional inputs of its forward
-  pass on a random batch, and `generate(params, prompt, lengths, rng, **settings)` on
-  that batch's images (None for a model that does not generate: BLIP-2's stage 1)."""
+  """`(model, inputs, tokens, generate)`: the recipe's model, the positional inputs of its
+  forward pass on a random batch, that batch's tokens, and `generate(params, prompt,
+  lengths, rng, **settings)` on its images (None for a model that does not generate:
+  BLIP-2's stage 1)."""
   if config.task == "flamingo":
     model = flamingo_task.build_model(config)
     tokens, images, num_images = example_batch(config, rng)
-    return model, (tokens, images, num_images), functools.partial(
+    return model, (tokens, images, num_images), tokens, functools.partial(
         flamingo.generate, model, images=images, num_images=num_images)
   s, m = config.summary, config.model
   model = blip2_task.build_model(config)
@@ -70,7 +71,8 @@ def model_and_inputs(config, rng):
   images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
   def generate(params, *args, **kwargs):
     return blip2.generate(model, params, images, *args, **kwargs)
-  return model, (images, tokens), generate if m.get("lm") or m.get("t5") else None
+  return (model, (images, tokens), tokens,
+          generate if m.get("lm") or m.get("t5") else None)
 
 
 def timed(fn, *args, **kwargs):
@@ -86,7 +88,7 @@ def main(argv):
   if config.task not in ("flamingo", "blip2"):
     raise cli.UserError(f"mmjax.summary inspects Flamingo and BLIP-2 recipes; this config's "
                         f"task is {config.task!r} (--config=configs/flamingo.py[:variant]).")
-  model, inputs, generate = model_and_inputs(config, jax.random.key(0))
+  model, inputs, tokens, generate = model_and_inputs(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
@@ -115,7 +117,7 @@ def main(argv):
                                      if config.task == "flamingo" else ())
   gen_kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=stop_ids, pad_id=config.tokens.pad)
   lengths = jnp.full((s.batch_size,), prompt_len, jnp.int32)
-  prompt = inputs[0 if config.task == "flamingo" else 1][:, :prompt_len]
+  prompt = tokens[:, :prompt_len]
   out, compile_s = timed(generate, params, prompt, lengths, jax.random.key(1), **gen_kw)
   _, step_s = timed(generate, params, prompt, lengths, jax.random.key(1), **gen_kw)
   print(f"greedy generation of up to {s.max_new_tokens} tokens: lengths "

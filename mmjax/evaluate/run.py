@@ -163,8 +163,8 @@ def _model_fns(config, params):
   beams = (decoding.BeamConfig(e.num_beams, e.get("length_penalty", 0.0))
            if e.get("num_beams", 1) > 1 else None)
   if config.task == "blip2":
-    return (scoring.make_blip2_answer_fn(blip2_task.build_model(config), tokenizer,
-                                         e.max_new_tokens, beams), None, tokenizer)
+    return (scoring.make_answer_fn(blip2_task.build_model(config), tokenizer,
+                                   e.max_new_tokens, beams), None, tokenizer)
   model = flamingo_task.build_model(config)
   answer = scoring.make_answer_fn(model, tokenizer, e.max_new_tokens, beams)
   return answer, scoring.make_rank_fn(model, tokenizer), tokenizer

@@ -39,56 +39,41 @@ def pad_images(prompts: Sequence[Prompt], max_images: int) -> tuple[np.ndarray, 
   return images, np.array([len(own) for own in loaded], np.int32)
 
 
-def make_answer_fn(model: Flamingo, tokenizer: Tokenizer, max_new_tokens: int,
+def make_answer_fn(model: Flamingo | blip2.Blip2, tokenizer: Tokenizer, max_new_tokens: int,
                    beams: decoding.BeamConfig | None = None):
   """`(params, prompts, length, max_images, task="", max_new_tokens=...) -> answers`:
   generation of up to `max_new_tokens`, greedy or by beam search (`beams`), read by
-  `prompts.answer_text`."""
+  `prompts.answer_text`.
+
+  A (stage-2) BLIP-2 answers zero-shot: each prompt's query (its last image and the text
+  after it) is the image's soft prompt and the text; the text-only demonstrations of a
+  zero-shot prompt are not shown."""
   default_max_new_tokens = max_new_tokens
+  zero_shot = isinstance(model, blip2.Blip2)
 
   @functools.partial(jax.jit, static_argnames="max_new_tokens")
   def answer(params, tokens, lengths, images, num_images, max_new_tokens):
-    out = generate(model, params, tokens, lengths, jax.random.key(0), images=images,
-                   num_images=num_images, max_new_tokens=max_new_tokens,
-                   stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id),
-                   pad_id=tokenizer.pad_id, beams=beams)
+    settings = dict(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id, beams=beams,
+                    stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id))
+    if zero_shot:
+      out = blip2.generate(model, params, images, tokens, lengths, jax.random.key(0),
+                           **settings)
+    else:
+      out = generate(model, params, tokens, lengths, jax.random.key(0), images=images,
+                     num_images=num_images, **settings)
     return out.tokens, out.lengths
 
   def run(params, prompts: Sequence[Prompt], length: int, max_images: int, task: str = "",
           max_new_tokens: int | None = None):
-    tokens, lengths = encode_prompts(tokenizer, [p.text for p in prompts], length)
-    images, num_images = pad_images(prompts, max_images)
+    if zero_shot:  # one image each
+      texts = [p.text.split(IMG)[-1] for p in prompts]
+      images, num_images = np.stack([p.images[-1] for p in prompts]), None
+    else:
+      texts = [p.text for p in prompts]
+      images, num_images = pad_images(prompts, max_images)
+    tokens, lengths = encode_prompts(tokenizer, texts, length)
     tokens_out, lengths_out = map(np.asarray, answer(
         params, tokens, lengths, images, num_images,
-        max_new_tokens=max_new_tokens or default_max_new_tokens))
-    return [answer_text(tokenizer, t, n, task)
-            for t, n in zip(tokens_out, lengths_out, strict=True)]
-
-  return run
-
-
-def make_blip2_answer_fn(model: blip2.Blip2, tokenizer: Tokenizer, max_new_tokens: int,
-                         beams: decoding.BeamConfig | None = None):
-  """`make_answer_fn` for a stage-2 BLIP-2, which answers zero-shot: each prompt's query
-  (its last image and the text after it) is the image's soft prompt and the text; the
-  text-only demonstrations of a zero-shot prompt are not shown."""
-  default_max_new_tokens = max_new_tokens
-
-  @functools.partial(jax.jit, static_argnames="max_new_tokens")
-  def answer(params, images, tokens, lengths, max_new_tokens):
-    out = blip2.generate(model, params, images, tokens, lengths, jax.random.key(0),
-                         max_new_tokens=max_new_tokens,
-                         stop_ids=(tokenizer.endofchunk_id, tokenizer.eos_id),
-                         pad_id=tokenizer.pad_id, beams=beams)
-    return out.tokens, out.lengths
-
-  def run(params, prompts: Sequence[Prompt], length: int, max_images: int, task: str = "",
-          max_new_tokens: int | None = None):
-    del max_images  # one image each
-    tokens, lengths = encode_prompts(tokenizer, [p.text.split(IMG)[-1] for p in prompts],
-                                     length)
-    tokens_out, lengths_out = map(np.asarray, answer(
-        params, np.stack([p.images[-1] for p in prompts]), tokens, lengths,
         max_new_tokens=max_new_tokens or default_max_new_tokens))
     return [answer_text(tokenizer, t, n, task)
             for t, n in zip(tokens_out, lengths_out, strict=True)]
