@@ -176,6 +176,8 @@ SCHEMA = Section({
     "tokenizer": Field(STR, optional=True),
     "model": Model(),
     "trainable": Field(STR, check=_regex),
+    # Contrastive recipes: the log logit scale clamped to [0, ln 100] after every step.
+    "clamp_logit_scale": Field(BOOL, optional=True),
     "trainable_token_rows": Field(SEQUENCE, optional=True),
     "init": Named(BACKBONE, optional=True),
     "data": Section({

@@ -41,6 +41,23 @@ def contrastive_loss(image: jax.Array, text: jax.Array,
   return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
 
 
+def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
+                 logit_bias: jax.Array) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss: `image, text "b e"` normalised, row i matches column i.
+
+  Every (image, text) pair is a binary classification, positive on the diagonal:
+  `-sum(log_sigmoid(label * (logit_scale * image @ text.T + logit_bias))) / b` with
+  labels +1 on the diagonal and -1 elsewhere, a sum over the b^2 pairs divided by the
+  batch (not a mean over pairs), as SigLIP and open_clip's `SigLipLoss` define it. Under
+  one `jit` over the global batch this is the loss of the whole batch, every negative
+  included, whatever the number of devices.
+  """
+  logits = (logit_scale * image.astype(jnp.float32) @ text.astype(jnp.float32).T
+            + logit_bias)
+  labels = 2 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   label_smoothing: float = 0.0) -> jax.Array:
   """`logits "... k"`, integer `labels "..."` -> `"..."` cross-entropies against the

@@ -265,6 +265,8 @@ def make_train_step(config, parts: Parts):
     update_norm = optax.tree.norm(updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     params = optax.apply_updates(state["params"], updates)
+    if hasattr(task, "project_params"):
+      params = task.project_params(config, params)
     if skip_nonfinite:
       keep = lambda new, old: jax.tree_util.tree_map(
           lambda n, o: jnp.where(finite, n, o), new, old)

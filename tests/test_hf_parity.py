@@ -233,7 +233,8 @@ def test_converted_clip_features_match_transformers(tmp_path):
 
   cfg, params = convert.convert_clip(tmp_path)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
-  image, text, scale = TwoTowers(cfg).apply({"params": params}, images, jnp.asarray(tokens))
+  image, text, scale, _ = TwoTowers(cfg).apply({"params": params}, images,
+                                                jnp.asarray(tokens))
   np.testing.assert_allclose(image, out.image_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(text, out.text_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(scale, model.logit_scale.exp().item(), rtol=1e-6)

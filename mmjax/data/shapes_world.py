@@ -33,6 +33,10 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 REGIONS = (("top left", "top", "top right"), ("left", "centre", "right"),
            ("bottom left", "bottom", "bottom right"))
 
+# Classification: one class per (size, colour, shape), named as captions name it.
+CLASSES = tuple(f"{size} {colour} {shape}" for size in SIZES for colour in COLOURS
+                for shape in SHAPES)
+
 MEDIA_TOKEN = "<image>"
 ENDOFCHUNK_TOKEN = "<|endofchunk|>"
 
@@ -215,6 +219,19 @@ class ShapesWorld:
     scene = sample_scene(rng, self.image_size, split_pairs(split))
     question, answer = question_answer(scene, QUESTIONS[rng.integers(len(QUESTIONS))])
     return Example(render(scene, self.image_size, rng), scene, caption(scene), question, answer)
+
+  def classification(self, split: str, index: int) -> tuple[np.ndarray, int]:
+    """`(image, label)`: one object of a class of `CLASSES` drawn uniformly (held-out
+    pairs included: classification is not the captions' compositional hold-out), at any
+    position. `split` only separates the streams of examples."""
+    rng = _rng(self.seed, split_id(split), 3, index)
+    label = int(rng.integers(len(CLASSES)))
+    size, colour, shape = CLASSES[label].split()
+    radius = SIZES[size] * self.image_size
+    centre = tuple(int(round(v)) for v in rng.uniform(radius + 1, self.image_size - radius - 1,
+                                                      size=2))
+    scene = Scene(shape, colour, size, 1, (centre,), region_of(centre, self.image_size))
+    return render(scene, self.image_size, rng), label
 
   def naming_episode(self, split: str, index: int, shots: int, ways: int = 2) -> NamingEpisode:
     """`shots` support images, each of a colour drawn independently from the episode's

@@ -25,6 +25,13 @@ class TwoTowersConfig:
       tokenizer pads with the EOS id itself; position 0 in a row without one); "argmax" the
       highest token id (OpenAI's CLIP, whose EOS is the largest id; transformers' CLIP for
       configs with the legacy `eos_token_id=2`).
+    init_temperature: the learned temperature's start; the logit scale is its inverse,
+      learned as its log (`log_scale`). CLIP: 0.07; SigLIP's training recipe: 0.1 (a
+      scale of 10; open_clip's model class alone would start at 1/0.07).
+    loss: the contrastive loss that trains it (`mmjax.tasks.clip`): "softmax", CLIP's
+      symmetric InfoNCE; "sigmoid", SigLIP's pairwise loss, which needs `init_bias`.
+    init_bias: the start of a learned logit bias (`logit_bias`, SigLIP's sigmoid loss;
+      -10 in SigLIP's recipe, or about -log(batch size)); None: no bias (CLIP).
   """
 
   vision: ViTConfig
@@ -32,6 +39,8 @@ class TwoTowersConfig:
   embed_dim: int
   pad_id: int = 0
   init_temperature: float = 0.07
+  init_bias: float | None = None
+  loss: Literal["softmax", "sigmoid"] = "softmax"
   text_pool: Literal["last", "eos", "argmax"] = "last"
   eos_id: int | None = None
 
@@ -39,6 +48,12 @@ class TwoTowersConfig:
     if self.text_pool not in ("last", "eos", "argmax"):
       raise ValueError(f"TwoTowersConfig: text_pool must be 'last', 'eos' or 'argmax', got "
                        f"{self.text_pool!r}.")
+    if self.loss not in ("softmax", "sigmoid"):
+      raise ValueError(f"TwoTowersConfig: loss must be 'softmax' or 'sigmoid', got "
+                       f"{self.loss!r}.")
+    if self.loss == "sigmoid" and self.init_bias is None:
+      raise ValueError("TwoTowersConfig: the sigmoid loss learns a logit bias; set init_bias "
+                       "(SigLIP's recipe: -10).")
     if self.text_pool == "eos" and self.eos_id is None:
       raise ValueError("TwoTowersConfig: text_pool='eos' needs eos_id.")
     if self.vision.output_dim != self.embed_dim:
@@ -47,8 +62,8 @@ class TwoTowersConfig:
 
 
 class TwoTowers(nn.Module):
-  """`images "b h w c", tokens "b t" -> (image "b e", text "b e", logit_scale)`;
-  embeddings are L2-normalised, `logit_scale` is `1 / temperature`."""
+  """`images "b h w c", tokens "b t" -> (image "b e", text "b e", logit_scale,
+  logit_bias)`; embeddings are L2-normalised, `logit_scale` is `1 / temperature`."""
 
   config: TwoTowersConfig
 
@@ -59,6 +74,9 @@ class TwoTowers(nn.Module):
     self.text_head = Dense(cfg.embed_dim, ("embed", None), name="text_head")
     self.log_scale = self.param("log_scale", nn.with_logical_partitioning(
         nn.initializers.constant(math.log(1 / cfg.init_temperature)), ()), ())
+    if cfg.init_bias is not None:
+      self.logit_bias = self.param("logit_bias", nn.with_logical_partitioning(
+          nn.initializers.constant(cfg.init_bias), ()), ())
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     return _l2_normalise(self.image(images)["pooled"])
@@ -76,8 +94,15 @@ class TwoTowers(nn.Module):
     pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
     return _l2_normalise(self.text_head(pooled))
 
+  def logits_scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
+    """The logit scale `exp(log_scale)` and the logit bias (0 without one)."""
+    bias = self.logit_bias if self.config.init_bias is not None else jnp.zeros((), jnp.float32)
+    return jnp.exp(self.log_scale), bias
+
   def __call__(self, images: jax.Array, tokens: jax.Array):
-    return self.encode_image(images), self.encode_text(tokens), jnp.exp(self.log_scale)
+    """-> `(image "b e", text "b e", logit_scale, logit_bias)`."""
+    return (self.encode_image(images), self.encode_text(tokens),
+            *self.logits_scale_and_bias())
 
 
 def _l2_normalise(x: jax.Array) -> jax.Array:

@@ -12,6 +12,8 @@ A task module provides:
 and optionally
   initial_params(params, loaded) -> params: the fresh parameters (pretrained backbones
     grafted; `loaded` holds the paths they filled) as training starts from them.
+  project_params(config, trainable) -> trainable: applied inside the train step after
+    every optimizer update (CLIP's logit-scale clamp).
 The trainer picks the module named by `config.task`.
 """
 

@@ -1,4 +1,7 @@
-"""Contrastive image-text pretraining (CLIP): symmetric InfoNCE, learned temperature."""
+"""Contrastive image-text pretraining: CLIP's symmetric InfoNCE or SigLIP's sigmoid loss
+(`config.model.loss`), learned temperature (and bias), over the global batch."""
+
+import math
 
 import jax.numpy as jnp
 
@@ -31,8 +34,26 @@ def init_inputs(config):
 
 
 def loss_terms(model, params, batch, rng):
+  """The loss of the whole batch: inside the trainer's one `jit` over the global batch,
+  every device's examples are negatives of every other's, and the gradient is that of
+  the global loss (no gather whose backward drops other devices' share)."""
   del rng  # deterministic
-  image, text, scale = model.apply({"params": params}, batch["image"], batch["tokens"])
+  image, text, scale, bias = model.apply({"params": params}, batch["image"], batch["tokens"])
   batch_size = jnp.float32(image.shape[0])
+  if model.config.loss == "sigmoid":
+    loss = losses.sigmoid_loss(image, text, scale, bias)
+  else:
+    loss = losses.contrastive_loss(image, text, scale)
   # As a (sum, count) pair so that the trainer's mean is the loss itself.
-  return losses.contrastive_loss(image, text, scale) * batch_size, batch_size, {}
+  return loss * batch_size, batch_size, {}
+
+
+MAX_LOG_SCALE = math.log(100.0)
+
+
+def project_params(config, params):
+  """With `config.clamp_logit_scale`, the log logit scale clamped to [0, ln 100] after
+  every optimizer step, as CLIP and open_clip do (the bias is left free)."""
+  if not config.get("clamp_logit_scale") or "log_scale" not in params:
+    return params
+  return dict(params, log_scale=jnp.clip(params["log_scale"], 0.0, MAX_LOG_SCALE))
