@@ -1,19 +1,44 @@
-"""Contrastive pretraining (CLIP) of the vision tower on shapes-world image-caption pairs:
-the frozen vision encoder of the Flamingo recipe.
+"""Contrastive image-text pretraining on shapes-world image-caption pairs: CLIP (the
+frozen vision encoder of the Flamingo recipe), SigLIP, and LiT.
 
   python -m mmjax.train --config=configs/clip.py[:variant] --workdir=/tmp/clip
 
-The vision tower's shape is that of the same-named variant of configs/flamingo.py.
+Variants are `<shape>`, `<method>` or `<method>-<shape>`:
+  shape: a variant of configs/flamingo.py, whose vision tower this trains (default tiny).
+  method:
+    clip    symmetric InfoNCE, learned temperature from 0.07, the log scale clamped to
+            [0, ln 100] after every step (open_clip's training).
+    siglip  the sigmoid loss, temperature and bias starting where SigLIP's training
+            recipe starts them (scale 10, bias -10; not open_clip's class defaults).
+    lit     locked-image tuning: the image tower (with its projection) comes from the
+            same-shaped CLIP run and stays frozen; the text tower trains from scratch.
 """
+
 
 import ml_collections
 
+from mmjax.cli import UserError
 from mmjax.configs import flamingo
+
+METHODS = ("clip", "siglip", "lit")
+
+
+def parse_variant(arg: str | None) -> tuple[str, str | None]:
+  """`(method, shape)` of a variant name (shape None: the default)."""
+  method, _, shape = (arg or "").partition("-")
+  if method in METHODS:
+    return method, shape or None
+  if arg is not None and arg not in flamingo.VARIANTS:
+    raise UserError(f"Unknown clip variant {arg!r}; choose <shape>, <method> or "
+                    f"<method>-<shape> with method in {METHODS} and shape in "
+                    f"{sorted(flamingo.VARIANTS)} (--config=configs/clip.py:<variant>).")
+  return "clip", arg
 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, shapes = flamingo.variant_shapes(arg, "clip")
+  method, shape = parse_variant(arg)
+  variant, shapes = flamingo.variant_shapes(shape, "clip")
   vision = dict(shapes["vision"])
   config = ml_collections.ConfigDict()
   config.task = "clip"
@@ -34,6 +59,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 activation="quick_gelu"),
       embed_dim=vision["output_dim"], pad_id=flamingo.PAD)
   config.trainable = r".*"
+  config.clamp_logit_scale = method != "siglip"  # SigLIP's recipe leaves it free
+  if method == "siglip":
+    config.model.update(loss="sigmoid", init_temperature=0.1, init_bias=-10.0)
+  if method == "lit":
+    # The image tower is the same-shaped CLIP run's, trained once and cached.
+    config.init = dict(image=dict(recipe="clip", variant=variant, steps=-1, workdir="",
+                                  source="image"))
+    config.trainable = r"^(text|text_head|log_scale)(/|$)"
   pairs = dict(kind="shapes_world_pairs", image_size=vision["image_size"])
   # Mappings of dataset names to entries: `--config.data.datasets.pairs.weight=2`.
   config.data = dict(

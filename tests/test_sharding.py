@@ -96,10 +96,14 @@ def test_every_parameter_of_the_lm_shards_and_trains_like_one_device():
   assert moments and all(m.sharding.spec == embed.sharding.spec for m in moments)
 
 
-def test_the_contrastive_loss_over_a_sharded_batch_equals_one_device():
-  """CLIP's InfoNCE needs every example's embedding as a negative: with the batch split
-  over devices the logits matrix still spans the global batch."""
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_the_contrastive_loss_over_a_sharded_batch_equals_one_device(loss):
+  """CLIP's InfoNCE and SigLIP's sigmoid loss need every example's embedding as a
+  negative: with the batch split over 8 devices the logits matrix still spans the global
+  batch, and the step (loss, gradient, update) is the 1-device step."""
   config = clip_config(vision_depth=1, embed_dim=16, batch_size=8)
+  if loss == "sigmoid":
+    config.model.update(loss="sigmoid", init_bias=-2.0, init_temperature=0.1)
   batch = _lm_batch(config)
   ref_state, ref_metrics, _ = _one_step(config, batch)
   state, metrics, _ = _one_step(_sharded(config, dict(data=2, fsdp=2, tensor=2), "fsdp_tensor"),
