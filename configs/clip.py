@@ -14,7 +14,6 @@ Variants are `<shape>`, `<method>` or `<method>-<shape>`:
             same-shaped CLIP run and stays frozen; the text tower trains from scratch.
 """
 
-
 import ml_collections
 
 from mmjax.cli import UserError
