@@ -145,24 +145,59 @@ DAMAGES = {
 }
 
 
+@pytest.fixture(scope="module")
+def resume(trained):
+  """`workdir -> Resumed`: what a rerun of the `trained` run restores, as the trainer
+  asks for it (its model's abstract state, a fresh data iterator, its config)."""
+  config = lm_config(**CONFIG)
+  parts = train.build(config, jax.devices()[:1])
+  config_dict = json.loads(config.to_json_best_effort())
+
+  def restore(workdir):
+    manager = checkpoints.manager(workdir)
+    iterator = iter(train.make_data(config, seed=config.seed, health=train.DataHealth()))
+    try:
+      return checkpoints.restore_latest(manager, parts.abstract, iterator, config=config_dict)
+    finally:
+      manager.close()
+  return restore
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_on_its_curve(
-    trained, tmp_path, damage, capsys, caplog):
+def test_a_damaged_newest_checkpoint_is_skipped_named_and_moved_aside(
+    trained, resume, tmp_path, damage, capsys, caplog):
   workdir = copy(trained, tmp_path)
   apply, why = DAMAGES[damage]
   apply(workdir / "checkpoints" / "6")
   with caplog.at_level(logging.WARNING):
-    run(lm_config(**CONFIG), workdir)
+    resumed = resume(workdir)
   out = capsys.readouterr().out
   moved = workdir / "checkpoints" / "damaged" / "6"
   assert re.search(rf"Resumed from step 3; skipped step 6: [^\n]*{re.escape(why)}[^\n]* "
                    rf"\(moved to {re.escape(str(moved))}\)", out), out
   assert f"step 6 ({workdir / 'checkpoints' / '6'})" in caplog.text
+  assert resumed.step == 3
+  assert checkpoints.fingerprints(resumed.state) == checksums(trained, 3)["arrays"]
+  assert moved.is_dir() and not (workdir / "checkpoints" / "damaged" / "3").exists()
+
+
+# One damage of each part of a step (arrays, data iterator, the step's identity): the
+# rerun trains steps 4-6 again on the uninterrupted curve.
+RESUMED_DAMAGES = ("flipped byte in the largest array file", "deleted data-iterator json",
+                   "step directory holding another step")
+
+
+@pytest.mark.parametrize("damage", RESUMED_DAMAGES)
+def test_a_run_whose_newest_checkpoint_is_damaged_resumes_on_its_curve(trained, tmp_path,
+                                                                       damage, capsys):
+  workdir = copy(trained, tmp_path)
+  DAMAGES[damage][0](workdir / "checkpoints" / "6")
+  run(lm_config(**CONFIG), workdir)
+  assert "Resumed from step 3; skipped step 6" in capsys.readouterr().out
   # Steps 4-6 were trained again (`losses_by_step` checks that each replayed loss equals
   # the logged one) and saved again as step 6, bit for bit the undamaged checkpoint.
   assert losses_by_step(workdir) == losses_by_step(trained)
   assert checksums(workdir, 6)["arrays"] == checksums(trained, 6)["arrays"]
-  assert moved.is_dir() and not (workdir / "checkpoints" / "damaged" / "3").exists()
 
 
 def test_an_empty_newer_step_directory_neither_hides_the_good_one_nor_blocks_saving_it(
