@@ -28,9 +28,9 @@ def parse_variant(arg: str | None) -> tuple[str, str | None]:
   if method in METHODS:
     return method, shape or None
   if arg is not None and arg not in flamingo.VARIANTS:
-    raise UserError(f"Unknown clip variant {arg!r}; choose <shape>, <method> or "
-                    f"<method>-<shape> with method in {METHODS} and shape in "
-                    f"{sorted(flamingo.VARIANTS)} (--config=configs/clip.py:<variant>).")
+    raise UserError(f"Unknown clip variant {arg!r}; choose from {sorted(flamingo.VARIANTS)} "
+                    f"(the shapes), a method of {METHODS}, or <method>-<shape> "
+                    "(--config=configs/clip.py:<variant>).")
   return "clip", arg
 
 
