@@ -115,10 +115,10 @@ def test_siglip_vit_layout_and_map_pooling():
                   pre_norm=False, token_norm=True, activation="gelu_tanh")
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   model = ViT(cfg)
-  params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0), images)["params"])
+  out, variables = jax.jit(model.init_with_output)(jax.random.key(0), images)
+  params = flax.linen.meta.unbox(variables["params"])
   assert "cls_token" not in params and "pre_norm" not in params and "head" not in params
   assert params["positions"].shape == (4, 32) and "bias" in params["patch_embed"]
-  out = jax.jit(model.apply)({"params": params}, images)
   tokens, pooled = out["tokens"], out["pooled"]
   assert tokens.shape == (2, 4, 32) and pooled.shape == (2, 32)
 
@@ -155,14 +155,14 @@ def test_vit_options_are_validated(options, message):
 def test_bidirectional_lm_sees_later_tokens_and_cannot_decode():
   cfg = LMConfig(vocab_size=10, width=16, depth=1, num_heads=2, max_len=8, causal=False)
   model = LanguageModel(cfg)
-  tokens = jnp.array([[1, 2, 3, 4]])
-  params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
-  first = jax.jit(lambda t: model.apply({"params": params}, t, return_hidden=True)[0, 0])
-  assert not np.allclose(first(tokens), first(tokens.at[0, 3].set(5)))
+  tokens = jnp.array([[1, 2, 3, 4], [1, 2, 3, 5]])  # the same but for the last token
+  hidden, variables = jax.jit(lambda key, t: model.init_with_output(key, t, return_hidden=True))(
+      jax.random.key(0), tokens)
+  params = flax.linen.meta.unbox(variables["params"])
+  assert not np.allclose(hidden[0, 0], hidden[1, 0])
   causal = LanguageModel(LMConfig(**{**vars(cfg), "causal": True}))
-  first_causal = jax.jit(lambda t: causal.apply({"params": params}, t,
-                                                return_hidden=True)[0, 0])
-  np.testing.assert_allclose(first_causal(tokens), first_causal(tokens.at[0, 3].set(5)))
+  hidden = jax.jit(lambda t: causal.apply({"params": params}, t, return_hidden=True))(tokens)
+  np.testing.assert_allclose(hidden[0, :3], hidden[1, :3])
   with pytest.raises(ValueError, match="cannot decode"):
     model.apply({"params": params}, tokens, positions=jnp.zeros_like(tokens), decode=True,
                 mutable=["cache"])
@@ -210,8 +210,9 @@ def test_converted_siglip_matches_transformers(tmp_path):
   assert cfg.text_pool == "final" and not cfg.text.causal and cfg.vision.pooling == "map"
   two_towers = TwoTowers(cfg)
   images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
-  image, text, scale, bias = jax.jit(two_towers.apply)({"params": params}, images,
-                                                       jnp.asarray(tokens))
+  run = lambda m, images, tokens: (m(images, tokens), m.image(images)["tokens"])
+  (image, text, scale, bias), tokens_out = jax.jit(
+      lambda p: two_towers.apply({"params": p}, images, jnp.asarray(tokens), method=run))(params)
   np.testing.assert_allclose(image, out.image_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(text, out.text_embeds.numpy(), atol=1e-5)
   np.testing.assert_allclose(scale * image @ text.T + bias, out.logits_per_image.numpy(),
@@ -221,7 +222,6 @@ def test_converted_siglip_matches_transformers(tmp_path):
   np.testing.assert_allclose(losses.sigmoid_loss(image, text, scale, bias), out.loss.item(),
                              rtol=1e-5)
   # The vision tower's tokens are its last_hidden_state (post-LayerNorm, no class token).
-  tokens_out = jax.jit(ViT(cfg.vision).apply)({"params": params["image"]}, images)["tokens"]
   np.testing.assert_allclose(tokens_out, patches.numpy(), atol=1e-4)
 
 
