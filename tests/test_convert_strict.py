@@ -387,7 +387,7 @@ def test_clip_conversion_is_init_tree_and_pools_where_transformers_does(eos, act
   towers = TwoTowers(cfg)
   image_in = jnp.asarray(pixels.transpose(0, 2, 3, 1))
   assert _tree(params) == _init_tree(towers, image_in[:1], jnp.zeros((1, 4), jnp.int32))
-  image, text, _ = towers.apply({"params": params}, image_in, jnp.asarray(tokens[:2]))
+  image, text, *_ = towers.apply({"params": params}, image_in, jnp.asarray(tokens[:2]))
   norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   np.testing.assert_allclose(text, norm(expected[:2]), atol=1e-5)
   np.testing.assert_allclose(image, norm(images), atol=1e-5)

@@ -17,9 +17,9 @@ the tree the mmjax model's `init` builds (`common.check_tree`). Anything else is
 `ConversionError` naming what differs.
 
 One module per checkpoint family: `gpt2`, `opt`, `llama` (and Mistral), `mpt` (dispatched
-by `lm`), `clip`, `open_clip` (vision towers), `bert`, `t5` (T5, FLAN-T5), `blip2`,
-`idefics`, `openflamingo`; shared readers and checks in `common`. Adding a family means a
-module `<family>.py` that reads its config with `common.Fields` (finishing with its
+by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert`, `t5` (T5,
+FLAN-T5), `blip2`, `idefics`, `openflamingo`; shared readers and checks in `common`. Adding
+a family means a module `<family>.py` that reads its config with `common.Fields` (finishing with its
 `IGNORED_FIELDS`), its tensors with
 `common.Reader` (finishing with its `IGNORED_TENSORS`), checks the result with
 `common.check_tree` and exports `convert_<family>(path) -> (model config, params)`; then
@@ -30,20 +30,22 @@ an entry in `lm.LM_FAMILIES`.)
 
 from mmjax.convert.bert import bert_config, convert_bert
 from mmjax.convert.blip2 import blip2_config, convert_blip2, convert_blip2_vision
-from mmjax.convert.clip import clip_config, convert_clip, vit_config, vit_params
+from mmjax.convert.clip import clip_config, convert_clip, text_config, vit_config, vit_params
 from mmjax.convert.common import (ConversionError, count, read_hf_config, read_hf_dir,
                                   read_hf_weights, read_state_file, save, save_hf)
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
 from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
-from mmjax.convert.open_clip import open_clip_vision
+from mmjax.convert.open_clip import convert_open_clip, open_clip_model, open_clip_vision
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.siglip import convert_siglip, siglip_config
 from mmjax.convert.t5 import convert_t5, t5_config, t5_params
 
 __all__ = ["LM_TYPES", "ROPE_SCALINGS", "ConversionError", "bert_config", "blip2_config",
            "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision",
-           "convert_clip", "convert_idefics", "convert_lm", "convert_openflamingo",
-           "convert_t5", "count", "export_lm", "lm_config", "lm_params", "open_clip_vision",
-           "read_hf_config", "read_hf_dir", "read_hf_weights", "read_state_file",
-           "rope_settings", "save", "save_hf", "t5_config", "t5_params", "vit_config",
+           "convert_clip", "convert_idefics", "convert_lm", "convert_open_clip",
+           "convert_openflamingo", "convert_siglip", "convert_t5", "count", "export_lm",
+           "lm_config", "lm_params", "open_clip_model", "open_clip_vision", "read_hf_config",
+           "read_hf_dir", "read_hf_weights", "read_state_file", "rope_settings", "save",
+           "save_hf", "siglip_config", "t5_config", "t5_params", "text_config", "vit_config",
            "vit_params"]

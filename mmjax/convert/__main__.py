@@ -1,6 +1,7 @@
 """`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
 
-  python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, BERT, T5, BLIP-2, IDEFICS
+  python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, SigLIP, BERT, T5, BLIP-2,
+                                                      # IDEFICS
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
 
@@ -20,6 +21,7 @@ from mmjax.convert.clip import convert_clip
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.lm import LM_TYPES, convert_lm
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
 
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
@@ -36,7 +38,7 @@ flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the en
                      "token id.")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
-SUPPORTED = LM_TYPES + ("clip", "bert", "t5", "blip-2", "idefics")
+SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics")
 
 
 def main(argv):
@@ -68,6 +70,8 @@ def main(argv):
         hf_dir, media_token_id=f.media_token_id, endofchunk_token_id=f.endofchunk_token_id)
   elif kind == "clip":
     task, (cfg, params) = "clip", convert_clip(hf_dir)
+  elif kind == "siglip":
+    task, (cfg, params) = "clip", convert_siglip(hf_dir)
   elif kind == "bert":
     task, (cfg, params) = "bert", convert_bert(hf_dir)
   elif kind == "t5":

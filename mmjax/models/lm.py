@@ -5,6 +5,8 @@ projections keep their LayerNorm biases: `norm_bias`), tied or untied embeddings
 attention scales (`attn_scale`, `attn_scale_by_layer`).
 LLaMA: rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output.
 MPT: ALiBi biases instead of positions, bias-free LayerNorm and GELU MLP, tied embeddings.
+`causal=False` makes it a bidirectional encoder (SigLIP's text tower, read through
+`return_hidden`); it then cannot decode.
 With an `XAttnConfig`, Flamingo's gated cross-attention blocks sit in front of the
 chosen layers and read resampled visual tokens.
 """
@@ -54,6 +56,7 @@ class LMConfig:
   rope_scaling: RopeScaling | None = None  # long-context RoPE (LLaMA 3.1, ...)
   tie_embeddings: bool = True
   qk_norm: Literal["layernorm", "rmsnorm"] | None = None
+  causal: bool = True  # False: every token sees every other (an encoder; no decoding)
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
@@ -75,6 +78,10 @@ class LMConfig:
     if self.position not in ("learned", "rope", "alibi"):
       raise ValueError("LMConfig: position must be 'learned', 'rope' or 'alibi', got "
                        f"{self.position!r}.")
+    if not self.causal and (self.position == "alibi" or self.sliding_window is not None):
+      raise ValueError("LMConfig: causal=False is not defined with ALiBi or a sliding window "
+                       "(both are causal); use position='learned' or 'rope' and "
+                       "sliding_window=None.")
 
   @property
   def dims_per_head(self) -> int:
@@ -102,7 +109,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, use_bias=_norm_bias(cfg), name=name, **kw)
     h = Attention(
         num_heads=cfg.num_heads, head_dim=cfg.dims_per_head, num_kv_heads=cfg.num_kv_heads,
-        causal=True, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
+        causal=cfg.causal, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
         rope_scaling=cfg.rope_scaling,
         alibi_bias_max=cfg.alibi_bias_max if cfg.position == "alibi" else None,
@@ -185,7 +192,7 @@ class LanguageModel(nn.Module):
         With a `prefix`, `"b (p + t)"`: the prefix's, then the tokens'.
       token_mask: `"b t"` True for real tokens (`"b (p + t)"` with a prefix); padding keys
         are hidden from every query.
-        Right padding needs no mask (causality already hides it).
+        Right padding needs no mask when causal (causality already hides it).
       media: `"b s e"` visual tokens for the cross-attention blocks (s = images x
         latents). In decode mode, pass it on the first (prefill) call only.
       media_mask: `"b t s"` which visual tokens each text token may attend to.
@@ -196,6 +203,9 @@ class LanguageModel(nn.Module):
       return_hidden: return the final normalised hidden states `"b t d"` instead.
     """
     cfg = self.config
+    if decode and not cfg.causal:
+      raise ValueError("LanguageModel: a bidirectional LM (causal=False) cannot decode "
+                       "incrementally; run it on whole sequences.")
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
     embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), name="embed", **kw)

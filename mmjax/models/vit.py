@@ -1,4 +1,4 @@
-"""Vision Transformer in the CLIP layout, and EVA's (BLIP-2's ViT-g) as options.
+"""Vision Transformer in the CLIP layout, and EVA's (BLIP-2's ViT-g) and SigLIP's as options.
 
 Patch embedding (a strided projection without bias), class token, learned positions,
 `ln_pre`, pre-norm blocks, and `ln_post` on the class token followed by a projection.
@@ -7,6 +7,11 @@ Patch tokens can be read from any layer: Flamingo uses the last, LLaVA the penul
 EVA's layout (`EVA_VIT_G`) differs only in options: a patch bias, no `ln_pre`, no key
 bias (queries and values have theirs), and its final LayerNorm (BLIP-2's `ln_vision`) on
 all tokens, class token included (`keep_class_token=True, token_norm=True`).
+
+SigLIP's layout: no class token (`class_token=False`), a patch bias, no `ln_pre`, `ln_post`
+on all tokens, and attention pooling (`pooling="map"`, big_vision's MAP head): a learned
+probe query attends over the normed tokens, then a residual MLP after a LayerNorm; the
+probe's output is the pooled embedding.
 """
 
 import dataclasses
@@ -37,6 +42,9 @@ class ViTConfig:
       while its queries and values have theirs.
     post_norm_eps: epsilon of `ln_post`; None: `norm_eps`. (BLIP-2's `ln_vision` has
       torch's default 1e-5 in LAVIS, while Hugging Face's conversion uses the blocks' 1e-6.)
+    class_token: a learned class token before the patches (CLIP, EVA); SigLIP has none.
+    pooling: what "pooled" is: "class", the class token after `ln_post`; "map", attention
+      pooling of all tokens after `ln_post` (SigLIP; `MapHead`).
     pixel_mean, pixel_std: integer images are scaled to [0, 1] and normalised with these
       (CLIP's statistics by default); float images are taken as already normalised.
   """
@@ -57,6 +65,8 @@ class ViTConfig:
   pre_norm: bool = True
   key_bias: bool = True
   post_norm_eps: float | None = None
+  class_token: bool = True
+  pooling: Literal["class", "map"] = "class"
   pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
   pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
   dtype: str = "float32"
@@ -72,6 +82,13 @@ class ViTConfig:
     if self.width % self.num_heads:
       raise ValueError(f"ViTConfig: width={self.width} is not divisible by "
                        f"num_heads={self.num_heads}.")
+    if self.pooling not in ("class", "map"):
+      raise ValueError(f"ViTConfig: pooling must be 'class' or 'map', got {self.pooling!r}.")
+    if not self.class_token and self.pooling == "class":
+      raise ValueError("ViTConfig: pooling='class' pools the class token; with "
+                       "class_token=False set pooling='map'.")
+    if not self.class_token and self.keep_class_token:
+      raise ValueError("ViTConfig: keep_class_token=True needs class_token=True.")
 
   @property
   def num_patches(self) -> int:
@@ -81,6 +98,11 @@ class ViTConfig:
   def num_tokens(self) -> int:
     """Tokens returned per image: the patches, and the class token if kept."""
     return self.num_patches + self.keep_class_token
+
+  @property
+  def pooled_dim(self) -> int:
+    """Width of "pooled": `output_dim`, or the tower's width without a projection."""
+    return self.width if self.output_dim is None else self.output_dim
 
 
 # BLIP-2's EVA ViT-g/14 (LAVIS `eva_vit.py:create_eva_vit_g`: 40 EVA blocks less the last).
@@ -105,6 +127,26 @@ class EncoderBlock(nn.Module):
     x = x + Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True, name="mlp",
                 **kw)(Norm("layernorm", cfg.norm_eps, name="mlp_norm", **kw)(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class MapHead(nn.Module):
+  """Multi-head attention pooling, `"b n d -> b d"`: a learned probe attends over the
+  tokens, then `x + mlp(norm(x))`."""
+
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+    probe = self.param("probe", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), kw["param_dtype"])
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, cfg.width))
+    h = Attention(num_heads=cfg.num_heads, head_dim=cfg.width // cfg.num_heads, cross=True,
+                  use_bias=True, implementation=cfg.attention_impl, name="attn", **kw)(probe, x)
+    h = h + Mlp(cfg.mlp_dim or 4 * cfg.width, cfg.activation, use_bias=True, name="mlp",
+                **kw)(Norm("layernorm", cfg.norm_eps, name="mlp_norm", **kw)(h))
+    return h[:, 0]
 
 
 class ViT(nn.Module):
@@ -139,13 +181,15 @@ class ViT(nn.Module):
     patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
     x = Dense(cfg.width, ("patch", "embed"), use_bias=cfg.patch_bias, name="patch_embed",
               **kw)(patches)
-    cls = self.param("cls_token", nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,), kw["param_dtype"])
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width)), x],
-                        axis=1)
+    if cfg.class_token:
+      cls = self.param("cls_token", nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.width ** -0.5), ("embed",)), (cfg.width,),
+                       kw["param_dtype"])
+      x = jnp.concatenate(
+          [jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.width)), x], axis=1)
     pos = self.param("positions", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.width ** -0.5), ("length", "embed")),
-                     (cfg.num_patches + 1, cfg.width), kw["param_dtype"])
+                     (cfg.num_patches + cfg.class_token, cfg.width), kw["param_dtype"])
     x = x + pos.astype(x.dtype)
     if cfg.pre_norm:
       x = Norm("layernorm", cfg.norm_eps, name="pre_norm", **kw)(x)
@@ -156,10 +200,13 @@ class ViT(nn.Module):
 
     post_eps = cfg.norm_eps if cfg.post_norm_eps is None else cfg.post_norm_eps
     post_norm = Norm("layernorm", post_eps, name="post_norm", **kw)
-    tokens = x if cfg.keep_class_token else x[:, 1:]
+    tokens = x[:, 1:] if cfg.class_token and not cfg.keep_class_token else x
     out = {"tokens": post_norm(tokens) if cfg.token_norm else tokens}
     if layer == cfg.depth:
-      pooled = post_norm(x[:, 0])
+      if cfg.pooling == "map":
+        pooled = MapHead(cfg, name="map_head")(post_norm(x))
+      else:
+        pooled = post_norm(x[:, 0])
       if cfg.output_dim is not None:
         pooled = Dense(cfg.output_dim, ("embed", None), name="head", **kw)(pooled)
       out["pooled"] = pooled
