@@ -9,7 +9,8 @@ Run as a script, it asks XLA for 8 CPU devices (`--xla_force_host_platform_devic
 unless XLA_FLAGS already sets a count) before JAX loads. Measured, at each batch size:
 
   train_step  the real `mmjax.train` step of configs/clip.py with small towers (`TOWERS`:
-              the similarity matrix's `b^2` work is visible beside theirs), on one device
+              the similarity matrix's `b^2` work is visible beside theirs) on the recipe's
+              first batch (distinct shapes-world pairs), on one device
               and on all of them (mesh `data=n`), `config.model.loss` "softmax" and
               "sigmoid" (SigLIP's `init_bias=-10`, `init_temperature=0.1`) alternating in
               each round; the compiled step's memory (`memory_analysis()`: its temporary
@@ -39,6 +40,7 @@ if __name__ == "__main__" and "host_platform_device_count" not in os.environ.get
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -48,8 +50,8 @@ from absl import app, flags
 
 from benchmarks import harness
 from benchmarks.side_by_side import alternate, record_systems
-from benchmarks.train_step import real_batch
-from mmjax import losses, train
+from mmjax import losses, sharding, train
+from mmjax.train import DataHealth
 
 # Small towers, so that the loss's b x b similarities are a visible share of the step.
 TOWERS = {"vision": {"image_size": 32, "patch_size": 16, "width": 64, "depth": 1,
@@ -100,14 +102,22 @@ def fresh_state(config, devices) -> tuple[train.Parts, dict]:
   return parts, jax.device_get(train.init_state(config, parts, pretrained=False))
 
 
+def first_batch(config, parts: train.Parts) -> dict:
+  """The recipe pipeline's first global batch, split over the mesh: `batch_size` distinct
+  image-caption pairs (the contrastive loss of one example repeated would be degenerate,
+  every similarity alike)."""
+  batch = next(iter(train.make_data(config, seed=0, health=DataHealth())))
+  return sharding.global_batch(batch, sharding.batch_sharding(parts.mesh, parts.rules))
+
+
 class TrainStep:
   """The compiled `mmjax.train` step of `config` (whose `parts` and host `state`
-  `fresh_state` gives), on a batch of the recipe's own data; each call is one step (the
-  state is donated and replaced)."""
+  `fresh_state` gives) on `batch` (`first_batch`); each call is one step (the state is
+  donated and replaced)."""
 
-  def __init__(self, config, parts: train.Parts, state: dict):
+  def __init__(self, config, parts: train.Parts, state: dict, batch: dict):
     self.state = jax.device_put(state, parts.shardings)
-    self.batch = real_batch(config, parts)
+    self.batch = batch
     self.compiled = train.make_train_step(config, parts).lower(self.state,
                                                                self.batch).compile()
     self.memory = memory(self.compiled)
@@ -212,7 +222,9 @@ def train_steps(batch_sizes, device_counts, *, rounds: int, runs: int,
       common = {"measurement": "train_step", "devices": n, "mesh": {"data": n},
                 "batch": b, "towers": TOWERS}
       try:
-        steps = {loss: TrainStep(recipe(loss, b, n), *fresh[loss]) for loss in LOSSES}
+        configs = {loss: recipe(loss, b, n) for loss in LOSSES}
+        batch = first_batch(configs["softmax"], fresh["softmax"][0])  # the same for both
+        steps = {loss: TrainStep(configs[loss], *fresh[loss], batch) for loss in LOSSES}
         timing = alternate(steps, rounds, runs)
       except Exception as error:  # only a lack of memory skips a size; the rest raises
         if not out_of_memory(error):
@@ -256,16 +268,72 @@ def loss_side_by_side(batch_sizes, *, rounds: int, runs: int, out: str | None = 
   return lines
 
 
+def tables(lines: list[dict]) -> str:
+  """Markdown tables of result lines (as `train_steps` and `loss_side_by_side` record
+  them; of repeated measurements, the last): step times, memory and the open_clip
+  comparison, by batch size."""
+  ms = lambda line: (f"{line['step_s'] * 1e3:.3g} ms ({line['step_min_s'] * 1e3:.3g}–"
+                     f"{line['step_max_s'] * 1e3:.3g})")
+  mib = lambda n: f"{n / 2**20:.3g} MiB"
+  steps = {(x["devices"], x["batch"], x["loss"]): x for x in lines
+           if x.get("measurement") == "train_step" and "loss" in x}
+  alone = {(x["batch"], x["loss"], x["system"]): x for x in lines
+           if x.get("measurement") == "loss"}
+  counts = sorted({n for n, _, _ in steps})
+  batches = sorted({b for _, b, _ in steps} | {b for b, _, _ in alone})
+  out = ["| batch | " + " | ".join(f"{n} device{'s' * (n > 1)}: {loss}" for n in counts
+                                   for loss in (*LOSSES, "sigmoid / softmax")) + " |",
+         "| --- " * (1 + 3 * len(counts)) + "|"]
+  for b in batches:
+    cells = []
+    for n in counts:
+      found = [steps.get((n, b, loss)) for loss in LOSSES]
+      cells += [ms(x) if x else "" for x in found]
+      cells.append(f"{found[1]['vs_softmax']:.2f}" if all(found) else "")
+    if any(cells):
+      out.append(f"| {b} | " + " | ".join(cells) + " |")
+  out += ["", "| batch | " + " | ".join(
+      [f"step temp, {n} device{'s' * (n > 1)}: {loss}" for n in counts for loss in LOSSES]
+      + [f"{loss} loss alone: temp (b x b float32 arrays)" for loss in LOSSES]) + " |",
+          "| --- " * (1 + 2 * len(counts) + 2) + "|"]
+  for b in batches:
+    cells = [mib(steps[n, b, loss]["temp_bytes"]) if (n, b, loss) in steps else ""
+             for n in counts for loss in LOSSES]
+    for loss in LOSSES:
+      x = alone.get((b, loss, "mmjax"))
+      cells.append(f"{mib(x['temp_bytes'])} ({x['temp_bytes'] / (4 * b * b):.2f})" if x else "")
+    out.append(f"| {b} | " + " | ".join(cells) + " |")
+  out += ["", "| batch | " + " | ".join(
+      f"{loss}: {system}" for loss in LOSSES
+      for system in ("mmjax", "open_clip", "mmjax / open_clip (speed)", "loss rel. diff")) + " |",
+          "| --- " * 9 + "|"]
+  for b in batches:
+    cells = []
+    for loss in LOSSES:
+      ours, theirs = alone.get((b, loss, "mmjax")), alone.get((b, loss, "torch"))
+      cells += ([ms(ours), ms(theirs), f"{ours['speedup_vs_torch']:.2f}",
+                 f"{ours['loss_rel_diff']:.1e}"] if ours and theirs else [""] * 4)
+    if any(cells):
+      out.append(f"| {b} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.tables:
+    with open(f.tables) as results:
+      print(tables([json.loads(line) for line in results]))
+    return
   counts = sorted({1, jax.device_count()})
+  lines = []
   if "step" in f.only:
-    train_steps([int(b) for b in f.step_batch_sizes], counts, rounds=f.rounds, runs=f.runs,
-                out=f.out)
+    lines += train_steps([int(b) for b in f.step_batch_sizes], counts, rounds=f.rounds,
+                         runs=f.runs, out=f.out)
   if "loss" in f.only:
-    loss_side_by_side([int(b) for b in f.batch_sizes], rounds=f.rounds, runs=f.runs,
-                      out=f.out)
+    lines += loss_side_by_side([int(b) for b in f.batch_sizes], rounds=f.rounds,
+                               runs=f.runs, out=f.out)
+  print(tables(lines))
 
 
 if __name__ == "__main__":
@@ -277,6 +345,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
   flags.DEFINE_integer("runs", 2, "Timed calls per system per round.")
   flags.DEFINE_list("only", ["step", "loss"], "What to measure: step, loss or both.")
+  flags.DEFINE_string("tables", None, "Only print the tables of this results file (e.g. "
+                      "benchmarks/results/contrastive.jsonl).")
   flags.DEFINE_string("out", None, "Results file (default: benchmarks/results/"
                       "contrastive.jsonl).")
   app.run(main)
