@@ -99,3 +99,31 @@ def test_blip2_torch_step_computes_mmjax_loss(stage, tmp_path, monkeypatch):
     ours += task.matching_loss(lambda i, t, v: apply(Blip2.matching, i, t, v), image, tokens,
                                valid, similarity, jax.random.key(0))
   assert abs(float(ours) - theirs) < 1e-4, (float(ours), theirs)
+
+
+
+def test_contrastive_losses_match_open_clip():
+  """The contrastive benchmark compares like with like: at a tiny batch, mmjax's InfoNCE
+  and sigmoid losses and their gradients (features, scale, bias) are open_clip's
+  `ClipLoss` and `SigLipLoss` on the same features, and its train-step recipes train with
+  the loss they are named after."""
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  if importlib.util.find_spec("open_clip") is None:
+    pytest.skip("pip install --no-deps open_clip_torch==3.3.0")
+  import numpy as np
+
+  from benchmarks import contrastive
+  from mmjax.models.two_towers import TwoTowersConfig
+  from mmjax.tasks import model_config
+  image, text = contrastive.features(8, dim=16)
+  for loss in contrastive.LOSSES:
+    ours = contrastive.MmjaxLoss(loss, image, text)
+    value, grads = ours.value_and_grads()
+    their_value, their_grads = contrastive.OpenClipLoss(loss, image, text).value_and_grads()
+    assert value == pytest.approx(their_value, rel=1e-5), loss
+    assert len(grads) == len(their_grads) == (4 if loss == "sigmoid" else 3)
+    for g, h in zip(grads, their_grads):
+      np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5, err_msg=loss)
+    assert ours.memory["temp_bytes"] > 0
+    model = model_config(TwoTowersConfig, contrastive.recipe(loss, 16, 1))
+    assert model.loss == loss and (model.init_bias is not None) == (loss == "sigmoid")
