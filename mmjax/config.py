@@ -231,8 +231,11 @@ SCHEMA = Section({
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},
                       optional=True),
-    "summary": Section({name: Field(INT, min=1) for name in
-                        ("batch_size", "num_images", "seq_len", "max_new_tokens")},
+    # mmjax.summary's random batch (models that do not generate need no max_new_tokens,
+    # those without interleaved images no num_images)
+    "summary": Section({"batch_size": Field(INT, min=1), "seq_len": Field(INT, min=1),
+                        "num_images": Field(INT, min=1, optional=True),
+                        "max_new_tokens": Field(INT, min=1, optional=True)},
                        optional=True),
 })
 

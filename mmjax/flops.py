@@ -58,7 +58,7 @@ def mlp(tokens: int, width: int, hidden: int, gated: bool = False) -> int:
 
 
 def vit_layer(cfg: ViTConfig) -> int:
-  n = cfg.num_patches + 1
+  n = cfg.num_patches + cfg.class_token
   return (attention(n, n, cfg.width, cfg.num_heads, cfg.width // cfg.num_heads)
           + mlp(n, cfg.width, cfg.mlp_dim or 4 * cfg.width))
 
@@ -68,6 +68,10 @@ def vit(cfg: ViTConfig, feature_layer: int = -1) -> list[tuple[str, int]]:
   layers = feature_layer % (cfg.depth + 1)
   stem = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.channels * cfg.width
   parts = [("patch_embed", stem)] + [(f"layers_{i}", vit_layer(cfg)) for i in range(layers)]
+  if layers == cfg.depth and cfg.pooling == "map":  # one probe over every token
+    n, heads = cfg.num_patches + cfg.class_token, cfg.num_heads
+    parts.append(("map_head", attention(1, n, cfg.width, heads, cfg.width // heads)
+                  + mlp(1, cfg.width, cfg.mlp_dim or 4 * cfg.width)))
   if layers == cfg.depth and cfg.output_dim:
     parts.append(("head", 2 * cfg.width * cfg.output_dim))
   return parts
@@ -219,7 +223,11 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
     cfg = model_config(TwoTowersConfig, config)
     return (scale(vit(cfg.vision), batch, "image", "media")
             + scale(lm(cfg.text, seq_len)[:-1], batch, "text", "text")
-            + [("text_head", batch * 2 * cfg.text.width * cfg.embed_dim, "text")])
+            + [("text_head", batch * 2 * cfg.text.width * cfg.embed_dim, "text"),
+               # The global batch's similarities, every image against every text; both
+               # operands are activations, so their backward is two matmuls, as a
+               # trained layer's (counted with the text head, which trains with them).
+               ("text_head", 2 * batch * batch * cfg.embed_dim, "join")])
   if config.task == "flamingo":
     cfg = model_config(FlamingoConfig, config)
     images = batch * config.data.max_images

@@ -2,10 +2,12 @@
 
   python -m mmjax.summary --config=configs/flamingo.py[:variant] [--run=false]
   python -m mmjax.summary --config=configs/blip2.py:vitg-opt2.7b --run=false
+  python -m mmjax.summary --config=configs/clip.py:siglip-b16 --run=false
 
 Counts come from abstract shapes (`jax.eval_shape`), so any size can be inspected on a
 laptop; `--run` then initialises random weights and times one compiled forward pass and
-one batched generation on a random batch (interleaved for Flamingo).
+one batched generation on a random batch (interleaved for Flamingo; CLIP does not
+generate).
 """
 
 import functools
@@ -22,6 +24,7 @@ from mmjax import checkpoints, cli
 from mmjax import config as config_lib
 from mmjax.models import blip2, flamingo
 from mmjax.tasks import blip2 as blip2_task
+from mmjax.tasks import clip as clip_task
 from mmjax.tasks import flamingo as flamingo_task
 
 _CONFIG = config_lib.define_flag()
@@ -65,6 +68,11 @@ def model_and_inputs(config, rng):
     return model, (tokens, images, num_images), tokens, functools.partial(
         flamingo.generate, model, images=images, num_images=num_images)
   s, m = config.summary, config.model
+  if config.task == "clip":
+    model = clip_task.build_model(config)
+    tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
+    images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
+    return model, (images, tokens), tokens, None
   model = blip2_task.build_model(config)
   vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
   tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)
@@ -85,14 +93,15 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if config.task not in ("flamingo", "blip2"):
-    raise cli.UserError(f"mmjax.summary inspects Flamingo and BLIP-2 recipes; this config's "
+  if config.task not in ("flamingo", "blip2", "clip"):
+    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2 and CLIP recipes; this "
+                        f"config's "
                         f"task is {config.task!r} (--config=configs/flamingo.py[:variant]).")
   model, inputs, tokens, generate = model_and_inputs(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
-  name = {"flamingo": "Flamingo", "blip2": "BLIP-2"}[config.task]
+  name = {"flamingo": "Flamingo", "blip2": "BLIP-2", "clip": "CLIP"}[config.task]
   print(f"{name} '{config.variant}': {total / 1e6:,.2f}M parameters")
   for group, count, trains in sorted(rows):
     print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")

@@ -104,3 +104,16 @@ def test_lit_locks_the_image_tower_and_trains_the_text_tower():
   assert any(path.startswith("text/") for path in trainable)
   assert "log_scale" in trainable
   assert jax.tree_util.tree_leaves(state["opt_state"])
+
+
+@pytest.mark.parametrize("variant, millions", [("b16", 149.62), ("l14", 427.62),
+                                               ("siglip-b16", 203.16)])
+def test_paper_variants_have_the_published_parameter_counts(variant, millions):
+  """open_clip's counts of ViT-B-16, ViT-L-14 and ViT-B-16-SigLIP (224px)."""
+  from mmjax.configs import clip as clip_recipe
+  from mmjax.summary import model_and_inputs
+  config = clip_recipe.get_config(variant)
+  model, inputs, _, _ = model_and_inputs(config, jax.random.key(0))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+  assert round(count / 1e6, 2) == millions
