@@ -186,21 +186,23 @@ def test_zeroshot_and_retrieval_of_a_run_on_the_shapes_world(clip_run, capsys):
   for r, row in zip(records, scores):
     assert row[sw.CLASSES.index(r["prediction"])] >= row.max() - 1e-4
 
-  # Retrieval: one caption per image, identical captions interchangeable (the shapes
-  # world repeats them). A query's rank counts the wrong candidates scoring at least as
-  # high as its best right one, here within float noise.
-  similarity = image[n:] @ text[len(prompts):].T
+  # Retrieval among the distinct captions (the shapes world repeats them), each right for
+  # every image it describes. A query's rank counts the wrong candidates scoring at least
+  # as high as its best right one, here within float noise.
   captions = [e.caption for e in examples]
-  right = np.array([[a == b for b in captions] for a in captions])
-  assert (right.sum(1) > 1).any()  # repeated captions occur
-  for direction, s in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-    best = np.where(right, s, -np.inf).max(axis=1, keepdims=True)
-    low = ((s > best + 1e-5) & ~right).sum(1)  # bounds of each query's rank
-    high = ((s >= best - 1e-5) & ~right).sum(1)
+  distinct = sorted(set(captions), key=captions.index)
+  assert len(distinct) < n  # repeated captions occur
+  similarity = image[n:] @ text[len(prompts):].T[:, [captions.index(c) for c in distinct]]
+  right = np.array([[c == d for d in distinct] for c in captions])
+  for direction, s, r in (("image_to_text", similarity, right),
+                          ("text_to_image", similarity.T, right.T)):
+    best = np.where(r, s, -np.inf).max(axis=1, keepdims=True)
+    low = ((s > best + 1e-5) & ~r).sum(1)  # bounds of each query's rank
+    high = ((s >= best - 1e-5) & ~r).sum(1)
     for k in (1, 5, 10):
       assert np.mean(low < k) >= ret[f"{direction}/R@{k}"] >= np.mean(high < k), (direction, k)
     if direction == "image_to_text":
-      ranks = [r["rank"] for r in results.predictions["retrieval"][0]]
+      ranks = [record["rank"] for record in results.predictions["retrieval"][0]]
       assert (low <= ranks).all() and (ranks <= high).all()
   assert [r["target"] for r in results.predictions["retrieval"][0]] == [[c] for c in captions]
 
@@ -342,3 +344,58 @@ def test_imagenet_folders_and_coco_karpathy_through_the_tasks(clip_run, tmp_path
   with pytest.raises(UserError, match="coco.*dataset_coco.json"):
     evaluate_workdir(workdir, tasks=["retrieval"], data_dir=str(tmp_path / "imagenet"),
                      progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# A converted Hugging Face CLIP with its tokenizer.
+# ---------------------------------------------------------------------------------------
+def test_a_converted_transformers_clip_embeds_prompts_as_transformers_does(tmp_path):
+  import torch
+  import transformers
+  from tokenizers import Tokenizer as FastTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  from mmjax import convert
+  fast = FastTokenizer(models.BPE(unk_token="<unk>"))
+  fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  fast.decoder = decoders.ByteLevel()
+  # EOS id 1: pooled at the first EOS, as transformers' CLIP does for eos_token_id != 2.
+  fast.train_from_iterator([f"a {c}." for c in sw.CLASSES] * 4, trainers.BpeTrainer(
+      vocab_size=100, special_tokens=["<unk>", "</s>", "<s>", "<pad>"]))
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=fast, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+      pad_token="<pad>").save_pretrained(tmp_path / "tokenizer")
+  torch.manual_seed(0)
+  hf = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config={"vocab_size": 112, "hidden_size": 32, "intermediate_size": 48,
+                   "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "max_position_embeddings": 16, "pad_token_id": 3, "bos_token_id": 2,
+                   "eos_token_id": 1},
+      vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                     "intermediate_size": 48, "num_hidden_layers": 1,
+                     "num_attention_heads": 2},
+      projection_dim=16)).eval()
+  hf.save_pretrained(tmp_path / "hf")
+  common.save(tmp_path / "clip", "clip", *convert.convert_clip(tmp_path / "hf"))
+
+  prompts = [f"a {c}." for c in sw.CLASSES[:12]]
+  ids = [[2, *fast.encode(p, add_special_tokens=False).ids, 1] for p in prompts]
+  tokens = np.full((len(ids), max(map(len, ids))), 3)  # padded with <pad>, masked
+  for row, i in zip(tokens, ids):
+    row[:len(i)] = i
+  with torch.no_grad():
+    expected = hf.get_text_features(input_ids=torch.tensor(tokens),
+                                    attention_mask=torch.tensor((tokens != 3).astype(int)))
+  expected = getattr(expected, "pooler_output", expected).numpy()
+  expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+  config = eval_config(tmp_path / "clip", str(tmp_path / "tokenizer"))
+  assert config.data.seq_len == 16 and config.model.text_pool == "eos"
+  from mmjax import checkpoints
+  encoder = zeroshot.DualEncoder(config, checkpoints.load_params(tmp_path / "clip"), 8)
+  np.testing.assert_allclose(encoder.encode_texts(prompts), expected, atol=1e-5)
+
+  results = evaluate_workdir(tmp_path / "clip", tokenizer=str(tmp_path / "tokenizer"),
+                             tasks=["zeroshot", "retrieval"], episodes=6, prompt="a {}.",
+                             progress=False)
+  assert len(results.predictions["zeroshot"][0]) == 6
+  assert "text_to_image/R@1" in results.scores["retrieval"][0]

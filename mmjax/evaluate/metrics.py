@@ -619,10 +619,10 @@ def retrieval_ranks(similarity: np.ndarray, text_to_image: np.ndarray,
 
   Args:
     similarity: "i t", the similarity of each image to each text.
-    text_to_image: "t", the index of each text's image; every image needs a text.
+    text_to_image: "t", the index of each text's image.
     matches: "i t" bool, which texts are right for which image where that is more than
-      each text's own image (identical captions of different images, interchangeable
-      for the model); it must include each text's own image. Default: only that one.
+      each text's own image (a caption shared by several images); it must include each
+      text's own image. Default: only that one. Every image needs a right text.
   """
   similarity, text_to_image = np.asarray(similarity), np.asarray(text_to_image)
   n_images, n_texts = similarity.shape if similarity.ndim == 2 else (0, 0)
@@ -635,9 +635,6 @@ def retrieval_ranks(similarity: np.ndarray, text_to_image: np.ndarray,
                     f"[0, {n_images}); got [{text_to_image.min()}, {text_to_image.max()}].")
   own = np.zeros((n_images, n_texts), dtype=bool)
   own[text_to_image, np.arange(n_texts)] = True
-  if not own.any(axis=1).all():
-    raise UserError(f"retrieval_recall: images {np.flatnonzero(~own.any(axis=1))[:10]} "
-                    "have no text; every image needs at least one caption.")
   if matches is None:
     matches = own
   else:
@@ -645,6 +642,9 @@ def retrieval_ranks(similarity: np.ndarray, text_to_image: np.ndarray,
     if matches.shape != own.shape or (own & ~matches).any():
       raise UserError(f"retrieval_recall: matches must be 'i t' {own.shape} and include each "
                       f"text's own image; got {matches.shape}.")
+  if not matches.any(axis=1).all():
+    raise UserError(f"retrieval_recall: images {np.flatnonzero(~matches.any(axis=1))[:10]} "
+                    "have no text; every image needs at least one caption.")
   _check_scores(similarity, "retrieval_recall")
   best_text = np.where(matches, similarity, -np.inf).max(axis=1, keepdims=True)
   image_rank = ((similarity >= best_text) & ~matches).sum(axis=1)

@@ -25,9 +25,10 @@ demonstrations:
              folder names).
   retrieval  recall@1/5/10 from images to texts and from texts to images
              (`metrics.retrieval_recall`): `episodes` shapes-world eval image-caption
-             pairs, or, with `data_dir`, the "test" split of Karpathy's
-             `data_dir/coco/dataset_coco.json` (5,000 images; an image is a hit when any
-             of its 5 captions is).
+             pairs, among their distinct captions (a caption is right for every image it
+             describes: the world repeats captions), or, with `data_dir`, the "test"
+             split of Karpathy's `data_dir/coco/dataset_coco.json` (5,000 images and
+             their 25,000 captions; an image is a hit when any of its 5 captions is).
 
 The prompts: `config.evaluate.prompt` (one template: the single-prompt classifier), else
 `config.evaluate.templates` (a named set or a file: the ensemble), else the data's own
@@ -265,9 +266,9 @@ class ZeroShotTask:
 @dataclasses.dataclass(frozen=True)
 class RetrievalTask:
   """Image-text retrieval: `draw`'s items have their captions as `target`. With
-  `identical_texts_match`, a text is right for every image with an identical caption (the
-  shapes world repeats captions, which the model cannot tell apart); else for its own
-  image only (COCO)."""
+  `identical_texts_match`, each distinct caption is one text, right for every image it
+  describes (the shapes world repeats captions, and the model cannot tell copies apart);
+  else every caption is a text, right for its own image only (COCO)."""
 
   name: str
   draw: Draw
@@ -428,14 +429,14 @@ class Evaluation:
     images = self._images(items, step, f"{task.name} images")
     texts = [caption for item in items for caption in item.target]
     text_to_image = np.repeat(np.arange(len(items)), [len(item.target) for item in items])
-    similarity = images @ self._texts(step, f"{task.name} texts")(texts).T
     matches = None
-    if task.identical_texts_match:
-      index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
-      ids = np.asarray([index[text] for text in texts])
-      matches = np.zeros(similarity.shape, bool)
-      for t, i in enumerate(text_to_image):
-        matches[i] |= ids == ids[t]
+    if task.identical_texts_match:  # each distinct text once, right for all its images
+      first = {}
+      for t, text in enumerate(texts):
+        first.setdefault(text, text_to_image[t])
+      texts, text_to_image = list(first), np.asarray(list(first.values()))
+      matches = np.asarray([[text in item.target for text in texts] for item in items])
+    similarity = images @ self._texts(step, f"{task.name} texts")(texts).T
     image_rank, text_rank = metrics.retrieval_ranks(similarity, text_to_image, matches)
     hits = {}
     for k in RECALL_AT:
