@@ -121,12 +121,15 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-  """`(config, params, workdir)`: a randomly initialised tiny CLIP saved as a run."""
+  """`(config, params, workdir)`: a tiny CLIP with random weights saved as a run (drawn
+  here rather than by `init`, which would cost a compilation)."""
   config = tiny_config()
   model = clip_task.build_model(config)
   args, _ = clip_task.init_inputs(config)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *args)["params"])
-  params = jax.tree_util.tree_map(np.asarray, params)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *args)["params"])
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
   workdir = tmp_path_factory.mktemp("clip")
   common.save(workdir, "clip", model_config(clip_task.MODEL_CONFIG, config), params)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -396,6 +399,6 @@ def test_a_converted_transformers_clip_embeds_prompts_as_transformers_does(tmp_p
 
   results = evaluate_workdir(tmp_path / "clip", tokenizer=str(tmp_path / "tokenizer"),
                              tasks=["zeroshot", "retrieval"], episodes=6, prompt="a {}.",
-                             progress=False)
+                             batch_size=8, progress=False)
   assert len(results.predictions["zeroshot"][0]) == 6
   assert "text_to_image/R@1" in results.scores["retrieval"][0]
