@@ -226,9 +226,11 @@ class DualEncoder:
 def _compiled_towers(config: TwoTowersConfig) -> tuple[Callable, Callable]:
   """`(params, images) -> "b e"` and `(params, tokens) -> "b e"`, jitted once per config."""
   model = TwoTowers(config)
-  apply = lambda method: jax.jit(
-      lambda params, x: model.apply({"params": params}, x, method=method))
-  return apply(TwoTowers.encode_image), apply(TwoTowers.encode_text)
+
+  def compiled(method):
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
+
+  return compiled(TwoTowers.encode_image), compiled(TwoTowers.encode_text)
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict):
