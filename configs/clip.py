@@ -123,4 +123,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.summary = dict(batch_size=2, seq_len=config.data.seq_len)  # mmjax.summary
   config.train = dict(steps=300, log_every=50, eval_every=150, eval_batches=4,
                       checkpoint_every=150, keep_checkpoints=2, nonfinite="abort")
+  # Zero-shot evaluation (mmjax.evaluate.zeroshot), at the end of training and by
+  # `python -m mmjax.evaluate`: `episodes` held-out shapes-world images (zeroshot, 60
+  # classes) and image-caption pairs (retrieval), or with `data_dir` its imagenet/ and
+  # coco/ (-1: the whole test split). `templates`: a set or file ("": the data's own);
+  # `prompt`: one template instead, e.g. "a photo of a {}.".
+  config.evaluate = dict(tasks=("zeroshot", "retrieval"), shots=(0,), episodes=1000,
+                         trials=1, batch_size=256, templates="", prompt="", data_dir="",
+                         seed=0)
   return config

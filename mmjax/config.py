@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import pathlib
 import re
 import types
 import typing
@@ -41,6 +42,7 @@ from ml_collections import config_flags
 from mmjax import cli, sharding
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate.prompts import FORMATS
+from mmjax.evaluate.zeroshot import template_set_names
 from mmjax.layers import REMAT_POLICIES
 from mmjax.layers.mlp import ACTIVATIONS
 from mmjax.tasks import TASKS, get_task
@@ -128,6 +130,19 @@ def _shots(value) -> str | None:
   if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
     return "must hold shot counts >= 0"
   return None
+
+
+def _templates(value: str) -> str | None:
+  """"" (the data's own set), a named template set or a file (`mmjax.evaluate.zeroshot`)."""
+  if not value or value in template_set_names() or pathlib.Path(value).is_file():
+    return None
+  return (f"is neither a template set {template_set_names()} nor a file of one template "
+          "per line")
+
+
+def _prompt(value: str) -> str | None:
+  return None if not value or value.count("{}") == 1 else \
+      "needs exactly one '{}' where the class name goes, e.g. 'a photo of a {}.'"
 
 
 def _formats(value) -> str | None:
@@ -227,6 +242,10 @@ SCHEMA = Section({
         "data_dir": Field(STR, optional=True),
         # {task: a name in mmjax.evaluate.prompts.FORMATS}: its prompt format
         "formats": Field(Mapping, check=_formats, optional=True),
+        # Contrastive (CLIP) runs' zero-shot classifier: a template set or file ("": the
+        # data's own), or one template (the single-prompt classifier, replacing the set).
+        "templates": Field(STR, check=_templates, optional=True),
+        "prompt": Field(STR, check=_prompt, optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},

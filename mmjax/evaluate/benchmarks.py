@@ -458,16 +458,36 @@ def read_task_splits(name: str, root: PathLike) -> tuple[Split, Split]:
                           root / f"{s}2014", root / f"{prefix}mscoco_{s}2014_annotations.json")
                  for s in ("train", "val"))
   if name == "imagenet":
-    names = root / "class_names.json"
-    names = names if names.is_file() else None
+    names = _class_names_beside(root)
     return read_image_folder(root / "train", names), read_image_folder(root / "val", names)
   if name == "hateful_memes":
     return read_hateful_memes(root / "train.jsonl"), read_hateful_memes(root / "dev_seen.jsonl")
   raise UserError(f"Unknown evaluation task {name!r}; the benchmarks are {sorted(LAYOUTS)}, "
-                  "the shapes-world tasks naming, vqa and captioning.")
+                  "the shapes-world tasks naming, vqa and captioning (contrastive runs: "
+                  "zeroshot and retrieval).")
 
 
-def _items(split: Split, name: str, image_size: int) -> list:
+def _class_names_beside(root: pathlib.Path) -> pathlib.Path | None:
+  names = root / "class_names.json"
+  return names if names.is_file() else None
+
+
+def read_test_split(name: str, root: PathLike) -> Split:
+  """The test split alone of benchmark `name` in `root`, for evaluations without
+  demonstrations (a contrastive model's zero-shot classification and retrieval):
+  "imagenet": `root/val/<class>/<images>` (class names from `root/class_names.json` when
+  it exists); "coco": the "test" split of `root/dataset_coco.json`."""
+  root = pathlib.Path(root)
+  if name == "imagenet":
+    return read_image_folder(root / "val", _class_names_beside(root))
+  if name == "coco":
+    return read_coco_karpathy(root / "dataset_coco.json", root, "test")
+  raise UserError(f"No test-split reader for {name!r}; expected 'imagenet' or 'coco'.")
+
+
+def split_items(split: Split, name: str, image_size: int) -> list[Item]:
+  """The examples of benchmark `name`'s split as `Item`s whose images are read when asked
+  for: captions as targets (COCO), answers (VQA), class indices (classification)."""
   items = []
   for e in split:
     image = lambda e=e: load_image(e, image_size)
@@ -493,7 +513,7 @@ def make_task(name: str, data_dir: PathLike, image_size: int):
   for split, role in ((support, "demonstrations"), (test, "test")):
     if split.skipped:
       logging.warning("%s %s: left out %s.", name, role, split.skipped)
-  items = lambda split: _items(split, name, image_size)
+  items = lambda split: split_items(split, name, image_size)
   if name == "coco":
     return FewShotTask(name, "captioning", items(support), items(test),
                        FORMATS["openflamingo_captioning"], max_new_tokens=20,

@@ -519,19 +519,16 @@ def _check_scores(scores: np.ndarray, what: str) -> None:
                     "rank arbitrarily. Check the model's outputs.")
 
 
-def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-  """The fraction of examples whose label is among their k best-scored classes.
+def top_k_hits(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> np.ndarray:
+  """bool `"n"`: whether each example's label is among its k best-scored classes.
 
   Ties count against the label: an example is a hit when fewer than k other classes score
-  at least as high as its label, so constant scores give 0, not 1.
+  at least as high as its label, so constant scores give no hit.
 
   Args:
     scores: "n c", a score per example and class (higher is better; log-probs, logits).
     labels: "n", the index of each example's class.
     k: how many of the best classes count.
-
-  Returns:
-    The accuracy in [0, 1].
   """
   scores, labels = np.asarray(scores), np.asarray(labels)
   if scores.ndim != 2 or labels.shape != scores.shape[:1] or not 0 < len(labels):
@@ -544,7 +541,22 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
   _check_scores(scores, "top_k_accuracy")
   label_scores = np.take_along_axis(scores, labels[:, None], axis=1)
   rivals = (scores >= label_scores).sum(axis=1) - 1
-  return float(np.mean(rivals < k))
+  return rivals < k
+
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+  """The fraction of examples whose label is among their k best-scored classes
+  (`top_k_hits`: ties count against the label, so constant scores give 0, not 1).
+
+  Args:
+    scores: "n c", a score per example and class (higher is better; log-probs, logits).
+    labels: "n", the index of each example's class.
+    k: how many of the best classes count.
+
+  Returns:
+    The accuracy in [0, 1].
+  """
+  return float(np.mean(top_k_hits(scores, labels, k)))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -595,24 +607,22 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def retrieval_recall(similarity: np.ndarray, text_to_image: np.ndarray,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-  """Image-to-text and text-to-image recall@k, with several captions per image.
+def retrieval_ranks(similarity: np.ndarray, text_to_image: np.ndarray,
+                    matches: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`(image_rank "i", text_rank "t")`, 0-based ranks of the right answers, with several
+  captions per image.
 
-  Image to text: an image is a hit at k when any of its captions is among the k texts most
-  similar to it. Text to image: a text is a hit at k when its image is among the k images
-  most similar to it. Ties count against the hit: the rank of the right answer is the
-  number of wrong candidates that score at least as high, so constant similarities give no
-  hits (unless k covers every wrong candidate). Recall is the fraction of hits over images,
-  or over texts.
+  An image's rank is that of its best-scored right text: the number of wrong texts that
+  score at least as high as it. A text's rank is that of its best-scored right image: the
+  number of wrong images that score at least as high. Ties count against the right
+  answer, so constant similarities rank it last.
 
   Args:
     similarity: "i t", the similarity of each image to each text.
-    text_to_image: "t", the index of each text's image; every image needs a text.
-    ks: the k of each recall.
-
-  Returns:
-    {"image_to_text/R@k": ..., "text_to_image/R@k": ...} for each k, in [0, 1].
+    text_to_image: "t", the index of each text's image.
+    matches: "i t" bool, which texts are right for which image where that is more than
+      each text's own image (a caption shared by several images); it must include each
+      text's own image. Default: only that one. Every image needs a right text.
   """
   similarity, text_to_image = np.asarray(similarity), np.asarray(text_to_image)
   n_images, n_texts = similarity.shape if similarity.ndim == 2 else (0, 0)
@@ -623,18 +633,50 @@ def retrieval_recall(similarity: np.ndarray, text_to_image: np.ndarray,
           and text_to_image.max() < n_images):
     raise UserError(f"retrieval_recall: text_to_image must hold image indices in "
                     f"[0, {n_images}); got [{text_to_image.min()}, {text_to_image.max()}].")
-  captions = np.zeros((n_images, n_texts), dtype=bool)
-  captions[text_to_image, np.arange(n_texts)] = True
-  if not captions.any(axis=1).all():
-    raise UserError(f"retrieval_recall: images {np.flatnonzero(~captions.any(axis=1))[:10]} "
+  own = np.zeros((n_images, n_texts), dtype=bool)
+  own[text_to_image, np.arange(n_texts)] = True
+  if matches is None:
+    matches = own
+  else:
+    matches = np.asarray(matches, dtype=bool)
+    if matches.shape != own.shape or (own & ~matches).any():
+      raise UserError(f"retrieval_recall: matches must be 'i t' {own.shape} and include each "
+                      f"text's own image; got {matches.shape}.")
+  if not matches.any(axis=1).all():
+    raise UserError(f"retrieval_recall: images {np.flatnonzero(~matches.any(axis=1))[:10]} "
                     "have no text; every image needs at least one caption.")
+  _check_scores(similarity, "retrieval_recall")
+  best_text = np.where(matches, similarity, -np.inf).max(axis=1, keepdims=True)
+  image_rank = ((similarity >= best_text) & ~matches).sum(axis=1)
+  best_image = np.where(matches, similarity, -np.inf).max(axis=0, keepdims=True)
+  text_rank = ((similarity >= best_image) & ~matches).sum(axis=0)
+  return image_rank, text_rank
+
+
+def retrieval_recall(similarity: np.ndarray, text_to_image: np.ndarray,
+                     ks: Sequence[int] = (1, 5, 10),
+                     matches: np.ndarray | None = None) -> dict[str, float]:
+  """Image-to-text and text-to-image recall@k, with several captions per image.
+
+  Image to text: an image is a hit at k when any of its captions is among the k texts most
+  similar to it. Text to image: a text is a hit at k when its image (any right image, with
+  `matches`) is among the k images most similar to it. Ties count against the hit: the
+  rank of the right answer is the number of wrong candidates that score at least as high
+  (`retrieval_ranks`), so constant similarities give no hits (unless k covers every wrong
+  candidate). Recall is the fraction of hits over images, or over texts.
+
+  Args:
+    similarity: "i t", the similarity of each image to each text.
+    text_to_image: "t", the index of each text's image; every image needs a text.
+    ks: the k of each recall.
+    matches: "i t" bool, right texts of each image beyond its own (`retrieval_ranks`).
+
+  Returns:
+    {"image_to_text/R@k": ..., "text_to_image/R@k": ...} for each k, in [0, 1].
+  """
   if min(ks, default=1) < 1:
     raise UserError(f"retrieval_recall: every k must be >= 1; got {tuple(ks)}.")
-  _check_scores(similarity, "retrieval_recall")
-  best_caption = np.where(captions, similarity, -np.inf).max(axis=1, keepdims=True)
-  image_rank = ((similarity >= best_caption) & ~captions).sum(axis=1)
-  own_image = similarity[text_to_image, np.arange(n_texts)]
-  text_rank = (similarity >= own_image).sum(axis=0) - 1
+  image_rank, text_rank = retrieval_ranks(similarity, text_to_image, matches)
   recalls = {}
   for k in ks:
     recalls[f"image_to_text/R@{k}"] = float(np.mean(image_rank < k))

@@ -17,7 +17,7 @@ from mmjax import cli, decoding
 from mmjax.data import shapes_world as sw
 from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
-from mmjax.evaluate import benchmarks, prompts, rices, scoring, shapes
+from mmjax.evaluate import benchmarks, prompts, rices, scoring, shapes, zeroshot
 from mmjax.evaluate import protocol as protocol_lib
 from mmjax.evaluate.tasks import FewShotTask, max_prompt_images
 from mmjax.evaluate.prompts import encode_prompts
@@ -173,13 +173,16 @@ def _model_fns(config, params):
 def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] | None = None,
              should_stop: Callable[[], bool] = lambda: False, progress: bool = True
              ) -> Results:
-  """Evaluates a Flamingo or LM run's `params` on `tasks` (default
+  """Evaluates a Flamingo, LM or BLIP-2 run's `params` few-shot, or a contrastive (CLIP)
+  run's zero-shot (`mmjax.evaluate.zeroshot`), on `tasks` (default
   `config.evaluate.tasks`) with the protocol of `config.evaluate`.
 
   Raises:
     Stopped: `should_stop()` turned true; it is asked before each batch.
   """
   protocol = protocol_of(config)
+  if config.task == "clip":
+    return _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -225,6 +228,20 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   return results
 
 
+def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress) -> Results:
+  evaluation = zeroshot.Evaluation(
+      config, params, list(tasks or config.evaluate.get("tasks", zeroshot.TASKS)), protocol)
+  bar = Progress(evaluation.size, enabled=progress)
+
+  def step(n: int, label: str) -> None:
+    if should_stop():
+      raise Stopped
+    bar.update(n, label)
+
+  scores, predictions, info = evaluation.run(step)
+  return Results(scores, predictions, {"protocol": dataclasses.asdict(protocol), **info})
+
+
 def _jsonable(value):
   if isinstance(value, np.generic):
     return value.item()
@@ -235,17 +252,20 @@ def _jsonable(value):
 
 # Rows of the table: (task, metric) in this order when present; others follow.
 ORDER = ("accuracy", "chance", "ceiling", "colour", "CIDEr", "BLEU-4", "top1", "top5",
-         "roc_auc")
+         "roc_auc", *(f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image")
+                      for k in zeroshot.RECALL_AT))
 
 
 def format_table(scores: dict) -> str:
   """Tasks and metrics by rows, shots by columns; `± se` beside each per-example metric."""
   shots = sorted({int(k) for task in scores.values() for k in task})
-  lines = [f"{'task':<12} {'metric':<12}" + "".join(f"{f'{k}-shot':>16}" for k in shots)]
+  width = max([12] + [len(m) for task in scores.values() for cell in task.values()
+                      for m in cell if not m.endswith(("_std", "_se"))])
+  lines = [f"{'task':<12} {'metric':<{width}}" + "".join(f"{f'{k}-shot':>16}" for k in shots)]
   for task, by_shots in scores.items():
     metrics = {m for cell in by_shots.values() for m in cell if not m.endswith(("_std", "_se"))}
     for metric in sorted(metrics, key=lambda m: (ORDER.index(m) if m in ORDER else 99, m)):
-      row = f"{task:<12} {metric:<12}"
+      row = f"{task:<12} {metric:<{width}}"
       for k in shots:
         cell = by_shots.get(k, by_shots.get(str(k), {}))
         if metric not in cell:

@@ -9,27 +9,36 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.configs import blip2, flamingo, lm
+from mmjax.configs import blip2, clip, flamingo, lm
 from mmjax.evaluate.run import Results, evaluate, report
 
 RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation settings
+RECIPES["clip"] = clip  # zero-shot classification and retrieval (mmjax.evaluate.zeroshot)
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
   """The config a run was trained with; for a converted checkpoint (whose config.json
   holds only its task and model), its recipe's evaluation settings around its model,
-  with the Hugging Face `tokenizer` directory it was converted with."""
+  with the Hugging Face `tokenizer` directory it was converted with. A run whose config
+  has no evaluation settings (a CLIP run from before its recipe had them) gets its
+  recipe's."""
   from mmjax.inference import read_config  # noqa: PLC0415 (inference imports this package)
   config = read_config(workdir)
   task = config.get("task")
   if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
-    raise cli.UserError(f"The run in {workdir} (task {task!r}) has no few-shot evaluation; "
-                        "Flamingo, LM and stage-2 BLIP-2 runs and converted checkpoints "
-                        "have one.")
+    raise cli.UserError(f"The run in {workdir} (task {task!r}) has no evaluation; "
+                        "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP runs "
+                        "(zero-shot) and their converted checkpoints have one.")
+  if "evaluate" not in config and "data" in config and task == "clip":
+    config.evaluate = RECIPES[task].get_config().evaluate
   if "evaluate" not in config:  # a converted checkpoint
     recipe = RECIPES[task].get_config()
     recipe.model = config.model
-    recipe.tokens = config.get("tokens", recipe.tokens)
+    if task == "clip":  # its images and context length, not the recipe's
+      recipe.data.image_size = config.model.vision.image_size
+      recipe.data.seq_len = config.model.text.max_len
+    else:
+      recipe.tokens = config.get("tokens", recipe.tokens)
     config = recipe
     if tokenizer is None:
       raise cli.UserError(f"{workdir} is a converted checkpoint, whose config names no "

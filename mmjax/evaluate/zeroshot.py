@@ -12,17 +12,58 @@ Templates are data: `TEMPLATE_SETS` names the sets in `data/assets/prompt_templa
 (the 80 templates CLIP released for ImageNet, its 7-template subset, and the shapes
 world's), and a file of one template per line (`{}` where the class name goes) is read
 as well.
+
+A contrastive run (`task: "clip"`, trained or converted) is evaluated here
+(`mmjax.evaluate.evaluate` hands it to `Evaluation`) on two tasks, without
+demonstrations:
+
+  zeroshot   top-1 and top-5 accuracy (top-5 with more than 5 classes) of the zero-shot
+             classifier: the shapes world's 60 classes (`shapes_world.CLASSES`, "small
+             red circle") on `episodes` held-out images (`ShapesWorld.classification`),
+             or, with `data_dir`, the class folders of `data_dir/imagenet/val/` (class
+             names from `data_dir/imagenet/class_names.json` where it exists, else the
+             folder names).
+  retrieval  recall@1/5/10 from images to texts and from texts to images
+             (`metrics.retrieval_recall`): `episodes` shapes-world eval image-caption
+             pairs, among their distinct captions (a caption is right for every image it
+             describes: the world repeats captions), or, with `data_dir`, the "test"
+             split of Karpathy's `data_dir/coco/dataset_coco.json` (5,000 images and
+             their 25,000 captions; an image is a hit when any of its 5 captions is).
+
+The prompts: `config.evaluate.prompt` (one template: the single-prompt classifier), else
+`config.evaluate.templates` (a named set or a file: the ensemble), else the data's own
+set ("shapes_world" on the shapes world, "openai_imagenet" on class folders). Texts are
+tokenised with the run's tokenizer as training tokenises pair texts (`BOS text EOS`, cut
+to `config.data.seq_len` keeping EOS) and padded as the text tower pools: with its
+`pad_id` for "last", with EOS for "eos" and "argmax". Images are read as training reads
+them (`benchmarks.load_image`) at the image tower's size. Both towers run in jitted
+batches of `config.evaluate.batch_size`. `episodes` -1 takes a benchmark's whole test
+split; each trial draws its own test examples (`seed + trial`).
 """
 
+import dataclasses
 import functools
 import json
 import os
 import pathlib
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from absl import logging
 
 from mmjax.cli import UserError
+from mmjax.data import shapes_world as sw
+from mmjax.data.sequences import right_pad
+from mmjax.data.tokenizer import make_tokenizer
+from mmjax.evaluate import benchmarks, metrics
+from mmjax.evaluate import protocol as protocol_lib
+from mmjax.evaluate.tasks import Item
+from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
+from mmjax.tasks import model_config
 
 TEMPLATES_FILE = pathlib.Path(__file__).parent.parent / "data" / "assets" / "prompt_templates.json"
 # CLIP's zero-shot logits: a fixed scale, not the learned one.
@@ -98,3 +139,315 @@ def logits(image_embeddings: np.ndarray, classes: np.ndarray) -> np.ndarray:
   """`image_embeddings "b e"` (normalised here), `classes "c e"` -> `"b c"` zero-shot
   logits, `LOGIT_SCALE` times the cosine similarity."""
   return LOGIT_SCALE * normalise(image_embeddings) @ np.asarray(classes, np.float32).T
+
+
+def templates_of(evaluate: ml_collections.ConfigDict, default: str) -> tuple[str, ...]:
+  """The templates `config.evaluate` asks for: its `prompt` alone (the single-prompt
+  classifier) if set, else its `templates` (a named set or a file), else the set
+  `default`."""
+  prompt = evaluate.get("prompt") or ""
+  if prompt:
+    return check_templates([prompt], "config.evaluate.prompt")
+  return load_templates(evaluate.get("templates") or default)
+
+
+# ---------------------------------------------------------------------------------------
+# The two towers.
+# ---------------------------------------------------------------------------------------
+class DualEncoder:
+  """A contrastive model's towers as numpy functions: `encode_images(uint8 "b s s 3") ->
+  "b e"`, `encode_texts(texts) -> "n e"`, both L2-normalised. Inputs go through one
+  jitted call per `batch_size` of them, the last batch padded: one compilation per
+  tower."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256):
+    if batch_size < 1:
+      raise UserError(f"config.evaluate.batch_size={batch_size} must be >= 1.")
+    self.config = model_config(TwoTowersConfig, config)
+    self.batch_size, self.seq_len = batch_size, config.data.seq_len
+    self.tokenizer = _text_tokenizer(config)
+    if self.config.text_pool == "eos" and self.tokenizer.eos_id != self.config.eos_id:
+      raise UserError(f"The text tower pools at token {self.config.eos_id} (its eos_id), but "
+                      f"the tokenizer ends texts with {self.tokenizer.eos_id}: pass the "
+                      "tokenizer the model was trained or converted with (--tokenizer).")
+    self._images, self._texts = _compiled_towers(self.config)
+    self.params = jax.device_put(params)
+
+  @property
+  def image_size(self) -> int:
+    return self.config.vision.image_size
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 `"n seq_len"`: `BOS text EOS` cut to `seq_len` keeping EOS (as training
+    tokenises pair texts), padded as `config.text_pool` expects: with `pad_id` for
+    "last", with EOS for "eos" and "argmax" (the first EOS, or the highest id, is then
+    the text's own EOS)."""
+    cfg, tok = self.config, self.tokenizer
+    pad = cfg.pad_id if cfg.text_pool == "last" else tok.eos_id
+    rows = []
+    for text in texts:
+      ids = tok.encode(text, bos=True)[:self.seq_len - 1] + [tok.eos_id]
+      problem = None
+      if max(ids) >= cfg.text.vocab_size:
+        problem = (f"has token ids up to {max(ids)}, beyond the text tower's vocabulary of "
+                   f"{cfg.text.vocab_size}")
+      elif cfg.text_pool == "last" and pad in ids:
+        problem = f"contains the padding id {pad}, which the text tower's pooling skips"
+      elif cfg.text_pool == "argmax" and max(ids) != tok.eos_id:
+        problem = (f"has token id {max(ids)} above EOS ({tok.eos_id}), where the text "
+                   "tower pools (text_pool='argmax')")
+      if problem:
+        raise UserError(f"The text {text!r} {problem}: is the tokenizer the model's own? "
+                        "(pass --tokenizer=<the directory it was trained or converted with>)")
+      rows.append(right_pad(ids, self.seq_len, pad))
+    return np.stack(rows) if rows else np.zeros((0, self.seq_len), np.int32)
+
+  def encode_images(self, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    size = self.image_size
+    if images.ndim != 4 or images.shape[1:] != (size, size, self.config.vision.channels):
+      raise ValueError(f"Expected uint8 images 'b h w c' of shape (*, {size}, {size}, "
+                       f"{self.config.vision.channels}), got {images.shape}.")
+    return self._batched(self._images, images)
+
+  def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    return self._batched(self._texts, self.tokenize(texts))
+
+  def _batched(self, fn: Callable, inputs: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(inputs), self.batch_size):
+      batch = inputs[start:start + self.batch_size]
+      padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), 0)])
+      out.append(np.asarray(fn(self.params, padded), np.float32)[:len(batch)])
+    return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_towers(config: TwoTowersConfig) -> tuple[Callable, Callable]:
+  """`(params, images) -> "b e"` and `(params, tokens) -> "b e"`, jitted once per config."""
+  model = TwoTowers(config)
+
+  def compiled(method):
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
+
+  return compiled(TwoTowers.encode_image), compiled(TwoTowers.encode_text)
+
+
+def _text_tokenizer(config: ml_collections.ConfigDict):
+  """The run's tokenizer (`make_tokenizer`: `config.tokenizer`, else the embedded one),
+  checked for BOS and EOS; the ids prompts use are checked against the text tower by
+  `DualEncoder.tokenize` (the media tokens a Hugging Face tokenizer gains after a CLIP
+  vocabulary never occur in them)."""
+  try:
+    return make_tokenizer(ml_collections.ConfigDict({"tokenizer": config.get("tokenizer") or ""}))
+  except (ValueError, OSError) as error:
+    raise UserError(f"Tokenizer of the contrastive model: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------
+# The tasks.
+# ---------------------------------------------------------------------------------------
+TASKS = ("zeroshot", "retrieval")
+SHAPES_STRIDE = 1_000_000  # trial seed s draws shapes-world examples from s * stride on
+
+# `(seed, num_samples) -> test items`: a trial's examples.
+Draw = Callable[[int, int], list[Item]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTask:
+  """Zero-shot classification: `draw`'s items have a class index as `target`."""
+
+  name: str
+  class_names: tuple[str, ...]
+  templates: tuple[str, ...]
+  draw: Draw
+  source: str  # where the templates come from, for the report
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalTask:
+  """Image-text retrieval: `draw`'s items have their captions as `target`. With
+  `identical_texts_match`, each distinct caption is one text, right for every image it
+  describes (the shapes world repeats captions, and the model cannot tell copies apart);
+  else every caption is a text, right for its own image only (COCO)."""
+
+  name: str
+  draw: Draw
+  identical_texts_match: bool = False
+
+
+def _sampled(items: Sequence[Item]) -> Draw:
+  """Draws from a benchmark's split: `num_samples` of them at random (-1: all), in the
+  split's order."""
+  def draw(seed: int, num_samples: int) -> list[Item]:
+    chosen = protocol_lib.subsample(len(items), num_samples, np.random.default_rng(seed))
+    return [items[i] for i in np.sort(chosen)]
+  return draw
+
+
+def _shapes(world: sw.ShapesWorld, kind: str) -> Draw:
+  def draw(seed: int, num_samples: int) -> list[Item]:
+    if num_samples < 1:
+      raise UserError(f"The shapes world is a stream without end: give the number of test "
+                      f"examples (--episodes=N, N >= 1), not {num_samples}.")
+    items = []
+    for index in range(seed * SHAPES_STRIDE, seed * SHAPES_STRIDE + num_samples):
+      if kind == "zeroshot":
+        image, label = world.classification("eval", index)
+        items.append(Item(f"eval/{index}", lambda image=image: image, {}, sw.CLASSES[label],
+                          label))
+      else:
+        example = world.example("eval", index)
+        items.append(Item(f"eval/{index}", lambda image=example.image: image, {},
+                          example.caption, [example.caption]))
+    return items
+  return draw
+
+
+def make_task(config: ml_collections.ConfigDict, name: str, image_size: int
+              ) -> ZeroShotTask | RetrievalTask:
+  """Task `name` (`TASKS`) of a contrastive run: on the shapes world, or, with
+  `config.evaluate.data_dir`, on `data_dir/imagenet` (zeroshot) or `data_dir/coco`
+  (retrieval) in their published layouts (`benchmarks.LAYOUTS`)."""
+  e = config.evaluate
+  data_dir = e.get("data_dir") or ""
+  if name not in TASKS:
+    raise UserError(f"Unknown task {name!r} for a contrastive model: its tasks are {TASKS} "
+                    "(on the shapes world, or with --data_dir on imagenet/ and coco/).")
+  if data_dir:
+    benchmark = "imagenet" if name == "zeroshot" else "coco"
+    split = benchmarks.read_test_split(benchmark, pathlib.Path(data_dir) / benchmark)
+    if split.skipped:
+      logging.warning("%s: left out %s.", name, split.skipped)
+    draw = _sampled(benchmarks.split_items(split, benchmark, image_size))
+    if name == "retrieval":
+      return RetrievalTask(name, draw)
+    default, class_names = "openai_imagenet", split.class_names
+  else:
+    world = sw.ShapesWorld(seed=e.seed, image_size=image_size)
+    if name == "retrieval":
+      return RetrievalTask(name, _shapes(world, name), identical_texts_match=True)
+    default, class_names, draw = "shapes_world", sw.CLASSES, _shapes(world, name)
+  source = (f"prompt {e.prompt!r}" if e.get("prompt") else
+            str(e.get("templates") or default))
+  return ZeroShotTask(name, tuple(class_names), templates_of(e, default), draw, source)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluating.
+# ---------------------------------------------------------------------------------------
+Step = Callable[[int, str], None]  # (images or texts encoded, label): progress, stopping
+TOP_K = (1, 5)
+RECALL_AT = (1, 5, 10)
+
+
+class Evaluation:
+  """A contrastive model's evaluation on `names` (`TASKS`): the tasks are read and each
+  trial's test examples drawn here; `run` encodes and scores them.
+
+  `size` is the number of images and texts `run` encodes (for progress). `run(step)`
+  calls `step(n, label)` after each batch (which may raise to stop) and returns
+  `(scores, predictions, info)` as `mmjax.evaluate.Results` holds them, under 0 shots.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, names: Sequence[str],
+               protocol: protocol_lib.Protocol):
+    if tuple(protocol.shots) != (0,):
+      raise UserError(f"A contrastive model is evaluated zero-shot; got shots "
+                      f"{tuple(protocol.shots)}: pass --shots=0 or leave it out.")
+    self.encoder = DualEncoder(config, params, config.evaluate.get("batch_size", 256))
+    self.tasks = [make_task(config, name, self.encoder.image_size) for name in names]
+    self.trials = [(task, seed, task.draw(seed, protocol.num_samples))
+                   for task in self.tasks for seed in protocol.seeds()]
+
+  @property
+  def size(self) -> int:
+    count = sum(len(t.class_names) * len(t.templates) for t in self.tasks
+                if isinstance(t, ZeroShotTask))
+    for task, _, items in self.trials:
+      count += len(items)  # images
+      if isinstance(task, RetrievalTask):
+        count += sum(len(item.target) for item in items)
+    return count
+
+  def run(self, step: Step = lambda n, label: None) -> tuple[dict, dict, dict]:
+    scores, predictions = {}, {}
+    info: dict[str, dict] = {"seconds": {}, "templates": {}}
+    classifiers = {}
+    by_task: dict[str, list] = {}
+    for task, seed, items in self.trials:
+      start = time.monotonic()
+      if isinstance(task, ZeroShotTask):
+        if task.name not in classifiers:
+          classifiers[task.name] = class_embeddings(
+              self._texts(step, f"{task.name} classes"), task.class_names, task.templates,
+              classes_per_batch=max(1, self.encoder.batch_size // len(task.templates)))
+          info["templates"][task.name] = {"source": task.source, "count": len(task.templates)}
+        result = self._classify(task, classifiers[task.name], items, seed, step)
+      else:
+        result = self._retrieve(task, items, seed, step)
+      by_task.setdefault(task.name, []).append(result)
+      seconds = info["seconds"].setdefault(task.name, {0: 0.0})
+      seconds[0] += time.monotonic() - start
+    for name, trials in by_task.items():
+      per_example = {m: np.concatenate([np.asarray(t[1][m], np.float64) for t in trials])
+                     for m in trials[0][1]}
+      scores[name] = {0: protocol_lib.aggregate([t[0] for t in trials], per_example)}
+      predictions[name] = {0: [record for t in trials for record in t[2]]}
+    return scores, predictions, info
+
+  def _texts(self, step: Step, label: str) -> EncodeTexts:
+    def encode(texts):
+      out = self.encoder.encode_texts(texts)
+      step(len(texts), label)
+      return out
+    return encode
+
+  def _images(self, items: Sequence[Item], step: Step, label: str) -> np.ndarray:
+    out = []
+    for start in range(0, len(items), self.encoder.batch_size):
+      batch = items[start:start + self.encoder.batch_size]
+      out.append(self.encoder.encode_images(np.stack([item.image() for item in batch])))
+      step(len(batch), label)
+    return np.concatenate(out)
+
+  def _classify(self, task: ZeroShotTask, classes: np.ndarray, items: list[Item], seed: int,
+                step: Step) -> tuple[dict, dict, list]:
+    scores = logits(self._images(items, step, f"{task.name} images"), classes)
+    labels = np.asarray([item.target for item in items])
+    hits = {f"top{k}": metrics.top_k_hits(scores, labels, k) for k in TOP_K
+            if k == 1 or len(classes) > k}
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :max(TOP_K)]
+    records = [{"trial_seed": seed, "id": item.id, "target": item.answer,
+                "prediction": task.class_names[order[0]],
+                "ranked": [task.class_names[c] for c in order],
+                **{m: bool(h[j]) for m, h in hits.items()}}
+               for j, (item, order) in enumerate(zip(items, ranked, strict=True))]
+    return {m: float(h.mean()) for m, h in hits.items()}, hits, records
+
+  def _retrieve(self, task: RetrievalTask, items: list[Item], seed: int, step: Step
+                ) -> tuple[dict, dict, list]:
+    images = self._images(items, step, f"{task.name} images")
+    texts = [caption for item in items for caption in item.target]
+    text_to_image = np.repeat(np.arange(len(items)), [len(item.target) for item in items])
+    matches = None
+    if task.identical_texts_match:  # each distinct text once, right for all its images
+      first = {}
+      for t, text in enumerate(texts):
+        first.setdefault(text, text_to_image[t])
+      texts, text_to_image = list(first), np.asarray(list(first.values()))
+      matches = np.asarray([[text in item.target for text in texts] for item in items])
+    similarity = images @ self._texts(step, f"{task.name} texts")(texts).T
+    image_rank, text_rank = metrics.retrieval_ranks(similarity, text_to_image, matches)
+    hits = {}
+    for k in RECALL_AT:
+      hits[f"image_to_text/R@{k}"] = image_rank < k
+    for k in RECALL_AT:
+      hits[f"text_to_image/R@{k}"] = text_rank < k
+    best = similarity.argmax(axis=1)
+    records = [{"trial_seed": seed, "id": item.id, "target": item.target,
+                "prediction": texts[best[j]], "rank": int(image_rank[j])}
+               for j, item in enumerate(items)]
+    # Standard errors over each direction's own queries: images, or texts.
+    return {m: float(h.mean()) for m, h in hits.items()}, hits, records
