@@ -283,9 +283,12 @@ def test_contrastive_loss_matches_naive_infonce():
 
 
 def clip_config(vision_depth: int, embed_dim: int, batch_size: int):
-  """The CLIP recipe with 32px images and 32-wide towers."""
+  """The CLIP recipe with 32px images and 32-wide towers, without its final zero-shot
+  evaluation (tests/test_zeroshot.py runs that)."""
   from mmjax.configs import clip as clip_recipe
   config = clip_recipe.get_config()
+  with config.unlocked():
+    del config["evaluate"]
   config.model.vision.update(image_size=32, patch_size=8, width=32, depth=vision_depth,
                              num_heads=2, output_dim=embed_dim)
   config.model.text.update(width=32, depth=1, num_heads=2)
