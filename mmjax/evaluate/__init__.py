@@ -22,6 +22,8 @@ Modules, one per concern:
               and Hateful Memes.
   rices       demonstrations retrieved by the image similarity of a CLIP image tower.
   shapes      the embedded default's tasks: in-context naming, VQA and captioning.
+  zeroshot    dual encoders (CLIP, SigLIP): zero-shot classification from class names
+              and prompt templates, and image-text retrieval.
   run         `evaluate()`, the table and the report.
 
 A new task is a module that builds a `FewShotTask` (or any object with `name`, `mode`,
