@@ -164,6 +164,10 @@ class ShapesWorldClasses:
     """The `shapes_world.CLASSES` indices of this source's classes, in new-label order."""
     return shapes_world_classes(self.classes)
 
+  def class_names(self) -> tuple[str, ...]:
+    """The names of this source's classes, in label order."""
+    return tuple(shapes_world.CLASSES[i] for i in self.labels())
+
   def __len__(self) -> int:
     return len(self._items)
 
