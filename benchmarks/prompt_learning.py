@@ -4,7 +4,8 @@
 
 1. zero-shot CLIP with one hand prompt ("a photo of a {}.") against the "shapes_world"
    template ensemble, on the base and the new classes;
-2. CoOp (16 shots of each base class) on base and new;
+2. CoOp (16 shots of each base class) on base and new, its context random (CoOp's
+   paper) or from "a photo of a" (CoCoOp's base-to-new comparison);
 3. CoCoOp likewise; H (the harmonic mean of base and new) for each, mean +- std over the
    seeds (each seed draws its own shots and trains its own context).
 The CLIP is configs/clip.py:tiny, trained once and cached under $MMJAX_CACHE. Training
@@ -76,19 +77,26 @@ def claims():
                  for h in ("base", "new"))
     rows.append((name, [base], [new], [evaluation.harmonic_mean(base, new)]))
     print(f"{name}: base {base:.3f} new {new:.3f}", flush=True)
-  for variant, steps in (("coop", FLAGS.coop_steps), ("cocoop", FLAGS.cocoop_steps)):
+  # CoOp as the paper trains it (16 random vectors), and as CoCoOp's base-to-new
+  # comparison does (the context from "a photo of a"), then CoCoOp.
+  methods = (("coop", "coop", "", FLAGS.coop_steps),
+             ("coop_init", "coop", "a photo of a", FLAGS.coop_steps),
+             ("cocoop", "cocoop", "a photo of a", FLAGS.cocoop_steps))
+  for run, variant, ctx_init, steps in methods:
     scores = []
     for seed in map(int, FLAGS.seeds):
       config = recipe(variant, seed, backbone, steps)
-      workdir = pathlib.Path(FLAGS.out) / f"{variant}-seed{seed}"
+      config.model.ctx_init = ctx_init
+      workdir = pathlib.Path(FLAGS.out) / f"{run}-seed{seed}"
       train.run(config, workdir)
       model = train.build(config).model
       score = evaluation.base_to_new(model, checkpoints.load_params(workdir), tokenizer,
                                      seq_len, FLAGS.test_size, config.data.image_size)
       print(f"{variant} seed {seed}: {score}", flush=True)
       scores.append(score)
-    label = (f"{variant} ({config.data.datasets.shots.source.shots} shots, "
-             f"{config.train.steps} steps x {config.data.batch_size})")
+    context = f"ctx '{ctx_init}'" if ctx_init else f"{config.model.n_ctx} random ctx"
+    label = (f"{variant}, {context}, {config.data.datasets.shots.source.shots} shots, "
+             f"{config.train.steps} x {config.data.batch_size}")
     rows.append((label, *([s[k] for s in scores] for k in ("base", "new", "h"))))
   print(f"\nBase-to-new on the shapes world ({len(sets['base'][2])} base, "
         f"{len(sets['new'][2])} new classes; {FLAGS.test_size} test images each; seeds "
