@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import checkpoints, train
+from mmjax import config as config_lib
 from mmjax.configs import coop as coop_recipe
 from mmjax.data.pipeline import ShapesWorldClasses, base_new_split, few_shot_indices
 from mmjax.data.shapes_world import CLASSES
@@ -146,6 +147,15 @@ def tiny_config(variant: str, steps: int = 3):
   config.train.eval_every = steps
   config.train.eval_batches = 1
   return config
+
+
+@pytest.mark.parametrize("variant", coop_recipe.VARIANTS)
+def test_recipe_variants_are_valid_and_name_mismatched_classes(variant):
+  config = coop_recipe.get_config(variant)
+  assert config_lib.problems(config, num_devices=8) == []
+  config.data.datasets.shots.source.classes = "new"  # the model names the base classes
+  found = config_lib.problems(config, num_devices=8)
+  assert len(found) == 1 and "config.data.datasets.shots.source.classes='new'" in found[0]
 
 
 @pytest.mark.parametrize("variant,trained", [

@@ -150,13 +150,14 @@ class ShapesWorldClasses:
     if self.shots > 0:
       stream = _stream_labels(self.seed, self.split, self.image_size, self.pool)
       picked = few_shot_indices(stream, labels, self.shots, self.shots_seed)
-    else:
-      picked, count = [], self.size * 2
-      while len(picked) < self.size:
-        stream = _stream_labels(self.seed, self.split, self.image_size, count)
-        picked = [i for i, label in enumerate(stream) if label in labels][:self.size]
+    else:  # the stream read in doubling spans until `size` items of these classes
+      wanted, count = set(labels), self.size
+      while True:
         count *= 2
-      stream = _stream_labels(self.seed, self.split, self.image_size, count // 2)
+        stream = _stream_labels(self.seed, self.split, self.image_size, count)
+        picked = [i for i, label in enumerate(stream) if label in wanted][:self.size]
+        if len(picked) == self.size:
+          break
     relabel = {label: i for i, label in enumerate(labels)}
     object.__setattr__(self, "_items", tuple((i, relabel[stream[i]]) for i in picked))
 
