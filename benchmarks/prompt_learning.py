@@ -34,6 +34,7 @@ flags.DEFINE_string("out", "/tmp/pl/runs", "Where the CoOp and CoCoOp runs are k
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds: each draws the shots and trains.")
 flags.DEFINE_integer("coop_steps", 0, "CoOp's train.steps (0: the recipe's).")
 flags.DEFINE_integer("cocoop_steps", 0, "CoCoOp's train.steps (0: the recipe's).")
+flags.DEFINE_list("methods", ["coop", "coop_init", "cocoop"], "Trained rows to run.")
 flags.DEFINE_integer("test_size", 600, "Held-out images of each half (base, new).")
 flags.DEFINE_bool("memory", False, "Measure CoCoOp's compiled memory instead.")
 flags.DEFINE_list("batch_sizes", ["4", "16"], "--memory: batch sizes.")
@@ -83,11 +84,13 @@ def claims():
              ("coop_init", "coop", "a photo of a", FLAGS.coop_steps),
              ("cocoop", "cocoop", "a photo of a", FLAGS.cocoop_steps))
   for run, variant, ctx_init, steps in methods:
+    if run not in FLAGS.methods:
+      continue
     scores = []
     for seed in map(int, FLAGS.seeds):
       config = recipe(variant, seed, backbone, steps)
       config.model.ctx_init = ctx_init
-      workdir = pathlib.Path(FLAGS.out) / f"{run}-seed{seed}"
+      workdir = pathlib.Path(FLAGS.out) / f"{run}-{config.train.steps}steps-seed{seed}"
       train.run(config, workdir)
       model = train.build(config).model
       score = evaluation.base_to_new(model, checkpoints.load_params(workdir), tokenizer,
