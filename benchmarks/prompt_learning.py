@@ -34,6 +34,8 @@ flags.DEFINE_string("out", "/tmp/pl/runs", "Where the CoOp and CoCoOp runs are k
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds: each draws the shots and trains.")
 flags.DEFINE_integer("coop_steps", 0, "CoOp's train.steps (0: the recipe's).")
 flags.DEFINE_integer("cocoop_steps", 0, "CoCoOp's train.steps (0: the recipe's).")
+flags.DEFINE_string("backbone", "", "A finished CLIP run or converted CLIP to use instead of "
+                    "the cached run of configs/clip.py:tiny.")
 flags.DEFINE_list("methods", ["coop", "coop_init", "cocoop"], "Trained rows to run.")
 flags.DEFINE_integer("test_size", 600, "Held-out images of each half (base, new).")
 flags.DEFINE_bool("memory", False, "Measure CoCoOp's compiled memory instead.")
@@ -62,7 +64,8 @@ def mean_std(values) -> str:
 
 def claims():
   config = coop_recipe.get_config("coop")
-  backbone = train.pretrained_workdir("clip", config.init.clip)
+  backbone = (pathlib.Path(FLAGS.backbone) if FLAGS.backbone
+              else train.pretrained_workdir("clip", config.init.clip))
   tokenizer = make_tokenizer(config)
   seq_len = config.data.seq_len
   clip = TwoTowers(train.build(config).model.config.clip)
