@@ -15,6 +15,8 @@ dataset and its skip reasons, instead of filtering an endless stream.
 """
 
 import dataclasses
+import functools
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -76,6 +78,107 @@ class ShapesWorldPairs:
     example = shapes_world.ShapesWorld(self.seed, self.image_size).example(self.split, index)
     text = f"{shapes_world.MEDIA_TOKEN}{example.caption}{shapes_world.ENDOFCHUNK_TOKEN}"
     return {"images": example.image[None], "text": text}
+
+
+def base_new_split(labels: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """CoOp's base-to-new protocol: the labels sorted, the first `ceil(n / 2)` the base
+  classes, the rest the new ones; each set is relabelled from 0 in this order."""
+  ordered = sorted({int(label) for label in labels})
+  m = math.ceil(len(ordered) / 2)
+  return tuple(ordered[:m]), tuple(ordered[m:])
+
+
+def few_shot_indices(labels: Sequence[int], classes: Sequence[int], shots: int,
+                     seed: int) -> list[int]:
+  """`shots` positions of `labels` per class of `classes` (in that order), drawn without
+  replacement by a generator seeded with `seed` alone: the same draw for the same seed."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  picked = []
+  for label in classes:
+    candidates = np.flatnonzero(labels == label)
+    if len(candidates) < shots:
+      raise ValueError(f"Class {label} has {len(candidates)} examples in the pool, fewer "
+                       f"than shots={shots}; enlarge the pool.")
+    picked += candidates[np.sort(rng.choice(len(candidates), shots, replace=False))].tolist()
+  return picked
+
+
+def shapes_world_classes(subset: str) -> tuple[int, ...]:
+  """The `shapes_world.CLASSES` indices of "all" classes, or of CoOp's "base" or "new"
+  half (`base_new_split`), in the order they are relabelled from 0."""
+  everything = range(len(shapes_world.CLASSES))
+  choices = dict(zip(("base", "new"), base_new_split(everything), strict=True))
+  choices["all"] = tuple(everything)
+  if subset not in choices:
+    raise ValueError(f"classes={subset!r}; expected 'all', 'base' or 'new'.")
+  return choices[subset]
+
+
+@functools.cache
+def _stream_labels(seed: int, split: str, image_size: int, count: int) -> tuple[int, ...]:
+  world = shapes_world.ShapesWorld(seed, image_size)
+  return tuple(world.classification(split, i)[1] for i in range(count))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesWorldClasses:
+  """Shapes-world classification (`shapes_world.CLASSES`) as image-label pairs: one-chunk
+  documents whose text is the class name and whose `label` the pipeline passes on.
+
+  Attributes:
+    split: the stream of `ShapesWorld.classification`.
+    classes: "all", or CoOp's "base" or "new" half (`base_new_split`), relabelled from 0.
+    shots: K examples per class drawn with `shots_seed` from the split's first `pool`
+      items (`few_shot_indices`); 0: the split's first `size` items of those classes.
+    seed: the world's seed.
+  """
+
+  split: str = "train"
+  classes: str = "all"
+  shots: int = 0
+  shots_seed: int = 1
+  pool: int = 3000
+  size: int = 1000
+  seed: int = 0
+  image_size: int = 64
+  _items: tuple[tuple[int, int], ...] = dataclasses.field(init=False, repr=False,
+                                                          compare=False)
+
+  def __post_init__(self):
+    labels = self.labels()
+    if self.shots > 0:
+      stream = _stream_labels(self.seed, self.split, self.image_size, self.pool)
+      picked = few_shot_indices(stream, labels, self.shots, self.shots_seed)
+    else:  # the stream read in doubling spans until `size` items of these classes
+      wanted, count = set(labels), self.size
+      while True:
+        count *= 2
+        stream = _stream_labels(self.seed, self.split, self.image_size, count)
+        picked = [i for i, label in enumerate(stream) if label in wanted][:self.size]
+        if len(picked) == self.size:
+          break
+    relabel = {label: i for i, label in enumerate(labels)}
+    object.__setattr__(self, "_items", tuple((i, relabel[stream[i]]) for i in picked))
+
+  def labels(self) -> tuple[int, ...]:
+    """The `shapes_world.CLASSES` indices of this source's classes, in new-label order."""
+    return shapes_world_classes(self.classes)
+
+  def class_names(self) -> tuple[str, ...]:
+    """The names of this source's classes, in label order."""
+    return tuple(shapes_world.CLASSES[i] for i in self.labels())
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    item, label = self._items[index]
+    image, _ = shapes_world.ShapesWorld(self.seed, self.image_size).classification(
+        self.split, item)
+    name = shapes_world.CLASSES[self.labels()[label]]
+    text = f"{shapes_world.MEDIA_TOKEN}a {name}.{shapes_world.ENDOFCHUNK_TOKEN}"
+    return {"images": image[None], "text": text, "label": label}
 
 
 SKIP_WINDOW = 1000
@@ -280,6 +383,8 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
     except Exception as error:  # an unreadable record must not end the run
       return _Built(name, None, (("unreadable", 1),),
                     f"record {index}: {type(error).__name__}: {error}")
+    if "label" in document:  # classification sources
+      example["label"] = np.int32(document["label"])
     example["loss_weight"] = np.float32(dataset.loss_weight)
     example["dataset_id"] = np.int32(dataset_id)
     return _Built(name, example, tuple((r, c) for r, c in stats.items() if c))
@@ -374,6 +479,7 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
   """
   kinds = {"shapes_world_documents": ShapesWorldDocuments,
            "shapes_world_pairs": ShapesWorldPairs,
+           "shapes_world_classes": ShapesWorldClasses,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
            "tfds": TfdsPairs,

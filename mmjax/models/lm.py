@@ -183,7 +183,9 @@ class LanguageModel(nn.Module):
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                token_mask: jax.Array | None = None, media: jax.Array | None = None,
                media_mask: jax.Array | None = None, prefix: jax.Array | None = None,
-               decode: bool = False, return_hidden: bool = False) -> jax.Array:
+               decode: bool = False, return_hidden: bool = False,
+               embeddings: jax.Array | None = None,
+               embedding_mask: jax.Array | None = None) -> jax.Array:
     """Runs the LM.
 
     Args:
@@ -201,6 +203,9 @@ class LanguageModel(nn.Module):
         the first call only.
       decode: incremental decoding with the KV cache (see `Attention`).
       return_hidden: return the final normalised hidden states `"b t d"` instead.
+      embeddings: `"b t d"` input embeddings read instead of the tokens' own where
+        `embedding_mask` (`"b t"`) is True, everywhere when it is None: vectors inside
+        the sequence (CoOp's learned context); `tokens` still give the shape.
     """
     cfg = self.config
     if decode and not cfg.causal:
@@ -210,6 +215,9 @@ class LanguageModel(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), name="embed", **kw)
     x = embed(tokens)
+    if embeddings is not None:
+      replace = True if embedding_mask is None else embedding_mask[..., None]
+      x = jnp.where(replace, embeddings.astype(x.dtype), x)
     if prefix is not None:
       if prefix.shape[-1] != cfg.width:
         raise ValueError(f"LanguageModel: the prefix is {prefix.shape[-1]} wide, the LM "

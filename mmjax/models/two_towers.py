@@ -95,10 +95,11 @@ class TwoTowers(nn.Module):
   def encode_image(self, images: jax.Array) -> jax.Array:
     return _l2_normalise(self.image(images)["pooled"])
 
-  def encode_text(self, tokens: jax.Array) -> jax.Array:
-    """Pools each row at the token `config.text_pool` names."""
+  def encode_text(self, tokens: jax.Array, **text_inputs) -> jax.Array:
+    """Pools each row at the token `config.text_pool` names; `text_inputs` go to the
+    text tower (`embeddings`, `embedding_mask`: CoOp's context in place of tokens)."""
     cfg = self.config
-    hidden = self.text(tokens, return_hidden=True)
+    hidden = self.text(tokens, return_hidden=True, **text_inputs)
     if cfg.text_pool == "eos":
       index = jnp.argmax(tokens == cfg.eos_id, axis=1)  # the first; 0 if there is none
     elif cfg.text_pool == "argmax":
