@@ -11,7 +11,9 @@ $MMJAX_CACHE (see configs/flamingo.py), or the run or converted CLIP in
 `config.model.clip`). Prompt options: `--config.model.class_position=middle` (or front),
 `--config.model.class_specific=True` (CoOp's CSC), `--config.model.ctx_init="a photo of a"`,
 `--config.model.n_ctx=4`; the draw of shots: `--config.data.datasets.shots.source.shots_seed=2`.
-Accuracy on base and new classes and their harmonic mean: `mmjax.evaluate.prompt_learning`.
+Training ends with the accuracy on held-out images of the base and the new classes and
+their harmonic mean H (`mmjax.evaluate.prompt_learning`), which
+`python -m mmjax.evaluate --workdir=/tmp/coop` repeats.
 
 Variants:
   coop     the default: 16 context vectors from N(0, 0.02), shared, class name at the end.
@@ -72,4 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = dict(steps=150 if cocoop else 200, log_every=25, eval_every=0,
                       eval_batches=4, checkpoint_every=100, keep_checkpoints=1,
                       nonfinite="abort")
+  # Base-to-new accuracy at the end of training and by `python -m mmjax.evaluate`:
+  # `episodes` held-out images of each half (base, new), drawn with `seed`.
+  config.evaluate = dict(tasks=("base_to_new",), shots=(0,), episodes=600, seed=0)
   return config

@@ -2,6 +2,7 @@
 the base-to-new protocol and a short recipe run, on toy shapes."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -146,6 +147,7 @@ def tiny_config(variant: str, steps: int = 3):
   config.train.checkpoint_every = steps
   config.train.eval_every = steps
   config.train.eval_batches = 1
+  config.evaluate.episodes = 8
   return config
 
 
@@ -253,3 +255,8 @@ def test_recipe_runs_and_evaluates(tmp_path):
                                   size=8, image_size=IMAGE)
   assert set(scores) == {"base", "new", "h"}
   assert all(0 <= v <= 1 for v in scores.values())
+  # The evaluation at the end of training, and `python -m mmjax.evaluate`, report them.
+  from mmjax.evaluate import evaluate_workdir
+  final = json.loads((tmp_path / "eval.json").read_text())["scores"]["base_to_new"]["0"]
+  again = evaluate_workdir(tmp_path, progress=False).scores["base_to_new"][0]
+  assert final == pytest.approx(scores) and again == pytest.approx(scores)

@@ -17,9 +17,11 @@ import numpy as np
 
 from mmjax.data.pipeline import ShapesWorldClasses, base_new_split, few_shot_indices
 from mmjax.data.sequences import right_pad
+from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import zeroshot
 from mmjax.models.prompt_learning import PromptLearner, class_prompts
 from mmjax.models.two_towers import TwoTowers
+from mmjax.tasks import coop
 
 __all__ = ["base_new_split", "base_to_new", "few_shot_indices", "harmonic_mean",
            "prompt_accuracy", "test_set", "zero_shot_accuracy"]
@@ -95,16 +97,25 @@ def zero_shot_accuracy(clip: TwoTowers, params, tokenizer, class_names: Sequence
 
 
 def base_to_new(model: PromptLearner, params, tokenizer, seq_len: int, size: int = 600,
-                image_size: int = 64) -> dict[str, float]:
+                image_size: int = 64, seed: int = 0) -> dict[str, float]:
   """`{"base", "new", "h"}` of a prompt learner trained on the shapes world's base
   classes, on `size` held-out images of each half. A class-specific context does not
   transfer: its "new" and "h" are NaN."""
   scores = {}
   for half in ("base", "new"):
-    images, labels, names = test_set(half, size, image_size)
+    images, labels, names = test_set(half, size, image_size, seed)
     if half == "new" and model.config.class_specific and not model.init_ids:
       scores[half] = float("nan")
       continue
     scores[half] = prompt_accuracy(model, params, tokenizer, names, images, labels, seq_len)
   scores["h"] = harmonic_mean(scores["base"], scores["new"])
   return scores
+
+
+def evaluate_run(config, params) -> dict[str, float]:
+  """The base-to-new scores of a prompt-learning (`task: "coop"`) run's `params` with the
+  settings of its `config.evaluate` (`episodes`: held-out images per half; `seed`)."""
+  e = config.evaluate
+  return base_to_new(coop.build_model(config), params, make_tokenizer(config),
+                     config.data.seq_len, size=e.episodes, image_size=config.data.image_size,
+                     seed=e.seed)

@@ -17,7 +17,8 @@ from mmjax import cli, decoding
 from mmjax.data import shapes_world as sw
 from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
-from mmjax.evaluate import benchmarks, prompts, rices, scoring, shapes, zeroshot
+from mmjax.evaluate import (benchmarks, prompt_learning, prompts, rices, scoring, shapes,
+                            zeroshot)
 from mmjax.evaluate import protocol as protocol_lib
 from mmjax.evaluate.tasks import FewShotTask, max_prompt_images
 from mmjax.evaluate.prompts import encode_prompts
@@ -183,6 +184,8 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   protocol = protocol_of(config)
   if config.task == "clip":
     return _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress)
+  if config.task == "coop":
+    return _evaluate_prompt_learning(config, params, tasks, protocol)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -242,6 +245,18 @@ def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress
   return Results(scores, predictions, {"protocol": dataclasses.asdict(protocol), **info})
 
 
+def _evaluate_prompt_learning(config, params, tasks, protocol) -> Results:
+  names = list(tasks or config.evaluate.get("tasks", ("base_to_new",)))
+  if names != ["base_to_new"]:
+    raise cli.UserError(f"A prompt-learning run is evaluated base-to-new "
+                        f"(--tasks=base_to_new), not on {names}.")
+  start = time.monotonic()
+  scores = prompt_learning.evaluate_run(config, params)
+  return Results({"base_to_new": {0: scores}}, {},
+                 {"protocol": dataclasses.asdict(protocol),
+                  "seconds": {"base_to_new": {0: time.monotonic() - start}}})
+
+
 def _jsonable(value):
   if isinstance(value, np.generic):
     return value.item()
@@ -252,6 +267,7 @@ def _jsonable(value):
 
 # Rows of the table: (task, metric) in this order when present; others follow.
 ORDER = ("accuracy", "chance", "ceiling", "colour", "CIDEr", "BLEU-4", "top1", "top5",
+         "base", "new", "h",
          "roc_auc", *(f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image")
                       for k in zeroshot.RECALL_AT))
 

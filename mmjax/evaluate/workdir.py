@@ -9,11 +9,12 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.configs import blip2, clip, flamingo, lm
+from mmjax.configs import blip2, clip, coop, flamingo, lm
 from mmjax.evaluate.run import Results, evaluate, report
 
 RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation settings
 RECIPES["clip"] = clip  # zero-shot classification and retrieval (mmjax.evaluate.zeroshot)
+RECIPES["coop"] = coop  # base-to-new accuracy (mmjax.evaluate.prompt_learning)
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
@@ -28,8 +29,9 @@ def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.
   if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no evaluation; "
                         "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP runs "
-                        "(zero-shot) and their converted checkpoints have one.")
-  if "evaluate" not in config and "data" in config and task == "clip":
+                        "(zero-shot), prompt-learning runs (base-to-new) and their "
+                        "converted checkpoints have one.")
+  if "evaluate" not in config and "data" in config and task in ("clip", "coop"):
     config.evaluate = RECIPES[task].get_config().evaluate
   if "evaluate" not in config:  # a converted checkpoint
     recipe = RECIPES[task].get_config()
