@@ -189,9 +189,13 @@ def clip_params(state: dict[str, np.ndarray], cfg: TwoTowersConfig,
 def convert_clip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
   """`(TwoTowersConfig, parameters)` of a Hugging Face CLIPModel directory; the vision
   tower alone is `params["image"]` with `config.vision`."""
-  import jax.numpy as jnp
   cfg = clip_config(common.read_hf_config(hf_dir))
-  params = clip_params(common.read_hf_weights(hf_dir), cfg)
+  return checked(cfg, clip_params(common.read_hf_weights(hf_dir), cfg))
+
+
+def checked(cfg: TwoTowersConfig, params: dict) -> tuple[TwoTowersConfig, dict]:
+  """`(cfg, params)` once `params` is exactly the tree `TwoTowers(cfg).init` builds."""
+  import jax.numpy as jnp
   size, channels = cfg.vision.image_size, cfg.vision.channels
   common.check_tree(params, TwoTowers(cfg), jnp.zeros((1, size, size, channels)),
                     jnp.zeros((1, 1), jnp.int32))

@@ -159,4 +159,4 @@ def convert_open_clip(path: str | pathlib.Path, activation: str = "gelu"
     state = state["state_dict"]
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
-  return open_clip_model(state, activation)
+  return clip.checked(*open_clip_model(state, activation))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.convert import clip, common
-from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
+from mmjax.models.two_towers import TwoTowersConfig
 
 IGNORED_FIELDS = {f"{tower}_config.attention_dropout": common.DROPOUT
                   for tower in ("text", "vision")}
@@ -65,11 +65,6 @@ def siglip_params(state: dict[str, np.ndarray], cfg: TwoTowersConfig) -> dict:
 def convert_siglip(hf_dir: str | pathlib.Path) -> tuple[TwoTowersConfig, dict]:
   """`(TwoTowersConfig, parameters)` of a Hugging Face SiglipModel directory; the vision
   tower alone is `params["image"]` with `config.vision`."""
-  import jax.numpy as jnp
   cfg = siglip_config(common.read_hf_config(hf_dir))
-  params = siglip_params(common.read_hf_weights(hf_dir), cfg)
-  size, channels = cfg.vision.image_size, cfg.vision.channels
-  common.check_tree(params, TwoTowers(cfg), jnp.zeros((1, size, size, channels)),
-                    jnp.zeros((1, 1), jnp.int32))
-  return cfg, params
+  return clip.checked(cfg, siglip_params(common.read_hf_weights(hf_dir), cfg))
 
