@@ -37,15 +37,23 @@ def data_fits_model(config, mode: str, text: str = "", vision: str = "") -> list
   """Problems every recipe's data config can have against its model: sequences of
   another `mode` than the task trains on, images of another size than the vision tower
   `config.model.<vision>` takes, sequences longer than the learned positions of the text
-  model `config.model.<text>` ("" for `config.model` itself)."""
+  model `config.model.<text>` ("" for `config.model` itself; dotted for a nested one,
+  e.g. "clip.text")."""
   found, data = [], config.data
+
+  def sub_model(name):  # "clip.vision": config.model.clip.vision
+    node = config.model
+    for part in name.split(".") if name else ():
+      node = node[part]
+    return node
+
   if data.get("mode", mode) != mode:
     found.append(f"config.data.mode={data.mode!r}: the {config.task} task trains on "
                  f"{mode!r} sequences")
-  if vision and data.get("image_size") != config.model[vision].image_size:
+  if vision and data.get("image_size") != sub_model(vision).image_size:
     found.append(f"config.data.image_size={data.get('image_size')} differs from "
-                 f"config.model.{vision}.image_size={config.model[vision].image_size}")
-  model = config.model[text] if text else config.model
+                 f"config.model.{vision}.image_size={sub_model(vision).image_size}")
+  model = sub_model(text)
   name = f"config.model.{text}" if text else "config.model"
   if (model.get("position", "learned") == "learned"
       and data.seq_len > model.get("max_len", 1024)):

@@ -17,15 +17,8 @@ MODEL_CONFIG = PromptLearnerConfig
 
 def check_config(config) -> list[str]:
   """Problems of a prompt-learning recipe's config beyond its fields' own."""
-  found = data_fits_model(config, "pair")
-  clip, data = config.model.clip, config.data
-  if data.get("image_size") != clip.vision.image_size:
-    found.append(f"config.data.image_size={data.get('image_size')} differs from "
-                 f"config.model.clip.vision.image_size={clip.vision.image_size}")
-  max_len = clip.text.get("max_len", 1024)
-  if clip.text.get("position", "learned") == "learned" and data.seq_len > max_len:
-    found.append(f"config.data.seq_len={data.seq_len} exceeds the text tower's learned "
-                 f"positions (config.model.clip.text.max_len={max_len})")
+  found = data_fits_model(config, "pair", text="clip.text", vision="clip.vision")
+  data = config.data
   names = tuple(config.model.class_names)
   for field in ("datasets", "eval_datasets"):
     for name, entry in (data.get(field) or {}).items():
