@@ -27,7 +27,7 @@ from mmjax.configs import coop as coop_recipe
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import prompt_learning as evaluation
 from mmjax.evaluate import zeroshot
-from mmjax.models.two_towers import TwoTowers
+from mmjax.inference import read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/pl/runs", "Where the CoOp and CoCoOp runs are kept.")
@@ -66,18 +66,17 @@ def claims():
   config = coop_recipe.get_config("coop")
   backbone = (pathlib.Path(FLAGS.backbone) if FLAGS.backbone
               else train.pretrained_workdir("clip", config.init.clip))
-  tokenizer = make_tokenizer(config)
-  seq_len = config.data.seq_len
-  clip = TwoTowers(train.build(config).model.config.clip)
-  clip_params = checkpoints.load_params(backbone)
+  tokenizer, seq_len = make_tokenizer(config), config.data.seq_len
+  encoder = zeroshot.DualEncoder(read_config(backbone), checkpoints.load_params(backbone),
+                                 batch_size=64)
   sets = {half: evaluation.test_set(half, FLAGS.test_size, config.data.image_size)
           for half in ("base", "new")}
   rows = []
   for name, templates in (("zero-shot CLIP, 'a photo of a {}.'", ("a photo of a {}.",)),
                           ("zero-shot CLIP, shapes_world ensemble",
                            zeroshot.load_templates("shapes_world"))):
-    base, new = (evaluation.zero_shot_accuracy(clip, clip_params, tokenizer, sets[h][2],
-                                               templates, sets[h][0], sets[h][1], seq_len)
+    base, new = (evaluation.zero_shot_accuracy(encoder, sets[h][2], templates, sets[h][0],
+                                               sets[h][1])
                  for h in ("base", "new"))
     rows.append((name, [base], [new], [evaluation.harmonic_mean(base, new)]))
     print(f"{name}: base {base:.3f} new {new:.3f}", flush=True)

@@ -16,11 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data.pipeline import ShapesWorldClasses, base_new_split, few_shot_indices
-from mmjax.data.sequences import right_pad
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import zeroshot
 from mmjax.models.prompt_learning import PromptLearner, class_prompts
-from mmjax.models.two_towers import TwoTowers
 from mmjax.tasks import coop
 
 __all__ = ["base_new_split", "base_to_new", "few_shot_indices", "harmonic_mean",
@@ -68,32 +66,14 @@ def _jitted_apply(model: PromptLearner):
   return jax.jit(model.apply)
 
 
-def encode_texts_fn(clip: TwoTowers, params, tokenizer, seq_len: int):
-  """texts -> `"n e"` embeddings, each text read as the contrastive pairs are:
-  `BOS text EOS`, right-padded to `seq_len`."""
-  encode = jax.jit(lambda tokens: clip.apply({"params": params}, tokens,
-                                             method=TwoTowers.encode_text))
-
-  def encode_texts(texts: Sequence[str]) -> np.ndarray:
-    rows = []
-    for text in texts:
-      ids = tokenizer.encode(text, bos=True)
-      rows.append(right_pad(ids[:seq_len - 1] + [tokenizer.eos_id], seq_len, tokenizer.pad_id))
-    return np.asarray(encode(jnp.asarray(np.stack(rows))))
-
-  return encode_texts
-
-
-def zero_shot_accuracy(clip: TwoTowers, params, tokenizer, class_names: Sequence[str],
-                       templates: Sequence[str], images: np.ndarray, labels: np.ndarray,
-                       seq_len: int, batch_size: int = 64) -> float:
+def zero_shot_accuracy(encoder: zeroshot.DualEncoder, class_names: Sequence[str],
+                       templates: Sequence[str], images: np.ndarray,
+                       labels: np.ndarray) -> float:
   """Top-1 accuracy of CLIP's zero-shot classifier from `templates` (one: a single hand
   prompt; several: the prompt ensemble)."""
-  classes = zeroshot.class_embeddings(encode_texts_fn(clip, params, tokenizer, seq_len),
-                                      class_names, templates)
-  encode = jax.jit(lambda x: clip.apply({"params": params}, x, method=TwoTowers.encode_image))
-  return _accuracy(lambda x: zeroshot.logits(np.asarray(encode(x)), classes), images, labels,
-                   batch_size)
+  classes = zeroshot.class_embeddings(encoder.encode_texts, class_names, templates)
+  return float(np.mean(np.argmax(zeroshot.logits(encoder.encode_images(images), classes),
+                                 axis=-1) == labels))
 
 
 def base_to_new(model: PromptLearner, params, tokenizer, seq_len: int, size: int = 600,
