@@ -58,6 +58,58 @@ def sigmoid_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
   return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
 
 
+def label_similarity(image_labels: jax.Array, text_labels: jax.Array,
+                     kind: str = "dot") -> jax.Array:
+  """`image_labels "b l"`, `text_labels "c l"` (1 positive, 0 negative, -1 uncertain,
+  NaN missing) -> `"b c"` how alike each image's findings are to each text's.
+
+  "dot": MedCLIP's code, the raw dot product of the label vectors with missing entries
+  as 0 (not clamped, whatever its docstring says); "cosine": the paper's, the same
+  vectors' cosine (0 for an all-zero vector).
+  """
+  image = jnp.nan_to_num(image_labels.astype(jnp.float32), nan=0.0)
+  text = jnp.nan_to_num(text_labels.astype(jnp.float32), nan=0.0)
+  if kind == "cosine":
+    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    image, text = unit(image), unit(text)
+  elif kind != "dot":
+    raise ValueError(f"label_similarity: kind must be 'dot' or 'cosine', got {kind!r}.")
+  return image @ text.T
+
+
+def semantic_matching_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array,
+                           image_labels: jax.Array, text_labels: jax.Array,
+                           similarity: str = "dot") -> jax.Array:
+  """MedCLIP's semantic matching loss: `image, text "b e"` normalised, their label vectors
+  `"b l"` (`label_similarity`'s convention).
+
+  The targets are soft: image i's over the texts are `softmax(label_similarity[i])`, text
+  j's over the images `softmax(label_similarity[:, j])` (temperature 1), so an unpaired
+  text that reports the same findings is a positive too, not a false negative. The loss
+  is the mean of both directions' cross-entropies against these targets, each summed over
+  the batch's columns and averaged over its rows. A row whose image (or text) has no
+  label at all (all NaN) falls back to the paired target, its own column: without any
+  labels this is exactly `contrastive_loss`.
+  """
+  logits = logit_scale * image.astype(jnp.float32) @ text.astype(jnp.float32).T
+  sim = label_similarity(image_labels, text_labels, similarity)
+  diagonal = jnp.eye(logits.shape[0], dtype=jnp.float32)
+
+  def soft_targets(sim, own_labels, other_labels):
+    # A pair whose either side is unlabelled has no similarity: such a row keeps its own
+    # pair only; a labelled row sees only labelled columns (others get no mass).
+    own = jnp.any(~jnp.isnan(own_labels), axis=-1)
+    other = jnp.any(~jnp.isnan(other_labels), axis=-1)
+    targets = jax.nn.softmax(jnp.where(other[None, :], sim, -jnp.inf), axis=1)
+    return jnp.where(own[:, None] & jnp.any(other), targets, diagonal)
+
+  image_targets = soft_targets(sim, image_labels, text_labels)
+  text_targets = soft_targets(sim.T, text_labels, image_labels)
+  image_to_text = optax.softmax_cross_entropy(logits, image_targets)
+  text_to_image = optax.softmax_cross_entropy(logits.T, text_targets)
+  return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   label_smoothing: float = 0.0) -> jax.Array:
   """`logits "... k"`, integer `labels "..."` -> `"..."` cross-entropies against the
