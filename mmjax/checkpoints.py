@@ -468,13 +468,21 @@ class Loaded(NamedTuple):
   step: int
   params: dict  # trainable and frozen parameters together, as numpy arrays
   meta: dict  # the meta dict saved with that step (`{}` if none)
+  # The model's non-parameter collections (`{"batch_stats": ...}`), `{}` if it has none.
+  model_state: dict = {}
+
+  @property
+  def variables(self) -> dict:
+    """`{"params": ..., **model_state}`: what `model.apply` takes."""
+    return {"params": self.params, **self.model_state}
 
 
 def _read_params(step_dir: epath.Path) -> Loaded:
   """The parameters of one step, read onto this process's first device, verified and
   copied to the host; raises `DamagedCheckpoint`."""
   contents = _inspect(step_dir, need_data=False)
-  parts = {k: contents.tree[k] for k in ("params", "frozen") if k in contents.tree}
+  parts = {k: contents.tree[k] for k in ("params", "frozen", "model_state")
+           if k in contents.tree}
   if "params" not in parts:
     raise UserError(f"The checkpoint at {step_dir} holds no parameters (its state has "
                     f"{sorted(contents.tree)}).")
@@ -492,8 +500,9 @@ def _read_params(step_dir: epath.Path) -> Loaded:
     handler.close()
   _verify(step_dir, contents, state)
   flat = {**flat_params(state.get("frozen") or {}), **flat_params(state["params"])}
+  model_state = jax.tree_util.tree_map(np.asarray, state.get("model_state") or {})
   return Loaded(int(step_dir.name), tree_params({k: np.asarray(v) for k, v in flat.items()}),
-                contents.meta)
+                contents.meta, model_state)
 
 
 def load(workdir: str | pathlib.Path, step: int | None = None) -> Loaded:

@@ -246,6 +246,11 @@ SCHEMA = Section({
         # data's own), or one template (the single-prompt classifier, replacing the set).
         "templates": Field(STR, check=_templates, optional=True),
         "prompt": Field(STR, check=_prompt, optional=True),
+        # MedCLIP's classifier: each class's prompts composed from its severity x subtype x
+        # location words (`prompts_per_class` of them, drawn with `seed`), an image's
+        # class score the mean or max of its logits against them.
+        "prompts_per_class": Field(INT, min=1, optional=True),
+        "prompt_scoring": Field(STR, choices=("mean", "max"), optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},

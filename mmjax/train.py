@@ -146,8 +146,10 @@ def make_optimizer(config, trainable: dict):
 # ---------------------------------------------------------------------------------------
 class Parts(NamedTuple):
   """What the train and eval steps are built from. `shardings` and `abstract` are trees
-  shaped like the train state `{"step", "params", "frozen", "opt_state"}`: where each
-  leaf lives on the mesh, and its shape and dtype (with that sharding)."""
+  shaped like the train state `{"step", "params", "frozen", "opt_state"}` (plus
+  `"model_state"` for a model with non-parameter collections, e.g. BatchNorm's
+  `batch_stats`): where each leaf lives on the mesh, and its shape and dtype (with that
+  sharding)."""
 
   task: Any
   model: nn.Module
@@ -157,7 +159,7 @@ class Parts(NamedTuple):
   schedule: optax.Schedule
   shardings: dict
   abstract: dict
-  init_params: Any  # rng -> the model's parameters, boxed with their logical axis names
+  init_variables: Any  # rng -> the model's collections, boxed with their logical axis names
   token_rows: dict  # `token_row_masks`: the embedding rows that train, by parameter path
 
 
@@ -169,8 +171,9 @@ def build(config, devices=None) -> Parts:
   task = get_task(config.task)
   model = task.build_model(config)
   args, kwargs = task.init_inputs(config)
-  init_params = lambda rng: model.init(rng, *args, **kwargs)["params"]
-  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  init_variables = lambda rng: dict(model.init(rng, *args, **kwargs))
+  variables = jax.eval_shape(init_variables, jax.random.key(0))
+  boxed, model_state = variables.pop("params"), nn.unbox(variables)
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   params = nn.unbox(boxed)
   trainable, frozen = partition_params(params, config.trainable)
@@ -185,9 +188,12 @@ def build(config, devices=None) -> Parts:
                "opt_state": opt_sh}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": trainable,
               "frozen": frozen, "opt_state": opt_state}
+  if model_state:  # BatchNorm statistics and the like: carried, sharded and checkpointed
+    shardings["model_state"] = sharding.tree_shardings(variables, mesh, rules)
+    abstract["model_state"] = model_state
   abstract = jax.tree_util.tree_map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
-  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract, init_params,
+  return Parts(task, model, mesh, rules, tx, schedule, shardings, abstract, init_variables,
                token_rows)
 
 
@@ -195,18 +201,24 @@ def init_state(config, parts: Parts, *, pretrained: bool = True) -> dict:
   """A fresh train state, each array created on its own devices (never whole on one
   host), with `config.init`'s pretrained backbones grafted in when `pretrained`."""
   param_sh = merge_params(parts.shardings["params"], parts.shardings["frozen"])
-  init = jax.jit(lambda rng: nn.unbox(parts.init_params(rng)), out_shardings=param_sh)
-  params = init(jax.random.key(config.seed))
+  state_sh = parts.shardings.get("model_state", {})
+  init = jax.jit(lambda rng: nn.unbox(parts.init_variables(rng)),
+                 out_shardings={"params": param_sh, **state_sh})
+  variables = init(jax.random.key(config.seed))
+  params = variables.pop("params")
   loaded: set[str] = set()
   if pretrained:
-    params = load_pretrained(params, config, loaded)
+    params = load_pretrained(params, config, loaded, model_state=variables)
   if hasattr(parts.task, "initial_params"):
     params = parts.task.initial_params(params, loaded)
   params = sharding.place(params, param_sh)
   trainable, frozen = partition_params(params, config.trainable)
   opt_state = jax.jit(parts.tx.init, out_shardings=parts.shardings["opt_state"])(trainable)
   step = jax.device_put(jnp.int32(0), parts.shardings["step"])
-  return {"step": step, "params": trainable, "frozen": frozen, "opt_state": opt_state}
+  state = {"step": step, "params": trainable, "frozen": frozen, "opt_state": opt_state}
+  if "model_state" in parts.abstract:
+    state["model_state"] = variables
+  return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,9 +231,14 @@ def make_train_step(config, parts: Parts):
   accum = config.optim.accum_steps
   skip_nonfinite = config.train.nonfinite == "skip"
 
-  def loss_sum(trainable, frozen, batch, rng):
-    total, count, terms = task.loss_terms(model, merge_params(trainable, frozen), batch, rng)
-    return total, (count, terms)
+  def loss_sum(trainable, frozen, batch, rng, model_state):
+    params = merge_params(trainable, frozen)
+    if model_state is None:
+      total, count, terms = task.loss_terms(model, params, batch, rng)
+    else:  # the collections come back updated (BatchNorm's running statistics)
+      total, count, terms, model_state = task.loss_terms(
+          model, params, batch, rng, model_state=model_state, train=True)
+    return total, (count, terms, model_state)
 
   def only_token_rows(tree):
     # Applied to the gradients, so that clipping and Adam see only the rows that train,
@@ -246,16 +263,19 @@ def make_train_step(config, parts: Parts):
     rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
 
     def accumulate(carry, mb_index):
-      grads, total, count = carry
+      # Non-parameter collections pass from one micro-batch to the next, as they would
+      # through `accum` steps of the smaller batch.
+      grads, total, count, model_state = carry
       mb, index = mb_index
-      (t, (c, terms)), g = jax.value_and_grad(loss_sum, has_aux=True)(
-          state["params"], state["frozen"], mb, jax.random.fold_in(rng, index))
-      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c), terms
+      (t, (c, terms, model_state)), g = jax.value_and_grad(loss_sum, has_aux=True)(
+          state["params"], state["frozen"], mb, jax.random.fold_in(rng, index), model_state)
+      return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c,
+              model_state), terms
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
     zero = jnp.zeros((), jnp.float32)
-    (grads, total, count), terms = jax.lax.scan(accumulate, (zeros, zero, zero),
-                                                (micro, jnp.arange(accum)))
+    (grads, total, count, model_state), terms = jax.lax.scan(
+        accumulate, (zeros, zero, zero, state.get("model_state")), (micro, jnp.arange(accum)))
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
     grads = only_token_rows(grads)
     loss = losses.safe_mean(total, count)
@@ -271,9 +291,12 @@ def make_train_step(config, parts: Parts):
       keep = lambda new, old: jax.tree_util.tree_map(
           lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+      model_state = keep(model_state, state.get("model_state"))
     nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g))
                        for k, g in checkpoints.flat_params(grads).items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    if model_state is not None:
+      new_state["model_state"] = model_state
     # The task's own terms (each loss of a multi-objective task), averaged over micro-batches.
     terms = {f"loss/{name}": jnp.mean(value) for name, value in terms.items()}
     metrics = {**terms, "loss": loss, "grad_norm": grad_norm, "update_norm": update_norm,
@@ -287,9 +310,16 @@ def make_train_step(config, parts: Parts):
 
 
 def make_eval_step(parts: Parts):
-  def step(trainable, frozen, batch):
-    total, count, _ = parts.task.loss_terms(parts.model, merge_params(trainable, frozen), batch,
-                                            jax.random.key(0))
+  """`(trainable, frozen, batch, model_state) -> (loss_sum, count)`; a model with
+  non-parameter collections evaluates with them as they are (`train=False`: BatchNorm's
+  running statistics) and leaves them unchanged."""
+  def step(trainable, frozen, batch, model_state=None):
+    params = merge_params(trainable, frozen)
+    if model_state is None:
+      total, count, _ = parts.task.loss_terms(parts.model, params, batch, jax.random.key(0))
+    else:
+      total, count, _, _ = parts.task.loss_terms(parts.model, params, batch, jax.random.key(0),
+                                                 model_state=model_state, train=False)
     return total, count
   return jax.jit(sharding.with_rules(step, parts.mesh, parts.rules))
 
@@ -355,10 +385,12 @@ def pretrained_workdir(target: str, init) -> pathlib.Path:
   return workdir
 
 
-def load_pretrained(params: dict, config, loaded: set[str] | None = None) -> dict:
+def load_pretrained(params: dict, config, loaded: set[str] | None = None,
+                    model_state: dict | None = None) -> dict:
   """`params` with each `config.init.<target>` subtree replaced by its backbone's
   (`init.steps=0`: left as initialised); the '/'-joined paths of the parameters taken from
-  a backbone are added to `loaded`."""
+  a backbone are added to `loaded`. The backbone's non-parameter collections (BatchNorm
+  statistics) replace the same subtrees of `model_state`'s, in place."""
   for target, init in (config.get("init") or {}).items():
     if not init.get("workdir") and init.get("steps", -1) == 0:
       print(f"Left '{target}' as initialised (config.init.{target}.steps=0).", flush=True)
@@ -366,12 +398,20 @@ def load_pretrained(params: dict, config, loaded: set[str] | None = None) -> dic
     workdir = pretrained_workdir(target, init)
     field = f"config.init.{target}"
     try:
-      source = checkpoints.load_params(workdir)
-      for part in filter(None, init.get("source", "").split("/")):
+      backbone = checkpoints.load(workdir)
+      source = backbone.params
+      parts = list(filter(None, init.get("source", "").split("/")))
+      for part in parts:
         if part not in source:
           raise cli.UserError(f"has no {part!r} subtree to take as {field}.source; it "
                               f"has {sorted(source)}")
         source = source[part]
+      for name, collection in backbone.model_state.items():
+        for part in parts:
+          collection = collection.get(part, {})
+        if collection and model_state is not None and name in model_state:
+          model_state[name] = checkpoints.graft(model_state[name], target, collection,
+                                                origin=f"the {name} of {workdir}")
       if init.get("drop"):
         source = checkpoints.tree_params({
             k: v for k, v in checkpoints.flat_params(source).items()
@@ -562,7 +602,8 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
         every = config.train.get("few_shot_every")
         if config.get("evaluate") and every and step % every == 0 and step < config.train.steps:
           results = evaluate.evaluate(config, merge_params(state["params"], state["frozen"]),
-                                      should_stop=should_stop)
+                                      should_stop=should_stop,
+                                      model_state=state.get("model_state"))
           log.write(step, few_shot_scalars(results.scores))
           print(f"step {step}: few-shot evaluation\n{evaluate.format_table(results.scores)}",
                 flush=True)
@@ -572,7 +613,8 @@ def _train(config, workdir: pathlib.Path, devices, stop: dict) -> dict[str, floa
     if config.get("evaluate"):
       try:
         results = evaluate.evaluate(
-            config, merge_params(state["params"], state["frozen"]), should_stop=should_stop)
+            config, merge_params(state["params"], state["frozen"]), should_stop=should_stop,
+            model_state=state.get("model_state"))
       except evaluate.Stopped:
         print(f"SIGTERM: stopped the final evaluation; the checkpoint at step {step} is "
               "saved, and the same command evaluates it.", flush=True)
@@ -608,7 +650,7 @@ def evaluate_loss(config, eval_step, state, batch_sharding, should_stop=lambda: 
     if should_stop():
       raise evaluate.Stopped
     t, c = eval_step(state["params"], state["frozen"],
-                     sharding.global_batch(batch, batch_sharding))
+                     sharding.global_batch(batch, batch_sharding), state.get("model_state"))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 

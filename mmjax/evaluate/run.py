@@ -172,8 +172,8 @@ def _model_fns(config, params):
 
 
 def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] | None = None,
-             should_stop: Callable[[], bool] = lambda: False, progress: bool = True
-             ) -> Results:
+             should_stop: Callable[[], bool] = lambda: False, progress: bool = True,
+             model_state: dict | None = None) -> Results:
   """Evaluates a Flamingo, LM or BLIP-2 run's `params` few-shot, or a contrastive (CLIP)
   run's zero-shot (`mmjax.evaluate.zeroshot`), on `tasks` (default
   `config.evaluate.tasks`) with the protocol of `config.evaluate`.
@@ -182,8 +182,9 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
     Stopped: `should_stop()` turned true; it is asked before each batch.
   """
   protocol = protocol_of(config)
-  if config.task == "clip":
-    return _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress)
+  if config.task in ("clip", "medclip"):
+    return _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress,
+                                 model_state)
   if config.task == "coop":
     return _evaluate_prompt_learning(config, params, tasks, protocol)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
@@ -231,9 +232,11 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   return results
 
 
-def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress) -> Results:
+def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress,
+                          model_state) -> Results:
   evaluation = zeroshot.Evaluation(
-      config, params, list(tasks or config.evaluate.get("tasks", zeroshot.TASKS)), protocol)
+      config, params, list(tasks or config.evaluate.get("tasks", zeroshot.TASKS)), protocol,
+      model_state)
   bar = Progress(evaluation.size, enabled=progress)
 
   def step(n: int, label: str) -> None:

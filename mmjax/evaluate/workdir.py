@@ -80,11 +80,12 @@ def evaluate_workdir(workdir: str | os.PathLike, *, tasks: Sequence[str] | None 
     e.tasks = tuple(tasks)
   config.init = {}  # where the run's backbones came from does not matter here
   config_lib.validate(config)
-  step, params, _ = checkpoints.load(workdir)  # the newest verified step
+  loaded = checkpoints.load(workdir)  # the newest verified step
   try:
-    results = evaluate(config, params, progress=progress)
+    results = evaluate(config, loaded.params, progress=progress,
+                       model_state=loaded.model_state)
   except ValueError as error:
     raise cli.UserError(str(error)) from None
   stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-  report(results, workdir, f"eval-{step}-{stamp}.json")
+  report(results, workdir, f"eval-{loaded.step}-{stamp}.json")
   return results

@@ -43,11 +43,12 @@ split; each trial draws its own test examples (`seed + trial`).
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,8 +63,7 @@ from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import benchmarks, metrics
 from mmjax.evaluate import protocol as protocol_lib
 from mmjax.evaluate.tasks import Item
-from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
-from mmjax.tasks import model_config
+from mmjax.tasks import get_task, model_config
 
 TEMPLATES_FILE = pathlib.Path(__file__).parent.parent / "data" / "assets" / "prompt_templates.json"
 # CLIP's zero-shot logits: a fixed scale, not the learned one.
@@ -141,6 +141,44 @@ def logits(image_embeddings: np.ndarray, classes: np.ndarray) -> np.ndarray:
   return LOGIT_SCALE * normalise(image_embeddings) @ np.asarray(classes, np.float32).T
 
 
+def compose_prompts(words: Mapping[str, Mapping[str, Sequence[str]]], count: int, seed: int
+                    ) -> dict[str, tuple[str, ...]]:
+  """MedCLIP's class prompts: for each class of `words` (`{class: {"severity": [...],
+  "subtype": [...], "location": [...]}}`, "" allowed as a word), `count` of the
+  severity x subtype x location phrases ("small left effusion"), drawn without
+  replacement with `seed` (all of them if there are fewer), in a fixed order. MedCLIP
+  draws them unseeded (`random.sample`), so its evaluation changes from run to run;
+  here the seed fixes them."""
+  if count < 1:
+    raise UserError(f"compose_prompts: count={count} must be >= 1.")
+  out = {}
+  for index, (name, parts) in enumerate(words.items()):
+    missing = [p for p in ("severity", "subtype", "location") if not parts.get(p)]
+    if missing:
+      raise UserError(f"Class {name!r} has no {' or '.join(missing)} words; each class needs "
+                      "lists of severity, subtype and location words ('' for none).")
+    phrases = [" ".join(w for w in combo if w) for combo in itertools.product(
+        parts["severity"], parts["subtype"], parts["location"])]
+    phrases = list(dict.fromkeys(p for p in phrases if p))  # distinct, in order
+    rng = np.random.default_rng([seed, index])
+    chosen = rng.choice(len(phrases), min(count, len(phrases)), replace=False)
+    out[name] = tuple(phrases[i] for i in sorted(chosen))
+  return out
+
+
+def prompt_logits(image_embeddings: np.ndarray, prompt_embeddings: np.ndarray,
+                  prompt_class: np.ndarray, num_classes: int, scoring: str) -> np.ndarray:
+  """`"b c"`: each class's score as MedCLIP's `PromptClassifier` computes it, the mean
+  ("mean", its ensemble) or the max ("max") over the class's prompts of `LOGIT_SCALE`
+  times the image-prompt cosine. `prompt_class "p"` is each prompt's class."""
+  if scoring not in ("mean", "max"):
+    raise UserError(f"Prompt scoring must be 'mean' or 'max', got {scoring!r}.")
+  per_prompt = LOGIT_SCALE * normalise(image_embeddings) @ normalise(prompt_embeddings).T
+  reduce = np.mean if scoring == "mean" else np.max
+  return np.stack([reduce(per_prompt[:, prompt_class == c], axis=1)
+                   for c in range(num_classes)], axis=1)
+
+
 def templates_of(evaluate: ml_collections.ConfigDict, default: str) -> tuple[str, ...]:
   """The templates `config.evaluate` asks for: its `prompt` alone (the single-prompt
   classifier) if set, else its `templates` (a named set or a file), else the set
@@ -155,23 +193,25 @@ def templates_of(evaluate: ml_collections.ConfigDict, default: str) -> tuple[str
 # The two towers.
 # ---------------------------------------------------------------------------------------
 class DualEncoder:
-  """A contrastive model's towers as numpy functions: `encode_images(uint8 "b s s 3") ->
-  "b e"`, `encode_texts(texts) -> "n e"`, both L2-normalised. Inputs go through one
-  jitted call per `batch_size` of them, the last batch padded: one compilation per
-  tower."""
+  """A contrastive model's towers (a CLIP-style `TwoTowers`, or `MedCLIP` with its
+  BatchNorm statistics `model_state` in evaluation mode) as numpy functions:
+  `encode_images(uint8 "b s s c") -> "b e"`, `encode_texts(texts) -> "n e"`, both
+  L2-normalised. Inputs go through one jitted call per `batch_size` of them, the last
+  batch padded: one compilation per tower."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256):
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256,
+               model_state: dict | None = None):
     if batch_size < 1:
       raise UserError(f"config.evaluate.batch_size={batch_size} must be >= 1.")
-    self.config = model_config(TwoTowersConfig, config)
+    self.config = model_config(get_task(config.task).MODEL_CONFIG, config)
     self.batch_size, self.seq_len = batch_size, config.data.seq_len
     self.tokenizer = _text_tokenizer(config)
     if self.config.text_pool == "eos" and self.tokenizer.eos_id != self.config.eos_id:
       raise UserError(f"The text tower pools at token {self.config.eos_id} (its eos_id), but "
                       f"the tokenizer ends texts with {self.tokenizer.eos_id}: pass the "
                       "tokenizer the model was trained or converted with (--tokenizer).")
-    self._images, self._texts = _compiled_towers(self.config)
-    self.params = jax.device_put(params)
+    self._images, self._texts = _compiled_towers(config.task, self.config)
+    self.variables = jax.device_put({"params": params, **(model_state or {})})
 
   @property
   def image_size(self) -> int:
@@ -181,9 +221,9 @@ class DualEncoder:
     """int32 `"n seq_len"`: `BOS text EOS` cut to `seq_len` keeping EOS (as training
     tokenises pair texts), padded as `config.text_pool` expects: with `pad_id` for
     "last", with EOS for "eos" and "argmax" (the first EOS, or the highest id, is then
-    the text's own EOS)."""
+    the text's own EOS); MedCLIP's BERT rows are padded with `pad_id` and masked."""
     cfg, tok = self.config, self.tokenizer
-    pad = cfg.pad_id if cfg.text_pool == "last" else tok.eos_id
+    pad = tok.eos_id if cfg.text_pool in ("eos", "argmax") else cfg.pad_id
     rows = []
     for text in texts:
       ids = tok.encode(text, bos=True)[:self.seq_len - 1] + [tok.eos_id]
@@ -191,7 +231,7 @@ class DualEncoder:
       if max(ids) >= cfg.text.vocab_size:
         problem = (f"has token ids up to {max(ids)}, beyond the text tower's vocabulary of "
                    f"{cfg.text.vocab_size}")
-      elif cfg.text_pool == "last" and pad in ids:
+      elif cfg.text_pool not in ("eos", "argmax") and pad in ids:
         problem = f"contains the padding id {pad}, which the text tower's pooling skips"
       elif cfg.text_pool == "argmax" and max(ids) != tok.eos_id:
         problem = (f"has token id {max(ids)} above EOS ({tok.eos_id}), where the text "
@@ -205,9 +245,10 @@ class DualEncoder:
   def encode_images(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     size = self.image_size
-    if images.ndim != 4 or images.shape[1:] != (size, size, self.config.vision.channels):
+    channels = getattr(self.config.vision, "channels", 3)
+    if images.ndim != 4 or images.shape[1:] != (size, size, channels):
       raise ValueError(f"Expected uint8 images 'b h w c' of shape (*, {size}, {size}, "
-                       f"{self.config.vision.channels}), got {images.shape}.")
+                       f"{channels}), got {images.shape}.")
     return self._batched(self._images, images)
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -218,19 +259,20 @@ class DualEncoder:
     for start in range(0, len(inputs), self.batch_size):
       batch = inputs[start:start + self.batch_size]
       padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), 0)])
-      out.append(np.asarray(fn(self.params, padded), np.float32)[:len(batch)])
+      out.append(np.asarray(fn(self.variables, padded), np.float32)[:len(batch)])
     return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_towers(config: TwoTowersConfig) -> tuple[Callable, Callable]:
-  """`(params, images) -> "b e"` and `(params, tokens) -> "b e"`, jitted once per config."""
-  model = TwoTowers(config)
+def _compiled_towers(task: str, config) -> tuple[Callable, Callable]:
+  """`(variables, images) -> "b e"` and `(variables, tokens) -> "b e"` of the task's dual
+  encoder, jitted once per config (BatchNorm, if any, with its running statistics)."""
+  model = get_task(task).MODEL(config)
 
   def compiled(method):
-    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
+    return jax.jit(lambda variables, x: model.apply(variables, x, method=method))
 
-  return compiled(TwoTowers.encode_image), compiled(TwoTowers.encode_text)
+  return compiled(type(model).encode_image), compiled(type(model).encode_text)
 
 
 def _text_tokenizer(config: ml_collections.ConfigDict):
@@ -256,13 +298,24 @@ Draw = Callable[[int, int], list[Item]]
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotTask:
-  """Zero-shot classification: `draw`'s items have a class index as `target`."""
+  """Zero-shot classification: `draw`'s items have a class index as `target`. The
+  classifier is CLIP's (`class_embeddings` of the names in `templates`) or, with
+  `class_prompts` (each class's own prompts, `compose_prompts`), MedCLIP's
+  (`prompt_logits` with `scoring`)."""
 
   name: str
   class_names: tuple[str, ...]
   templates: tuple[str, ...]
   draw: Draw
   source: str  # where the templates come from, for the report
+  class_prompts: tuple[tuple[str, ...], ...] = ()
+  scoring: str = "mean"
+
+  @property
+  def num_prompts(self) -> int:
+    if self.class_prompts:
+      return sum(len(p) for p in self.class_prompts)
+    return len(self.class_names) * len(self.templates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,19 +405,19 @@ class Evaluation:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, names: Sequence[str],
-               protocol: protocol_lib.Protocol):
+               protocol: protocol_lib.Protocol, model_state: dict | None = None):
     if tuple(protocol.shots) != (0,):
       raise UserError(f"A contrastive model is evaluated zero-shot; got shots "
                       f"{tuple(protocol.shots)}: pass --shots=0 or leave it out.")
-    self.encoder = DualEncoder(config, params, config.evaluate.get("batch_size", 256))
+    self.encoder = DualEncoder(config, params, config.evaluate.get("batch_size", 256),
+                               model_state)
     self.tasks = [make_task(config, name, self.encoder.image_size) for name in names]
     self.trials = [(task, seed, task.draw(seed, protocol.num_samples))
                    for task in self.tasks for seed in protocol.seeds()]
 
   @property
   def size(self) -> int:
-    count = sum(len(t.class_names) * len(t.templates) for t in self.tasks
-                if isinstance(t, ZeroShotTask))
+    count = sum(t.num_prompts for t in self.tasks if isinstance(t, ZeroShotTask))
     for task, _, items in self.trials:
       count += len(items)  # images
       if isinstance(task, RetrievalTask):
@@ -380,10 +433,11 @@ class Evaluation:
       start = time.monotonic()
       if isinstance(task, ZeroShotTask):
         if task.name not in classifiers:
-          classifiers[task.name] = class_embeddings(
-              self._texts(step, f"{task.name} classes"), task.class_names, task.templates,
-              classes_per_batch=max(1, self.encoder.batch_size // len(task.templates)))
-          info["templates"][task.name] = {"source": task.source, "count": len(task.templates)}
+          classifiers[task.name] = self._classifier(task, step)
+          info["templates"][task.name] = {
+              "source": task.source,
+              "count": (len(task.templates) if not task.class_prompts else
+                        task.num_prompts / len(task.class_names))}
         result = self._classify(task, classifiers[task.name], items, seed, step)
       else:
         result = self._retrieve(task, items, seed, step)
@@ -396,6 +450,22 @@ class Evaluation:
       scores[name] = {0: protocol_lib.aggregate([t[0] for t in trials], per_example)}
       predictions[name] = {0: [record for t in trials for record in t[2]]}
     return scores, predictions, info
+
+  def _classifier(self, task: ZeroShotTask, step: Step) -> Callable[[np.ndarray], np.ndarray]:
+    """`image embeddings "b e" -> "b c"` logits of `task`'s zero-shot classifier."""
+    encode = self._texts(step, f"{task.name} classes")
+    if task.class_prompts:
+      prompts = [p for class_prompts in task.class_prompts for p in class_prompts]
+      owner = np.repeat(np.arange(len(task.class_prompts)),
+                        [len(p) for p in task.class_prompts])
+      embedded = np.concatenate([encode(prompts[i:i + self.encoder.batch_size])
+                                 for i in range(0, len(prompts), self.encoder.batch_size)])
+      return lambda images: prompt_logits(images, embedded, owner, len(task.class_names),
+                                          task.scoring)
+    classes = class_embeddings(
+        encode, task.class_names, task.templates,
+        classes_per_batch=max(1, self.encoder.batch_size // len(task.templates)))
+    return lambda images: logits(images, classes)
 
   def _texts(self, step: Step, label: str) -> EncodeTexts:
     def encode(texts):
@@ -412,12 +482,12 @@ class Evaluation:
       step(len(batch), label)
     return np.concatenate(out)
 
-  def _classify(self, task: ZeroShotTask, classes: np.ndarray, items: list[Item], seed: int,
-                step: Step) -> tuple[dict, dict, list]:
-    scores = logits(self._images(items, step, f"{task.name} images"), classes)
+  def _classify(self, task: ZeroShotTask, classifier: Callable[[np.ndarray], np.ndarray],
+                items: list[Item], seed: int, step: Step) -> tuple[dict, dict, list]:
+    scores = classifier(self._images(items, step, f"{task.name} images"))
     labels = np.asarray([item.target for item in items])
     hits = {f"top{k}": metrics.top_k_hits(scores, labels, k) for k in TOP_K
-            if k == 1 or len(classes) > k}
+            if k == 1 or len(task.class_names) > k}
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :max(TOP_K)]
     records = [{"trial_seed": seed, "id": item.id, "target": item.answer,
                 "prediction": task.class_names[order[0]],

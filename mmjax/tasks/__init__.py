@@ -10,6 +10,11 @@ A task module provides:
     `rng` is a key drawn per step and micro-batch (fixed in evaluation), `terms` a dict
     of scalars (each loss of a multi-objective task) logged beside the loss.
 and optionally
+  MODEL: the module class `build_model` builds (dual encoders: `mmjax.evaluate.zeroshot`
+    builds their towers from `MODEL(config)` alone)
+  loss_terms(..., *, model_state, train) -> (loss_sum, count, terms, model_state): the
+    signature of a model with non-parameter collections (BatchNorm's `batch_stats`): the
+    trainer passes them (`train=False` in evaluation) and carries the returned ones.
   initial_params(params, loaded) -> params: the fresh parameters (pretrained backbones
     grafted; `loaded` holds the paths they filled) as training starts from them.
   project_params(config, trainable) -> trainable: applied inside the train step after

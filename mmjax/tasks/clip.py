@@ -10,6 +10,7 @@ from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
 from mmjax.tasks import data_fits_model, model_config
 
 MODEL_CONFIG = TwoTowersConfig
+MODEL = TwoTowers
 
 
 def check_config(config) -> list[str]:
