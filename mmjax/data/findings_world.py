@@ -314,7 +314,7 @@ def _segment(v, u, a, b, width):
 
 LUNG_CENTRE = {"right": 0.30, "left": 0.70}  # image columns (fractions) of the lungs
 FINDING_BOX = {  # (v0, v1, u0, u1) of the side drawn on "right": where the signature is
-    "cardiomegaly": (0.52, 0.80, 0.28, 0.76), "pleural effusion": (0.55, 0.78, 0.14, 0.46),
+    "cardiomegaly": (0.58, 0.74, 0.66, 0.76), "pleural effusion": (0.55, 0.78, 0.14, 0.46),
     "edema": (0.35, 0.70, 0.18, 0.82), "consolidation": (0.45, 0.70, 0.18, 0.42),
     "atelectasis": (0.56, 0.70, 0.18, 0.42), "pneumothorax": (0.16, 0.42, 0.14, 0.34),
     "nodule": (0.24, 0.40, 0.22, 0.40), "mass": (0.34, 0.56, 0.18, 0.42),
@@ -350,7 +350,7 @@ def render(states: dict[str, State], image_size: int, rng: np.random.Generator) 
   image = image - either * (0.30 - 0.08 * ribs - markings)
   image = image + 0.15 * _soft(np.abs(u - 0.5) / 0.045, 0.2) * (v > 0.1)  # spine
   heart = states["cardiomegaly"]
-  grow = strength["cardiomegaly"] * (0.3 + 0.15 * heart.severity)
+  grow = strength["cardiomegaly"] * (0.4 + 0.2 * heart.severity)
   image = np.maximum(image, 0.5 * _ellipse(v, u, 0.66, 0.53, 0.11, 0.12 * (1 + grow), 0.06))
 
   def add(finding: str, mask: np.ndarray, amount: float):
@@ -379,8 +379,8 @@ def render(states: dict[str, State], image_size: int, rng: np.random.Generator) 
     s = states["atelectasis"]
     cu = LUNG_CENTRE[s.side]
     lines = sum(_segment(v, u, (0.6 + 0.03 * k, cu - 0.09), (0.62 + 0.03 * k, cu + 0.09),
-                         0.008) for k in range(s.severity + 1))
-    add("atelectasis", lines, 0.35)
+                         0.012) for k in range(s.severity + 1))
+    add("atelectasis", lines, 0.4)
   if strength["pneumothorax"]:
     s = states["pneumothorax"]
     lateral = 1 if s.side == "left" else -1
@@ -458,10 +458,9 @@ class FindingsWorld:
     """Study `index` of `split` ("paired", "images", "texts", "retrieval") and its image."""
     if split == "classification":
       return self.classification(index, ZERO_SHOT_CLASSES)[0]
-    rng = _rng(self.seed, split_id(split), 0, index)
-    states = sample_states(rng)
-    return Example(render(states, self.image_size, rng),
-                   Study(states, write_report(states, rng)))
+    study = self.study(split, index)
+    rng = _rng(self.seed, split_id(split), 1, index)
+    return Example(render(study.states, self.image_size, rng), study)
 
   def study(self, split: str, index: int) -> Study:
     """The study of `example(split, index)` without drawing its image (same values)."""
@@ -474,7 +473,7 @@ class FindingsWorld:
   def sentence(self, index: int) -> Sentence:
     """Item `index` of the text pool: one sentence of the "texts" split's study `index`."""
     sentences = self.study("texts", index).sentences
-    rng = _rng(self.seed, split_id("texts"), 1, index)
+    rng = _rng(self.seed, split_id("texts"), 2, index)
     return sentences[rng.integers(len(sentences))]
 
   def classification(self, index: int, classes: Sequence[str] = ZERO_SHOT_CLASSES
@@ -490,9 +489,8 @@ class FindingsWorld:
     rng = _rng(self.seed, split_id("classification"), 0, index)
     forced = {c: POSITIVE if i == label else NEGATIVE for i, c in enumerate(classes)}
     states = sample_states(rng, forced)
-    example = Example(render(states, self.image_size, rng),
-                      Study(states, write_report(states, rng)))
-    return example, label
+    study = Study(states, write_report(states, rng))
+    return Example(render(states, self.image_size, rng), study), label
 
   def prompt_sentence(self, labels: np.ndarray, rng: np.random.Generator) -> Sentence:
     """MedCLIP's text for an image without a report: a sentence positive for one of the

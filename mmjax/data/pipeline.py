@@ -186,7 +186,7 @@ FINDINGS_WORLD_PARTS = ("paired", "decoupled", "classification", "retrieval")
 
 
 @dataclasses.dataclass(frozen=True)
-class FindingsWorld:
+class FindingsWorldPairs:
   """Findings-world (`mmjax.data.findings_world`) image-text pairs with CheXpert-style
   label vectors over `findings_world.LABELS`: documents `{"images": uint8 "1 s s 3",
   "text", "image_labels": float32 "l", "text_labels": float32 "l"}`.
@@ -608,7 +608,7 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
   kinds = {"shapes_world_documents": ShapesWorldDocuments,
            "shapes_world_pairs": ShapesWorldPairs,
            "shapes_world_classes": ShapesWorldClasses,
-           "findings_world": FindingsWorld,
+           "findings_world": FindingsWorldPairs,
            "labelled_decoupled": LabelledDecoupled,
            "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,

@@ -743,7 +743,7 @@ def read_label_table(path: str, columns: Sequence[str], label_columns: Sequence[
   file = epath.Path(path)
   if not file.exists():
     raise FileNotFoundError(f"Label table {path!r} does not exist.")
-  with file.open("r", newline="", encoding="utf-8-sig") as handle:
+  with io.StringIO(file.read_text(encoding="utf-8-sig"), newline="") as handle:
     reader = csv.DictReader(handle)
     header = reader.fieldnames or []
     missing = [c for c in (*columns, *label_columns) if c not in header]
@@ -828,7 +828,8 @@ class LabelledImages:
     try:
       return decode_image(data, self.image_size)
     except CorruptRecord as error:
-      raise CorruptRecord(error.reason, f"{where}: {path}: {error}") from error
+      detail = str(error).removeprefix(f"{error.reason}: ")
+      raise CorruptRecord(error.reason, f"{where}: {path}: {detail}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -894,8 +895,8 @@ class LabelledSentences:
 
 def _csv_header(path: str) -> list[str]:
   import csv  # pylint: disable=import-outside-toplevel
-  with epath.Path(path).open("r", newline="", encoding="utf-8-sig") as handle:
-    return next(csv.reader(handle), [])
+  with epath.Path(path).open("r", encoding="utf-8-sig") as handle:
+    return next(csv.reader([handle.readline()]), [])
 
 
 @dataclasses.dataclass(frozen=True)
