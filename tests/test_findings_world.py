@@ -127,7 +127,7 @@ def test_decoupled_examples_are_deterministic_and_draw_image_and_text_independen
   a, b = pairs[17], again[17]
   assert a["images"].tobytes() == b["images"].tobytes() and a["text"] == b["text"]
   np.testing.assert_array_equal(a["text_labels"], b["text_labels"])
-  draws = [pairs._pairs.draw(i)[:2] for i in range(300)]  # pylint: disable=protected-access
+  draws = [pairs.draw(i) for i in range(300)]
   images, texts = np.array([d[0] for d in draws]), np.array([d[1] for d in draws])
   assert abs(np.corrcoef(images, texts)[0, 1]) < 0.2
   for image in range(10):  # every image is seen with many different texts
@@ -158,7 +158,7 @@ def test_prompt_sentences_are_drawn_by_the_image_labels():
       normal += 1
   assert 0 < normal < 120
   mixed = source(part="decoupled", image_pool=200, size=400, prompt_fraction=0.5)
-  prompts = sum(mixed._pairs.draw(i)[1] is None for i in range(400))  # pylint: disable=protected-access
+  prompts = sum(mixed.draw(i)[1] is None for i in range(400))
   assert 140 < prompts < 260
 
 
@@ -173,6 +173,10 @@ def test_a_smaller_paired_fraction_is_a_prefix_of_the_full_set():
   check_sentence(fw.Sentence(one["text"], one["text_labels"]))
   retrieval = source(part="retrieval", size=50)
   assert len(retrieval) == 50 and retrieval[0]["text"] == WORLD.study("retrieval", 0).report
+  with pytest.raises(ValueError, match=r"does not use \['prompt_fraction'\]"):
+    source(part="paired", prompt_fraction=0.5)
+  with pytest.raises(ValueError, match="Unknown findings-world part"):
+    source(part="unpaired")
 
 
 def test_classification_images_are_positive_for_exactly_one_class():

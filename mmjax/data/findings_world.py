@@ -361,7 +361,7 @@ def render(states: dict[str, State], image_size: int, rng: np.random.Generator) 
     s = states["pleural effusion"]
     cu = LUNG_CENTRE[s.side]
     lateral = 1 if s.side == "left" else -1
-    level = 0.66 - 0.06 * s.severity + 0.06 * lateral * (u - cu) / 0.155
+    level = 0.66 - 0.06 * s.severity - 0.06 * lateral * (u - cu) / 0.155  # meniscus
     add("pleural effusion", lungs[s.side] * _soft((level - v) / 0.01 + 1, 0.5), 0.4)
   if strength["edema"]:
     s = states["edema"]

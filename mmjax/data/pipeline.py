@@ -183,6 +183,10 @@ class ShapesWorldClasses:
 
 
 FINDINGS_WORLD_PARTS = ("paired", "decoupled", "classification", "retrieval")
+_FINDINGS_WORLD_FIELDS = {  # the parts that use a field; the others use every part's
+    "fraction": ("paired",), "text": ("paired", "retrieval"),
+    "image_pool": ("decoupled",), "text_pool": ("decoupled",),
+    "prompt_fraction": ("decoupled",), "classes": ("classification",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +226,13 @@ class FindingsWorldPairs:
     if self.part not in FINDINGS_WORLD_PARTS:
       raise ValueError(f"Unknown findings-world part {self.part!r}; expected one of "
                        f"{FINDINGS_WORLD_PARTS}.")
+    unused = [f.name for f in dataclasses.fields(self) if f.init
+              and self.part not in _FINDINGS_WORLD_FIELDS.get(f.name, FINDINGS_WORLD_PARTS)
+              and getattr(self, f.name) != f.default]
+    if unused:
+      raise ValueError(f"Findings-world part {self.part!r} does not use {unused}; leave them "
+                       "out (they belong to parts "
+                       f"{ {n: _FINDINGS_WORLD_FIELDS[n] for n in unused} }).")
     if not 0 < self.fraction <= 1:
       raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
     if self.text not in ("report", "sentence"):
@@ -246,6 +257,13 @@ class FindingsWorldPairs:
   def class_names(self) -> tuple[str, ...]:
     """The classification part's classes, in label order."""
     return self.classes
+
+  def draw(self, index: int) -> tuple[int, int | None]:
+    """The decoupled part's `(image pool index, text pool index or None for a prompt
+    sentence)` of example `index` (`sources.DecoupledPairs.draw`)."""
+    if self._pairs is None:
+      raise ValueError(f"Only the 'decoupled' part draws pairs, not {self.part!r}.")
+    return self._pairs.draw(index)[:2]
 
   def __len__(self) -> int:
     if self._pairs is not None:
