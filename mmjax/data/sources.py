@@ -23,6 +23,13 @@ the pipeline counts per reason; nothing is dropped silently.
 
 The same holds for webdataset / img2dataset tar shards, read directly (`WebDatasetPairs`,
 `WebDatasetDocuments`).
+
+Labelled medical data (MedCLIP's): a CheXpert / MIMIC-CXR-style CSV of image paths and
+label columns (`LabelledImages`), a sentence-label table (`LabelledSentences`), MedCLIP's
+decoupled pairing of the two (`LabelledDecoupled`, `DecoupledPairs`) and CheXpert
+5x200-style zero-shot classification (`LabelledClasses`). Label cells are 1, 0, -1 or
+blank (NaN); any other value stops the source when it is made, naming the file, line and
+column. Missing or undecodable images are counted skips, as above.
 """
 
 import base64
@@ -839,9 +846,10 @@ class LabelledSentences:
   columns as the images. Rows with an empty text are left out when the table is read.
 
   `prompt_sentence` is MedCLIP's text for an image without a report: a sentence positive
-  for one of the image's positive classes (the class drawn uniformly, then the sentence),
-  or one positive for `no_finding` when the image has no positive class (or no sentence
-  is positive for its class).
+  for one of the image's positive classes (of those that some sentence is positive for;
+  the class drawn uniformly, then the sentence), or one positive for `no_finding` when the
+  image has no positive class; with no such sentence the record is skipped, counted as
+  "no_prompt_sentence".
   """
 
   csv: str
@@ -882,14 +890,16 @@ class LabelledSentences:
                       ) -> tuple[str, np.ndarray]:
     skip = (self.label_columns.index(self.no_finding) if self.no_finding in self.label_columns
             else None)
-    classes = [c for c in positive_classes(labels, skip) if len(self._positive[c])]
+    positive = positive_classes(labels, skip)
+    classes = [c for c in positive if len(self._positive[c])]
     if classes:
       rows = self._positive[classes[rng.integers(len(classes))]]
-    elif skip is not None and len(self._positive[skip]):
+    elif not len(positive) and skip is not None and len(self._positive[skip]):
       rows = self._positive[skip]
     else:
+      wanted = [self.label_columns[c] for c in positive] or [self.no_finding]
       raise CorruptRecord("no_prompt_sentence", f"{self.csv} has no sentence positive for "
-                          f"the image's classes or for {self.no_finding!r}")
+                          f"any of {wanted}, the image's positive classes")
     return self.sentence(int(rows[rng.integers(len(rows))]))
 
 
