@@ -35,7 +35,13 @@ from mmjax.data.tokenizer import Tokenizer
 
 
 class Source(Protocol):
-  """Random access to documents `{"images": uint8 "n h w c", "text": str}`."""
+  """Random access to documents `{"images": uint8 "n h w c", "text": str}`.
+
+  Classification sources add `"label"` (int). Labelled sources (MedCLIP's) declare
+  `label_names` (the columns of their label vectors) and add `"image_labels"` and
+  `"text_labels"` (float32 `"l"`: 1, 0, -1, NaN unknown); a document without one of them
+  gets all NaN.
+  """
 
   def __len__(self) -> int: ...
 
