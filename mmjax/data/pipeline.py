@@ -26,15 +26,22 @@ import numpy as np
 from absl import logging
 
 from mmjax import cli
-from mmjax.data import shapes_world
+from mmjax.data import findings_world, shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
-from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, TfdsPairs,
+from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, DecoupledPairs,
+                                LabelledClasses, LabelledDecoupled, TfdsPairs,
                                 WebDatasetDocuments, WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
 class Source(Protocol):
-  """Random access to documents `{"images": uint8 "n h w c", "text": str}`."""
+  """Random access to documents `{"images": uint8 "n h w c", "text": str}`.
+
+  Classification sources add `"label"` (int). Labelled sources (MedCLIP's) declare
+  `label_names` (the columns of their label vectors) and add `"image_labels"` and
+  `"text_labels"` (float32 `"l"`: 1, 0, -1, NaN unknown); a document without one of them
+  gets all NaN.
+  """
 
   def __len__(self) -> int: ...
 
@@ -179,6 +186,117 @@ class ShapesWorldClasses:
     name = shapes_world.CLASSES[self.labels()[label]]
     text = f"{shapes_world.MEDIA_TOKEN}a {name}.{shapes_world.ENDOFCHUNK_TOKEN}"
     return {"images": image[None], "text": text, "label": label}
+
+
+FINDINGS_WORLD_PARTS = ("paired", "decoupled", "classification", "retrieval")
+_FINDINGS_WORLD_FIELDS = {  # the parts that use a field; the others use every part's
+    "fraction": ("paired",), "text": ("paired", "retrieval"),
+    "image_pool": ("decoupled",), "text_pool": ("decoupled",),
+    "prompt_fraction": ("decoupled",), "classes": ("classification",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FindingsWorldPairs:
+  """Findings-world (`mmjax.data.findings_world`) image-text pairs with CheXpert-style
+  label vectors over `findings_world.LABELS`: documents `{"images": uint8 "1 s s 3",
+  "text", "image_labels": float32 "l", "text_labels": float32 "l"}`.
+
+  Parts:
+    "paired": the first `round(fraction * size)` studies of the paired set (`size`
+      default 2000), so a smaller fraction is a prefix of a larger one; the text is the
+      report (`text="report"`) or one of its sentences (`"sentence"`, drawn by index).
+    "decoupled": MedCLIP's sampling (`sources.DecoupledPairs`) of the first `image_pool`
+      images and `text_pool` sentences: `size` examples (default `image_pool`), each an
+      image and an independent sentence, or, with probability `prompt_fraction`, a prompt
+      sentence drawn by the image's labels.
+    "classification": held out, each image positive for exactly one of `classes`
+      (balanced, `label = index % len(classes)`), the others negative; `label` is the
+      class index and the text the class name (`size` default 1000, CheXpert 5x200).
+    "retrieval": held out studies and their reports (`size` default 1000).
+  """
+
+  part: str = "paired"
+  size: int = 0
+  fraction: float = 1.0
+  text: str = "report"
+  image_pool: int = 20_000
+  text_pool: int = 50_000
+  prompt_fraction: float = 0.0
+  classes: tuple[str, ...] = findings_world.ZERO_SHOT_CLASSES
+  seed: int = 0
+  image_size: int = 64
+  _pairs: DecoupledPairs | None = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "classes", tuple(self.classes))
+    if self.part not in FINDINGS_WORLD_PARTS:
+      raise ValueError(f"Unknown findings-world part {self.part!r}; expected one of "
+                       f"{FINDINGS_WORLD_PARTS}.")
+    unused = [f.name for f in dataclasses.fields(self) if f.init
+              and self.part not in _FINDINGS_WORLD_FIELDS.get(f.name, FINDINGS_WORLD_PARTS)
+              and getattr(self, f.name) != f.default]
+    if unused:
+      raise ValueError(f"Findings-world part {self.part!r} does not use {unused}; leave them "
+                       "out (they belong to parts "
+                       f"{ {n: _FINDINGS_WORLD_FIELDS[n] for n in unused} }).")
+    if not 0 < self.fraction <= 1:
+      raise ValueError(f"fraction must be in (0, 1], got {self.fraction}.")
+    if self.text not in ("report", "sentence"):
+      raise ValueError(f"text must be 'report' or 'sentence', got {self.text!r}.")
+    if self.part == "classification":
+      findings_world.FindingsWorld().classification(0, self.classes)  # checks the names
+    pairs = None
+    if self.part == "decoupled":
+      world = self.world()
+      pairs = DecoupledPairs(findings_world.ImagePool(world, self.image_pool),
+                             findings_world.SentencePool(world, self.text_pool),
+                             self.size, self.seed, self.prompt_fraction)
+    object.__setattr__(self, "_pairs", pairs)
+
+  def world(self) -> findings_world.FindingsWorld:
+    return findings_world.FindingsWorld(self.seed, self.image_size)
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return findings_world.LABELS
+
+  def class_names(self) -> tuple[str, ...]:
+    """The classification part's classes, in label order."""
+    return self.classes
+
+  def draw(self, index: int) -> tuple[int, int | None]:
+    """The decoupled part's `(image pool index, text pool index or None for a prompt
+    sentence)` of example `index` (`sources.DecoupledPairs.draw`)."""
+    if self._pairs is None:
+      raise ValueError(f"Only the 'decoupled' part draws pairs, not {self.part!r}.")
+    return self._pairs.draw(index)[:2]
+
+  def __len__(self) -> int:
+    if self._pairs is not None:
+      return len(self._pairs)
+    if self.part == "paired":
+      return max(1, round(self.fraction * (self.size or 2000)))
+    return self.size or 1000
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if self._pairs is not None:
+      return self._pairs[index]
+    world = self.world()
+    if self.part == "classification":
+      example, label = world.classification(index, self.classes)
+      name = self.classes[label]
+      text_labels = findings_world.sentence_labels({name: findings_world.POSITIVE})
+      return {"images": example.image[None], "text": name, "label": label,
+              "image_labels": example.labels, "text_labels": text_labels}
+    example = world.example("paired" if self.part == "paired" else "retrieval", index)
+    if self.text == "report":
+      text, text_labels = example.study.report, example.labels
+    else:
+      sentences = example.study.sentences
+      pick = np.random.default_rng([self.seed, 0x73656e74, index]).integers(len(sentences))
+      text, text_labels = sentences[pick].text, sentences[pick].labels
+    return {"images": example.image[None], "text": text, "image_labels": example.labels,
+            "text_labels": text_labels}
 
 
 SKIP_WINDOW = 1000
@@ -366,9 +484,32 @@ class _CountingDataset(grain.IterDataset):
     return "CountingIterDataset"
 
 
+LABEL_KEYS = ("image_labels", "text_labels")
+
+
+def label_names(source: Source) -> tuple[str, ...] | None:
+  """The label columns of a labelled source (its `label_names`), None for others."""
+  names = getattr(source, "label_names", None)
+  return None if names is None else tuple(names)
+
+
+def _label_vector(value: Any, width: int, key: str) -> np.ndarray:
+  """A document's label vector, or all NaN (no label) where it has none."""
+  if value is None:
+    return np.full(width, np.nan, np.float32)
+  vector = np.asarray(value, np.float32)
+  if vector.shape != (width,):
+    raise CorruptRecord("bad_labels", f"{key} has shape {vector.shape}, expected ({width},)")
+  if not np.all(np.isnan(vector) | np.isin(vector, (1.0, 0.0, -1.0))):
+    raise CorruptRecord("bad_labels", f"{key} holds {sorted(set(vector[~np.isnan(vector)]))}; "
+                        "labels are 1, 0, -1 or NaN")
+  return vector
+
+
 def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: SequenceSpec,
-               seed: int) -> grain.MapDataset:
-  """An endless, shuffled MapDataset of `_Built` records."""
+               seed: int, num_labels: int = 0) -> grain.MapDataset:
+  """An endless, shuffled MapDataset of `_Built` records; with `num_labels`, every example
+  has `image_labels` and `text_labels` float32 `"num_labels"` (NaN where unknown)."""
   source = dataset.source
   if len(source) == 0:
     raise ValueError(f"Dataset {dataset.name!r} is empty.")
@@ -378,6 +519,8 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
     try:
       document = source[index]
       example, stats = build_sequence(document, tokenizer, spec)
+      for key in LABEL_KEYS if num_labels else ():
+        example[key] = _label_vector(document.get(key), num_labels, key)
     except CorruptRecord as error:
       return _Built(name, None, ((error.reason, 1),), f"record {index}: {error}")
     except Exception as error:  # an unreadable record must not end the run
@@ -396,7 +539,10 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
                  batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, health: DataHealth | None = None,
                  skip_window: int = SKIP_WINDOW) -> grain.IterDataset:
-  """Batches of `build_sequence` outputs plus `loss_weight` and `dataset_id`, `"b ..."`.
+  """Batches of `build_sequence` outputs plus `loss_weight` and `dataset_id`, `"b ..."`;
+  classification sources add `label` (int32), and where any dataset is labelled (has
+  `label_names`, all of the same length `l`) every example has `image_labels` and
+  `text_labels` (float32 `"l"`: 1, 0, -1, NaN unknown; all NaN from unlabelled sources).
 
   Args:
     datasets: the mixture; sampled in proportion to their `weight`.
@@ -419,7 +565,13 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
   if len(set(names)) != len(names):
     raise ValueError(f"Dataset names must be unique, got {names}.")
   health = health if health is not None else DataHealth()
-  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i)
+  widths = {d.name: len(label_names(d.source)) for d in datasets
+            if label_names(d.source) is not None}
+  if len(set(widths.values())) > 1:
+    raise ValueError(f"The labelled datasets of a mixture must share one label vocabulary; "
+                     f"their label counts differ: {widths}.")
+  num_labels = next(iter(widths.values()), 0)
+  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i, num_labels)
            for i, d in enumerate(datasets)]
   weights = [d.weight for d in datasets]
   if min(weights) <= 0:
@@ -480,6 +632,9 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
   kinds = {"shapes_world_documents": ShapesWorldDocuments,
            "shapes_world_pairs": ShapesWorldPairs,
            "shapes_world_classes": ShapesWorldClasses,
+           "findings_world": FindingsWorldPairs,
+           "labelled_decoupled": LabelledDecoupled,
+           "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
            "tfds": TfdsPairs,

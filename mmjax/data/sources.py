@@ -23,6 +23,13 @@ the pipeline counts per reason; nothing is dropped silently.
 
 The same holds for webdataset / img2dataset tar shards, read directly (`WebDatasetPairs`,
 `WebDatasetDocuments`).
+
+Labelled medical data (MedCLIP's): a CheXpert / MIMIC-CXR-style CSV of image paths and
+label columns (`LabelledImages`), a sentence-label table (`LabelledSentences`), MedCLIP's
+decoupled pairing of the two (`LabelledDecoupled`, `DecoupledPairs`) and CheXpert
+5x200-style zero-shot classification (`LabelledClasses`). Label cells are 1, 0, -1 or
+blank (NaN); any other value stops the source when it is made, naming the file, line and
+column. Missing or undecodable images are counted skips, as above.
 """
 
 import base64
@@ -707,3 +714,351 @@ def _document(content: Sequence[str | bytes], image_size: int,
   if not text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip():
     raise CorruptRecord("empty_text", "the record holds no text")
   return {"images": _stack(images, image_size), "text": text}
+
+
+# ---------------------------------------------------------------------- labelled (CheXpert)
+
+# CheXpert's and MIMIC-CXR-JPG's 14 label columns, in their CSVs' order.
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+                   "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+                   "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+                   "Support Devices")
+_LABEL_VALUES = {"": np.nan, "1": 1.0, "0": 0.0, "-1": -1.0}
+
+
+def _label_value(text: str) -> float | None:
+  """A CSV cell -> 1, 0, -1 or NaN (blank); None if it is none of them ("1.0" is 1)."""
+  text = text.strip()
+  if text in _LABEL_VALUES:
+    return _LABEL_VALUES[text]
+  try:
+    value = float(text)
+  except ValueError:
+    return None
+  return value if value in (1.0, 0.0, -1.0) else np.nan if np.isnan(value) else None
+
+
+def read_label_table(path: str, columns: Sequence[str], label_columns: Sequence[str]
+                     ) -> tuple[dict[str, list[str]], np.ndarray]:
+  """A CSV with a header -> (`{column: values}` of `columns`, float32 `"n l"` labels).
+
+  Label cells must be 1, 0, -1 (also written 1.0, 0.0, -1.0) or blank (NaN: unmentioned).
+  Raises ValueError naming the file, the row (as a line number) and the column of the
+  first bad cell, or the missing columns.
+  """
+  import csv  # pylint: disable=import-outside-toplevel
+  file = epath.Path(path)
+  if not file.exists():
+    raise FileNotFoundError(f"Label table {path!r} does not exist.")
+  with io.StringIO(file.read_text(encoding="utf-8-sig"), newline="") as handle:
+    reader = csv.DictReader(handle)
+    header = reader.fieldnames or []
+    missing = [c for c in (*columns, *label_columns) if c not in header]
+    if missing:
+      raise ValueError(f"{path} has no column(s) {missing}; its header is {header}. Set the "
+                       "source's label_columns / path_column / text_column to match it.")
+    values: dict[str, list[str]] = {c: [] for c in columns}
+    labels = []
+    for row in reader:
+      line = reader.line_num
+      vector = []
+      for column in label_columns:
+        cell = row[column] if row[column] is not None else ""
+        value = _label_value(cell)
+        if value is None:
+          raise ValueError(f"{path} line {line}: column {column!r} holds {cell!r}; labels "
+                           "must be 1, 0, -1 or blank.")
+        vector.append(value)
+      labels.append(vector)
+      for column in columns:
+        values[column].append(row[column] or "")
+  return values, np.asarray(labels, np.float32).reshape(-1, len(label_columns))
+
+
+def positive_classes(labels: np.ndarray, skip: int | None = 0) -> np.ndarray:
+  """The columns of `labels "l"` that are positive, but for column `skip` (the "no
+  finding" column)."""
+  positive = np.asarray(labels) == 1.0
+  if skip is not None:
+    positive[skip] = False
+  return np.flatnonzero(positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledImages:
+  """An image pool from a CheXpert / MIMIC-CXR-style CSV: a `path_column` of image files
+  relative to `root` (by default the CSV's folder) and `label_columns` of 1 / 0 / -1 /
+  blank. Labels are read (and checked) when the source is made; images when read: a
+  missing or undecodable file raises `CorruptRecord` ("missing_image", "bad_image",
+  "unsupported_image") naming the CSV line and the file, which the pipeline counts.
+  """
+
+  csv: str
+  image_size: int
+  root: str = ""
+  path_column: str = "Path"
+  label_columns: tuple[str, ...] = CHEXPERT_LABELS
+  _paths: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+  _labels: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "label_columns", tuple(self.label_columns))
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    values, labels = read_label_table(self.csv, [self.path_column], self.label_columns)
+    object.__setattr__(self, "_paths", tuple(values[self.path_column]))
+    object.__setattr__(self, "_labels", labels)
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.label_columns
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def labels(self, index: int) -> np.ndarray:
+    return self._labels[index].copy()
+
+  def image(self, index: int) -> np.ndarray:
+    """uint8 `"s s 3"`: the row's image, decoded as every reader decodes images."""
+    where = f"{self.csv} line {index + 2}"
+    relative = self._paths[index]
+    if not relative.strip():
+      raise CorruptRecord("missing_image", f"{where}: empty {self.path_column!r}")
+    root = epath.Path(self.root) if self.root else epath.Path(self.csv).parent
+    path = root / relative
+    try:
+      data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+      raise CorruptRecord("missing_image", f"{where}: cannot read {path} "
+                          f"({type(error).__name__})") from error
+    try:
+      return decode_image(data, self.image_size)
+    except CorruptRecord as error:
+      detail = str(error).removeprefix(f"{error.reason}: ")
+      raise CorruptRecord(error.reason, f"{where}: {path}: {detail}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSentences:
+  """A text pool from a sentence-label table (MedCLIP's `sentence-label.csv`): a text
+  column (`text_column`, by default `Reports` or else `sentence`) and the same label
+  columns as the images. Rows with an empty text are left out when the table is read.
+
+  `prompt_sentence` is MedCLIP's text for an image without a report: a sentence positive
+  for one of the image's positive classes (of those that some sentence is positive for;
+  the class drawn uniformly, then the sentence), or one positive for `no_finding` when the
+  image has no positive class; with no such sentence the record is skipped, counted as
+  "no_prompt_sentence".
+  """
+
+  csv: str
+  text_column: str = ""
+  label_columns: tuple[str, ...] = CHEXPERT_LABELS
+  no_finding: str = "No Finding"
+  _texts: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+  _labels: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+  _positive: tuple[np.ndarray, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "label_columns", tuple(self.label_columns))
+    column = self.text_column
+    if not column and epath.Path(self.csv).exists():
+      header = _csv_header(self.csv)
+      column = next((c for c in ("Reports", "sentence") if c in header), "Reports")
+    values, labels = read_label_table(self.csv, [column], self.label_columns)
+    keep = [i for i, text in enumerate(values[column]) if text.strip()]
+    if not keep:
+      raise ValueError(f"Sentence table {self.csv} has no non-empty {column!r} text.")
+    labels = labels[keep]
+    object.__setattr__(self, "_texts", tuple(values[column][i].strip() for i in keep))
+    object.__setattr__(self, "_labels", labels)
+    object.__setattr__(self, "_positive", tuple(np.flatnonzero(labels[:, c] == 1.0)
+                                                for c in range(len(self.label_columns))))
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.label_columns
+
+  def __len__(self) -> int:
+    return len(self._texts)
+
+  def sentence(self, index: int) -> tuple[str, np.ndarray]:
+    return self._texts[index], self._labels[index].copy()
+
+  def prompt_sentence(self, labels: np.ndarray, rng: np.random.Generator
+                      ) -> tuple[str, np.ndarray]:
+    skip = (self.label_columns.index(self.no_finding) if self.no_finding in self.label_columns
+            else None)
+    positive = positive_classes(labels, skip)
+    classes = [c for c in positive if len(self._positive[c])]
+    if classes:
+      rows = self._positive[classes[rng.integers(len(classes))]]
+    elif not len(positive) and skip is not None and len(self._positive[skip]):
+      rows = self._positive[skip]
+    else:
+      wanted = [self.label_columns[c] for c in positive] or [self.no_finding]
+      raise CorruptRecord("no_prompt_sentence", f"{self.csv} has no sentence positive for "
+                          f"any of {wanted}, the image's positive classes")
+    return self.sentence(int(rows[rng.integers(len(rows))]))
+
+
+def _csv_header(path: str) -> list[str]:
+  import csv  # pylint: disable=import-outside-toplevel
+  with epath.Path(path).open("r", encoding="utf-8-sig") as handle:
+    return next(csv.reader([handle.readline()]), [])
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoupledPairs:
+  """MedCLIP's decoupled image-text sampling, deterministic and resumable.
+
+  Example `index` draws, with a generator seeded by `(seed, index)`, an image of the
+  image pool and, independently, a sentence of the text pool; with probability
+  `prompt_fraction` the image instead gets a prompt sentence drawn by its own labels (the
+  text pool's `prompt_sentence`), as MedCLIP gives images that have no report.
+
+  Pools: `images` has `image(i)` (uint8 `"s s 3"`), `labels(i)` and `label_names`;
+  `texts` has `sentence(i)` -> `(text, labels)`, `prompt_sentence(labels, rng)` and
+  `label_names`, the same as the images'.
+
+  Documents: `{"images": "1 s s 3", "text", "image_labels": float32 "l",
+  "text_labels": float32 "l"}`.
+  """
+
+  images: Any
+  texts: Any
+  size: int = 0  # 0: as many examples as images
+  seed: int = 0
+  prompt_fraction: float = 0.0
+
+  def __post_init__(self):
+    if tuple(self.images.label_names) != tuple(self.texts.label_names):
+      raise ValueError(f"The image pool's labels {tuple(self.images.label_names)} differ from "
+                       f"the text pool's {tuple(self.texts.label_names)}; both must use the "
+                       "same label columns in the same order.")
+    if not 0 <= self.prompt_fraction <= 1:
+      raise ValueError(f"prompt_fraction must be in [0, 1], got {self.prompt_fraction}.")
+    if not len(self.images) or (not len(self.texts) and self.prompt_fraction < 1):
+      raise ValueError(f"Decoupled pairs need images and texts: the pools hold "
+                       f"{len(self.images)} images and {len(self.texts)} texts.")
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return tuple(self.images.label_names)
+
+  def __len__(self) -> int:
+    return self.size or len(self.images)
+
+  def draw(self, index: int) -> tuple[int, int | None, np.random.Generator]:
+    """`(image index, text index or None for a prompt sentence, the generator to go on
+    with)` of example `index`."""
+    rng = np.random.default_rng([self.seed, 0x6d656463, index])
+    image = int(rng.integers(len(self.images)))
+    prompt = rng.random() < self.prompt_fraction
+    text = None if prompt else int(rng.integers(len(self.texts)))
+    return image, text, rng
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    image_index, text_index, rng = self.draw(index)
+    image_labels = np.asarray(self.images.labels(image_index), np.float32)
+    if text_index is None:
+      text, text_labels = self.texts.prompt_sentence(image_labels, rng)
+    else:
+      text, text_labels = self.texts.sentence(text_index)
+    return {"images": self.images.image(image_index)[None], "text": text,
+            "image_labels": image_labels, "text_labels": np.asarray(text_labels, np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledDecoupled:
+  """`DecoupledPairs` of a CheXpert-style image CSV (`LabelledImages`) and a sentence-label
+  table (`LabelledSentences`), with the arguments of both flat, as configs give them."""
+
+  images_csv: str
+  sentences_csv: str
+  image_size: int
+  root: str = ""
+  path_column: str = "Path"
+  text_column: str = ""
+  label_columns: tuple[str, ...] = CHEXPERT_LABELS
+  no_finding: str = "No Finding"
+  size: int = 0
+  seed: int = 0
+  prompt_fraction: float = 0.0
+  _pairs: DecoupledPairs = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    columns = tuple(self.label_columns)
+    object.__setattr__(self, "label_columns", columns)
+    images = LabelledImages(self.images_csv, self.image_size, self.root, self.path_column,
+                            columns)
+    texts = LabelledSentences(self.sentences_csv, self.text_column, columns, self.no_finding)
+    object.__setattr__(self, "_pairs", DecoupledPairs(images, texts, self.size, self.seed,
+                                                      self.prompt_fraction))
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.label_columns
+
+  def __len__(self) -> int:
+    return len(self._pairs)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._pairs[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledClasses:
+  """Zero-shot classification from a CheXpert-style image CSV, as CheXpert 5x200 is
+  built: the rows positive for exactly one of `classes` (label columns), in CSV order,
+  at most `per_class` of each (0: all). Documents carry the class index as `label`, the
+  class name as text and the row's labels as `image_labels`."""
+
+  csv: str
+  image_size: int
+  classes: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                              "Pleural Effusion")
+  per_class: int = 0
+  root: str = ""
+  path_column: str = "Path"
+  label_columns: tuple[str, ...] = CHEXPERT_LABELS
+  _images: LabelledImages = dataclasses.field(init=False, repr=False, compare=False)
+  _items: tuple[tuple[int, int], ...] = dataclasses.field(init=False, repr=False,
+                                                          compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "classes", tuple(self.classes))
+    missing = [c for c in self.classes if c not in self.label_columns]
+    if missing:
+      raise ValueError(f"classes {missing} are not label columns {tuple(self.label_columns)}.")
+    images = LabelledImages(self.csv, self.image_size, self.root, self.path_column,
+                            self.label_columns)
+    columns = [self.label_columns.index(c) for c in self.classes]
+    positive = images._labels[:, columns] == 1.0  # pylint: disable=protected-access
+    items, taken = [], [0] * len(columns)
+    for row in np.flatnonzero(positive.sum(1) == 1):
+      label = int(np.argmax(positive[row]))
+      if self.per_class == 0 or taken[label] < self.per_class:
+        items.append((int(row), label))
+        taken[label] += 1
+    object.__setattr__(self, "_images", images)
+    object.__setattr__(self, "_items", tuple(items))
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return tuple(self.label_columns)
+
+  def class_names(self) -> tuple[str, ...]:
+    return self.classes
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    row, label = self._items[index]
+    labels = self._images.labels(row)
+    text_labels = np.full(len(self.label_columns), np.nan, np.float32)
+    text_labels[self.label_columns.index(self.classes[label])] = 1.0
+    return {"images": self._images.image(row)[None], "text": self.classes[label].lower(),
+            "label": label, "image_labels": labels, "text_labels": text_labels}
