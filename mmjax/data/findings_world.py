@@ -22,7 +22,7 @@ CheXpert 5x200) and "retrieval" (held out: image, report).
 
 Zero-shot prompts: `CLASS_PROMPT_WORDS[class]` holds "severity", "subtype" and "location"
 word lists, structured as GLoRIA's CHEXPERT_CLASS_PROMPTS (which MedCLIP uses);
-`class_prompts` draws from their product with a seeded generator.
+`mmjax.evaluate.zeroshot.compose_prompts` draws from their product with a seeded generator.
 
 The text tower's tokenizer (BERT-style WordPiece over the world's whole vocabulary) ships
 in `TOKENIZER_DIR`; to rebuild it:
@@ -32,7 +32,6 @@ in `TOKENIZER_DIR`; to rebuild it:
 
 import dataclasses
 import functools
-import itertools
 import json
 import pathlib
 from collections.abc import Sequence
@@ -127,21 +126,6 @@ CLASS_PROMPT_WORDS[NO_FINDING] = {"severity": ("",), "subtype": NO_FINDING_SENTE
 
 def _join(*words: str) -> str:
   return " ".join(w for w in words if w)
-
-
-def class_prompts(name: str, n: int | None = None, seed: int = 0) -> tuple[str, ...]:
-  """Prompts for class `name` of `LABELS`: all of "severity subtype location" in a fixed
-  order, or `n` of them drawn without replacement by a generator seeded with `seed` (all
-  when there are fewer), in that order."""
-  if name not in CLASS_PROMPT_WORDS:
-    raise ValueError(f"Unknown findings-world class {name!r}; expected one of {LABELS}.")
-  words = CLASS_PROMPT_WORDS[name]
-  prompts = tuple(_join(*p) for p in itertools.product(
-      words["severity"], words["subtype"], words["location"]))
-  if n is None or n >= len(prompts):
-    return prompts
-  picked = np.sort(np.random.default_rng(seed).choice(len(prompts), n, replace=False))
-  return tuple(prompts[i] for i in picked)
 
 
 # ------------------------------------------------------------------------------------ studies
