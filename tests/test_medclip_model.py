@@ -109,16 +109,21 @@ def test_converted_medclip_matches_the_reference(converted):
 
 
 def test_saved_with_batch_stats(converted, tmp_path):
+  """`common.save` writes a model state beside the parameters (a small one: saving
+  fingerprints every array)."""
   from mmjax import checkpoints
   from mmjax.convert import common
-  _, _, (cfg, params, model_state) = converted
+  cfg = converted[2][0]
+  params = {"log_scale": np.float32(2.0)}
+  model_state = {"batch_stats": {"image": {"bn1": {"mean": np.arange(3, dtype=np.float32)}}}}
   common.save(tmp_path, "medclip", cfg, params, model_state)
   mngr = checkpoints.manager(tmp_path)
   state = mngr.restore(0, args=checkpoints.ocp.args.Composite(
       state=checkpoints.ocp.args.StandardRestore()))["state"]
   mngr.close()
   assert set(state) == {"params", "model_state"}
-  jax.tree.map(np.testing.assert_array_equal, state["model_state"], model_state)
+  np.testing.assert_array_equal(state["model_state"]["batch_stats"]["image"]["bn1"]["mean"],
+                                [0, 1, 2])
 
 
 def test_conversion_is_strict(converted, tmp_path):
@@ -150,11 +155,13 @@ VISION = ResNetConfig((1,), 4, block="basic", output_dim=8)
 def text_tower():
   """A random text tower's parameters, and its hidden states 0 to 3 on `inputs(1)`."""
   _, tokens, valid = inputs(1)
-  key = jax.random.key(0, impl="unsafe_rbg")  # compiles in a fraction of threefry's time
-  params = jax.jit(Bert(TEXT).init)(key, jnp.asarray(tokens))["params"]
+  shapes = jax.eval_shape(lambda: Bert(TEXT).init(jax.random.key(0), jnp.asarray(tokens)))
+  rng = np.random.default_rng(0)  # no random init to compile: numpy's normals, by shape
+  params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                        flax.linen.meta.unbox(shapes["params"]))
   states = Bert(TEXT).apply({"params": params}, jnp.asarray(tokens),
                             token_mask=jnp.asarray(valid), hidden_layers=(0, 1, 2, 3))
-  return flax.linen.meta.unbox(params), np.asarray(states["hidden_layers"])
+  return params, np.asarray(states["hidden_layers"])
 
 
 @pytest.mark.parametrize("pool", ["medclip", "cls", "mean"])
@@ -185,11 +192,11 @@ def test_text_pooling_defined_naively(pool, text_tower):
 
 
 def test_bert_hidden_layers_scanned_and_per_layer(text_tower):
-  """Hidden states 0 to 3 against towers cut to 0 to 3 layers, and a scanned tower's."""
+  """Hidden states against towers cut to 0 and 2 layers, and a scanned tower's."""
   params, states = text_tower
   _, tokens, valid = inputs(1)
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
-  for n in range(4):
+  for n in (0, 2):
     cut = Bert(dataclasses.replace(TEXT, depth=n)).apply(
         {"params": params}, tokens, token_mask=valid)["hidden"]
     np.testing.assert_allclose(states[n], cut, atol=1e-6)
