@@ -112,21 +112,24 @@ def to_torch(x: np.ndarray) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-@pytest.mark.parametrize("bottleneck,fc", [(True, "nobias"), (False, "bias"), (True, None)])
-def test_eval_matches_torch(tmp_path, bottleneck, fc):
+@pytest.mark.parametrize("depths,width,bottleneck,fc", [
+    ((1, 2, 1, 1), 8, True, "nobias"), ((1, 2, 1, 1), 8, False, "bias"),
+    ((3, 4, 6, 3), 64, True, None)], ids=["bottleneck-projection", "basic-classifier",
+                                          "resnet50"])
+def test_eval_matches_torch(tmp_path, depths, width, bottleneck, fc):
   torch.manual_seed(0)
-  ref = randomise(TorchResNet((1, 2, 1, 1), 8, bottleneck, fc, 12)).eval()
+  ref = randomise(TorchResNet(depths, width, bottleneck, fc, 12)).eval()
   cfg, params, state = converted(ref, tmp_path)
-  assert cfg.depths == (1, 2, 1, 1) and cfg.width == 8
+  assert cfg.depths == depths and cfg.width == width
   assert cfg.block == ("bottleneck" if bottleneck else "basic")
   assert (cfg.output_dim, cfg.num_classes) == {"nobias": (12, None), "bias": (None, 12),
                                                None: (None, None)}[fc]
-  x = images()
+  x = images(size=32)
   out = jax.jit(ResNet(cfg).apply)({"params": params, **state}, jnp.asarray(x))
   with torch.no_grad():
     want = ref(to_torch(x)).numpy()
   assert out["pooled"].shape == want.shape == (2, cfg.pooled_dim)
-  assert out["features"].shape == (2, 2, 2, cfg.feature_dim)
+  assert out["features"].shape == (2, 1, 1, cfg.feature_dim)
   np.testing.assert_allclose(out["pooled"], want, atol=1e-4, rtol=1e-4)
 
 
