@@ -13,6 +13,7 @@ normalisation, and logits `exp(clamp(logit_scale, 0, 4.6052)) * image @ text.T`.
 """
 
 import dataclasses
+import json
 
 import flax
 import jax
@@ -27,6 +28,7 @@ from torch import nn
 from mmjax.convert import ConversionError
 from mmjax.convert.medclip import PIXEL_MEAN, PIXEL_STD, convert_medclip
 from mmjax.models.bert import Bert, BertConfig
+from mmjax.models.common import config_from_dict
 from mmjax.models.medclip import MedCLIP, MedCLIPConfig
 from mmjax.models.resnet import ResNetConfig
 
@@ -122,6 +124,9 @@ def test_saved_with_batch_stats(converted, tmp_path):
       state=checkpoints.ocp.args.StandardRestore()))["state"]
   mngr.close()
   assert set(state) == {"params", "model_state"}
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["task"] == "medclip"
+  assert config_from_dict(MedCLIPConfig, saved["model"]) == cfg
   np.testing.assert_array_equal(state["model_state"]["batch_stats"]["image"]["bn1"]["mean"],
                                 [0, 1, 2])
 

@@ -9,6 +9,8 @@ build of torch ("operator torchvision::nms does not exist" at import), and the C
 come only from PyTorch's own package index.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -211,3 +213,22 @@ def test_conversion_is_strict(tmp_path):
   torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "other.pt")
   with pytest.raises(ConversionError, match="no conv1.weight"):
     convert_resnet(tmp_path / "other.pt")
+
+
+def test_parameters_shard_under_fsdp_and_compute_in_bfloat16():
+  """Conv kernels split their input channels over fsdp (where the mesh divides them: not
+  the stem's 3), BatchNorm statistics stay float32 under a bfloat16 compute dtype."""
+  from mmjax import sharding
+  cfg = ResNetConfig((1, 1), 8, output_dim=16, dtype="bfloat16")
+  x = jnp.zeros((2, 32, 32, 3))
+  boxed = jax.eval_shape(lambda: ResNet(cfg).init(jax.random.key(0), x))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1),
+                           sharding.MESH_AXES)
+  specs = sharding.tree_shardings(boxed["params"], mesh, sharding.rules("fsdp"))
+  spec = lambda *path: tuple(functools.reduce(dict.get, path, specs).spec)
+  assert spec("layer1_0", "conv2", "kernel") == (None, None, "fsdp", None)
+  assert spec("conv1", "kernel") == (None, None, None, None)
+  assert spec("fc", "kernel") == ("fsdp", None)
+  out = jax.eval_shape(ResNet(cfg).apply, flax.linen.meta.unbox(boxed), x)
+  assert out["features"].dtype == out["pooled"].dtype == jnp.bfloat16
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(boxed["batch_stats"]))
