@@ -65,7 +65,7 @@ def medclip_params(state: dict[str, np.ndarray], text: BertConfig
         + ("a classifier with a bias" if vision.num_classes else "no fc") + ".")
   cfg = MedCLIPConfig(vision=vision, text=text, embed_dim=vision.output_dim)
 
-  read = common.Reader(vision_state)
+  read = common.Reader({k: v for k, v in state.items() if k.startswith(VISION)}, (VISION,))
   image, stats = resnet.resnet_params(read, vision)
   read.finish(resnet.IGNORED_TENSORS, hint="Check that the vision tower is a torchvision "
               "ResNet.")
