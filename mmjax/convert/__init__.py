@@ -18,7 +18,9 @@ the tree the mmjax model's `init` builds (`common.check_tree`). Anything else is
 
 One module per checkpoint family: `gpt2`, `opt`, `llama` (and Mistral), `mpt` (dispatched
 by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert`, `t5` (T5,
-FLAN-T5), `blip2`, `idefics`, `openflamingo`; shared readers and checks in `common`. Adding
+FLAN-T5), `blip2`, `idefics`, `openflamingo`, `resnet` (torchvision ResNets), `medclip`
+(MedCLIP's ResNet checkpoint, `--medclip`; its BatchNorm statistics are saved beside the
+parameters as the checkpoint's "model_state"); shared readers and checks in `common`. Adding
 a family means a module `<family>.py` that reads its config with `common.Fields` (finishing with its
 `IGNORED_FIELDS`), its tensors with
 `common.Reader` (finishing with its `IGNORED_TENSORS`), checks the result with
@@ -36,16 +38,18 @@ from mmjax.convert.common import (ConversionError, count, read_hf_config, read_h
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
 from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
+from mmjax.convert.medclip import convert_medclip
 from mmjax.convert.open_clip import convert_open_clip, open_clip_model, open_clip_vision
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.resnet import convert_resnet, resnet_config
 from mmjax.convert.siglip import convert_siglip, siglip_config
 from mmjax.convert.t5 import convert_t5, t5_config, t5_params
 
 __all__ = ["LM_TYPES", "ROPE_SCALINGS", "ConversionError", "bert_config", "blip2_config",
-           "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision",
-           "convert_clip", "convert_idefics", "convert_lm", "convert_open_clip",
-           "convert_openflamingo", "convert_siglip", "convert_t5", "count", "export_lm",
-           "lm_config", "lm_params", "open_clip_model", "open_clip_vision", "read_hf_config",
-           "read_hf_dir", "read_hf_weights", "read_state_file", "rope_settings", "save",
-           "save_hf", "siglip_config", "t5_config", "t5_params", "text_config", "vit_config",
-           "vit_params"]
+           "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision", "convert_clip",
+           "convert_idefics", "convert_lm", "convert_medclip", "convert_open_clip",
+           "convert_openflamingo", "convert_resnet", "convert_siglip", "convert_t5", "count",
+           "export_lm", "lm_config", "lm_params", "open_clip_model", "open_clip_vision",
+           "read_hf_config", "read_hf_dir", "read_hf_weights", "read_state_file", "resnet_config",
+           "rope_settings", "save", "save_hf", "siglip_config", "t5_config", "t5_params",
+           "text_config", "vit_config", "vit_params"]

@@ -4,6 +4,7 @@
                                                       # IDEFICS
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
+  python -m mmjax.convert --medclip=pytorch_model.bin --hf_dir=BERT --output=OUT
 
 The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
 """
@@ -20,6 +21,7 @@ from mmjax.convert.blip2 import convert_blip2
 from mmjax.convert.clip import convert_clip
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.lm import LM_TYPES, convert_lm
+from mmjax.convert.medclip import convert_medclip
 from mmjax.convert.openflamingo import convert_openflamingo
 from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
@@ -36,6 +38,8 @@ flags.DEFINE_integer("media_token_id", None, "IDEFICS, OpenFlamingo: the <image>
                      "(OpenFlamingo: default from --hf_dir's tokenizer).")
 flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the end-of-chunk "
                      "token id.")
+flags.DEFINE_string("medclip", None, "MedCLIP's (ResNet) pytorch_model.bin; --hf_dir is "
+                    "then a directory with its text model's config.json (Bio_ClinicalBERT's).")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
 SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics")
@@ -50,7 +54,12 @@ def main(argv):
     raise cli.UserError(f"--hf_dir={hf_dir} has no config.json: expected a Hugging Face "
                         "model directory (save_pretrained's output).")
   kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
-  if f.openflamingo:
+  model_state = None
+  if f.medclip:
+    if f.openflamingo:
+      raise cli.UserError("Give one of --medclip and --openflamingo.")
+    task, (cfg, params, model_state) = "medclip", convert_medclip(f.medclip, hf_dir)
+  elif f.openflamingo:
     if f.vision is None:
       raise cli.UserError("--openflamingo needs --vision: the CLIP vision tower (open_clip "
                           "weights file or Hugging Face CLIP directory).")
@@ -82,9 +91,11 @@ def main(argv):
     task, (cfg, params) = "lm", convert_lm(hf_dir)
   else:
     raise cli.UserError(f"{hf_dir / 'config.json'} has model_type {kind!r}; supported: "
-                        f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo).")
-  common.save(output, task, cfg, params)
-  print(f"Converted {hf_dir} ({common.count(params):,} parameters) to {output}.")
+                        f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo, "
+                        "MedCLIP with --medclip).")
+  common.save(output, task, cfg, params, model_state)
+  print(f"Converted {f.medclip or f.openflamingo or hf_dir} ({common.count(params):,} "
+        f"parameters) to {output}.")
 
 
 if __name__ == "__main__":

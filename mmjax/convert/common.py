@@ -323,17 +323,19 @@ def linear_layer(read: Reader, p: str, names: tuple[str, str, str, str], d: int,
 # ---------------------------------------------------------------------------------------
 # The tree `init` builds.
 # ---------------------------------------------------------------------------------------
-def check_tree(params: dict, module, *args, **kwargs) -> None:
+def check_tree(params: dict, module, *args, collection: str = "params", **kwargs) -> None:
   """Refuses `params` unless it is exactly the tree `module.init(rng, *args, **kwargs)`
   builds: the same names, shapes and dtypes (computed with `jax.eval_shape`, so nothing
   is allocated). A difference is a converter's fault, or a checkpoint layout it does not
-  know; either way the numbers would not be the ones the model computes with."""
+  know; either way the numbers would not be the ones the model computes with.
+  `collection`: the variable collection to compare with ("batch_stats": BatchNorm's
+  running statistics)."""
   import flax
   import jax
 
   expected = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  expected = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(expected["params"]),
-                                             sep="/")
+  expected = flax.traverse_util.flatten_dict(
+      flax.linen.meta.unbox(expected.get(collection, {})), sep="/")
   got = flax.traverse_util.flatten_dict(params, sep="/")
   missing = sorted(set(expected) - set(got))
   extra = sorted(set(got) - set(expected))
@@ -346,8 +348,9 @@ def check_tree(params: dict, module, *args, **kwargs) -> None:
               for what, items in (("not converted", missing), ("not in the model", extra),
                                   ("shape or dtype differs", differ)) if items]
   if problems:
-    raise ConversionError(f"The converted parameters are not the tree {type(module).__name__}"
-                          ".init builds: " + "; ".join(problems) + ".")
+    what = "parameters" if collection == "params" else collection
+    raise ConversionError(f"The converted {what} are not the tree "
+                          f"{type(module).__name__}.init builds: " + "; ".join(problems) + ".")
 
 
 def check_flamingo(params: dict, cfg) -> None:
@@ -363,14 +366,19 @@ def check_flamingo(params: dict, cfg) -> None:
 # ---------------------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------------------
-def save(output: str | pathlib.Path, task: str, model_config, params: dict) -> None:
+def save(output: str | pathlib.Path, task: str, model_config, params: dict,
+         model_state: dict | None = None) -> None:
   """Writes `output/checkpoints/0` (params, as a finished run's) and `output/config.json`
-  (`{"task": task, "model": model_config}`)."""
+  (`{"task": task, "model": model_config}`). `model_state`: the model's variables other
+  than its parameters (`{"batch_stats": ...}`: BatchNorm's running statistics), saved
+  beside them as the state's "model_state"."""
   from mmjax import checkpoints
   output = pathlib.Path(output)
   output.mkdir(parents=True, exist_ok=True)
   mngr = checkpoints.manager(output)
-  checkpoints.save(mngr, 0, {"params": params})  # with fingerprints: verified when loaded
+  state = {"params": params} if model_state is None else {"params": params,
+                                                           "model_state": model_state}
+  checkpoints.save(mngr, 0, state)  # with fingerprints: verified when loaded
   mngr.wait_until_finished()
   mngr.close()
   (output / "config.json").write_text(json.dumps(

@@ -88,7 +88,8 @@ class Bert(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,
-               token_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               token_mask: jax.Array | None = None, hidden_layers: tuple[int, ...] = ()
+               ) -> dict[str, jax.Array]:
     """Encodes token sequences.
 
     Args:
@@ -96,9 +97,13 @@ class Bert(nn.Module):
       token_types: `"b t"` segment ids below `type_vocab_size`; default all 0.
       token_mask: `"b t"` True for real tokens; padding keys are hidden from every query
         (padding positions still get outputs, which mean nothing).
+      hidden_layers: hidden states to return as "hidden_layers", counted like Hugging
+        Face's `hidden_states`: 0 is the embeddings' output, `depth` (or -1) the last
+        layer's (MedCLIP pools `(1, 2, -1)`).
     Returns:
       "hidden": `"b t d"` the last layer's outputs;
-      "pooled": `"b d"` tanh of a projection of the first token's, if `config.pooler`.
+      "pooled": `"b d"` tanh of a projection of the first token's, if `config.pooler`;
+      "hidden_layers": `"n b t d"` the hidden states `hidden_layers` name, if any.
     """
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
@@ -120,9 +125,32 @@ class Bert(nn.Module):
 
     mask = None if token_mask is None else padding_mask(token_mask)
     layer = remat(BertLayer, cfg.remat)
-    x = stack(lambda name: layer(cfg, name=name), cfg.depth, x, scanned=cfg.scan_layers,
-              call=lambda module, x: module(x, mask))
-    out = {"hidden": x}
+    make = lambda name: layer(cfg, name=name)
+    out = {}
+    if hidden_layers:
+      # The chosen states are kept in a carried "n b t d" buffer, so that a scanned stack
+      # can return them too: after layer i (1-based), the rows that name i take its output.
+      wanted = []
+      for i in hidden_layers:
+        if not -cfg.depth - 1 <= i <= cfg.depth:
+          raise ValueError(f"Bert: hidden_layers={hidden_layers} names hidden state {i}; "
+                           f"there are {cfg.depth + 1} (0: the embeddings, -1: the last).")
+        wanted.append(i % (cfg.depth + 1))
+      wanted = jnp.asarray(wanted)
+      keep = jnp.where((wanted == 0)[:, None, None, None], x[None],
+                       jnp.zeros((len(wanted), *x.shape), x.dtype))
+
+      def call(module, carry):
+        x, i, keep = carry
+        x = module(x, mask)
+        return x, i + 1, jnp.where((wanted == i + 1)[:, None, None, None], x[None], keep)
+
+      x, _, out["hidden_layers"] = stack(make, cfg.depth, (x, jnp.zeros((), jnp.int32), keep),
+                                         scanned=cfg.scan_layers, call=call)
+    else:
+      x = stack(make, cfg.depth, x, scanned=cfg.scan_layers,
+                call=lambda module, x: module(x, mask))
+    out["hidden"] = x
     if cfg.pooler:
       out["pooled"] = jnp.tanh(Dense(cfg.width, ("embed", None), use_bias=True, name="pooler",
                                      **kw)(x[:, 0]))
