@@ -2,6 +2,8 @@
 (`ImageTextContrastiveLoss`: raw dot-product label similarity, softmax soft targets,
 soft cross-entropy both ways), uncertain and missing labels, and the InfoNCE fallback."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,139 @@ def test_unlabelled_rows_keep_their_pair():
   grads = jax.grad(lambda i: losses.semantic_matching_loss(i, text, 5.0, image_labels,
                                                            text_labels))(jnp.asarray(image))
   assert np.all(np.isfinite(np.asarray(grads)))
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe: BatchNorm statistics as trainer state, resumption, sharding, evaluation.
+# ---------------------------------------------------------------------------------------
+def medclip_config(method: str = "semantic", steps: int = 4, evaluate: bool = False):
+  """The MedCLIP recipe at toy size: 32 px findings-world images, a 4-wide ResNet, a
+  one-layer BERT."""
+  from mmjax.configs import medclip as medclip_recipe
+  config = medclip_recipe.get_config(method)
+  if not evaluate:
+    with config.unlocked():
+      del config["evaluate"]
+  else:
+    config.evaluate.update(episodes=20, prompts_per_class=3, batch_size=16)
+  config.model.vision.update(image_size=32, width=4, output_dim=16)
+  config.model.text.update(width=32, depth=2, num_heads=2, mlp_dim=64)
+  config.model.embed_dim = 16
+  config.data.update(image_size=32, batch_size=16, seq_len=32)
+  for entry in (*config.data.datasets.values(), *config.data.eval_datasets.values()):
+    entry.source.image_size = 32
+  config.train.update(steps=steps, log_every=2, checkpoint_every=2, eval_every=0)
+  return config
+
+
+def _tree_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 4-step run of the toy recipe (checkpoints at steps 2 and 4) and its final
+  zero-shot and retrieval evaluation."""
+  from test_train import run
+  config = medclip_config(steps=4, evaluate=True)
+  workdir = tmp_path_factory.mktemp("medclip")
+  return config, workdir, run(config, workdir)
+
+
+def test_a_resumed_run_continues_exactly_with_its_batch_norm_statistics(trained, tmp_path):
+  """Resumed from its step-2 checkpoint, the run reaches the uninterrupted run's step 4
+  bit for bit: parameters and BatchNorm statistics (saved, restored, carried)."""
+  from test_train import run
+
+  from mmjax import checkpoints
+  config, workdir, _ = trained
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  (resumed / "finished.json").unlink()
+  run(config, resumed)
+  whole, again = checkpoints.load(workdir), checkpoints.load(resumed)
+  assert whole.step == again.step == 4
+  _tree_equal(whole.params, again.params)
+  _tree_equal(whole.model_state, again.model_state)
+  # The statistics are the model's, moved by training: not their initial 0 and 1.
+  stats = checkpoints.flat_params(whole.model_state["batch_stats"])
+  means = [v for k, v in stats.items() if k.endswith("mean")]
+  assert means and max(float(np.abs(m).max()) for m in means) > 1e-3
+
+
+def test_the_sharded_step_equals_one_device_with_its_statistics():
+  """BatchNorm's batch statistics span the global batch under the one `jit`: with the
+  batch split over 4 devices and the weights over 2 more, the loss, the update and the
+  new running statistics are the 1-device ones."""
+  from test_sharding import LOSS_RTOL, PARAM_ATOL, _sharded
+  from test_train import _lm_batch, _one_step
+  config = medclip_config()
+  config.data.batch_size = 8
+  batch = _lm_batch(config)
+  assert batch["image_labels"].shape == batch["text_labels"].shape == (8, 11)
+  ref_state, ref_metrics, _ = _one_step(config, batch)
+  state, metrics, _ = _one_step(_sharded(config, dict(data=4, tensor=2), "fsdp_tensor"),
+                                batch, jax.devices())
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=LOSS_RTOL)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=PARAM_ATOL)
+  jax.tree_util.tree_map(close, state["params"], ref_state["params"])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         state["model_state"], ref_state["model_state"])
+
+
+def test_evaluation_uses_the_running_statistics(trained):
+  """Zero-shot and retrieval at the end of training and again through `python -m
+  mmjax.evaluate`'s path: BatchNorm in evaluation mode, so an image's embedding does not
+  depend on the other images of its batch."""
+  from mmjax import checkpoints
+  from mmjax.evaluate import evaluate_workdir, zeroshot
+  config, workdir, metrics = trained
+  scores = metrics["few_shot"]
+  assert 0 <= scores["zeroshot"][0]["top1"] <= 1 and "top5" not in scores["zeroshot"][0]
+  assert "image_to_text/R@1" in scores["retrieval"][0]
+  again = evaluate_workdir(workdir, progress=False)
+  assert again.scores["zeroshot"][0]["top1"] == scores["zeroshot"][0]["top1"]
+  loaded = checkpoints.load(workdir)
+  encoder = zeroshot.DualEncoder(config, loaded.params, 4, loaded.model_state)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  alone = encoder.encode_images(images[:1])
+  mixed = encoder.encode_images(images)[:1]
+  np.testing.assert_allclose(alone, mixed, atol=1e-6)
+  assert np.abs(alone - encoder.encode_images(images[1:2])).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-shot with composed prompts.
+# ---------------------------------------------------------------------------------------
+WORDS = {"effusion": {"severity": ["", "small", "large"], "subtype": ["effusion", "fluid"],
+                      "location": ["at the left base", "at the right base"]},
+         "edema": {"severity": ["mild"], "subtype": ["edema"], "location": [""]}}
+
+
+def test_prompts_are_composed_from_severity_subtype_location_with_a_seed():
+  from mmjax.evaluate.zeroshot import compose_prompts
+  every = compose_prompts(WORDS, 100, seed=0)
+  assert len(every["effusion"]) == 12 and every["edema"] == ("mild edema",)
+  assert "effusion at the left base" in every["effusion"]  # an empty severity
+  assert "large fluid at the right base" in every["effusion"]
+  drawn = compose_prompts(WORDS, 5, seed=3)
+  assert len(drawn["effusion"]) == 5 and set(drawn["effusion"]) <= set(every["effusion"])
+  assert drawn == compose_prompts(WORDS, 5, seed=3)
+  assert any(compose_prompts(WORDS, 5, seed=s) != drawn for s in range(4, 8))
+
+
+@pytest.mark.parametrize("scoring", ["mean", "max"])
+def test_class_scores_are_the_mean_or_max_of_their_prompts_logits(scoring):
+  from mmjax.evaluate.zeroshot import LOGIT_SCALE, prompt_logits
+  rng = np.random.default_rng(0)
+  images, prompts = rng.normal(size=(4, 6)), rng.normal(size=(5, 6))
+  owner = np.array([0, 0, 1, 1, 1])
+  got = prompt_logits(images, prompts, owner, 2, scoring)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  cos = LOGIT_SCALE * unit(images) @ unit(prompts).T
+  reduce = np.mean if scoring == "mean" else np.max
+  want = np.stack([reduce(cos[:, :2], axis=1), reduce(cos[:, 2:], axis=1)], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-5)

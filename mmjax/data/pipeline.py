@@ -575,7 +575,8 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
            for i, d in enumerate(datasets)]
   weights = [d.weight for d in datasets]
   if min(weights) <= 0:
-    raise ValueError(f"Mixture weights must be positive, got {dict(zip(names, weights, strict=True))}.")
+    raise ValueError(f"Mixture weights must be positive, got "
+                     f"{dict(zip(names, weights, strict=True))}.")
   mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   mixed = mixed[process_index::process_count]
   # Each pass over a dataset is a permutation of all its records, so with one process

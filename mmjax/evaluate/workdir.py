@@ -9,12 +9,13 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.configs import blip2, clip, coop, flamingo, lm
+from mmjax.configs import blip2, clip, coop, flamingo, lm, medclip
 from mmjax.evaluate.run import Results, evaluate, report
 
 RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation settings
 RECIPES["clip"] = clip  # zero-shot classification and retrieval (mmjax.evaluate.zeroshot)
 RECIPES["coop"] = coop  # base-to-new accuracy (mmjax.evaluate.prompt_learning)
+RECIPES["medclip"] = medclip  # findings-world zero-shot and retrieval (zeroshot)
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
@@ -28,17 +29,19 @@ def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.
   task = config.get("task")
   if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no evaluation; "
-                        "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP runs "
-                        "(zero-shot), prompt-learning runs (base-to-new) and their "
-                        "converted checkpoints have one.")
+                        "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP and "
+                        "MedCLIP runs (zero-shot), prompt-learning runs (base-to-new) and "
+                        "their converted checkpoints have one.")
   if "evaluate" not in config and "data" in config and task in ("clip", "coop"):
     config.evaluate = RECIPES[task].get_config().evaluate
   if "evaluate" not in config:  # a converted checkpoint
     recipe = RECIPES[task].get_config()
     recipe.model = config.model
-    if task == "clip":  # its images and context length, not the recipe's
+    if task in ("clip", "medclip"):  # its images and context length, not the recipe's
       recipe.data.image_size = config.model.vision.image_size
-      recipe.data.seq_len = config.model.text.max_len
+      # CLIP: its learned context; MedCLIP: its tokenizer's 77 (BERT's 512 positions).
+      recipe.data.seq_len = (config.model.text.max_len if task == "clip"
+                             else min(config.model.text.max_len, 77))
     else:
       recipe.tokens = config.get("tokens", recipe.tokens)
     config = recipe

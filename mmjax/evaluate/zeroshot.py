@@ -30,6 +30,15 @@ demonstrations:
              split of Karpathy's `data_dir/coco/dataset_coco.json` (5,000 images and
              their 25,000 captions; an image is a hit when any of its 5 captions is).
 
+A MedCLIP run (`task: "medclip"`) is evaluated on the same two tasks over held-out
+studies of the findings world it trained on: `zeroshot` over its five CheXpert 5x200-style
+classes (`findings_world.ZERO_SHOT_CLASSES`, each test image positive for exactly one),
+with MedCLIP's classifier: each class's own prompts, `config.evaluate.prompts_per_class`
+phrases composed from its severity x subtype x location words (`compose_prompts`, seeded)
+and an image's class score the mean or max (`prompt_scoring`) of its logits against them
+(`prompt_logits`); `retrieval` of whole reports. Its BatchNorm runs on its running
+statistics.
+
 The prompts: `config.evaluate.prompt` (one template: the single-prompt classifier), else
 `config.evaluate.templates` (a named set or a file: the ensemble), else the data's own
 set ("shapes_world" on the shapes world, "openai_imagenet" on class folders). Texts are
@@ -57,6 +66,7 @@ import numpy as np
 from absl import logging
 
 from mmjax.cli import UserError
+from mmjax.data import findings_world as fw
 from mmjax.data import shapes_world as sw
 from mmjax.data.sequences import right_pad
 from mmjax.data.tokenizer import make_tokenizer
@@ -358,6 +368,47 @@ def _shapes(world: sw.ShapesWorld, kind: str) -> Draw:
   return draw
 
 
+def _findings(config: ml_collections.ConfigDict, name: str, image_size: int
+              ) -> ZeroShotTask | RetrievalTask:
+  """A MedCLIP run's task on held-out studies of the findings world it trained on:
+  `zeroshot` over `findings_world.ZERO_SHOT_CLASSES` (each image positive for exactly one,
+  CheXpert 5x200's design) with each class's prompts composed from its words, or
+  `retrieval` of whole reports."""
+  e = config.evaluate
+  if e.get("data_dir"):
+    raise UserError("A MedCLIP run is evaluated on the findings world it trained on; "
+                    "config.evaluate.data_dir is for CLIP's ImageNet and COCO layouts.")
+  seeds = {d.source.get("seed", 0) for d in config.data.datasets.values()
+           if d.source.kind == "findings_world"}
+  world = fw.FindingsWorld(seed=min(seeds, default=0), image_size=image_size)
+  classes = fw.ZERO_SHOT_CLASSES
+
+  def draw(seed: int, num_samples: int) -> list[Item]:
+    if num_samples < 1:
+      raise UserError(f"The findings world is a stream without end: give the number of "
+                      f"test examples (--episodes=N, N >= 1), not {num_samples}.")
+    items = []
+    for index in range(seed * SHAPES_STRIDE, seed * SHAPES_STRIDE + num_samples):
+      if name == "zeroshot":
+        example, label = world.classification(index, classes)
+        items.append(Item(f"classification/{index}", lambda image=example.image: image, {},
+                          classes[label], label))
+      else:
+        example = world.example("retrieval", index)
+        report = example.study.report
+        items.append(Item(f"retrieval/{index}", lambda image=example.image: image, {},
+                          report, [report]))
+    return items
+
+  if name == "retrieval":  # reports repeat: each distinct one is right for all its images
+    return RetrievalTask(name, draw, identical_texts_match=True)
+  count, scoring = e.get("prompts_per_class", 10), e.get("prompt_scoring", "mean")
+  prompts = compose_prompts({c: fw.CLASS_PROMPT_WORDS[c] for c in classes}, count, e.seed)
+  return ZeroShotTask(name, classes, (), draw,
+                      f"{count} composed prompts per class, {scoring} logit",
+                      tuple(prompts[c] for c in classes), scoring)
+
+
 def make_task(config: ml_collections.ConfigDict, name: str, image_size: int
               ) -> ZeroShotTask | RetrievalTask:
   """Task `name` (`TASKS`) of a contrastive run: on the shapes world, or, with
@@ -368,6 +419,8 @@ def make_task(config: ml_collections.ConfigDict, name: str, image_size: int
   if name not in TASKS:
     raise UserError(f"Unknown task {name!r} for a contrastive model: its tasks are {TASKS} "
                     "(on the shapes world, or with --data_dir on imagenet/ and coco/).")
+  if config.task == "medclip":
+    return _findings(config, name, image_size)
   if data_dir:
     benchmark = "imagenet" if name == "zeroshot" else "coco"
     split = benchmarks.read_test_split(benchmark, pathlib.Path(data_dir) / benchmark)

@@ -49,6 +49,11 @@ class MedCLIPConfig:
     logit_scale_bounds: the bounds the logit scale's log is clipped into when used
       (MedCLIP: [0, 4.6052], a scale of at most 100); None: unbounded.
     pad_id: the padding token id, masked from BERT's attention.
+    loss: what trains it (`mmjax.tasks.medclip`): "semantic", MedCLIP's semantic matching
+      loss (`mmjax.losses.semantic_matching_loss`; InfoNCE on a batch without labels), or
+      "infonce", CLIP's symmetric InfoNCE on pairs.
+    label_similarity: the semantic loss's label similarity (`losses.label_similarity`):
+      "dot", MedCLIP's code (a raw dot product), or "cosine", its paper.
   """
 
   vision: ResNetConfig
@@ -59,8 +64,16 @@ class MedCLIPConfig:
   init_temperature: float = 0.07
   logit_scale_bounds: tuple[float, float] | None = (0.0, 4.6052)
   pad_id: int = 0
+  loss: Literal["semantic", "infonce"] = "semantic"
+  label_similarity: Literal["dot", "cosine"] = "dot"
 
   def __post_init__(self):
+    if self.loss not in ("semantic", "infonce"):
+      raise ValueError(f"MedCLIPConfig: loss must be 'semantic' or 'infonce', got "
+                       f"{self.loss!r}.")
+    if self.label_similarity not in ("dot", "cosine"):
+      raise ValueError(f"MedCLIPConfig: label_similarity must be 'dot' or 'cosine', got "
+                       f"{self.label_similarity!r}.")
     if self.text_pool not in TEXT_POOLS:
       raise ValueError(f"MedCLIPConfig: text_pool must be one of {TEXT_POOLS}, got "
                        f"{self.text_pool!r}.")
