@@ -4,11 +4,33 @@ The tests see 8 CPU devices, so that sharded runs are tested against one device 
 same process; code that should run on one device asks for `jax.devices()[:1]`.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # CPU only: with libtpu installed (for ahead-of-time TPU compilation), JAX would otherwise
 # probe for TPU hardware, also in the tests' subprocesses.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_compilations() -> None:
+  """One persistent compilation cache for the whole run: the many tests that train the same
+  toy model compile its step once. Set in the environment before JAX is imported, so that
+  pytest-xdist's workers (started after this conftest is imported in the controller), the
+  tests' `python -m mmjax.train` subprocesses and the notebooks' kernels all share it. The
+  cache only skips recompiling a program XLA has already compiled: outputs are unchanged.
+  A `JAX_COMPILATION_CACHE_DIR` set by the caller is used (and kept) instead."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  cache = tempfile.mkdtemp(prefix="mmjax-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  # The toy programs compile in well under JAX's default threshold of one second.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  atexit.register(shutil.rmtree, cache, ignore_errors=True)
+
+
+_share_compilations()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -66,13 +66,23 @@ def test_siglip_starts_at_its_recipes_temperature_and_bias_and_trains_the_bias()
   assert 0 < float(metrics["loss"]) < 21
 
 
-def test_the_clamp_applies_inside_the_train_step():
-  """A run starting above the clamp's ceiling ends its first step on it (the step's own
-  update is ~lr); the bounds themselves: `test_project_params_clamps_...`."""
+@pytest.fixture(scope="module")
+def lit_step_from_above_the_clamp():
+  """One train step of the LiT recipe's trainable parameters with the clamp on and a
+  start above its ceiling (log scale 5.3 > ln 100): the state after it."""
+  from mmjax.configs import clip as clip_recipe
   tiny = clip_config(vision_depth=1, embed_dim=16, batch_size=8)
-  tiny.model.init_temperature = 0.005  # log scale 5.3 > ln 100
+  tiny.trainable = clip_recipe.get_config("lit").trainable
+  tiny.model.init_temperature = 0.005
   tiny.clamp_logit_scale = True
   state, _, _ = _one_step(tiny, _lm_batch(tiny))
+  return state
+
+
+def test_the_clamp_applies_inside_the_train_step(lit_step_from_above_the_clamp):
+  """A run starting above the clamp's ceiling ends its first step on it (the step's own
+  update is ~lr); the bounds themselves: `test_project_params_clamps_...`."""
+  state = lit_step_from_above_the_clamp
   np.testing.assert_allclose(state["params"]["log_scale"], math.log(100.0), atol=1e-6)
 
 
@@ -90,13 +100,8 @@ def test_project_params_clamps_the_log_scale_to_0_to_ln_100_only_when_asked(log_
   assert float(projected["logit_bias"]) == -50.0  # the bias is not clamped
 
 
-def test_lit_locks_the_image_tower_and_trains_the_text_tower():
-  from mmjax.configs import clip as clip_recipe
-  config = clip_recipe.get_config("lit")
-  tiny = clip_config(vision_depth=1, embed_dim=16, batch_size=8)
-  tiny.trainable = config.trainable
-  batch = _lm_batch(tiny)
-  state, _, _ = _one_step(tiny, batch)
+def test_lit_locks_the_image_tower_and_trains_the_text_tower(lit_step_from_above_the_clamp):
+  state = lit_step_from_above_the_clamp
   trainable = checkpoints.flat_params(state["params"])
   frozen = checkpoints.flat_params(state["frozen"])
   assert frozen and all(path.startswith("image/") for path in frozen)

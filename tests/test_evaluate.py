@@ -131,11 +131,12 @@ def test_class_ranking_reuses_the_prompt_cache_and_equals_a_full_forward_pass(to
   normalized = rank(params, cell.prompts, 40, 4, classes, " answer:")  # padded: the same
   ids, lengths = scoring.continuation_ids(tokenizer, " answer:", classes)
   np.testing.assert_allclose(normalized, scores / lengths, atol=1e-4)
+  forward = jax.jit(model.apply)  # compiled per length: much faster than op by op
   for b, p in enumerate(cell.prompts):  # naive: each prompt + class in one forward pass
     for c in range(len(classes)):
       prompt = tokenizer.encode(p.text, bos=True)
       full = jnp.asarray([prompt + list(ids[c, :lengths[c]])])
-      logits = model.apply({"params": params}, full, p.images[None, :, None])
+      logits = forward({"params": params}, full, p.images[None, :, None])
       logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1])
       expected = float(sum(logp[i, ids[c, i]] for i in range(lengths[c])))
       assert scores[b, c] == pytest.approx(expected, abs=1e-3)

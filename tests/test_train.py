@@ -323,40 +323,44 @@ def test_graft_names_what_does_not_fit():
   checkpoints.graft(params, "lm", {}, may_stay_new=r"^lm/xattn_")
 
 
-def test_flamingo_starts_from_a_pretrained_lm_run(tmp_path):
+@pytest.fixture(scope="module")
+def flamingo_lm_run(tmp_path_factory):
+  """A 2-step run of the LM recipe with the LM of `flamingo_config` (never modified)."""
+  workdir = tmp_path_factory.mktemp("lm")
   lm_run = lm_config(**{"train.steps": 2})
   with lm_run.unlocked():
     lm_run.model = flamingo_config().model["lm"]
-  run(lm_run, tmp_path / "lm")
+  run(lm_run, workdir)
+  return workdir
+
+
+def test_flamingo_starts_from_a_pretrained_lm_run(flamingo_lm_run):
   config = flamingo_config(**{"train.steps": 1})
   with config.unlocked():
-    config.init = dict(lm=dict(workdir=str(tmp_path / "lm")))
+    config.init = dict(lm=dict(workdir=str(flamingo_lm_run)))
   task = get_task("flamingo")
   model = task.build_model(config)
   args, _ = task.init_inputs(config)
   import flax.linen as nn
-  params = train.load_pretrained(nn.unbox(model.init(jax.random.key(0), *args)["params"]),
-                                 config)
-  pretrained = checkpoints.load_params(tmp_path / "lm")
+  initial = nn.unbox(jax.jit(model.init)(jax.random.key(0), *args)["params"])
+  params = train.load_pretrained(initial, config)
+  pretrained = checkpoints.load_params(flamingo_lm_run)
   for key in pretrained:
     jax.tree_util.tree_map(np.testing.assert_array_equal, params["lm"][key], pretrained[key])
   assert any(k.startswith("xattn_") for k in params["lm"]) and not any(
       k.startswith("xattn_") for k in pretrained)
 
 
-def test_a_scanned_rematerialised_flamingo_trains_from_a_per_layer_lm_run(tmp_path):
-  lm_run = lm_config(**{"train.steps": 2})
-  with lm_run.unlocked():
-    lm_run.model = flamingo_config().model["lm"]
-  run(lm_run, tmp_path / "lm")
+def test_a_scanned_rematerialised_flamingo_trains_from_a_per_layer_lm_run(flamingo_lm_run,
+                                                                        tmp_path):
   config = flamingo_config(**{"train.steps": 2, "scan_layers": True, "remat": "full"})
   with config.unlocked():
-    config.init = dict(lm=dict(workdir=str(tmp_path / "lm")))
+    config.init = dict(lm=dict(workdir=str(flamingo_lm_run)))
   run(config, tmp_path / "flamingo")
   trained = checkpoints.load_params(tmp_path / "flamingo")
   assert "groups" in trained["lm"] and "layers" in trained["vision"]
   layers = lambda tree: checkpoints.per_layer(checkpoints.flat_params(tree))
-  pretrained, lm = layers(checkpoints.load_params(tmp_path / "lm")), layers(trained["lm"])
+  pretrained, lm = layers(checkpoints.load_params(flamingo_lm_run)), layers(trained["lm"])
   for key, value in pretrained.items():  # grafted across layouts and kept frozen
     np.testing.assert_array_equal(lm[key], value)
   assert losses_by_step(tmp_path / "flamingo").keys() == {1, 2}
@@ -380,30 +384,39 @@ def read_scalars(event_dir) -> dict[str, dict[int, float]]:
   return scalars
 
 
-def test_metrics_go_to_tensorboard_events(tmp_path):
-  run(lm_config(**{"train.steps": 4, "train.log_every": 2}), tmp_path)
-  scalars = read_scalars(tmp_path / "tensorboard")
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+  """A 4-step run logging every 2 steps, with a few-shot evaluation every 2 steps and at the
+  end: its workdir and its last metrics."""
+  workdir = tmp_path_factory.mktemp("logged")
+  config = lm_config(few_shot=True, **{"train.steps": 4, "train.log_every": 2,
+                                       "train.few_shot_every": 2, "evaluate.episodes": 4,
+                                       "evaluate.shots": (0, 2)})
+  return workdir, run(config, workdir)
+
+
+def test_metrics_go_to_tensorboard_events(logged_run):
+  workdir, _ = logged_run
+  scalars = read_scalars(workdir / "tensorboard")
   assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(scalars)
-  logged = losses_by_step(tmp_path)
+  logged = losses_by_step(workdir)
   assert set(scalars["loss"]) == {2, 4}
   for step, loss in scalars["loss"].items():
     assert abs(loss - logged[step]) < 1e-6
 
 
-def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(tmp_path):
-  config = lm_config(few_shot=True, **{"train.steps": 4, "train.few_shot_every": 2,
-                                       "evaluate.episodes": 4, "evaluate.shots": (0, 2)})
-  last = run(config, tmp_path)
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_few_shot_evaluation_is_logged_periodically_and_reported_at_the_end(logged_run):
+  workdir, last = logged_run
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   logged = {r["step"]: r for r in records if "few_shot/naming/accuracy/2shot" in r}
   assert set(logged) == {2, 4}
   assert set(last["few_shot"]["naming"]) == {0, 2}
   assert last["few_shot"]["naming"][0]["chance"] == 0.0
-  report = json.loads((tmp_path / "eval.json").read_text())
+  report = json.loads((workdir / "eval.json").read_text())
   assert report["scores"]["naming"]["2"]["accuracy"] == logged[4][
       "few_shot/naming/accuracy/2shot"]
   assert len(report["predictions"]["naming"]["2"]) == 4  # one per test example
-  scalars = read_scalars(tmp_path / "tensorboard")
+  scalars = read_scalars(workdir / "tensorboard")
   assert set(scalars["few_shot/naming/accuracy/0shot"]) == {2, 4}
 
 
