@@ -73,12 +73,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if paper:  # ResNet-50 and Bio_ClinicalBERT (BERT-base, its cased vocabulary)
     vision = dict(depths=(3, 4, 6, 3), width=64, image_size=224, output_dim=512, **grey)
     text = dict(vocab_size=28996, width=768, depth=12, num_heads=12, mlp_dim=3072,
-                max_len=512)
+                max_len=512, pooler=False)  # MedCLIP never uses BERT's pooler
     embed_dim, seq_len = 512, 77
   else:
     vision = dict(depths=(1, 1, 1, 1), width=8, image_size=image_size, output_dim=64, **grey)
     # The findings world's 117 words and the 2 tokens every tokenizer here gains.
-    text = dict(vocab_size=128, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=80)
+    text = dict(vocab_size=128, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=80,
+                pooler=False)
     embed_dim, seq_len = 64, 72  # whole reports: 52 tokens at the 95th percentile, 72 at most
   config.model = dict(vision=vision, text=text, embed_dim=embed_dim, text_pool="medclip",
                       loss="semantic" if method == "semantic" else "infonce",
@@ -101,12 +102,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       datasets=datasets,
       eval_datasets=dict(retrieval=dict(source=dict(world, part="retrieval", size=512),
                                         weight=1.0)))
-  config.optim = dict(lr=2e-5 if paper else 2e-3, warmup_steps=50, final_lr_fraction=0.1,
+  config.optim = dict(lr=2e-5 if paper else 2e-3, warmup_steps=20, final_lr_fraction=0.1,
                       b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, decay_pattern=r"kernel$",
                       clip_norm=1.0, accum_steps=1)
   config.summary = dict(batch_size=2, seq_len=seq_len)  # mmjax.summary
-  config.train = dict(steps=600, log_every=50, eval_every=300, eval_batches=4,
-                      checkpoint_every=300, keep_checkpoints=2, nonfinite="abort")
+  config.train = dict(steps=200, log_every=25, eval_every=100, eval_batches=4,
+                      checkpoint_every=100, keep_checkpoints=2, nonfinite="abort")
   # Held-out findings-world studies: `episodes` images of the zero-shot classes (each
   # positive for exactly one) and image-report pairs for retrieval; `prompts_per_class`
   # composed prompts per class (MedCLIP's pretraining evaluation draws 10), scored by

@@ -24,7 +24,7 @@ from mmjax import checkpoints, cli
 from mmjax import config as config_lib
 from mmjax.models import blip2, flamingo
 from mmjax.tasks import blip2 as blip2_task
-from mmjax.tasks import clip as clip_task
+from mmjax.tasks import get_task
 from mmjax.tasks import flamingo as flamingo_task
 
 _CONFIG = config_lib.define_flag()
@@ -68,8 +68,8 @@ def model_and_inputs(config, rng):
     return model, (tokens, images, num_images), tokens, functools.partial(
         flamingo.generate, model, images=images, num_images=num_images)
   s, m = config.summary, config.model
-  if config.task == "clip":
-    model = clip_task.build_model(config)
+  if config.task in ("clip", "medclip"):
+    model = get_task(config.task).build_model(config)
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
     images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
     return model, (images, tokens), tokens, None
@@ -93,15 +93,16 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if config.task not in ("flamingo", "blip2", "clip"):
-    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2 and CLIP recipes; this "
-                        f"config's "
-                        f"task is {config.task!r} (--config=configs/flamingo.py[:variant]).")
+  if config.task not in ("flamingo", "blip2", "clip", "medclip"):
+    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2, CLIP and MedCLIP "
+                        f"recipes; this config's task is {config.task!r} "
+                        "(--config=configs/flamingo.py[:variant]).")
   model, inputs, tokens, generate = model_and_inputs(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
-  name = {"flamingo": "Flamingo", "blip2": "BLIP-2", "clip": "CLIP"}[config.task]
+  name = {"flamingo": "Flamingo", "blip2": "BLIP-2", "clip": "CLIP",
+          "medclip": "MedCLIP"}[config.task]
   print(f"{name} '{config.variant}': {total / 1e6:,.2f}M parameters")
   for group, count, trains in sorted(rows):
     print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")
@@ -109,11 +110,12 @@ def main(argv):
   if not _RUN.value:
     return
 
-  params, init_s = timed(jax.jit(lambda: nn.unbox(
-      model.init(jax.random.key(0), *inputs)["params"])))
-  forward = jax.jit(lambda p, *args: model.apply({"params": p}, *args))
-  out, compile_s = timed(forward, params, *inputs)
-  _, step_s = timed(forward, params, *inputs)
+  variables, init_s = timed(jax.jit(lambda: nn.unbox(
+      model.init(jax.random.key(0), *inputs))))  # with BatchNorm's statistics, if any
+  params = variables["params"]
+  forward = jax.jit(lambda v, *args: model.apply(v, *args))
+  out, compile_s = timed(forward, variables, *inputs)
+  _, step_s = timed(forward, variables, *inputs)
   shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(out)]
   print(f"forward on {', '.join(str(tuple(x.shape)) for x in inputs)}: outputs "
         f"{', '.join(map(str, shapes))}, first call {compile_s:.2f}s (compiles), then "

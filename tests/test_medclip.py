@@ -173,6 +173,9 @@ def test_the_sharded_step_equals_one_device_with_its_statistics():
   from test_train import _lm_batch, _one_step
   config = medclip_config()
   config.data.batch_size = 8
+  # Adam's eps as the other recipes' (MedCLIP's 1e-8 makes the first update lr * sign(g)
+  # even for gradients at float32 reduction-order noise; see tests/test_sharding.py).
+  config.optim.eps = 1e-6
   batch = _lm_batch(config)
   assert batch["image_labels"].shape == batch["text_labels"].shape == (8, 11)
   ref_state, ref_metrics, _ = _one_step(config, batch)
@@ -240,3 +243,20 @@ def test_class_scores_are_the_mean_or_max_of_their_prompts_logits(scoring):
   reduce = np.mean if scoring == "mean" else np.max
   want = np.stack([reduce(cos[:, :2], axis=1), reduce(cos[:, 2:], axis=1)], axis=1)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_paper_shape_counts_medclips_parameters():
+  """ResNet-50 with its fc a bias-free 2048 -> 512 projection, Bio_ClinicalBERT's
+  BertModel (BERT-base, cased vocabulary) without its pooler, which MedCLIP never uses,
+  the bias-free 768 -> 512 text projection and the logit scale."""
+  import flax.linen as nn
+
+  from mmjax.configs import medclip as medclip_recipe
+  from mmjax.summary import model_and_inputs, param_table
+  config = medclip_recipe.get_config("paper")
+  model, inputs, _, _ = model_and_inputs(config, jax.random.key(0))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
+  total = sum(count for _, count, _ in param_table(shapes, config.trainable))
+  resnet50, fc = 25_557_032, 2048 * 1000 + 1000  # torchvision's resnet50() and its fc
+  bert_base_cased, pooler = 108_310_272, 768 * 768 + 768
+  assert total == resnet50 - fc + 2048 * 512 + bert_base_cased - pooler + 768 * 512 + 1
