@@ -241,7 +241,7 @@ def test_sharded_gradients_equal_the_single_device_gradients():
   XLA's partitioner returned wrong input gradients from the second convolution on."""
   from mmjax import sharding
   model = ResNet(ResNetConfig((1,), 8, output_dim=8))
-  x = jnp.asarray(images(b=8, size=16))
+  x = jnp.asarray(images(b=8, size=8))
   variables = model.init(jax.random.key(0), x, train=True)
   params = flax.linen.meta.unbox(variables["params"])
 

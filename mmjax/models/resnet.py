@@ -231,6 +231,8 @@ class ResNet(nn.Module):
         x = Block(cfg, cfg.width * 2 ** stage, 2 if stage and not i else 1,
                   name=f"layer{stage + 1}_{i}")(x, train)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+    # The head splits its kernel's input over fsdp too: whole channels, as for the convs.
+    pooled = nn.with_logical_constraint(pooled, ("batch", None))
     if cfg.output_dim is not None:
       pooled = Dense(cfg.output_dim, ("embed", None), kernel_init=TORCH_LINEAR_INIT,
                      name="fc", **kw)(pooled)
