@@ -232,3 +232,33 @@ def test_parameters_shard_under_fsdp_and_compute_in_bfloat16():
   out = jax.eval_shape(ResNet(cfg).apply, flax.linen.meta.unbox(boxed), x)
   assert out["features"].dtype == out["pooled"].dtype == jnp.bfloat16
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(boxed["batch_stats"]))
+
+
+def test_sharded_gradients_equal_the_single_device_gradients():
+  """On a data x fsdp x tensor mesh under `fsdp_tensor` (batch over data x fsdp, kernel
+  input channels over fsdp, BatchNorm and kernel output channels over tensor), the gradients
+  of a train-mode forward are one device's. Without the convolutions' input constraint,
+  XLA's partitioner returned wrong input gradients from the second convolution on."""
+  from mmjax import sharding
+  model = ResNet(ResNetConfig((1,), 8, output_dim=8))
+  x = jnp.asarray(images(b=8, size=8))
+  variables = model.init(jax.random.key(0), x, train=True)
+  params = flax.linen.meta.unbox(variables["params"])
+
+  def loss(params, x):
+    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(3 * out["pooled"]))
+
+  expected = jax.jit(jax.grad(loss))(params, x)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+  rule_set = sharding.rules("fsdp_tensor")
+  shardings = (sharding.tree_shardings(variables["params"], mesh, rule_set),
+               sharding.batch_sharding(mesh, rule_set))
+  grad = jax.jit(sharding.with_rules(jax.grad(loss), mesh, rule_set),
+                 in_shardings=shardings)
+  got = grad(*sharding.place((params, x), shardings))
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected))
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+      jax.device_get(got), jax.device_get(expected))

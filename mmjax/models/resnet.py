@@ -16,6 +16,7 @@ BatchNorm), since the means reduce over the whole logical array.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import flax.linen as nn
@@ -31,6 +32,13 @@ DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 
 # Conv kernels `"kh kw in out"`: input channels over `embed` (sharded by the fsdp presets;
 # a dimension the mesh does not divide, like the stem's 3 channels, stays replicated).
 CONV_AXES = (None, None, "embed", "mlp")
+# A convolution's input `"b h w c"`: the batch split, the channels whole. Under
+# `fsdp_tensor` the channels a BatchNorm (or a previous convolution) left split over `tensor`
+# would otherwise meet kernel input channels split over `fsdp` while the batch is split over
+# `data x fsdp`: XLA's SPMD partitioner (jax/jaxlib 0.10.2) then pairs the wrong batch rows
+# in the input gradient and returns wrong gradients (tests/test_resnet.py checks). The
+# forward pass gathers the channels for the convolution anyway, so this costs nothing.
+CONV_INPUT_AXES = ("batch", None, None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +178,16 @@ class Block(nn.Module):
     return nn.relu(h + shortcut)
 
 
-def conv(features: int, kernel: int, stride: int, name: str, kw: dict) -> nn.Conv:
+def conv(features: int, kernel: int, stride: int, name: str,
+         kw: dict) -> Callable[[jax.Array], jax.Array]:
   """A bias-free torch-padded (`kernel // 2`) convolution, initialised like torchvision's
-  (Kaiming normal, fan out, for ReLU)."""
+  (Kaiming normal, fan out, for ReLU), of an input constrained to `CONV_INPUT_AXES`."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=nn.with_logical_partitioning(
-                     nn.initializers.variance_scaling(2.0, "fan_out", "normal"), CONV_AXES),
-                 name=name, **kw)
+  layer = nn.Conv(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
+                  use_bias=False, kernel_init=nn.with_logical_partitioning(
+                      nn.initializers.variance_scaling(2.0, "fan_out", "normal"), CONV_AXES),
+                  name=name, **kw)
+  return lambda x: layer(nn.with_logical_constraint(x, CONV_INPUT_AXES))
 
 
 # torch's default Linear initialisation: uniform within 1 / sqrt(fan_in).
@@ -221,6 +231,8 @@ class ResNet(nn.Module):
         x = Block(cfg, cfg.width * 2 ** stage, 2 if stage and not i else 1,
                   name=f"layer{stage + 1}_{i}")(x, train)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+    # The head splits its kernel's input over fsdp too: whole channels, as for the convs.
+    pooled = nn.with_logical_constraint(pooled, ("batch", None))
     if cfg.output_dim is not None:
       pooled = Dense(cfg.output_dim, ("embed", None), kernel_init=TORCH_LINEAR_INIT,
                      name="fc", **kw)(pooled)
