@@ -349,23 +349,27 @@ def _sampled(items: Sequence[Item]) -> Draw:
   return draw
 
 
-def _shapes(world: sw.ShapesWorld, kind: str) -> Draw:
+def _stream(world: str, item: Callable[[int], Item]) -> Draw:
+  """Draws from an embedded world's endless held-out stream: trial seed s takes the
+  examples `item(index)` from index `s * SHAPES_STRIDE` on."""
   def draw(seed: int, num_samples: int) -> list[Item]:
     if num_samples < 1:
-      raise UserError(f"The shapes world is a stream without end: give the number of test "
+      raise UserError(f"The {world} is a stream without end: give the number of test "
                       f"examples (--episodes=N, N >= 1), not {num_samples}.")
-    items = []
-    for index in range(seed * SHAPES_STRIDE, seed * SHAPES_STRIDE + num_samples):
-      if kind == "zeroshot":
-        image, label = world.classification("eval", index)
-        items.append(Item(f"eval/{index}", lambda image=image: image, {}, sw.CLASSES[label],
-                          label))
-      else:
-        example = world.example("eval", index)
-        items.append(Item(f"eval/{index}", lambda image=example.image: image, {},
-                          example.caption, [example.caption]))
-    return items
+    return [item(index) for index in range(seed * SHAPES_STRIDE,
+                                           seed * SHAPES_STRIDE + num_samples)]
   return draw
+
+
+def _shapes(world: sw.ShapesWorld, kind: str) -> Draw:
+  def item(index: int) -> Item:
+    if kind == "zeroshot":
+      image, label = world.classification("eval", index)
+      return Item(f"eval/{index}", lambda image=image: image, {}, sw.CLASSES[label], label)
+    example = world.example("eval", index)
+    return Item(f"eval/{index}", lambda image=example.image: image, {}, example.caption,
+                [example.caption])
+  return _stream("shapes world", item)
 
 
 def _findings(config: ml_collections.ConfigDict, name: str, image_size: int
@@ -383,23 +387,16 @@ def _findings(config: ml_collections.ConfigDict, name: str, image_size: int
   world = fw.FindingsWorld(seed=min(seeds, default=0), image_size=image_size)
   classes = fw.ZERO_SHOT_CLASSES
 
-  def draw(seed: int, num_samples: int) -> list[Item]:
-    if num_samples < 1:
-      raise UserError(f"The findings world is a stream without end: give the number of "
-                      f"test examples (--episodes=N, N >= 1), not {num_samples}.")
-    items = []
-    for index in range(seed * SHAPES_STRIDE, seed * SHAPES_STRIDE + num_samples):
-      if name == "zeroshot":
-        example, label = world.classification(index, classes)
-        items.append(Item(f"classification/{index}", lambda image=example.image: image, {},
-                          classes[label], label))
-      else:
-        example = world.example("retrieval", index)
-        report = example.study.report
-        items.append(Item(f"retrieval/{index}", lambda image=example.image: image, {},
-                          report, [report]))
-    return items
+  def item(index: int) -> Item:
+    if name == "zeroshot":
+      example, label = world.classification(index, classes)
+      return Item(f"classification/{index}", lambda image=example.image: image, {},
+                  classes[label], label)
+    example = world.example("retrieval", index)
+    report = example.study.report
+    return Item(f"retrieval/{index}", lambda image=example.image: image, {}, report, [report])
 
+  draw = _stream("findings world", item)
   if name == "retrieval":  # reports repeat: each distinct one is right for all its images
     return RetrievalTask(name, draw, identical_texts_match=True)
   count, scoring = e.get("prompts_per_class", 10), e.get("prompt_scoring", "mean")
