@@ -127,3 +127,42 @@ def test_contrastive_losses_match_open_clip():
     assert ours.memory["temp_bytes"] > 0
     model = model_config(TwoTowersConfig, contrastive.recipe(loss, 16, 1))
     assert model.loss == loss and (model.init_bias is not None) == (loss == "sigmoid")
+
+
+def test_medclip_torch_step_computes_mmjax_loss():
+  """The MedCLIP step benchmark compares like with like: its PyTorch semantic matching loss
+  (MedCLIP's `ImageTextContrastiveLoss`) is `mmjax.losses.semantic_matching_loss` and its
+  gradients, on labels with missing findings (every row has some), and its step trains the
+  recipe's towers on a batch as the recipe's pipeline gives it."""
+  torch = pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import contrastive, medclip, medclip_torch
+  from mmjax import losses
+  image, text = contrastive.features(6, dim=8)
+  rng = np.random.default_rng(0)
+  labels = rng.choice([np.nan, 0.0, 1.0, -1.0], size=(2, 6, 5)).astype(np.float32)
+  labels[:, :, 0] = 1.0
+  scale = 100.0
+  ours, grads = jax.value_and_grad(losses.semantic_matching_loss, argnums=(0, 1))(
+      jnp.asarray(image), jnp.asarray(text), scale, *map(jnp.asarray, labels))
+  image_t, text_t = (torch.tensor(x, requires_grad=True) for x in (image, text))
+  theirs = medclip_torch.semantic_matching_loss(
+      scale * image_t @ text_t.T, *map(torch.tensor, np.nan_to_num(labels)))
+  theirs.backward()
+  assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+  for g, t in zip(grads, (image_t, text_t)):
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=1e-5)
+  config = medclip.step_recipe(medclip.STEP_SIZES["tiny"] | {"batch": 4})
+  size, seq = config.data.image_size, config.data.seq_len
+  batch = {"image": rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8),
+           "tokens": np.where(np.arange(seq) < 9, rng.integers(4, 100, (4, seq)), 0),
+           "image_labels": labels[0, :4], "text_labels": labels[1, :4]}
+  step = medclip.TorchStep(config, batch)
+  before = step.model.text_model.projection_head.weight.detach().clone()
+  step()
+  assert np.isfinite(step.loss)
+  assert not torch.equal(before, step.model.text_model.projection_head.weight)
+  assert sum(p.numel() for p in step.model.parameters()) > 200_000  # the recipe's towers

@@ -1,15 +1,9 @@
 """MedCLIP: the converted model against a PyTorch reference of MedCLIP's ResNet variant, and
 its text pooling against naive numpy.
 
-The reference is built here, not imported from the `medclip` package (0.0.3), which cannot
-run on this CPU-only machine: it imports torchvision at module level (whose PyPI wheels for
-this torch do not load beside its CPU build), its towers' constructors download pretrained
-weights (`AutoModel.from_pretrained("emilyalsentzer/Bio_ClinicalBERT")`,
-`resnet50(pretrained=True)`), and `encode_text` and `forward` call `.cuda()`. So the
-reference has MedCLIPModel's module names (hence its state dict's keys) and reproduces its
-computation: transformers' BertModel with `output_hidden_states`, the mean over positions
-(padding included) and then over hidden states 1, 2 and -1, bias-free projections, L2
-normalisation, and logits `exp(clamp(logit_scale, 0, 4.6052)) * image @ text.T`.
+The reference is benchmarks/medclip_torch.py's `TorchMedCLIP`, written out rather than
+imported from the `medclip` package (why: its docstring): MedCLIPModel's module names (hence
+its state dict's keys) and its computation.
 """
 
 import dataclasses
@@ -22,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_resnet import TorchResNet, randomise, to_torch
-from torch import nn
 
+from benchmarks.medclip_torch import TorchMedCLIP, to_torch
 from mmjax.convert import ConversionError
 from mmjax.convert.medclip import PIXEL_MEAN, PIXEL_STD, convert_medclip
 from mmjax.models.bert import Bert, BertConfig
@@ -35,38 +28,6 @@ from mmjax.models.resnet import ResNetConfig
 VOCAB, EMBED = 40, 12
 HF_BERT = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 3,
            "num_attention_heads": 2, "intermediate_size": 24, "max_position_embeddings": 16}
-
-
-class TorchMedCLIP(nn.Module):
-  """MedCLIPModel's names: `vision_model.model` (a ResNet with a bias-free fc),
-  `text_model.model` (BertModel), `text_model.projection_head`, `logit_scale`."""
-
-  def __init__(self):
-    super().__init__()
-    self.vision_model = nn.Module()
-    self.vision_model.model = randomise(TorchResNet((1, 1, 1, 1), 4, True, "nobias", EMBED))
-    self.text_model = nn.Module()
-    self.text_model.model = transformers.BertModel(transformers.BertConfig(**HF_BERT))
-    self.text_model.projection_head = nn.Linear(16, EMBED, bias=False)
-    self.logit_scale = nn.Parameter(torch.tensor(5.0))  # above MedCLIP's clamp: ln 100
-
-  def encode_image(self, pixels):
-    if pixels.shape[1] == 1:
-      pixels = pixels.repeat(1, 3, 1, 1)
-    x = self.vision_model.model(pixels)
-    return x / x.norm(dim=-1, keepdim=True)
-
-  def encode_text(self, input_ids, attention_mask):
-    states = self.text_model.model(input_ids=input_ids, attention_mask=attention_mask,
-                                   output_hidden_states=True).hidden_states
-    chosen = torch.stack([states[1], states[2], states[-1]])  # "n b t d"
-    x = self.text_model.projection_head(chosen.permute(1, 0, 2, 3).mean(2).mean(1))
-    return x / x.norm(dim=-1, keepdim=True)
-
-  def forward(self, pixels, input_ids, attention_mask):
-    image, text = self.encode_image(pixels), self.encode_text(input_ids, attention_mask)
-    scale = self.logit_scale.clamp(0, 4.6052).exp()
-    return image, text, scale * image @ text.T
 
 
 def inputs(seed=0):
@@ -81,7 +42,7 @@ def inputs(seed=0):
 def converted(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("medclip")
   torch.manual_seed(0)
-  ref = TorchMedCLIP().eval()
+  ref = TorchMedCLIP(HF_BERT, EMBED).eval()
   with torch.no_grad():
     for p in ref.text_model.parameters():
       p.copy_(torch.randn_like(p) * 0.3)

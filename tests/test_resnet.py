@@ -1,12 +1,9 @@
 """ResNet against a PyTorch reference from random weights, through the converter.
 
-The reference is a plain-torch ResNet written here (Conv2d, BatchNorm2d, MaxPool2d) with
-torchvision's module names (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`,
-`fc`, ...) and torchvision's structure (bottleneck stride on the 3x3 convolution), so its
-state dict is a torchvision ResNet's. torchvision itself is not used: its wheels for this
-torch (0.28.0 on PyPI) are CUDA builds whose compiled operators do not load beside the CPU
-build of torch ("operator torchvision::nms does not exist" at import), and the CPU builds
-come only from PyTorch's own package index.
+The reference (benchmarks/medclip_torch.py) is a plain-torch ResNet (Conv2d, BatchNorm2d,
+MaxPool2d) with torchvision's module names (`conv1`, `bn1`, `layer1.0.conv1`,
+`layer1.0.downsample.0`, `fc`, ...) and structure, so its state dict is a torchvision
+ResNet's; why not torchvision itself is in its docstring.
 """
 
 import functools
@@ -19,79 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.medclip_torch import TorchResNet, randomise, to_torch
 from mmjax.convert import ConversionError
 from mmjax.convert.resnet import convert_resnet
 from mmjax.models.resnet import ResNet, ResNetConfig
-
-
-class TorchBlock(nn.Module):
-  def __init__(self, inplanes: int, planes: int, stride: int, bottleneck: bool):
-    super().__init__()
-    expansion = 4 if bottleneck else 1
-    if bottleneck:
-      shapes = ((inplanes, planes, 1, 1), (planes, planes, 3, stride),
-                (planes, planes * expansion, 1, 1))
-    else:
-      shapes = ((inplanes, planes, 3, stride), (planes, planes, 3, 1))
-    for i, (c_in, c_out, k, s) in enumerate(shapes, 1):
-      setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False))
-      setattr(self, f"bn{i}", nn.BatchNorm2d(c_out))
-    self.n = len(shapes)
-    self.downsample = None
-    if stride != 1 or inplanes != planes * expansion:
-      self.downsample = nn.Sequential(
-          nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False),
-          nn.BatchNorm2d(planes * expansion))
-
-  def forward(self, x):
-    h = x
-    for i in range(1, self.n + 1):
-      h = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(h))
-      if i < self.n:
-        h = torch.relu(h)
-    return torch.relu(h + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(nn.Module):
-  """torchvision's ResNet structure and names; `fc`: None, "bias" (classifier) or
-  "nobias" (MedCLIP's projection) to `out` features."""
-
-  def __init__(self, depths=(1, 1, 1, 1), width=8, bottleneck=True, fc=None, out=10):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    inplanes, expansion = width, 4 if bottleneck else 1
-    for s, depth in enumerate(depths):
-      planes, blocks = width * 2 ** s, []
-      for i in range(depth):
-        blocks.append(TorchBlock(inplanes, planes, 2 if s and not i else 1, bottleneck))
-        inplanes = planes * expansion
-      setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-    self.depths = depths
-    self.fc = None if fc is None else nn.Linear(inplanes, out, bias=fc == "bias")
-
-  def forward(self, x):
-    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-    for s in range(len(self.depths)):
-      x = getattr(self, f"layer{s + 1}")(x)
-    x = x.mean((2, 3))
-    return x if self.fc is None else self.fc(x)
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-  """Random BatchNorm affine parameters and running statistics, so that every one of them
-  shows in the outputs."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-        m.bias.copy_(0.2 * torch.randn(c, generator=g))
-        m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-  return model
 
 
 def converted(model: nn.Module, tmp_path, name="resnet.pt", **overrides):
@@ -108,10 +36,6 @@ def train_apply(cfg: ResNetConfig, variables, x):
   """`(outputs, {"batch_stats": updated})` of one forward in train mode."""
   return jax.jit(lambda v, x: ResNet(cfg).apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, jnp.asarray(x))
-
-
-def to_torch(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 @pytest.mark.parametrize("depths,width,bottleneck,fc", [
