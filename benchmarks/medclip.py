@@ -176,8 +176,8 @@ def train_steps(sizes, *, rounds: int, runs: int, out: str | None = None) -> lis
 
 def step_table(lines: list[dict]) -> str:
   """A markdown table of `train_steps`' lines."""
-  ms = lambda x: (f"{x['step_s'] * 1e3:.4g} ms ({x['step_min_s'] * 1e3:.4g}–"
-                  f"{x['step_max_s'] * 1e3:.4g})")
+  t = lambda s: f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
+  ms = lambda x: f"{t(x['step_s'])} ({t(x['step_min_s'])}–{t(x['step_max_s'])})"
   by = {(x["size"], x["system"]): x for x in lines}
   out = [("| size | batch | params | mmjax step | PyTorch step | PyTorch / mmjax | "
          "mmjax compiled temp / arguments |"), "| --- " * 7 + "|"]
