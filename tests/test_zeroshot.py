@@ -4,6 +4,7 @@ two tasks end to end on a tiny randomly initialised CLIP run, on the shapes worl
 the ImageNet-folder and COCO layouts."""
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import pathlib
@@ -65,7 +66,9 @@ def test_class_embeddings_average_normalised_prompts_and_renormalise():
 def open_clip_metadata():
   """open_clip's `zero_shot_metadata` module, read from its file: the package's own
   `__init__` imports torchvision, which it does not need."""
-  spec = importlib.util.find_spec("open_clip")
+  # Searched on sys.path: tests/test_siglip.py may have put a bare `open_clip` package
+  # (without a spec) in sys.modules, which importlib.util.find_spec refuses.
+  spec = importlib.machinery.PathFinder.find_spec("open_clip")
   assert spec is not None, "open_clip is the reference here: pip install --no-deps " \
                            "open_clip_torch==3.3.0"
   path = pathlib.Path(spec.submodule_search_locations[0]) / "zero_shot_metadata.py"
