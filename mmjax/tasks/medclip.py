@@ -16,16 +16,11 @@ MODEL = MedCLIP
 
 
 check_config = clip.check_config  # one batch of negatives; data fit the towers
+init_inputs = clip.init_inputs  # an image of the tower's size and a row of tokens
 
 
 def build_model(config) -> MedCLIP:
   return MedCLIP(model_config(MedCLIPConfig, config))
-
-
-def init_inputs(config):
-  size = config.model.vision["image_size"]
-  return (jnp.zeros((1, size, size, 3), jnp.uint8),
-          jnp.ones((1, config.data.seq_len), jnp.int32)), {}
 
 
 def loss_terms(model, params, batch, rng, *, model_state, train=True):
