@@ -1,0 +1,201 @@
+"""LoRA and adapters (mmjax.peft) on mmjax models: exact function at init, the naive
+LoRA formula, peft's initialisation, merge/unmerge, training only the LoRA parameters,
+and parity with Hugging Face peft's files and logits (mmjax.convert.peft)."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import checkpoints, peft
+from mmjax.layers import Dense
+from mmjax.models.blip2 import Blip2, Blip2Config
+from mmjax.models.lm import LanguageModel, LMConfig
+from mmjax.models.qformer import QFormerConfig
+from mmjax.models.vit import ViTConfig
+
+LM = LMConfig(vocab_size=50, width=16, depth=2, num_heads=2, mlp_dim=32, max_len=16)
+LORA = peft.LoraConfig(rank=4, alpha=8, targets=("query", "value", "mlp/up"))
+TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 50)
+
+
+def _init(model, *args, seed=0):
+  return nn.unbox(jax.jit(model.init)(jax.random.key(seed), *args)["params"])
+
+
+def _randomised(params, key=jax.random.key(7), leaves=("lora_b", "adapter_up")):
+  """`params` with the zero-initialised leaves drawn at random, so that they matter."""
+  flat = checkpoints.flat_params(params)
+  for i, path in enumerate(sorted(flat)):
+    if path.rsplit("/", 1)[-1] in leaves:
+      flat[path] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
+  return checkpoints.tree_params(flat)
+
+
+@pytest.fixture(scope="module")
+def lm():
+  model = LanguageModel(LM)
+  wrapped = peft.wrap(model, lora=LORA)
+  params = _randomised(_init(wrapped, TOKENS))
+  return model, wrapped, params
+
+
+def test_targets_match_whole_paths_or_path_ends_and_exclude_comes_first():
+  assert peft.matches("layers_0/attn/query", ("query",))
+  assert peft.matches("lm/layers_0/attn/query", ("attn/query",))
+  assert not peft.matches("layers_0/attn/query_norm", ("query",))
+  assert not peft.matches("layers_0/attn/myquery", ("query",))
+  assert peft.matches("layers_0/attn/query", r".*attn/(query|value)")
+  assert not peft.matches("xlayers_0/attn/query", r"layers_\d/attn/query")  # fullmatch
+  assert not peft.matches("layers_1/attn/query", ("query",), exclude=r"layers_1/.*")
+  assert not peft.matches("layers_1/attn/query", r".*", exclude=("layers_1/attn/query",))
+
+
+def test_lora_leaves_sit_beside_the_targeted_kernels_only(lm):
+  _, _, params = lm
+  flat = checkpoints.flat_params(params)
+  lora = sorted(k for k in flat if k.endswith(("lora_a", "lora_b")))
+  assert lora == sorted(f"layers_{i}/{m}/{leaf}" for i in range(2)
+                        for m in ("attn/query", "attn/value", "mlp/up")
+                        for leaf in ("lora_a", "lora_b"))
+  # Factorised like the kernel: query's kernel is "d h k", A "d r", B "r h k".
+  assert flat["layers_0/attn/query/lora_a"].shape == (16, 4)
+  assert flat["layers_0/attn/query/lora_b"].shape == (4, 2, 8)
+
+
+def test_a_fresh_lora_leaves_the_logits_unchanged(lm):
+  model, wrapped, _ = lm
+  params = _init(wrapped, TOKENS)
+  _, base = peft.split(params)
+  np.testing.assert_array_equal(wrapped.apply({"params": params}, TOKENS),
+                                model.apply({"params": base}, TOKENS))
+
+
+def test_peft_init_draws_a_within_one_over_sqrt_fan_in_and_gaussian_with_variance_1_over_r():
+  model = Dense((4, 64), ("embed", "heads", "head_dim"))
+  x = jnp.ones((1, 256))
+  a = nn.unbox(peft.wrap(model, lora=peft.LoraConfig(rank=64, targets=r".*")).init(
+      jax.random.key(0), x)["params"]["lora_a"])
+  bound = 1 / math.sqrt(256)  # torch kaiming_uniform_(a=sqrt(5)) on [r, fan_in]
+  assert float(jnp.max(jnp.abs(a))) <= bound
+  assert float(jnp.max(jnp.abs(a))) > 0.95 * bound
+  np.testing.assert_allclose(float(jnp.var(a)), bound**2 / 3, rtol=0.05)  # uniform's
+  gaussian = nn.unbox(peft.wrap(model, lora=peft.LoraConfig(
+      rank=64, targets=r".*", init="gaussian")).init(jax.random.key(0), x)["params"])
+  np.testing.assert_allclose(float(jnp.var(gaussian["lora_a"])), 1 / 64, rtol=0.05)
+  assert not np.any(np.asarray(gaussian["lora_b"]))
+
+
+class _Draw(nn.Module):
+  """The keep mask the first "dropout" draw of a root module makes (as the Dense's)."""
+
+  def __call__(self, x):
+    return jax.random.bernoulli(self.make_rng("dropout"), 0.5, x.shape)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_computes_x_w_plus_scale_times_dropout_x_a_b(rslora):
+  cfg = peft.LoraConfig(rank=3, alpha=6, rslora=rslora, dropout=0.5, targets=r".*")
+  model = peft.wrap(Dense((2, 5), ("embed", "heads", "head_dim"), use_bias=True), lora=cfg)
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  params = _randomised(_init(model, x))
+  y = model.apply({"params": params}, x, rngs={"dropout": jax.random.key(3)})
+  keep = _Draw().apply({}, x, rngs={"dropout": jax.random.key(3)})  # the branch's draw
+  dropped = jnp.where(keep, x / 0.5, 0)
+  w, a, b = (params["kernel"].reshape(6, 10), params["lora_a"], params["lora_b"].reshape(3, 10))
+  scale = 6 / (math.sqrt(3) if rslora else 3)
+  naive = x @ w + params["bias"].reshape(10) + scale * (dropped @ a) @ b
+  np.testing.assert_allclose(y.reshape(4, 10), naive, atol=1e-5)
+  # Without a "dropout" rng the branch is deterministic.
+  y = model.apply({"params": params}, x)
+  np.testing.assert_allclose(y.reshape(4, 10), x @ w + params["bias"].reshape(10)
+                             + scale * (x @ a) @ b, atol=1e-5)
+
+
+def test_merge_gives_the_base_model_the_wrapped_ones_function_and_unmerge_undoes_it(lm):
+  model, wrapped, params = lm
+  merged = peft.merge(params, LORA)
+  lora, base = peft.split(params)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
+  np.testing.assert_allclose(model.apply({"params": merged}, TOKENS),
+                             wrapped.apply({"params": params}, TOKENS), atol=1e-5)
+  restored = peft.unmerge(merged, lora, LORA)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+                         restored, params)
+  assert peft.combine(lora, base).keys() == params.keys()
+
+
+def test_merge_handles_scanned_layer_stacks():
+  cfg = LMConfig(**{**LM.__dict__, "scan_layers": True})
+  model = LanguageModel(cfg)
+  wrapped = peft.wrap(model, lora=LORA)
+  params = _randomised(_init(wrapped, TOKENS))
+  assert params["layers"]["attn"]["query"]["lora_a"].shape == (2, 16, 4)
+  np.testing.assert_allclose(model.apply({"params": peft.merge(params, LORA)}, TOKENS),
+                             wrapped.apply({"params": params}, TOKENS), atol=1e-5)
+
+
+def test_the_wrapped_model_is_hashable_equal_to_an_equal_wrap_and_a_static_jit_argument(lm):
+  model, wrapped, params = lm
+  again = peft.wrap(LanguageModel(LM), lora=LORA)
+  assert wrapped == again and hash(wrapped) == hash(again) and wrapped != model
+  assert isinstance(wrapped, LanguageModel) and peft.unwrap(wrapped) == model
+
+  @jax.jit
+  def logits(params):
+    return forward(wrapped, params)
+
+  forward = jax.jit(lambda m, p: m.apply({"params": p}, TOKENS), static_argnums=0)
+  np.testing.assert_allclose(logits(params), wrapped.apply({"params": params}, TOKENS),
+                             atol=1e-6)
+
+
+def test_adapters_are_the_identity_at_init_and_their_parameters_get_gradients():
+  model = LanguageModel(LM)
+  wrapped = peft.wrap(model, adapters=peft.AdapterConfig(dim=4, targets=("attn/out",)))
+  params = _init(wrapped, TOKENS)
+  out = params["layers_0"]["attn"]["out"]
+  assert out["adapter_down"].shape == (16, 4) and out["adapter_up"].shape == (4, 16)
+  adapters, base = peft.split(params, peft.ADAPTER_LEAVES)
+  np.testing.assert_array_equal(wrapped.apply({"params": params}, TOKENS),
+                                model.apply({"params": base}, TOKENS))
+
+  def loss(adapters):
+    logits = wrapped.apply({"params": peft.combine(adapters, base)}, TOKENS)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  grads = checkpoints.flat_params(jax.grad(loss)(adapters))
+  assert float(jnp.abs(grads["layers_0/attn/out/adapter_up"]).max()) > 0
+  assert float(jnp.abs(grads["layers_1/attn/out/adapter_up_bias"]).max()) > 0
+
+
+def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
+  vision = ViTConfig(image_size=16, patch_size=8, width=24, depth=1, num_heads=2,
+                     output_dim=None, keep_class_token=True, token_norm=True)
+  qformer = QFormerConfig(vocab_size=41, width=32, depth=2, num_heads=4, num_queries=4,
+                          encoder_width=24, max_len=16)
+  model = Blip2(Blip2Config(vision, qformer, dec_token_id=40, embed_dim=8,
+                            lm=LMConfig(vocab_size=40, width=16, depth=2, num_heads=2,
+                                        max_len=64)))
+  cfg = peft.LoraConfig(rank=2, targets=r"lm/layers_\d+/attn/(query|value)")
+  wrapped = peft.wrap(model, lora=cfg)
+  images = jax.random.randint(jax.random.key(1), (2, 16, 16, 3), 0, 255).astype(jnp.uint8)
+  tokens = jax.random.randint(jax.random.key(2), (2, 7), 3, 40)
+  params = _randomised(_init(wrapped, images, tokens))
+  flat = checkpoints.flat_params(params)
+  assert sorted(k for k in flat if "lora" in k) == sorted(
+      f"lm/layers_{i}/attn/{m}/lora_{x}" for i in range(2) for m in ("query", "value")
+      for x in "ab")
+  prefix = wrapped.apply({"params": params}, images, method=Blip2.prefix)
+  np.testing.assert_array_equal(prefix, model.apply({"params": peft.merge(params, cfg)},
+                                                    images, method="prefix"))
+  np.testing.assert_allclose(wrapped.apply({"params": params}, images, tokens),
+                             model.apply({"params": peft.merge(params, cfg)}, images, tokens),
+                             atol=1e-5)
+  _, base = peft.split(params)
+  assert not np.allclose(wrapped.apply({"params": params}, images, tokens),
+                         model.apply({"params": base}, images, tokens), atol=1e-3)
