@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import checkpoints, peft
+from mmjax import checkpoints, peft, train
 from mmjax.layers import Dense
 from mmjax.models.blip2 import Blip2, Blip2Config
 from mmjax.models.lm import LanguageModel, LMConfig
@@ -25,6 +25,11 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 50)
 
 def _init(model, *args, seed=0):
   return nn.unbox(jax.jit(model.init)(jax.random.key(seed), *args)["params"])
+
+
+def _run(model, params, *args, **kwargs):
+  """`model.apply` compiled (op-by-op dispatch of a whole model is slower than compiling)."""
+  return jax.jit(lambda p, a: model.apply({"params": p}, *a, **kwargs))(params, args)
 
 
 def _randomised(params, key=jax.random.key(7), leaves=("lora_b", "adapter_up")):
@@ -71,8 +76,8 @@ def test_a_fresh_lora_leaves_the_logits_unchanged(lm):
   model, wrapped, _ = lm
   params = _init(wrapped, TOKENS)
   _, base = peft.split(params)
-  np.testing.assert_array_equal(wrapped.apply({"params": params}, TOKENS),
-                                model.apply({"params": base}, TOKENS))
+  np.testing.assert_allclose(_run(wrapped, params, TOKENS), _run(model, base, TOKENS),
+                             atol=1e-6)
 
 
 def test_peft_init_draws_a_within_one_over_sqrt_fan_in_and_gaussian_with_variance_1_over_r():
@@ -103,7 +108,7 @@ def test_lora_computes_x_w_plus_scale_times_dropout_x_a_b(rslora):
   model = peft.wrap(Dense((2, 5), ("embed", "heads", "head_dim"), use_bias=True), lora=cfg)
   x = jax.random.normal(jax.random.key(0), (4, 6))
   params = _randomised(_init(model, x))
-  y = model.apply({"params": params}, x, rngs={"dropout": jax.random.key(3)})
+  y = _run(model, params, x, rngs={"dropout": jax.random.key(3)})
   keep = _Draw().apply({}, x, rngs={"dropout": jax.random.key(3)})  # the branch's draw
   dropped = jnp.where(keep, x / 0.5, 0)
   w, a, b = (params["kernel"].reshape(6, 10), params["lora_a"], params["lora_b"].reshape(3, 10))
@@ -111,7 +116,7 @@ def test_lora_computes_x_w_plus_scale_times_dropout_x_a_b(rslora):
   naive = x @ w + params["bias"].reshape(10) + scale * (dropped @ a) @ b
   np.testing.assert_allclose(y.reshape(4, 10), naive, atol=1e-5)
   # Without a "dropout" rng the branch is deterministic.
-  y = model.apply({"params": params}, x)
+  y = _run(model, params, x)
   np.testing.assert_allclose(y.reshape(4, 10), x @ w + params["bias"].reshape(10)
                              + scale * (x @ a) @ b, atol=1e-5)
 
@@ -121,8 +126,8 @@ def test_merge_gives_the_base_model_the_wrapped_ones_function_and_unmerge_undoes
   merged = peft.merge(params, LORA)
   lora, base = peft.split(params)
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
-  np.testing.assert_allclose(model.apply({"params": merged}, TOKENS),
-                             wrapped.apply({"params": params}, TOKENS), atol=1e-5)
+  np.testing.assert_allclose(_run(model, merged, TOKENS),
+                             _run(wrapped, params, TOKENS), atol=1e-5)
   restored = peft.unmerge(merged, lora, LORA)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                          restored, params)
@@ -135,8 +140,8 @@ def test_merge_handles_scanned_layer_stacks():
   wrapped = peft.wrap(model, lora=LORA)
   params = _randomised(_init(wrapped, TOKENS))
   assert params["layers"]["attn"]["query"]["lora_a"].shape == (2, 16, 4)
-  np.testing.assert_allclose(model.apply({"params": peft.merge(params, LORA)}, TOKENS),
-                             wrapped.apply({"params": params}, TOKENS), atol=1e-5)
+  np.testing.assert_allclose(_run(model, peft.merge(params, LORA), TOKENS),
+                             _run(wrapped, params, TOKENS), atol=1e-5)
 
 
 def test_the_wrapped_model_is_hashable_equal_to_an_equal_wrap_and_a_static_jit_argument(lm):
@@ -150,7 +155,7 @@ def test_the_wrapped_model_is_hashable_equal_to_an_equal_wrap_and_a_static_jit_a
     return forward(wrapped, params)
 
   forward = jax.jit(lambda m, p: m.apply({"params": p}, TOKENS), static_argnums=0)
-  np.testing.assert_allclose(logits(params), wrapped.apply({"params": params}, TOKENS),
+  np.testing.assert_allclose(logits(params), _run(wrapped, params, TOKENS),
                              atol=1e-6)
 
 
@@ -161,14 +166,14 @@ def test_adapters_are_the_identity_at_init_and_their_parameters_get_gradients():
   out = params["layers_0"]["attn"]["out"]
   assert out["adapter_down"].shape == (16, 4) and out["adapter_up"].shape == (4, 16)
   adapters, base = peft.split(params, peft.ADAPTER_LEAVES)
-  np.testing.assert_array_equal(wrapped.apply({"params": params}, TOKENS),
-                                model.apply({"params": base}, TOKENS))
+  np.testing.assert_allclose(_run(wrapped, params, TOKENS), _run(model, base, TOKENS),
+                             atol=1e-6)
 
   def loss(adapters):
     logits = wrapped.apply({"params": peft.combine(adapters, base)}, TOKENS)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-  grads = checkpoints.flat_params(jax.grad(loss)(adapters))
+  grads = checkpoints.flat_params(jax.jit(jax.grad(loss))(adapters))
   assert float(jnp.abs(grads["layers_0/attn/out/adapter_up"]).max()) > 0
   assert float(jnp.abs(grads["layers_1/attn/out/adapter_up_bias"]).max()) > 0
 
@@ -190,12 +195,55 @@ def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
   assert sorted(k for k in flat if "lora" in k) == sorted(
       f"lm/layers_{i}/attn/{m}/lora_{x}" for i in range(2) for m in ("query", "value")
       for x in "ab")
-  prefix = wrapped.apply({"params": params}, images, method=Blip2.prefix)
-  np.testing.assert_array_equal(prefix, model.apply({"params": peft.merge(params, cfg)},
-                                                    images, method="prefix"))
-  np.testing.assert_allclose(wrapped.apply({"params": params}, images, tokens),
-                             model.apply({"params": peft.merge(params, cfg)}, images, tokens),
+  prefix = _run(wrapped, params, images, method=Blip2.prefix)
+  np.testing.assert_allclose(prefix, _run(model, peft.merge(params, cfg), images,
+                                          method="prefix"), atol=1e-6)
+  np.testing.assert_allclose(_run(wrapped, params, images, tokens),
+                             _run(model, peft.merge(params, cfg), images, tokens),
                              atol=1e-5)
   _, base = peft.split(params)
-  assert not np.allclose(wrapped.apply({"params": params}, images, tokens),
-                         model.apply({"params": base}, images, tokens), atol=1e-3)
+  assert not np.allclose(_run(wrapped, params, images, tokens),
+                         _run(model, base, images, tokens), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer: config.peft.
+# ---------------------------------------------------------------------------------------
+def _peft_lm_config(steps):
+  from test_train import lm_config  # the LM recipe at toy size
+  config = lm_config(**{"train.steps": steps, "train.checkpoint_every": 1})
+  config.peft = dict(lora=dict(rank=4, alpha=8, dropout=0.1, targets=("query", "value")),
+                     modules_to_save=(r"^final_norm/",))
+  return config
+
+
+def test_a_peft_run_trains_only_lora_and_the_modules_to_save_and_resumes_exactly(tmp_path):
+  config = _peft_lm_config(2)
+  train.run(config, tmp_path / "whole", devices=jax.devices()[:1])
+  assert config.trainable == peft.trainable_pattern(config)
+  parts = train.build(config, jax.devices()[:1])
+  fresh = train.init_state(config, parts)
+  params = checkpoints.flat_params(train.merge_params(fresh["params"], fresh["frozen"]))
+  trained = checkpoints.flat_params(checkpoints.load(tmp_path / "whole").params)
+  assert trained.keys() == params.keys()
+  changed = {k for k in params if not np.array_equal(params[k], trained[k])}
+  assert changed == {k for k in params if k.endswith(("lora_a", "lora_b"))
+                     or k.startswith("final_norm/")}
+  assert sorted(checkpoints.flat_params(fresh["params"])) == sorted(changed)
+  # Stopped after a step and re-run: the same losses as the uninterrupted run.
+  from test_train import losses_by_step
+  train.run(_peft_lm_config(1), tmp_path / "resumed", devices=jax.devices()[:1])
+  train.run(_peft_lm_config(2), tmp_path / "resumed", devices=jax.devices()[:1])
+  assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "whole")
+
+
+def test_config_peft_is_checked_field_by_field():
+  from mmjax import config as config_lib
+  config = _peft_lm_config(1)
+  config.peft = dict(lora=dict(rank=0, rnak=4, targets="(", init="kaiming"),
+                     modules_to_save=("[",))
+  found = "\n".join(config_lib.problems(config))
+  for text in ("rnak", "config.peft.lora.init='kaiming' is not one of ('peft', 'gaussian')",
+               "config.peft.lora.rank=0 must be >= 1", "targets='(' is not a regular",
+               "modules_to_save='[' is not a regular"):
+    assert text in found, (text, found)
