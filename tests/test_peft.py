@@ -247,3 +247,73 @@ def test_config_peft_is_checked_field_by_field():
                "config.peft.lora.rank=0 must be >= 1", "targets='(' is not a regular",
                "modules_to_save='[' is not a regular"):
     assert text in found, (text, found)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face peft's files and logits.
+# ---------------------------------------------------------------------------------------
+def _hf_lora(tmp_path, family, targets):
+  """A random small HF LM under peft's LoRA (B random too, so that it matters), the base
+  saved by save_pretrained in tmp_path/base and the adapter by peft in tmp_path/adapter."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+  if family == "llama":
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40))
+  else:
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=40))
+  with torch.no_grad():
+    for p in base.parameters():
+      p.copy_(torch.randn_like(p) * 0.3)
+  base.eval().save_pretrained(tmp_path / "base")
+  model = hf_peft.get_peft_model(base, hf_peft.LoraConfig(r=4, lora_alpha=8,
+                                                          target_modules=targets))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.copy_(torch.randn_like(p) * 0.3)
+  model.eval().save_pretrained(tmp_path / "adapter")
+  return model
+
+
+def _torch_logits(model, tokens):
+  import torch
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens))).logits.numpy()
+
+
+@pytest.mark.parametrize("family,targets", [
+    ("llama", ["q_proj", "v_proj", "o_proj", "down_proj"]),
+    ("gpt2", ["c_attn", "c_proj"])])
+def test_a_peft_adapter_loads_with_peft_s_logits_and_saves_back_to_peft(tmp_path, family,
+                                                                        targets):
+  from mmjax.convert import peft as convert_peft
+  from mmjax.convert.lm import convert_lm
+  hf_model = _hf_lora(tmp_path, family, targets)
+  tokens = np.array([[1, 5, 9, 33, 2, 70, 4, 11], [3, 3, 8, 95, 0, 17, 60, 1]])
+  cfg, params = convert_lm(tmp_path / "base")
+  lora, lora_params = convert_peft.load_adapter(tmp_path / "adapter", tmp_path / "base")
+  assert (lora.rank, lora.alpha, lora.scale) == (4, 8.0, 2.0)
+  model = peft.wrap(LanguageModel(cfg), lora=lora)
+  logits = _run(model, peft.combine(params, lora_params), jnp.asarray(tokens))
+  expected = _torch_logits(hf_model, tokens)
+  np.testing.assert_allclose(logits, expected, atol=1e-4)
+  # Without the adapter the logits are far from peft's: the test can fail.
+  assert np.abs(_run(LanguageModel(cfg), params, jnp.asarray(tokens)) - expected).max() > 0.1
+  if family == "gpt2":  # c_attn: the same A on query, key and value, B split by rows
+    layer = lora_params["layers_0"]["attn"]
+    np.testing.assert_array_equal(layer["query"]["lora_a"], layer["value"]["lora_a"])
+
+  # Saved back: peft loads it onto the base model and computes the same logits.
+  import transformers
+  from peft import PeftModel
+  convert_peft.save_adapter(tmp_path / "saved", lora_params, lora, tmp_path / "base")
+  base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+  reloaded = PeftModel.from_pretrained(base, tmp_path / "saved").eval()
+  np.testing.assert_allclose(_torch_logits(reloaded, tokens), expected, atol=1e-5)
+  saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+  assert sorted(saved["target_modules"]) == sorted(targets)
