@@ -317,3 +317,38 @@ def test_a_peft_adapter_loads_with_peft_s_logits_and_saves_back_to_peft(tmp_path
   np.testing.assert_allclose(_torch_logits(reloaded, tokens), expected, atol=1e-5)
   saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
   assert sorted(saved["target_modules"]) == sorted(targets)
+
+
+def test_adapters_mmjax_cannot_compute_or_write_are_refused_by_name(tmp_path):
+  import shutil
+
+  from mmjax.convert import peft as convert_peft
+  from mmjax.convert.common import ConversionError
+  _hf_lora(tmp_path, "gpt2", ["c_attn"])
+  adapter = tmp_path / "adapter"
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  for field, value, says in (("use_dora", True, "use_dora=True is not supported"),
+                             ("bias", "all", "bias='all' is not supported"),
+                             ("rank_pattern", {"c_attn": 8}, "rank_pattern"),
+                             ("peft_type", "IA3", "only LoRA adapters"),
+                             ("some_new_field", 1, "some_new_field")):
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ConversionError, match=says):
+      convert_peft.load_adapter(adapter, tmp_path / "base")
+  (adapter / "adapter_config.json").write_text(json.dumps(config))
+  lora, lora_params = convert_peft.load_adapter(adapter, tmp_path / "base")
+  # Unknown tensors in the weights file.
+  from safetensors.numpy import load_file, save_file
+  weights = load_file(str(adapter / "adapter_model.safetensors"))
+  odd = tmp_path / "odd"
+  shutil.copytree(adapter, odd)
+  save_file({**weights, "base_model.model.transformer.wte.lora_embedding_A": np.ones(
+      (4, 96), np.float32)}, str(odd / "adapter_model.safetensors"))
+  with pytest.raises(ConversionError, match="lora_embedding_A"):
+    convert_peft.load_adapter(odd, tmp_path / "base")
+  # c_attn's query, key and value trained apart have no peft form.
+  flat = checkpoints.flat_params(lora_params)
+  flat["layers_1/attn/key/lora_a"] = flat["layers_1/attn/key/lora_a"] + 1
+  with pytest.raises(ConversionError, match="transformer.h.1.attn.c_attn.*LoRA A's differ"):
+    convert_peft.save_adapter(tmp_path / "saved", checkpoints.tree_params(flat), lora,
+                              tmp_path / "base")
