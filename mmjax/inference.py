@@ -44,7 +44,7 @@ from flax import linen as nn
 from PIL import Image
 
 from mmjax import checkpoints
-from mmjax import evaluate
+from mmjax import evaluate, peft
 from mmjax.cli import UserError
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.shapes_world import MEDIA_TOKEN
@@ -103,7 +103,7 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
   except (ValueError, FileNotFoundError) as error:
     raise UserError(f"Tokenizer for {path}: {error}") from error
   try:
-    model = get_task(task).build_model(config)
+    model = peft.from_config(config, get_task(task).build_model(config))
   except (TypeError, ValueError) as error:  # config_from_dict's unknown or missing fields
     raise UserError(f"{path / 'config.json'}: its model config does not build a {task} "
                     f"model: {error}") from error
