@@ -369,7 +369,7 @@ def unmerge(params: dict, lora_params: dict, lora: LoraConfig) -> dict:
 
   missing = set(lora_flat) - {path for path, _ in _nodes(params)}
   if missing:
-    raise ValueError(f"peft.unmerge: the params have no module {sorted(missing)[0]!r} "
+    raise ValueError(f"peft.unmerge: the params have no module {min(missing)!r} "
                      "that the LoRA tree adapts.")
   return _rebuild(params, fn)
 
@@ -475,9 +475,8 @@ def problems(config) -> list[str]:
       found.append(f"config.peft.lora.rank={lora['rank']} must be >= 1")
     if not 0 <= lora.get("dropout", 0.0) < 1:
       found.append(f"config.peft.lora.dropout={lora['dropout']} must be in [0, 1)")
-  if adapters:
-    if adapters.get("dim", 1) < 1:
-      found.append(f"config.peft.adapters.dim={adapters['dim']} must be >= 1")
+  if adapters and adapters.get("dim", 1) < 1:
+    found.append(f"config.peft.adapters.dim={adapters['dim']} must be >= 1")
   for pattern in modules_to_save(config):
     try:
       re.compile(pattern)

@@ -32,8 +32,9 @@ def _run(model, params, *args, **kwargs):
   return jax.jit(lambda p, a: model.apply({"params": p}, *a, **kwargs))(params, args)
 
 
-def _randomised(params, key=jax.random.key(7), leaves=("lora_b", "adapter_up")):
+def _randomised(params, seed=7, leaves=("lora_b", "adapter_up")):
   """`params` with the zero-initialised leaves drawn at random, so that they matter."""
+  key = jax.random.key(seed)
   flat = checkpoints.flat_params(params)
   for i, path in enumerate(sorted(flat)):
     if path.rsplit("/", 1)[-1] in leaves:
@@ -212,8 +213,8 @@ def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
 def _peft_lm_config(steps):
   from test_train import lm_config  # the LM recipe at toy size
   config = lm_config(**{"train.steps": steps, "train.checkpoint_every": 1})
-  config.peft = dict(lora=dict(rank=4, alpha=8, dropout=0.1, targets=("query", "value")),
-                     modules_to_save=(r"^final_norm/",))
+  config.peft = {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ("query", "value")},
+                 "modules_to_save": (r"^final_norm/",)}
   return config
 
 
@@ -240,8 +241,8 @@ def test_a_peft_run_trains_only_lora_and_the_modules_to_save_and_resumes_exactly
 def test_config_peft_is_checked_field_by_field():
   from mmjax import config as config_lib
   config = _peft_lm_config(1)
-  config.peft = dict(lora=dict(rank=0, rnak=4, targets="(", init="kaiming"),
-                     modules_to_save=("[",))
+  config.peft = {"lora": {"rank": 0, "rnak": 4, "targets": "(", "init": "kaiming"},
+                 "modules_to_save": ("[",)}
   found = "\n".join(config_lib.problems(config))
   for text in ("rnak", "config.peft.lora.init='kaiming' is not one of ('peft', 'gaussian')",
                "config.peft.lora.rank=0 must be >= 1", "targets='(' is not a regular",
