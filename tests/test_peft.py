@@ -24,7 +24,17 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 50)
 
 
 def _init(model, *args, seed=0):
+  """`model`'s initial parameters (compiling an init with its random draws takes seconds)."""
   return nn.unbox(jax.jit(model.init)(jax.random.key(seed), *args)["params"])
+
+
+def _random(model, *args, seed=0):
+  """Parameters of `model`'s shapes drawn at random (N(0, 0.3^2)), without compiling its
+  init: for the tests that compare functions, not initialisations."""
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *args)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _run(model, params, *args, **kwargs):
@@ -32,22 +42,11 @@ def _run(model, params, *args, **kwargs):
   return jax.jit(lambda p, a: model.apply({"params": p}, *a, **kwargs))(params, args)
 
 
-def _randomised(params, seed=7, leaves=("lora_b", "adapter_up")):
-  """`params` with the zero-initialised leaves drawn at random, so that they matter."""
-  key = jax.random.key(seed)
-  flat = checkpoints.flat_params(params)
-  for i, path in enumerate(sorted(flat)):
-    if path.rsplit("/", 1)[-1] in leaves:
-      flat[path] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
-  return checkpoints.tree_params(flat)
-
-
 @pytest.fixture(scope="module")
 def lm():
   model = LanguageModel(LM)
   wrapped = peft.wrap(model, lora=LORA)
-  params = _randomised(_init(wrapped, TOKENS))
-  return model, wrapped, params
+  return model, wrapped, _random(wrapped, TOKENS)
 
 
 def test_targets_match_whole_paths_or_path_ends_and_exclude_comes_first():
@@ -108,7 +107,7 @@ def test_lora_computes_x_w_plus_scale_times_dropout_x_a_b(rslora):
   cfg = peft.LoraConfig(rank=3, alpha=6, rslora=rslora, dropout=0.5, targets=r".*")
   model = peft.wrap(Dense((2, 5), ("embed", "heads", "head_dim"), use_bias=True), lora=cfg)
   x = jax.random.normal(jax.random.key(0), (4, 6))
-  params = _randomised(_init(model, x))
+  params = _random(model, x)
   y = _run(model, params, x, rngs={"dropout": jax.random.key(3)})
   keep = _Draw().apply({}, x, rngs={"dropout": jax.random.key(3)})  # the branch's draw
   dropped = jnp.where(keep, x / 0.5, 0)
@@ -139,7 +138,7 @@ def test_merge_handles_scanned_layer_stacks():
   cfg = LMConfig(**{**LM.__dict__, "scan_layers": True})
   model = LanguageModel(cfg)
   wrapped = peft.wrap(model, lora=LORA)
-  params = _randomised(_init(wrapped, TOKENS))
+  params = _random(wrapped, TOKENS)
   assert params["layers"]["attn"]["query"]["lora_a"].shape == (2, 16, 4)
   np.testing.assert_allclose(_run(model, peft.merge(params, LORA), TOKENS),
                              _run(wrapped, params, TOKENS), atol=1e-5)
@@ -182,7 +181,7 @@ def test_adapters_are_the_identity_at_init_and_their_parameters_get_gradients():
 def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
   vision = ViTConfig(image_size=16, patch_size=8, width=24, depth=1, num_heads=2,
                      output_dim=None, keep_class_token=True, token_norm=True)
-  qformer = QFormerConfig(vocab_size=41, width=32, depth=2, num_heads=4, num_queries=4,
+  qformer = QFormerConfig(vocab_size=41, width=16, depth=1, num_heads=2, num_queries=2,
                           encoder_width=24, max_len=16)
   model = Blip2(Blip2Config(vision, qformer, dec_token_id=40, embed_dim=8,
                             lm=LMConfig(vocab_size=40, width=16, depth=2, num_heads=2,
@@ -191,20 +190,16 @@ def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
   wrapped = peft.wrap(model, lora=cfg)
   images = jax.random.randint(jax.random.key(1), (2, 16, 16, 3), 0, 255).astype(jnp.uint8)
   tokens = jax.random.randint(jax.random.key(2), (2, 7), 3, 40)
-  params = _randomised(_init(wrapped, images, tokens))
+  params = _random(wrapped, images, tokens)
   flat = checkpoints.flat_params(params)
   assert sorted(k for k in flat if "lora" in k) == sorted(
       f"lm/layers_{i}/attn/{m}/lora_{x}" for i in range(2) for m in ("query", "value")
       for x in "ab")
+  # An unbound method of the original class, and the forward pass: as the merged model's.
+  merged = peft.merge(params, cfg)
   prefix = _run(wrapped, params, images, method=Blip2.prefix)
-  np.testing.assert_allclose(prefix, _run(model, peft.merge(params, cfg), images,
-                                          method="prefix"), atol=1e-6)
-  np.testing.assert_allclose(_run(wrapped, params, images, tokens),
-                             _run(model, peft.merge(params, cfg), images, tokens),
-                             atol=1e-5)
-  _, base = peft.split(params)
-  assert not np.allclose(_run(wrapped, params, images, tokens),
-                         _run(model, base, images, tokens), atol=1e-3)
+  np.testing.assert_allclose(_run(model, merged, images, tokens, prefix=prefix),
+                             _run(wrapped, params, images, tokens), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +214,7 @@ def _peft_lm_config(steps):
 
 
 def test_a_peft_run_trains_only_lora_and_the_modules_to_save_and_resumes_exactly(tmp_path):
-  config = _peft_lm_config(2)
+  config = _peft_lm_config(3)  # warm-up: the first step's lr is 0; A moves once B is not 0
   train.run(config, tmp_path / "whole", devices=jax.devices()[:1])
   assert config.trainable == peft.trainable_pattern(config)
   parts = train.build(config, jax.devices()[:1])
@@ -233,8 +228,8 @@ def test_a_peft_run_trains_only_lora_and_the_modules_to_save_and_resumes_exactly
   assert sorted(checkpoints.flat_params(fresh["params"])) == sorted(changed)
   # Stopped after a step and re-run: the same losses as the uninterrupted run.
   from test_train import losses_by_step
-  train.run(_peft_lm_config(1), tmp_path / "resumed", devices=jax.devices()[:1])
   train.run(_peft_lm_config(2), tmp_path / "resumed", devices=jax.devices()[:1])
+  train.run(_peft_lm_config(3), tmp_path / "resumed", devices=jax.devices()[:1])
   assert losses_by_step(tmp_path / "resumed") == losses_by_step(tmp_path / "whole")
 
 
