@@ -4,6 +4,7 @@ and parity with Hugging Face peft's files and logits (mmjax.convert.peft)."""
 
 import json
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -313,6 +314,15 @@ def test_a_peft_adapter_loads_with_peft_s_logits_and_saves_back_to_peft(tmp_path
   np.testing.assert_allclose(_torch_logits(reloaded, tokens), expected, atol=1e-5)
   saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
   assert sorted(saved["target_modules"]) == sorted(targets)
+  if family == "llama":  # the command line merges the adapter into the converted LM
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "mmjax.convert", f"--hf_dir={tmp_path / 'base'}",
+                    f"--peft_adapter={tmp_path / 'adapter'}", f"--output={tmp_path / 'merged'}"],
+                   check=True, capture_output=True, cwd=pathlib.Path(__file__).parent.parent)
+    merged = checkpoints.load(tmp_path / "merged").params
+    np.testing.assert_allclose(_run(LanguageModel(cfg), merged, jnp.asarray(tokens)), expected,
+                               atol=1e-4)
 
 
 def test_adapters_mmjax_cannot_compute_or_write_are_refused_by_name(tmp_path):

@@ -5,6 +5,7 @@
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
   python -m mmjax.convert --medclip=pytorch_model.bin --hf_dir=BERT --output=OUT
+  python -m mmjax.convert --hf_dir=LM --peft_adapter=ADAPTER --output=OUT  # LoRA merged
 
 The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
 """
@@ -14,7 +15,7 @@ import pathlib
 
 from absl import flags
 
-from mmjax import cli
+from mmjax import cli, peft
 from mmjax.convert import common
 from mmjax.convert.bert import convert_bert
 from mmjax.convert.blip2 import convert_blip2
@@ -23,6 +24,7 @@ from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.lm import LM_TYPES, convert_lm
 from mmjax.convert.medclip import convert_medclip
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.peft import load_adapter
 from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
 
@@ -40,6 +42,9 @@ flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the en
                      "token id.")
 flags.DEFINE_string("medclip", None, "MedCLIP's (ResNet) pytorch_model.bin; --hf_dir is "
                     "then a directory with its text model's config.json (Bio_ClinicalBERT's).")
+flags.DEFINE_string("peft_adapter", None, "An LM: a peft LoRA adapter directory (its "
+                    "adapter_config.json and adapter_model.safetensors) for --hf_dir, merged "
+                    "into the converted weights (mmjax.convert.peft).")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
 SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics")
@@ -55,6 +60,9 @@ def main(argv):
                         "model directory (save_pretrained's output).")
   kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
   model_state = None
+  if f.peft_adapter and (kind not in LM_TYPES or f.medclip or f.openflamingo):
+    raise cli.UserError(f"--peft_adapter applies to a Hugging Face LM ({', '.join(LM_TYPES)}) "
+                        f"converted alone; {hf_dir} is {kind!r}.")
   if f.medclip:
     if f.openflamingo:
       raise cli.UserError("Give one of --medclip and --openflamingo.")
@@ -89,6 +97,9 @@ def main(argv):
     task, (cfg, params) = "blip2", convert_blip2(hf_dir)
   elif kind in LM_TYPES:
     task, (cfg, params) = "lm", convert_lm(hf_dir)
+    if f.peft_adapter:
+      lora, lora_params = load_adapter(f.peft_adapter, hf_dir)
+      params = peft.merge(peft.combine(params, lora_params), lora)
   else:
     raise cli.UserError(f"{hf_dir / 'config.json'} has model_type {kind!r}; supported: "
                         f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo, "
