@@ -39,15 +39,18 @@ elsewhere on the last axis; its parameters live in the matched module's scope as
 `adapter_up_bias`.
 
 Parameter trees (pure functions): `merge` folds the LoRA update into the kernels and drops
-the LoRA leaves, `unmerge` takes it back out, `split` separates LoRA leaves from the rest.
-Scanned layer stacks (a leading "layers" axis on every leaf) are handled alike.
+the LoRA leaves, `unmerge` takes it back out, `split` separates the LoRA leaves (or the
+adapters', `ADAPTER_LEAVES`) from the rest and `combine` joins them again. Scanned layer
+stacks (a leading "layers" axis on every leaf) are handled alike.
 
-Training (`from_config`): `config.peft` with `lora=dict(...)` (`LoraConfig` fields),
+Training (`from_config`, called where the trainer, evaluation, inference and the summary
+build a recipe's model): `config.peft` with `lora=dict(...)` (`LoraConfig` fields;
+`dropout` must stay 0.0 there, as the tasks' losses draw no dropout rng),
 `adapters=dict(...)` (`AdapterConfig` fields) and `modules_to_save` (regexes on parameter
 paths, e.g. r"^projector/") wraps the model the task builds and replaces
 `config.trainable` with `trainable_pattern(config)`: only the LoRA and adapter parameters
 and the modules to save train; everything else is frozen and has no optimizer state.
-Checkpoints of LoRA runs in peft's file format: `mmjax.convert.peft`.
+peft's adapter files for converted LMs: `mmjax.convert.peft`.
 """
 
 import dataclasses
@@ -473,8 +476,11 @@ def problems(config) -> list[str]:
   if lora:
     if lora.get("rank", 1) < 1:
       found.append(f"config.peft.lora.rank={lora['rank']} must be >= 1")
-    if not 0 <= lora.get("dropout", 0.0) < 1:
-      found.append(f"config.peft.lora.dropout={lora['dropout']} must be in [0, 1)")
+    if lora.get("dropout", 0.0) != 0:
+      # The tasks' losses apply their models without a "dropout" rng: it would be ignored.
+      found.append(f"config.peft.lora.dropout={lora['dropout']} is not applied by the "
+                   "trainer (the tasks' losses draw no dropout rng); set it to 0.0 (LoRA "
+                   "dropout works where `apply` is given rngs={'dropout': key})")
   if adapters and adapters.get("dim", 1) < 1:
     found.append(f"config.peft.adapters.dim={adapters['dim']} must be >= 1")
   for pattern in modules_to_save(config):

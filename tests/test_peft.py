@@ -209,7 +209,7 @@ def test_lora_wraps_blip2s_lm_and_method_calls_of_the_original_class_work():
 def _peft_lm_config(steps):
   from test_train import lm_config  # the LM recipe at toy size
   config = lm_config(**{"train.steps": steps, "train.checkpoint_every": 1})
-  config.peft = {"lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "targets": ("query", "value")},
+  config.peft = {"lora": {"rank": 4, "alpha": 8, "targets": ("query", "value")},
                  "modules_to_save": (r"^final_norm/",)}
   return config
 
@@ -237,11 +237,13 @@ def test_a_peft_run_trains_only_lora_and_the_modules_to_save_and_resumes_exactly
 def test_config_peft_is_checked_field_by_field():
   from mmjax import config as config_lib
   config = _peft_lm_config(1)
-  config.peft = {"lora": {"rank": 0, "rnak": 4, "targets": "(", "init": "kaiming"},
+  config.peft = {"lora": {"rank": 0, "rnak": 4, "targets": "(", "init": "kaiming",
+                          "dropout": 0.1},
                  "modules_to_save": ("[",)}
   found = "\n".join(config_lib.problems(config))
   for text in ("rnak", "config.peft.lora.init='kaiming' is not one of ('peft', 'gaussian')",
                "config.peft.lora.rank=0 must be >= 1", "targets='(' is not a regular",
+               "dropout=0.1 is not applied by the trainer",
                "modules_to_save='[' is not a regular"):
     assert text in found, (text, found)
 
