@@ -192,3 +192,16 @@ def test_projector_names_and_config_errors():
                                  token_norm=True), lm=tiny_llava().lm, image_token_id=7)
   with pytest.raises(ValueError, match="image_token_id"):
     LlavaConfig(vision=tiny_llava().vision, lm=tiny_llava().lm, image_token_id=99)
+
+
+def test_paper_shapes_count_llava_15_7bs_parameters():
+  from mmjax.configs import llava as recipe
+  from mmjax.tasks import llava as task
+  config = recipe.get_config("llava-1.5-7b")
+  model = task.build_model(config)
+  args, kwargs = task.init_inputs(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs)["params"])
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(shapes)))
+  # llava-hf/llava-1.5-7b-hf has 7,063,427,072, of which the vision tower's last layer
+  # (12,596,224) and post_layernorm (2,048) are never run, so never created here.
+  assert count == 7_063_427_072 - 12_596_224 - 2_048
