@@ -242,9 +242,13 @@ def expand_to_square(image: Image.Image, colour: Sequence[int]) -> Image.Image:
 def decode_image(data: bytes, size: int, pad_colour: Sequence[int] | None = None) -> np.ndarray:
   """Encoded image -> uint8 `"size size 3"`; with `pad_colour`, padded to a square of that
   colour first (`expand_to_square`). `CorruptRecord("bad_image")` if undecodable,
-  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`)."""
+  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`).
+
+  Padded images are decoded at full size: a JPEG drafted to a smaller scale would round
+  the padding's offset at that scale and shift the image against LLaVA's.
+  """
   try:
-    image = load_image(data, draft_size=size)
+    image = load_image(data, draft_size=size if pad_colour is None else None)
     if pad_colour is not None:
       image = expand_to_square(image, pad_colour)
     return resize_center_crop(image, size)
