@@ -5,6 +5,7 @@ with `model.mm_projector.*`, and a separate CLIP directory) against the model it
 written out in torch: CLIP's hidden state, the projector, and the LM reading the features
 where the prompt's -200 placeholder was."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -185,6 +186,46 @@ def test_llava_settings_and_fields_it_does_not_know_are_refused_by_name(change, 
   assert llava.llava_config(hf).image_tokens == 4
   with pytest.raises(convert.ConversionError, match=message):
     llava.llava_config(change(hf))
+
+
+# llava-hf/llava-1.5-7b-hf's config.json, as transformers 4 wrote it: the fields at their
+# defaults left out.
+LLAVA_15_7B_HF = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+    "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5",
+                    "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                    "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16",
+                    "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                      "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "vocab_size": 32064}
+
+
+def test_a_transformers_4_config_takes_the_defaults_it_left_out():
+  cfg = llava.llava_config(LLAVA_15_7B_HF)
+  assert (cfg.image_tokens, cfg.image_token_id, cfg.pad_token_id) == (576, 32000, 32001)
+  assert (cfg.vision.width, cfg.vision.depth, cfg.vision.activation) == (1024, 24, "quick_gelu")
+  assert (cfg.lm.width, cfg.lm.depth, cfg.lm.num_heads, cfg.lm.mlp_dim) == (4096, 32, 32, 11008)
+  assert (cfg.lm.vocab_size, cfg.lm.max_len, cfg.lm.norm_eps) == (32064, 4096, 1e-5)
+  # Each default as transformers' config classes have it.
+  top = {k: v for k, v in LLAVA_15_7B_HF.items()
+         if k not in ("vision_config", "text_config", "vocab_size")} | {"image_token_index": 7}
+  hf = json.loads(transformers.LlavaConfig(**top).to_json_string())
+  full, defaults = llava.llava_config(hf), llava.llava_config(top)
+  assert full.lm.head_dim == full.lm.width // full.lm.num_heads  # written out: the same
+  assert dataclasses.replace(full, lm=dataclasses.replace(full.lm, head_dim=None)) == defaults
+  mistral = llava.llava_config(LLAVA_15_7B_HF | {"text_config": {"model_type": "mistral",
+                                                                  "vocab_size": 32064}})
+  assert (mistral.lm.num_kv_heads, mistral.lm.sliding_window) == (8, 4096)
+  with pytest.raises(convert.ConversionError, match=r"vocab_size=32064 .*supported: 32000"):
+    llava.llava_config(LLAVA_15_7B_HF | {"text_config": {"model_type": "llama"}})
 
 
 def _add_tensor(path, name):

@@ -8,7 +8,8 @@ copies LlavaProcessor expands each `<image>` to). Tensors are read under transfo
 names (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`,
 `language_model.lm_head.weight`; transformers 5's `save_pretrained` writes these too, its
 vision tower without `vision_model.`) and transformers 5's in-memory ones (`model.`-prefixed,
-`model.language_model.*`, `lm_head.weight`).
+`model.language_model.*`, `lm_head.weight`). Fields that transformers 4 left out of the
+configs it wrote (those at their defaults) take its config classes' defaults.
 
 The original layout (haotian-liu/LLaVA's `llava-v1.5-*`, `model_type: llava`, `llava_llama`
 or `llava_mistral`): a LLaMA (or Mistral) causal-LM directory whose config adds `mm_*`
@@ -58,12 +59,30 @@ PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 # A LlavaForConditionalGeneration's LM tensors -> a LlamaForCausalLM's names.
 LM_NAMES = (("language_model.model.", "model."), ("model.language_model.", "model."),
             ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+# Defaults of the fields transformers 4 left out of the configs it wrote (the hub's
+# llava-hf/* list only what differs): CLIPVisionConfig's, LlavaConfig's tower when
+# `vision_config` is missing altogether, and the text model's config class's.
+CLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "image_size": 224, "patch_size": 32}
+LLAVA_VISION_DEFAULTS = {"hidden_size": 1024, "intermediate_size": 4096,
+                         "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
+                         "patch_size": 14}
+TEXT_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32,
+              "max_position_embeddings": 2048},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "max_position_embeddings": 131072, "sliding_window": 4096}}
 VISION_FIELDS = {
     "vision_config.projection_dim": "the pooled embedding's projection, which LLaVA does "
                                     "not use (it reads a hidden state)",
     "vision_config.dropout": common.DROPOUT, "vision_config.attention_dropout": common.DROPOUT,
+    "vision_config.vocab_size": "written into the tower's config by transformers 4's LLaVA "
+                                "configs; a vision tower has no vocabulary",
 }
 IGNORED_FIELDS = {
+    "ignore_index": "the label the training loss skips",
     "image_seq_length": "LlavaProcessor's count of image tokens per image; the model's "
                         "follows from the vision config (LlavaConfig.image_tokens)",
     **VISION_FIELDS,
@@ -102,7 +121,7 @@ CLIP_IGNORED_TENSORS = {
         "a CLIPModel's text tower and projections: LLaVA reads the vision tower's hidden "
         "states only",
 }
-# The original layout's projector names -> mmjax's (`projector_depth` checks them).
+# The original layout's mm_vision_select_feature -> LlavaConfig.vision_feature_select.
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 
 
@@ -182,6 +201,11 @@ def check_llava(params: dict, cfg: LlavaConfig) -> None:
 def llava_config(hf: dict[str, Any], pixel_stats: dict | None = None) -> LlavaConfig:
   """The `LlavaConfig` of a Hugging Face LlavaConfig, every field read or ignored on
   purpose (`IGNORED_FIELDS`); `pixel_stats`: `ViTConfig.pixel_mean`/`pixel_std`."""
+  vision, text = hf.get("vision_config"), hf.get("text_config") or {}
+  if isinstance(vision, dict) or vision is None:
+    hf = hf | {"vision_config": CLIP_VISION_DEFAULTS | (vision or LLAVA_VISION_DEFAULTS)}
+  if isinstance(text, dict):
+    hf = hf | {"text_config": TEXT_DEFAULTS.get(text.get("model_type", "llama"), {}) | text}
   f = common.Fields(hf, "LLaVA")
   f.require("model_type", ("llava",))
   v = f.sub("vision_config")
@@ -192,6 +216,8 @@ def llava_config(hf: dict[str, Any], pixel_stats: dict | None = None) -> LlavaCo
   t.require("model_type", ("llama", "mistral"), "llama")
   lm = llama.config(t)
   tie = bool(f.get("tie_word_embeddings", False)) or lm.tie_embeddings  # as transformers
+  f.require("vocab_size", (lm.vocab_size,), lm.vocab_size,
+            "older transformers wrote text_config.vocab_size here too")
   lm = dataclasses.replace(lm, tie_embeddings=tie)
   f.require("projector_hidden_act", ("gelu",), "gelu",
             "mmjax's projector has erf GELU between its layers")
