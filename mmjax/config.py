@@ -40,6 +40,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmjax import cli, peft, sharding
+from mmjax.data import conversation
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate.prompts import FORMATS
 from mmjax.evaluate.zeroshot import template_set_names
@@ -213,7 +214,13 @@ SCHEMA = Section({
         "batch_size": Field(INT, min=1),
         "max_images": Field(INT, min=0, optional=True),
         "image_size": Field(INT, min=1, optional=True),
-        "mode": Field(STR, choices=("interleaved", "text", "pair"), optional=True),
+        "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation"),
+                      optional=True),
+        # Conversations (LLaVA): their template and system prompt (None: the template's),
+        # and the image tokens each <image> expands to (mmjax.data.conversation).
+        "template": Field(STR, choices=conversation.TEMPLATES, optional=True),
+        "system": Field((str, type(None)), optional=True),
+        "image_tokens": Field(INT, min=0, optional=True),
         "datasets": Named(DATASET),
         "eval_datasets": Named(DATASET, optional=True),
     }),

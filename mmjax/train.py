@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import checkpoints, cli, evaluate, losses, peft, sharding
 from mmjax import config as config_lib
+from mmjax.data import conversation
 from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import make_tokenizer
@@ -51,8 +52,11 @@ class NonFiniteError(FloatingPointError):
 # ---------------------------------------------------------------------------------------
 def sequence_spec(config) -> SequenceSpec:
   d = config.data
+  mode = d.get("mode", "interleaved")
   return SequenceSpec(seq_len=d.seq_len, max_images=d.get("max_images", 0),
-                      image_size=d.get("image_size", 0), mode=d.get("mode", "interleaved"))
+                      image_size=d.get("image_size", 0), mode=mode,
+                      conversation=conversation.format_of(config)
+                      if mode == "conversation" else None)
 
 
 def datasets(config, field: str = "datasets") -> list[Dataset]:

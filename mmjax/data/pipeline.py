@@ -26,11 +26,12 @@ import numpy as np
 from absl import logging
 
 from mmjax import cli
-from mmjax.data import findings_world, shapes_world
+from mmjax.data import conversation, findings_world, shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
-from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, DecoupledPairs,
-                                LabelledClasses, LabelledDecoupled, TfdsPairs,
-                                WebDatasetDocuments, WebDatasetPairs)
+from mmjax.data.sources import (ArrayRecordConversations, ArrayRecordDocuments,
+                                ArrayRecordPairs, DecoupledPairs, LabelledClasses,
+                                LabelledDecoupled, LlavaJson, TfdsPairs, WebDatasetDocuments,
+                                WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -67,6 +68,34 @@ class ShapesWorldDocuments:
     world = shapes_world.ShapesWorld(self.seed, self.image_size)
     return world.document(self.split, index, self.max_images, self.naming_fraction,
                           self.max_ways)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesWorldConversations:
+  """Shapes-world instruction data (LLaVA's format): conversations, detailed descriptions
+  and short reasoning about one image each (`ShapesWorld.conversation`); "eval" holds the
+  held-out (shape, colour) pairs. `captions=True` gives LLaVA's stage-1 data instead:
+  each image's caption as the answer to a request for a brief description."""
+
+  split: str = "train"
+  size: int = 1_000_000
+  seed: int = 0
+  image_size: int = 64
+  captions: bool = False
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    world = shapes_world.ShapesWorld(self.seed, self.image_size)
+    if not self.captions:
+      return world.conversation(self.split, index)
+    example = world.example(self.split, index)
+    return {"id": f"shapes-{self.split}-{index}", "images": example.image[None],
+            "conversations": [
+                {"from": "human", "value": f"{shapes_world.MEDIA_TOKEN}\nbriefly describe the "
+                                           "image."},
+                {"from": "gpt", "value": example.caption}]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,7 +547,12 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
   def build(index: int) -> _Built:
     try:
       document = source[index]
-      example, stats = build_sequence(document, tokenizer, spec)
+      if spec.mode == "conversation":
+        example, stats = conversation.build_conversation(
+            document, tokenizer, spec.conversation, spec.seq_len, max(spec.max_images, 1),
+            (spec.image_size, spec.image_size, spec.channels))
+      else:
+        example, stats = build_sequence(document, tokenizer, spec)
       for key in LABEL_KEYS if num_labels else ():
         example[key] = _label_vector(document.get(key), num_labels, key)
     except CorruptRecord as error:
@@ -632,12 +666,15 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
   """
   kinds = {"shapes_world_documents": ShapesWorldDocuments,
            "shapes_world_pairs": ShapesWorldPairs,
+           "shapes_world_conversations": ShapesWorldConversations,
            "shapes_world_classes": ShapesWorldClasses,
            "findings_world": FindingsWorldPairs,
            "labelled_decoupled": LabelledDecoupled,
            "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
+           "arrayrecord_conversations": ArrayRecordConversations,
+           "llava_json": LlavaJson,
            "tfds": TfdsPairs,
            "webdataset_documents": WebDatasetDocuments,
            "webdataset_pairs": WebDatasetPairs}

@@ -49,18 +49,25 @@ class SequenceSpec:
     "pair": contrastive pairs: exactly one image and its text without media markup,
       `BOS text EOS` right-padded (EOS kept when truncating; truncated texts are
       counted as `text_truncated`).
+    "conversation": LLaVA's instruction data, rendered by `conversation` (a
+      `mmjax.data.conversation.Format`: template, system prompt, image tokens per
+      `<image>`), the answers trained.
   """
 
   seq_len: int
   max_images: int = 0
   image_size: int = 0
   channels: int = 3
-  mode: Literal["interleaved", "text", "pair"] = "interleaved"
+  mode: Literal["interleaved", "text", "pair", "conversation"] = "interleaved"
+  conversation: Any = None
 
   def __post_init__(self):
-    if self.mode not in ("interleaved", "text", "pair"):
+    if self.mode not in ("interleaved", "text", "pair", "conversation"):
       raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
-                       "'text' or 'pair'.")
+                       "'text', 'pair' or 'conversation'.")
+    if (self.mode == "conversation") != (self.conversation is not None):
+      raise ValueError("SequenceSpec: mode 'conversation' and a `conversation` format go "
+                       "together.")
     if self.mode == "interleaved" and self.max_images < 1:
       # Every record would lose all its images and be skipped: refuse now, not after a
       # window of skipped records.

@@ -156,6 +156,39 @@ def caption(scene: Scene) -> str:
   return f"{COUNT_WORDS[scene.count]} {scene.size} {scene.colour} {plural}."
 
 
+def describe(scene: Scene, image_size: int) -> str:
+  """A detailed description: every object, where it is."""
+  places = [region_of(c, image_size) for c in scene.centres]
+  places = ["in the centre" if p == "centre" else f"on the {p}" for p in places]
+  if scene.count == 1:
+    return f"there is one {scene.size} {scene.colour} {scene.shape} {places[0]}."
+  plural = scene.shape + ("es" if scene.shape.endswith("s") else "s")
+  return (f"there are {COUNT_WORDS[scene.count]} {scene.size} {scene.colour} {plural}: one "
+          + ", one ".join(places[:-1]) + f" and one {places[-1]}.")
+
+
+def reason(scene: Scene, kind: str, rng: np.random.Generator, image_size: int
+           ) -> tuple[str, str]:
+  """A question needing a step beyond naming what is seen, and its short answer."""
+  if kind == "presence":  # half the time about an object that is not there
+    shape, colour = scene.shape, scene.colour
+    if rng.integers(2):
+      if rng.integers(2):
+        shape = [s for s in SHAPES if s != shape][rng.integers(len(SHAPES) - 1)]
+      else:
+        colour = [c for c in COLOURS if c != colour][rng.integers(len(COLOURS) - 1)]
+    answer = "yes" if (shape, colour) == (scene.shape, scene.colour) else "no"
+    return f"is there a {colour} {shape} in the image?", answer
+  if kind == "take_away":
+    return (f"if one {scene.shape} were taken away, how many would be left?",
+            COUNT_WORDS[scene.count - 1])
+  if kind == "higher":  # the leftmost and rightmost objects, by their centres
+    left, right = min(scene.centres, key=lambda c: c[1]), max(scene.centres, key=lambda c: c[1])
+    return (f"which {scene.shape} is higher, the left one or the right one?",
+            "the left one" if left[0] < right[0] else "the right one")
+  raise ValueError(f"Unknown reasoning kind {kind!r}.")
+
+
 QUESTIONS = ("colour", "shape", "count", "size")
 
 
@@ -291,6 +324,42 @@ class ShapesWorld:
         texts = [f"question: {e.question} answer: {e.answer}" for e in examples]
     text = "".join(f"{MEDIA_TOKEN}{t}{ENDOFCHUNK_TOKEN}" for t in texts)
     return {"images": images, "text": text}
+
+  def conversation(self, split: str, index: int) -> dict:
+    """An instruction-following record about one image, in LLaVA's format: `{"id",
+    "images": uint8 "1 h w 3", "conversations": [{"from": "human" | "gpt", "value"}],
+    "kinds": the kind of each answer}`. One of three kinds, as LLaVA-Instruct's:
+    a multi-turn conversation (two or three questions about colour, shape, count, size
+    and place), a detailed description, or a short reasoning question (is a named
+    object there, counting after one is taken away, which of two is higher). Answers
+    other than the description are a word or two, scored exactly (`kinds`)."""
+    rng = _rng(self.seed, split_id(split), 4, index)
+    scene = sample_scene(rng, self.image_size, split_pairs(split))
+    image = render(scene, self.image_size, rng)
+    kind = ("conversation", "detail", "reasoning")[rng.choice(3, p=[0.5, 0.2, 0.3])]
+    if kind == "conversation":
+      kinds = list(QUESTIONS) + (["place"] if scene.count == 1 else [])
+      chosen = [kinds[i] for i in rng.permutation(len(kinds))[:int(rng.integers(2, 4))]]
+      turns = [(*self._qa(scene, k), k) for k in chosen]
+    elif kind == "detail":
+      turns = [("describe the image in detail.", describe(scene, self.image_size), "detail")]
+    else:
+      reasoning = ["presence", "take_away"] + (["higher"] if scene.count >= 2 else [])
+      chosen = reasoning[rng.integers(len(reasoning))]
+      turns = [(*reason(scene, chosen, rng, self.image_size), chosen)]
+    conversations = []
+    for i, (question, answer, _) in enumerate(turns):
+      conversations += [{"from": "human", "value": (MEDIA_TOKEN + "\n") * (i == 0) + question},
+                        {"from": "gpt", "value": answer}]
+    return {"id": f"shapes-{split}-{index}", "images": image[None],
+            "conversations": conversations, "kinds": [k for *_, k in turns]}
+
+  @staticmethod
+  def _qa(scene: Scene, kind: str) -> tuple[str, str]:
+    if kind == "place":
+      return (f"where is the {scene.shape}?",
+              "in the centre" if scene.region == "centre" else f"on the {scene.region}")
+    return question_answer(scene, kind)
 
   def corpus(self, num_documents: int, split: str = "train") -> list[str]:
     """Text of the first documents and examples: what the tokenizer is trained on."""

@@ -17,8 +17,8 @@ from mmjax import cli, decoding, peft
 from mmjax.data import shapes_world as sw
 from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
-from mmjax.evaluate import (benchmarks, prompt_learning, prompts, rices, scoring, shapes,
-                            zeroshot)
+from mmjax.evaluate import (benchmarks, instruct, prompt_learning, prompts, rices, scoring,
+                            shapes, zeroshot)
 from mmjax.evaluate import protocol as protocol_lib
 from mmjax.evaluate.tasks import FewShotTask, max_prompt_images
 from mmjax.evaluate.prompts import encode_prompts
@@ -187,6 +187,8 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
                                  model_state)
   if config.task == "coop":
     return _evaluate_prompt_learning(config, params, tasks, protocol)
+  if config.task == "llava":
+    return _evaluate_instruct(config, params, tasks, protocol, should_stop, progress)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -246,6 +248,26 @@ def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress
 
   scores, predictions, info = evaluation.run(step)
   return Results(scores, predictions, {"protocol": dataclasses.asdict(protocol), **info})
+
+
+def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -> Results:
+  names = list(tasks or config.evaluate.get("tasks", (instruct.TASK,)))
+  if names != [instruct.TASK]:
+    raise cli.UserError(f"A LLaVA run is evaluated on held-out conversations "
+                        f"(--tasks={instruct.TASK}), not on {names}.")
+  items = instruct.questions(config, config.evaluate.episodes)
+  bar = Progress(len(items), enabled=progress)
+  start = time.monotonic()
+
+  def step(n: int, label: str) -> None:
+    if should_stop():
+      raise Stopped
+    bar.update(n, label)
+
+  scores, predictions = instruct.evaluate(config, params, items, step=step)
+  return Results({instruct.TASK: {0: scores}}, {instruct.TASK: {0: predictions}},
+                 {"protocol": dataclasses.asdict(protocol),
+                  "seconds": {instruct.TASK: {0: time.monotonic() - start}}})
 
 
 def _evaluate_prompt_learning(config, params, tasks, protocol) -> Results:
