@@ -216,3 +216,27 @@ def test_the_terminal_chat_answers_through_a_pipe(run, vlm, tmp_path):
   assert out.stdout.index(first) < out.stdout.index(second)
   missing = chat_cli(f"--workdir={run[0]}", f"--image={tmp_path / 'nope.png'}", stdin="")
   assert missing.returncode == 2 and "No image file" in missing.stderr
+
+
+def test_a_lora_run_loads_with_its_updates_folded_in(vlm, tmp_path):
+  peft = pytest.importorskip("mmjax.peft")
+  config = llava_config()
+  config.peft = {"lora": {"rank": 2, "alpha": 4, "targets": r"lm/layers_\d+/(attn|mlp)/\w+"},
+                 "modules_to_save": (r"^projector/",)}
+  config.trainable = peft.trainable_pattern(config)
+  model = inference.build_model(config)
+  args = (jnp.zeros((1, 1, SIZE, SIZE, 3), jnp.uint8), jnp.zeros((1, 8), jnp.int32))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), *args)["params"])
+  rng = iter(jax.random.split(jax.random.key(2), 64))
+  params = jax.tree_util.tree_map_with_path(  # trained LoRA: B is no longer zero
+      lambda path, x: jax.random.normal(next(rng), x.shape) * 0.5
+      if jax.tree_util.keystr(path).endswith("['lora_b']") else x, params)
+  save_run(tmp_path / "lora", config, params)
+  loaded = inference.load(tmp_path / "lora")
+  assert type(loaded.model) is llava.Llava  # unwrapped: LoRA folded into the kernels
+  assert loaded.model == vlm.model
+  wrapped = inference.LlavaModel(model, params, vlm.tokenizer, config, tmp_path, vlm.format)
+  [want] = direct(wrapped, [[("user", f"<image>\n{Q}")]], [image(0)])
+  assert loaded.chat(image(0), Q, max_new_tokens=NEW) == vlm.tokenizer.decode(want)
+  [plain] = direct(vlm, [[("user", f"<image>\n{Q}")]], [image(0)])
+  assert want != plain  # the LoRA changes the answer
