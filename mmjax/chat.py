@@ -18,6 +18,7 @@ prompt is shown, so a script can drive it: `printf 'what is it?\\n/quit\\n' | py
 mmjax.chat ...`.
 """
 
+import pathlib
 import sys
 
 from absl import flags
@@ -57,18 +58,23 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"Unexpected arguments {argv[1:]}; questions are read from stdin.")
   from mmjax import inference  # JAX only once the flags are good
+  workdir = pathlib.Path(_WORKDIR.value).expanduser()
+  task = inference.read_config(workdir).get("task")
+  if task != "llava":  # said before anything is loaded
+    raise cli.UserError(f"{workdir} holds a model of task {task!r}; mmjax.chat talks with "
+                        "LLaVA runs and converted LLaVA checkpoints (task 'llava'). For the "
+                        "others, use mmjax.load.")
+  image = pathlib.Path(_IMAGE.value).expanduser()
+  if not image.is_file():
+    raise cli.UserError(f"No image file {image} (--image).")
   interactive = sys.stdin.isatty()
   with cli.native_stderr_held():
-    vlm = inference.load(_WORKDIR.value, tokenizer=_TOKENIZER.value, step=_STEP.value)
-  if not isinstance(vlm, inference.LlavaModel):
-    raise cli.UserError(f"{_WORKDIR.value} holds a model of task {vlm.config.task!r}; "
-                        "mmjax.chat talks with LLaVA runs (task 'llava'). Use mmjax.load for "
-                        "the others.")
-  chat = vlm.conversation(_IMAGE.value)
+    vlm = inference.load(workdir, tokenizer=_TOKENIZER.value, step=_STEP.value)
+  chat = vlm.conversation(image)
   options = {"max_new_tokens": _MAX_NEW_TOKENS.value, "temperature": _TEMPERATURE.value,
              "top_k": _TOP_K.value, "top_p": _TOP_P.value}
   if interactive:
-    print(f"{vlm!r}, template {vlm.format.template}, image {_IMAGE.value}. {HELP}")
+    print(f"{vlm!r}, template {vlm.format.template}, image {image}. {HELP}")
   while (line := read_line(interactive)) is not None:
     text = line.strip()
     if not text:
@@ -95,7 +101,7 @@ def main(argv):
       print(f"(unknown command {text.split()[0]}; {HELP})", flush=True)
       continue
     try:
-      pieces = chat.ask(line, stream=True, seed=_SEED.value + len(chat.turns) // 2, **options)
+      pieces = chat.ask(text, stream=True, seed=_SEED.value + len(chat.turns) // 2, **options)
       if interactive:
         print("assistant> ", end="", flush=True)
       for piece in pieces:

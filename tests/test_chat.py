@@ -208,14 +208,26 @@ def test_the_terminal_chat_answers_through_a_pipe(run, vlm, tmp_path):
   Image.fromarray(image(1)).save(tmp_path / "b.png")
   out = chat_cli(f"--workdir={run[0]}", f"--image={tmp_path / 'a.png'}",
                  f"--max_new_tokens={NEW}",
-                 stdin=f"{Q}\n/image {tmp_path / 'b.png'}\n{Q}\n/quit\n")
+                 stdin=f"{Q}\n/image {tmp_path / 'b.png'}\n{Q}\n/reset\n{Q}\n/quit\n{Q}\n")
   assert out.returncode == 0, out.stderr
   first = vlm.chat(tmp_path / "a.png", Q, max_new_tokens=NEW)
   second = vlm.chat(tmp_path / "b.png", Q, max_new_tokens=NEW)
   assert first in out.stdout and second in out.stdout
-  assert out.stdout.index(first) < out.stdout.index(second)
+  # The answers, one line each, then /reset's fresh start answers as the first did.
+  lines = out.stdout.splitlines()
+  assert lines == [first, f"(new conversation about {tmp_path / 'b.png'})", second,
+                   "(new conversation)", second]
+
+
+def test_the_terminal_chat_names_a_missing_image_and_a_model_that_is_not_llava(run, tmp_path):
   missing = chat_cli(f"--workdir={run[0]}", f"--image={tmp_path / 'nope.png'}", stdin="")
-  assert missing.returncode == 2 and "No image file" in missing.stderr
+  assert missing.returncode == 2 and "No image file" in missing.stderr and "--image" in (
+      missing.stderr)
+  (tmp_path / "lm").mkdir()
+  (tmp_path / "lm" / "config.json").write_text(json.dumps({"task": "lm", "model": {}}))
+  other = chat_cli(f"--workdir={tmp_path / 'lm'}", f"--image={tmp_path / 'nope.png'}",
+                   stdin="")
+  assert other.returncode == 2 and "task 'lm'; mmjax.chat talks with LLaVA" in other.stderr
 
 
 def test_a_lora_run_loads_with_its_updates_folded_in(vlm, tmp_path):
