@@ -34,6 +34,7 @@ import ml_collections
 from mmjax.checkpoints import per_layer
 from mmjax.models.blip2 import Blip2Config
 from mmjax.models.flamingo import FlamingoConfig
+from mmjax.models.llava import LlavaConfig, projector_depth
 from mmjax.models.lm import LMConfig
 from mmjax.models.perceiver import ResamplerConfig
 from mmjax.models.qformer import QFormerConfig
@@ -239,6 +240,18 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
                     "lm", "text"))
   if config.task == "blip2":
     return blip2(model_config(Blip2Config, config), batch, seq_len)
+  if config.task == "llava":
+    # The LM reads the projected features in its input, so a trained projector needs the
+    # LM's backward even where the LM is frozen ("join"). LoRA counts its layers as
+    # trained (an over-count: the frozen kernels' own gradients are not formed).
+    cfg = model_config(LlavaConfig, config)
+    images = batch * max(config.data.get("max_images", 1), 1)
+    widths = [cfg.vision.width] + [cfg.lm.width] * projector_depth(cfg.projector)
+    projector = [(f"linear_{i}", 2 * cfg.image_tokens * widths[i] * widths[i + 1])
+                 for i in range(len(widths) - 1)]
+    return (scale(vit(cfg.vision, cfg.vision_feature_layer), images, "vision", "media")
+            + scale(projector, images, "projector", "media")
+            + scale(lm(cfg.lm, seq_len), batch, "lm", "join"))
   raise ValueError(f"No FLOP count for task {config.task!r}.")
 
 

@@ -22,7 +22,7 @@ from absl import flags
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.models import blip2, flamingo
+from mmjax.models import blip2, flamingo, llava
 from mmjax.tasks import blip2 as blip2_task
 from mmjax.tasks import get_task
 from mmjax.tasks import flamingo as flamingo_task
@@ -73,6 +73,13 @@ def model_and_inputs(config, rng):
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
     images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
     return model, (images, tokens), tokens, None
+  if config.task == "llava":
+    model = get_task("llava").build_model(config)
+    tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.lm["vocab_size"])
+    tokens = tokens.at[:, 1:1 + model.config.image_tokens].set(m.image_token_id)
+    images = jax.random.normal(rng, (s.batch_size, 1, *[m.vision["image_size"]] * 2, 3))
+    return model, (images, tokens), tokens, functools.partial(llava.generate, model,
+                                                              images=images)
   model = blip2_task.build_model(config)
   vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
   tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)
@@ -93,8 +100,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if config.task not in ("flamingo", "blip2", "clip", "medclip"):
-    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2, CLIP and MedCLIP "
+  if config.task not in ("flamingo", "blip2", "clip", "medclip", "llava"):
+    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2, CLIP, MedCLIP and LLaVA "
                         f"recipes; this config's task is {config.task!r} "
                         "(--config=configs/flamingo.py[:variant]).")
   model, inputs, tokens, generate = model_and_inputs(config, jax.random.key(0))
@@ -102,7 +109,7 @@ def main(argv):
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
   name = {"flamingo": "Flamingo", "blip2": "BLIP-2", "clip": "CLIP",
-          "medclip": "MedCLIP"}[config.task]
+          "medclip": "MedCLIP", "llava": "LLaVA"}[config.task]
   print(f"{name} '{config.variant}': {total / 1e6:,.2f}M parameters")
   for group, count, trains in sorted(rows):
     print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")

@@ -5,6 +5,8 @@
   python -m mmjax.data.convert --format=mmc4 --input='/data/mmc4/docs_*.jsonl' \\
       --image_root=/data/mmc4/images --min_sim=0.24 --output=/data/mmc4/mmc4 --num_shards=64
   python -m mmjax.data.convert --format=obelics --input=obelics.jsonl --output=/data/obelics/ob
+  python -m mmjax.data.convert --format=llava --input=llava_v1_5_mix665k.json \\
+      --image_root=/data/llava --output=/data/llava/mix665k --num_shards=64
 
 Input formats (JSONL may be plain, `.gz`, or a `.zip` holding one file):
   pairs: JSONL rows `{"image": path, "caption": str}`, or a CSV (`.csv`) / TSV (`.tsv`) file
@@ -15,6 +17,16 @@ Input formats (JSONL may be plain, `.gz`, or a `.zip` holding one file):
     `--min_sim` leaves out weakly matched images.
   obelics: JSONL rows `{"texts": [str | null, ...], "images": [path | null, ...]}`: position
     `i` holds either a text or an image, in reading order.
+  llava: LLaVA's instruction data, a JSON list (`llava_v1_5_mix665k.json`) or JSONL of
+    `{"id", "image": path (absent: a text-only record) or a list of paths,
+    "conversations": [{"from": "human" | "gpt", "value": str}, ...]}`. Each becomes a
+    conversation record (`mmjax.data.sources`, read by `ArrayRecordConversations`): the
+    JSON text `{"id", "conversations"}`, then the images in order. A record any of whose
+    images cannot be used is skipped: its conversation is about that image.
+
+A `.json` file whose text starts with `[` is read as one JSON list of rows (parsed whole);
+other inputs as JSON lines. A list that is not valid JSON is read up to the error, and the
+rest of it counted as one `bad_row`.
 
 Image paths are absolute or relative to `--image_root` (default: the input file's own
 directory). Nothing is downloaded: a URL counts as a missing image. Every image is decoded,
@@ -39,8 +51,11 @@ with its first case (`rows read = records written + rows skipped`). Row reasons:
     as the header: that row and each such line are counted (a genuine multi-line caption
     whose later lines look like complete rows is counted too, never written half-read);
   truncated_input: a compressed file that ends early (its last, partial line);
-  empty_text, missing_image, bad_image, unsupported_image (pairs), no_images (documents
-    with no usable image).
+  empty_text, missing_image, bad_image, unsupported_image (pairs and conversations),
+    no_images (documents with no usable image);
+  bad_conversation (llava): `conversations` missing, empty, or not turns of `{"from":
+    "human" | "gpt", "value": str}`; image_token_mismatch (llava): `<image>` placeholders
+    in the conversation that do not match the record's images in number.
 Images left out of kept documents are counted too: `missing_image`, `bad_image`,
 `unsupported_image`, `low_similarity`, `bad_value` (a `matched_sim` that is not a number),
 `bad_match` (a matched sentence index out of range). A UTF-8 byte order mark at the start
@@ -72,10 +87,13 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from mmjax import cli
-from mmjax.data.sources import (SHARD_PATTERN, UnsupportedImage, encode_record, load_image,
-                                mmc4_order)
+from mmjax.data import conversation
+from mmjax.data.sequences import CorruptRecord
+from mmjax.data.shapes_world import MEDIA_TOKEN
+from mmjax.data.sources import (CONVERSATION, SHARD_PATTERN, UnsupportedImage, encode_record,
+                                image_names, load_image, mmc4_order)
 
-FORMATS = ("pairs", "mmc4", "obelics")
+FORMATS = ("pairs", "mmc4", "obelics", "llava")
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 JPEG_QUALITY = 95
 
@@ -102,7 +120,7 @@ class _Task:
   """One record to encode: texts (`str`) and image files (`Path`), in reading order."""
 
   location: str
-  kind: Literal["pair", "document"]
+  kind: Literal["pair", "document", "conversation"]
   items: tuple[str | pathlib.Path, ...]
   dropped: tuple[tuple[str, str], ...] = ()  # (reason, detail) of images already left out
 
@@ -182,10 +200,12 @@ def _encode(task: "_Task | _Result", max_image_size: int | None, image_format: s
     try:
       content.append(_encode_image_file(item, max_image_size, image_format))
     except _ImageProblem as problem:
-      if task.kind == "pair":
+      if task.kind in ("pair", "conversation"):
         return _Result(skipped=(problem.reason, f"{task.location}: {problem}"))
       dropped.append((problem.reason, f"{task.location}: {problem}"))
   images = sum(isinstance(item, bytes) for item in content)
+  if task.kind == "conversation":
+    return _Result(record=encode_record(content, CONVERSATION), images=images)
   if not images:
     return _Result(skipped=("no_images", f"{task.location}: no usable image"),
                    dropped=tuple(dropped))
@@ -336,6 +356,9 @@ def _rows(source: _Input, required: dict[str, str]) -> Iterator[_Row]:
   if _input_format(path) != "jsonl":
     yield from _csv_rows(source, "," if _input_format(path) == "csv" else "\t", required)
     return
+  if _is_json_list(path):
+    yield from _json_list_rows(source)
+    return
   lines = source.lines()
   number = 0
   while True:
@@ -360,6 +383,52 @@ def _rows(source: _Input, required: dict[str, str]) -> Iterator[_Row]:
     except json.JSONDecodeError as error:
       yield _Row(location, None, ("bad_row", f"{location}: not valid JSON ({error})"))
       continue
+    except _BadRow as bad:
+      yield _Row(location, None, (bad.reason, str(bad)))
+      continue
+    if isinstance(row, dict):
+      yield _Row(location, row)
+    else:
+      yield _Row(location, None, ("bad_row", f"{location}: a JSON {type(row).__name__}, "
+                                  "not an object"))
+
+
+def _is_json_list(path: pathlib.Path) -> bool:
+  """A plain `.json` file whose text starts with `[` (after a byte order mark, spaces)."""
+  if path.suffix != ".json":
+    return False
+  with open(path, "rb") as file:
+    start = file.read(1 << 12).removeprefix(BOM).lstrip()
+  return start[:1] == b"["
+
+
+def _json_list_rows(source: _Input) -> Iterator[_Row]:
+  """The rows of a file holding one JSON list, parsed whole, read element by element so
+  that a syntax error costs only the rest of the list (counted as one `bad_row`)."""
+  path = source.path
+  text = b"".join(source.lines()).removeprefix(BOM).decode("utf-8", "surrogateescape")
+  decoder = json.JSONDecoder()
+  position = text.index("[") + 1
+  number = 0
+  while True:
+    while position < len(text) and text[position] in " \t\r\n":
+      position += 1
+    if number and text.startswith(",", position):
+      position += 1
+      while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    if text.startswith("]", position):
+      return
+    location = f"{path}#{number}"
+    try:
+      row, position = decoder.raw_decode(text, position)
+    except json.JSONDecodeError as error:
+      yield _Row(location, None, ("bad_row", f"{location}: not valid JSON ({error}); the "
+                                  "rest of the list cannot be read"))
+      return
+    number += 1
+    try:
+      _check_text(row, location)
     except _BadRow as bad:
       yield _Row(location, None, (bad.reason, str(bad)))
       continue
@@ -528,6 +597,33 @@ def _obelics_task(location: str, row: dict[str, Any], root: pathlib.Path) -> "_T
   return _Task(location, "document", tuple(items), tuple(dropped))
 
 
+def _llava_task(location: str, row: dict[str, Any], root: pathlib.Path, image_key: str
+                ) -> "_Task | _Result":
+  name = row.get("id", location)
+  where = f"{location} (id {name!r})"
+  conversations = _field(row, "conversations", location, "format")
+  try:
+    if not isinstance(conversations, list) or not conversations:
+      raise CorruptRecord("bad_conversation", f"{where}: `conversations` is "
+                          f"{conversations!r:.60}, not a non-empty list of turns")
+    turns = conversation.turns_of(conversations, f"{where}: ")
+  except CorruptRecord as error:
+    return _Result(skipped=(error.reason, str(error).removeprefix(f"{error.reason}: ")))
+  references = image_names({"image": row.get(image_key)})
+  placeholders = sum(text.count(MEDIA_TOKEN) for _, text in turns)
+  if placeholders != len(references):
+    return _Result(skipped=("image_token_mismatch", f"{where}: {placeholders} {MEDIA_TOKEN} "
+                            f"placeholders for {len(references)} images"))
+  images = []
+  for reference in references:
+    try:
+      images.append(_image_path(reference, root))
+    except _ImageProblem as problem:
+      return _Result(skipped=(problem.reason, f"{where}: {problem}"))
+  text = json.dumps({"id": name, "conversations": conversations}, ensure_ascii=False)
+  return _Task(where, "conversation", (text, *images))
+
+
 # ------------------------------------------------------------------------------------ writing
 
 def shard_paths(output: str, num_shards: int) -> list[str]:
@@ -556,9 +652,9 @@ def convert(format: str, inputs: str | Sequence[str], output: str, *,
   """Converts `inputs` (files or globs) to `OUTPUT-iiiii-of-nnnnn.array_record` shards.
 
   Args:
-    format: "pairs", "mmc4" or "obelics" (see the module docstring).
+    format: "pairs", "mmc4", "obelics" or "llava" (see the module docstring).
     image_root: where relative image paths start; default: each input file's directory.
-    image_key: the image field: default "image" (pairs) or "image_name" (mmc4).
+    image_key: the image field: default "image" (pairs, llava) or "image_name" (mmc4).
     text_key: the caption field of pairs.
     min_sim: MMC4 images matched with a lower `matched_sim` are left out.
     num_shards: output files; records go round-robin.
@@ -603,6 +699,8 @@ def convert(format: str, inputs: str | Sequence[str], output: str, *,
             task = _pair_task(row.location, row.fields, root, image_key, text_key)
           elif format == "mmc4":
             task = _mmc4_task(row.location, row.fields, root, image_key, min_sim)
+          elif format == "llava":
+            task = _llava_task(row.location, row.fields, root, image_key)
           else:
             task = _obelics_task(row.location, row.fields, root)
         except _BadRow as bad:
@@ -725,8 +823,8 @@ def _define_flags():
                       **define)
   flags.DEFINE_string("image_root", None, "Where relative image paths start (default: each "
                       "input file's directory).", **define)
-  flags.DEFINE_string("image_key", None, "Image field: default 'image' (pairs), 'image_name' "
-                      "(mmc4).", **define)
+  flags.DEFINE_string("image_key", None, "Image field: default 'image' (pairs, llava), "
+                      "'image_name' (mmc4).", **define)
   flags.DEFINE_string("text_key", "caption", "Caption field of pairs.", **define)
   flags.DEFINE_float("min_sim", None, "mmc4: leave out images with a lower matched_sim.",
                      **define)

@@ -28,9 +28,10 @@ from absl import logging
 from mmjax import cli
 from mmjax.data import conversation, findings_world, shapes_world
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
-from mmjax.data.sources import (ArrayRecordDocuments, ArrayRecordPairs, DecoupledPairs,
-                                LabelledClasses, LabelledDecoupled, TfdsPairs,
-                                WebDatasetDocuments, WebDatasetPairs)
+from mmjax.data.sources import (ArrayRecordConversations, ArrayRecordDocuments,
+                                ArrayRecordPairs, DecoupledPairs, LabelledClasses,
+                                LabelledDecoupled, LlavaJson, TfdsPairs, WebDatasetDocuments,
+                                WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -672,6 +673,8 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
            "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,
            "arrayrecord_pairs": ArrayRecordPairs,
+           "arrayrecord_conversations": ArrayRecordConversations,
+           "llava_json": LlavaJson,
            "tfds": TfdsPairs,
            "webdataset_documents": WebDatasetDocuments,
            "webdataset_pairs": WebDatasetPairs}

@@ -7,7 +7,11 @@ a msgpack map `{"v": 1, "content": [item, ...]}` where each item is either a `st
 pair is `[image, caption]`; an interleaved document lists its texts and images in reading
 order, each image placed before the text it illustrates. msgpack keeps `str` and `bytes`
 apart, so no schema beyond this is needed, and any language with a msgpack library can
-read the shards.
+read the shards. A record may name its `"kind"`: LLaVA conversations (`"conversation"`)
+hold `[json, image, ...]`, the JSON text `{"id", "conversations"}` of the record followed
+by its encoded images in `<image>` order; records without a kind are pairs or documents.
+Each reader takes its own kind only, so a shard given to the wrong reader is counted
+(`bad_record`), not misread.
 
 Reading a record turns it into a pipeline document `{"images": uint8 "n s s 3", "text"}`
 in the OpenFlamingo layout: text before the first image stays as leading text; each image
@@ -30,6 +34,14 @@ decoupled pairing of the two (`LabelledDecoupled`, `DecoupledPairs`) and CheXper
 5x200-style zero-shot classification (`LabelledClasses`). Label cells are 1, 0, -1 or
 blank (NaN); any other value stops the source when it is made, naming the file, line and
 column. Missing or undecodable images are counted skips, as above.
+
+LLaVA's instruction data (`LlavaJson`): the JSON list or JSONL of `{"id", "image",
+"conversations"}` records with an image folder, read as conversation documents
+`{"id", "images": uint8 "n s s 3", "conversations"}` (`mmjax.data.conversation`), and the
+same records converted to ArrayRecord (`ArrayRecordConversations`). Images are brought to
+`image_size` as LLaVA does: "crop" as above (LLaVA's default, stage 1) or "pad" (LLaVA-1.5's
+`expand2square`: padded to a centred square of `pad_colour`, the processor's mean colour,
+then resized).
 """
 
 import base64
@@ -58,17 +70,25 @@ SHARD_PATTERN = re.compile(r"-(\d{5})-of-(\d{5})\.array_record$")
 
 # ------------------------------------------------------------------------------------ records
 
-def encode_record(content: Sequence[str | bytes]) -> bytes:
-  """Texts (`str`) and encoded images (`bytes`) in reading order -> one record."""
+CONVERSATION = "conversation"  # the record kind of LLaVA conversations
+
+
+def encode_record(content: Sequence[str | bytes], kind: str | None = None) -> bytes:
+  """Texts (`str`) and encoded images (`bytes`) in reading order -> one record; `kind`
+  marks records that only their own reader takes (`CONVERSATION`)."""
   for i, item in enumerate(content):
     if not isinstance(item, (str, bytes)):
       raise TypeError(f"Record item {i} is a {type(item).__name__}; items must be str "
                       "(text) or bytes (an encoded image).")
-  return msgpack.packb({"v": RECORD_VERSION, "content": list(content)}, use_bin_type=True)
+  record = {"v": RECORD_VERSION, "content": list(content)}
+  if kind is not None:
+    record["kind"] = kind
+  return msgpack.packb(record, use_bin_type=True)
 
 
-def decode_record(data: bytes) -> list[str | bytes]:
-  """One record -> its content; `CorruptRecord("bad_record")` if it is not one."""
+def decode_record(data: bytes, kind: str | None = None) -> list[str | bytes]:
+  """One record of `kind` (None: pairs and documents) -> its content;
+  `CorruptRecord("bad_record")` if it is no such record."""
   try:
     record = msgpack.unpackb(data, raw=False)
   except Exception as error:
@@ -81,6 +101,12 @@ def decode_record(data: bytes) -> list[str | bytes]:
   content = record.get("content")
   if not isinstance(content, list) or not all(isinstance(x, (str, bytes)) for x in content):
     raise CorruptRecord("bad_record", "'content' must be a list of str and bytes items")
+  if record.get("kind") != kind:
+    readers = {None: "arrayrecord_pairs or arrayrecord_documents",
+               CONVERSATION: "arrayrecord_conversations"}
+    raise CorruptRecord("bad_record", f"a record of kind {record.get('kind') or 'pair/document'!r}"
+                        f", not {kind or 'pair/document'!r}; read it with source kind "
+                        f"{readers.get(record.get('kind'), 'its own reader')}")
   return content
 
 
@@ -187,11 +213,45 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8)
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image -> uint8 `"size size 3"`; `CorruptRecord("bad_image")` if undecodable,
-  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`)."""
+# CLIP's normalisation mean, and LLaVA-1.5's padding colour from it:
+# `tuple(int(x * 255) for x in image_mean)`.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+def mean_colour(image_mean: Sequence[float]) -> tuple[int, ...]:
+  """An image processor's mean -> LLaVA's padding colour (truncated, as LLaVA does)."""
+  return tuple(int(x * 255) for x in image_mean)
+
+
+CLIP_PAD_COLOUR = mean_colour(CLIP_MEAN)  # (122, 116, 104)
+ASPECT_RATIOS = ("crop", "pad")
+
+
+def expand_to_square(image: Image.Image, colour: Sequence[int]) -> Image.Image:
+  """LLaVA-1.5's `expand2square`: `image` on a square of `colour` as wide as its longer
+  side, centred (the odd pixel of padding after it: offset `(side - w) // 2`)."""
+  width, height = image.size
+  if width == height:
+    return image
+  side = max(width, height)
+  square = Image.new(image.mode, (side, side), tuple(colour))
+  square.paste(image, ((side - width) // 2, (side - height) // 2))
+  return square
+
+
+def decode_image(data: bytes, size: int, pad_colour: Sequence[int] | None = None) -> np.ndarray:
+  """Encoded image -> uint8 `"size size 3"`; with `pad_colour`, padded to a square of that
+  colour first (`expand_to_square`). `CorruptRecord("bad_image")` if undecodable,
+  `CorruptRecord("unsupported_image")` if its values have no 8-bit meaning (`to_rgb`).
+
+  Padded images are decoded at full size: a JPEG drafted to a smaller scale would round
+  the padding's offset at that scale and shift the image against LLaVA's.
+  """
   try:
-    return resize_center_crop(load_image(data, draft_size=size), size)
+    image = load_image(data, draft_size=size if pad_colour is None else None)
+    if pad_colour is not None:
+      image = expand_to_square(image, pad_colour)
+    return resize_center_crop(image, size)
   except UnsupportedImage as error:
     raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
   except Exception as error:
@@ -714,6 +774,230 @@ def _document(content: Sequence[str | bytes], image_size: int,
   if not text.replace(MEDIA_TOKEN, "").replace(ENDOFCHUNK_TOKEN, "").strip():
     raise CorruptRecord("empty_text", "the record holds no text")
   return {"images": _stack(images, image_size), "text": text}
+
+
+# ---------------------------------------------------------------------- LLaVA conversations
+
+def _pad_colour_for(image_aspect_ratio: str, pad_colour: Sequence[int]
+                    ) -> tuple[int, ...] | None:
+  """The colour `decode_image` pads with for `image_aspect_ratio` (None: no padding)."""
+  if image_aspect_ratio not in ASPECT_RATIOS:
+    raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}; expected one of "
+                     f"{ASPECT_RATIOS} (LLaVA's default 'square' is 'crop').")
+  colour = tuple(int(c) for c in pad_colour)
+  if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+    raise ValueError(f"pad_colour={tuple(pad_colour)} must be three 8-bit values (R, G, B); "
+                     "`mean_colour(image_mean)` gives LLaVA's from a processor's mean.")
+  return colour if image_aspect_ratio == "pad" else None
+
+
+def conversation_document(record: Any, images: Sequence[bytes], image_size: int,
+                          pad_colour: Sequence[int] | None, where: str) -> dict[str, Any]:
+  """A LLaVA record (`{"id", "conversations", ...}`) and its encoded images -> a
+  conversation document `{"id", "images": uint8 "n s s 3", "conversations"}`.
+
+  Raises `CorruptRecord` naming the record's id and `where` it is: "bad_record" (not an
+  object), "bad_conversation" (no non-empty `conversations` list), or an image's reason.
+  """
+  if not isinstance(record, dict):
+    raise CorruptRecord("bad_record", f"{where}: a JSON {type(record).__name__}, not an "
+                        "object")
+  name = str(record.get("id", where))
+  conversations = record.get("conversations")
+  if not isinstance(conversations, list) or not conversations:
+    raise CorruptRecord("bad_conversation", f"record {name!r} ({where}): no `conversations` "
+                        f"list (got {conversations!r:.60})")
+  decoded = []
+  for i, data in enumerate(images):
+    try:
+      decoded.append(decode_image(data, image_size, pad_colour))
+    except CorruptRecord as error:
+      detail = str(error).removeprefix(f"{error.reason}: ")
+      raise CorruptRecord(error.reason, f"record {name!r} ({where}), image {i}: {detail}") \
+          from error
+  return {"id": name, "images": _stack(decoded, image_size), "conversations": conversations}
+
+
+def image_names(record: dict[str, Any]) -> list[Any]:
+  """A LLaVA record's image references: `"image"` absent or null (a text-only record), one
+  path, or a list of paths (multi-image data)."""
+  image = record.get("image")
+  if image is None:
+    return []
+  return list(image) if isinstance(image, list) else [image]
+
+
+def read_json_records(path: str) -> tuple[bytes, np.ndarray, np.ndarray, str]:
+  """A JSON list or JSONL file -> `(blob, offsets "n+1", positions "n", unit)`: record i is
+  `blob[offsets[i]:offsets[i+1]]` (its JSON text), found at `positions[i]` (a JSONL line
+  number, or the list index: `unit` says which).
+
+  A JSON list is parsed whole (`json.loads`: for LLaVA-1.5's 1 GB mix665k, a few GB of
+  memory for the time it takes) and its records kept as compact JSON text, so the source
+  holds one bytes object rather than millions of Python objects. A JSONL line is kept as
+  it is and parsed when read, so a broken line costs that record only.
+  """
+  data = epath.Path(path).read_bytes()
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]
+  pieces: list[bytes] = []
+  positions: list[int] = []
+  if data.lstrip()[:1] == b"[":
+    try:
+      records = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+      raise ValueError(f"{path} starts as a JSON list but is not valid JSON ({error}); fix "
+                       "it, or write it as JSONL (one record a line), where a broken line "
+                       "costs only its record.") from error
+    del data
+    for i, record in enumerate(records):
+      pieces.append(json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                    .encode("utf-8", "surrogatepass"))
+      positions.append(i)
+    unit = "record"
+  else:
+    for number, line in enumerate(data.split(b"\n"), 1):
+      if line.strip():
+        pieces.append(line)
+        positions.append(number)
+    unit = "line"
+  offsets = np.zeros(len(pieces) + 1, np.int64)
+  np.cumsum([len(p) for p in pieces], out=offsets[1:])
+  return b"".join(pieces), offsets, np.asarray(positions, np.int64), unit
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaJson:
+  """LLaVA's instruction data as it is distributed: a JSON list (`llava_v1_5_mix665k.json`)
+  or JSONL of `{"id", "image": path relative to image_folder (absent: text-only),
+  "conversations": [{"from": "human" | "gpt", "value"}, ...]}` records.
+
+  Documents: `{"id", "images": uint8 "n s s 3" (n: 0 or the record's images), "conversations"}`.
+  The file is indexed once, when the source is made (a JSON list is read whole, see
+  `read_json_records`); images are read and decoded when a record is. A missing image
+  file, an undecodable image, a record without conversations or a JSONL line that is not
+  JSON raises `CorruptRecord` with the record's id, which the pipeline counts per reason.
+  For long runs convert the data once (`python -m mmjax.data.convert --format=llava`) and
+  read it with `ArrayRecordConversations`: the same documents, without one file per image.
+
+  Attributes:
+    path: the JSON or JSONL file.
+    image_size: images come out `"image_size image_size 3"`.
+    image_folder: where image paths start; default: the file's folder.
+    image_aspect_ratio: "crop" (shorter side resized, centre kept: LLaVA's default, used
+      in stage 1) or "pad" (LLaVA-1.5's instruction tuning: padded to a square of
+      `pad_colour` first, so nothing is cut off).
+    pad_colour: the padding's 8-bit RGB colour: the vision encoder's mean colour
+      (`mean_colour(image_mean)`), CLIP's by default.
+  """
+
+  path: str
+  image_size: int
+  image_folder: str = ""
+  image_aspect_ratio: str = "crop"
+  pad_colour: tuple[int, ...] = CLIP_PAD_COLOUR
+  _blob: bytes = dataclasses.field(init=False, repr=False, compare=False)
+  _offsets: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+  _positions: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+  _unit: str = dataclasses.field(init=False, repr=False, compare=False)
+  _pad: tuple[int, ...] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
+    object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
+                                                     self.pad_colour))
+    if not epath.Path(self.path).exists():
+      raise FileNotFoundError(f"LLaVA data file {self.path!r} does not exist.")
+    blob, offsets, positions, unit = read_json_records(self.path)
+    for name, value in (("_blob", blob), ("_offsets", offsets), ("_positions", positions),
+                        ("_unit", unit)):
+      object.__setattr__(self, name, value)
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def _where(self, index: int) -> str:
+    return f"{self.path} {self._unit} {self._positions[index]}"
+
+  def record(self, index: int) -> Any:
+    """Record `index` as stored (parsed JSON); `CorruptRecord("bad_record")` for a JSONL
+    line that is not JSON."""
+    text = self._blob[self._offsets[index]:self._offsets[index + 1]]
+    try:
+      return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+      raise CorruptRecord("bad_record", f"{self._where(index)}: not JSON ({error}): "
+                          f"{text[:80]!r}") from error
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record, where = self.record(index), self._where(index)
+    images = []
+    if isinstance(record, dict):
+      name = str(record.get("id", where))
+      root = epath.Path(self.image_folder or epath.Path(self.path).parent)
+      for reference in image_names(record):
+        if not isinstance(reference, str) or not reference.strip():
+          raise CorruptRecord("missing_image", f"record {name!r} ({where}): image path "
+                              f"{reference!r}")
+        file = root / reference
+        try:
+          images.append(file.read_bytes())
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+          raise CorruptRecord("missing_image", f"record {name!r} ({where}): cannot read "
+                              f"{file} ({type(error).__name__}); check image_folder") \
+              from error
+    return conversation_document(record, images, self.image_size, self._pad, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecordConversations:
+  """LLaVA conversations from ArrayRecord shards written by `mmjax.data.convert
+  --format=llava` (records of kind `"conversation"`: the record's JSON, then its images):
+  the documents `LlavaJson` gives for the same data, decoded with the same options.
+
+  Attributes:
+    paths: a glob, a file, or a list of them.
+    image_size, image_aspect_ratio, pad_colour: as `LlavaJson`'s.
+  """
+
+  paths: str | tuple[str, ...]
+  image_size: int
+  image_aspect_ratio: str = "crop"
+  pad_colour: tuple[int, ...] = CLIP_PAD_COLOUR
+  _records: ArrayRecordDataSource = dataclasses.field(init=False, repr=False, compare=False)
+  _pad: tuple[int, ...] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    if not isinstance(self.paths, str):
+      object.__setattr__(self, "paths", tuple(self.paths))
+    if self.image_size <= 0:
+      raise ValueError(f"image_size must be positive, got {self.image_size}.")
+    object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
+    object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
+                                                     self.pad_colour))
+    object.__setattr__(self, "_records", ArrayRecordDataSource(resolve_shards(self.paths)))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def content(self, index: int) -> list[str | bytes]:
+    """Record `index` as stored: its JSON text, then its encoded images."""
+    return decode_record(self._records[index], CONVERSATION)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    content, where = self.content(index), f"record {index}"
+    if not content or not isinstance(content[0], str) or not all(
+        isinstance(item, bytes) for item in content[1:]):
+      raise CorruptRecord("bad_record", f"{where}: a conversation record holds its JSON text "
+                          "and then its images")
+    try:
+      record = json.loads(content[0])
+    except json.JSONDecodeError as error:
+      raise CorruptRecord("bad_record", f"{where}: the conversation is not JSON ({error})") \
+          from error
+    return conversation_document(record, content[1:], self.image_size, self._pad, where)
 
 
 # ---------------------------------------------------------------------- labelled (CheXpert)
