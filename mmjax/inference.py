@@ -25,7 +25,8 @@ checkpoint, the Hugging Face tokenizer directory passed as `tokenizer=`), and re
 Images are PIL images, uint8 numpy arrays (`"h w 3"`, `"h w"` grey or `"h w 4"` RGBA) or
 image file paths, prepared exactly as the training data were (`mmjax.data.sources`: RGB,
 the shorter side resized to the model's image size and the centre square kept; the model
-normalises pixels itself). Captioning and question prompts, zero- or few-shot, are
+normalises pixels itself; a LLaVA run trained on images padded to squares,
+`image_aspect_ratio="pad"`, pads them alike). Captioning and question prompts, zero- or few-shot, are
 written as the evaluation writes them (`mmjax.evaluate.chunk_text`, `few_shot_text`) and
 answers read as it reads them (`answer_text`), so these calls return what
 `mmjax.evaluate` scores.
@@ -38,17 +39,19 @@ lower-level `mmjax.models.flamingo.generate` under a mesh.
 
 LLaVA conversations are rendered by the run's `mmjax.data.conversation.Format` (its
 `config.data` template, system prompt and image tokens), so a prompt is token for token
-what training built before each answer; a converted checkpoint (no `config.data`) gets
-LLaVA-1.5's: vicuna_v1 with its system prompt. A `Conversation` holds one image and the
-`(role, text)` turns so far (`turns`, which the first question joins with the image as
-"<image>\n" in front): each `ask` renders them with the new question, generates until
-EOS and adds the answer; `reset` starts over, with the same or another image.
-`stream=True` returns an iterator of text pieces instead, produced as the tokens are: the
-prompt is run once into the KV cache, then a compiled one-token step is called per token,
-and each piece is what the answer's decoded text gained (whole characters and words as the
-tokenizer spells them); the pieces join to the answer `stream=False` gives, and the answer
-joins the turns once the iterator is exhausted (or closed: then the part produced). A run
-trained with `config.peft` LoRA loads with the LoRA updates folded into its kernels.
+what training built before each answer, and images are padded to squares where its
+training data were (`image_aspect_ratio="pad"`). A converted checkpoint (no `config.data`)
+gets LLaVA-1.5's: vicuna_v1 with its system prompt, images padded with CLIP's mean colour.
+A `Conversation` holds one image and the `(role, text)` turns so far (`turns`; the first
+question gets "<image>\\n" in front): each `ask` renders them with the new question,
+generates until EOS and adds the answer; `reset` starts over, with the same or another
+image. `stream=True` returns an iterator of text pieces instead, produced as the tokens
+are: the prompt is run once into the KV cache, then a compiled one-token step is called
+per token, and each piece is what the answer's decoded text gained (whole characters, and
+words spaced as the tokenizer spells them); the pieces join to the answer `stream=False`
+gives, and the answer joins the turns once the iterator is exhausted (or closed: then the
+part produced). A run trained with `config.peft` LoRA loads with the LoRA updates folded
+into its kernels.
 """
 
 import dataclasses
@@ -69,6 +72,7 @@ from PIL import Image
 from mmjax import checkpoints, decoding, evaluate
 from mmjax.cli import UserError
 from mmjax.data import conversation as conversation_lib
+from mmjax.data import sources
 from mmjax.data.sequences import CorruptRecord, right_pad
 from mmjax.data.shapes_world import MEDIA_TOKEN
 from mmjax.data.sources import decode_image, resize_center_crop
@@ -137,7 +141,7 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
   model, params = _merged(model, params)
   if task == "llava":
     return LlavaModel(model, jax.device_put(params), tok, config, path,
-                      _llava_format(config, model, tok, path))
+                      _llava_format(config, model, tok, path), _llava_pad_colour(config, path))
   cls = FlamingoModel if task == "flamingo" else TextModel
   return cls(model, jax.device_put(params), tok, config, path)
 
@@ -215,18 +219,22 @@ def _check_params(params: dict, model: nn.Module, path: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Images.
 # ---------------------------------------------------------------------------------------
-def prepare_image(image: ImageLike, size: int) -> np.ndarray:
+def prepare_image(image: ImageLike, size: int,
+                  pad_colour: Sequence[int] | None = None) -> np.ndarray:
   """uint8 `"size size 3"` of a PIL image, a uint8 array (`"h w 3"`, `"h w"`, `"h w 4"`)
-  or an image file's path, prepared as training data are (`mmjax.data.sources`)."""
+  or an image file's path, prepared as training data are (`mmjax.data.sources`); with
+  `pad_colour`, first padded to a square of that colour (LLaVA-1.5's `expand2square`)."""
   if isinstance(image, (str, os.PathLike)):
     file = pathlib.Path(image).expanduser()
     if not file.is_file():
       raise UserError(f"No image file {file}.")
     try:
-      return decode_image(file.read_bytes(), size)
+      return decode_image(file.read_bytes(), size, pad_colour)
     except CorruptRecord as error:
       raise UserError(f"{file}: {error}") from error
   if isinstance(image, Image.Image):
+    if pad_colour is not None:
+      image = sources.expand_to_square(sources.to_rgb(image), pad_colour)
     return resize_center_crop(image, size)
   if isinstance(image, (np.ndarray, jax.Array)):
     array = np.asarray(image)
@@ -237,7 +245,7 @@ def prepare_image(image: ImageLike, size: int) -> np.ndarray:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
       raise UserError(f"An image array must be 'h w 3' (RGB), 'h w 4' (RGBA) or 'h w' (grey),"
                       f" got shape {array.shape}.")
-    return resize_center_crop(Image.fromarray(array), size)
+    return prepare_image(Image.fromarray(array), size, pad_colour)
   raise UserError(f"An image must be a PIL image, a uint8 numpy array or a file path, got "
                   f"{type(image).__name__}.")
 
@@ -535,6 +543,24 @@ def _llava_format(config, model: llava_model.Llava, tok, path: pathlib.Path
   return fmt
 
 
+def _llava_pad_colour(config, path: pathlib.Path) -> tuple[int, ...] | None:
+  """The colour a run's images were padded to squares with (None: centre-cropped), read
+  from its training mixture's most weighted source (`image_aspect_ratio`, `pad_colour`);
+  LLaVA-1.5's for a converted checkpoint: padded with CLIP's mean colour."""
+  if "data" not in config:
+    return sources.CLIP_PAD_COLOUR
+  entries = sorted((config.data.get("datasets") or {}).items())
+  if not entries:
+    return None
+  _, entry = max(entries, key=lambda item: item[1].get("weight", 1.0))
+  source = entry.get("source") or {}
+  try:
+    return sources._pad_colour_for(source.get("image_aspect_ratio", "crop"),
+                                   source.get("pad_colour", sources.CLIP_PAD_COLOUR))
+  except ValueError as error:
+    raise UserError(f"{path / 'config.json'}: config.data.datasets: {error}") from error
+
+
 def _cache_size(needed: int, lm) -> int:
   """KV cache positions for `needed`, rounded up to a multiple of 128 (within learned
   positions) so that the one-token step compiles once for many prompt lengths; slots past
@@ -597,12 +623,19 @@ def _pieces(decode, tokens: Iterator[int]) -> Iterator[str]:
 @dataclasses.dataclass(frozen=True, repr=False)
 class LlavaModel(_Loaded):
   """A LLaVA with its tokenizer and conversation format: `chat`, `conversation` and
-  `generate`. Fields as `FlamingoModel`'s, and `format` (`mmjax.data.conversation.Format`),
-  which renders every prompt.
+  `generate`. Fields as `FlamingoModel`'s, `format` (`mmjax.data.conversation.Format`),
+  which renders every prompt, and `pad_colour`, that of the squares images are padded to
+  (None: centre-cropped), both as the run's training data had them.
   """
 
   model: llava_model.Llava
   format: conversation_lib.Format
+  pad_colour: tuple[int, ...] | None = None
+
+  def preprocess(self, image: ImageLike) -> np.ndarray:
+    """uint8 `"s s 3"` (s = `image_size`): the image as the model sees it (padded to a
+    square of `pad_colour` first, where training padded)."""
+    return prepare_image(image, self.image_size, self.pad_colour)
 
   @property
   def image_size(self) -> int:
@@ -663,7 +696,7 @@ class LlavaModel(_Loaded):
       raise UserError(f"{len(prompts)} prompts need a list of {len(prompts)} images (one per "
                       "prompt).")
     ids = [self.prompt(_conversation_of(p)) for p in prompts]
-    pixels = np.stack([prepare_image(x, self.image_size)
+    pixels = np.stack([self.preprocess(x)
                        for x in (images if single else _image_list(images, "images"))])
     sampling = _sampling(temperature, top_k, top_p)
     max_new_tokens = self._budget(ids, max_new_tokens)
@@ -758,7 +791,7 @@ class Conversation:
   def __init__(self, model: LlavaModel, image: ImageLike):
     self.model = model
     self.turns: list[tuple[str, str]] = []
-    self.image = prepare_image(image, model.image_size)
+    self.image = model.preprocess(image)
 
   def __repr__(self) -> str:
     return f"Conversation({len(self.turns) // 2} answered, {self.model!r})"
@@ -766,7 +799,7 @@ class Conversation:
   def reset(self, image: ImageLike | None = None) -> None:
     """Starts over: no turns, the same image or `image`."""
     if image is not None:
-      self.image = prepare_image(image, self.model.image_size)
+      self.image = self.model.preprocess(image)
     self.turns = []
 
   def prompt(self, text: str) -> list[int]:

@@ -2,6 +2,7 @@
 prompt, answers are the lower-level generation's tokens (batched, streamed and multi-turn
 alike), and mistakes are named."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,7 +20,7 @@ from test_inference import save_run
 from mmjax import convert, inference
 from mmjax.cli import UserError
 from mmjax.configs import llava as llava_recipe
-from mmjax.data import conversation
+from mmjax.data import conversation, sources
 from mmjax.data import tokenizer as tok
 from mmjax.models import llava
 from mmjax.tasks import get_task
@@ -166,9 +167,32 @@ def test_a_converted_checkpoint_chats_in_llava_15s_format(run, vlm, tmp_path):
       {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
   converted = inference.load(tmp_path / "converted", tokenizer=hf)
   assert converted.format == conversation.Format("vicuna_v1", None, 4)
+  assert converted.pad_colour == sources.CLIP_PAD_COLOUR
   # Its tokenizer (LLaMA-style: a space in front of the text) gives other ids.
   [want] = direct(converted, [[("user", f"<image>\n{Q}")]], [image(0)])
   assert converted.chat(image(0), Q, max_new_tokens=NEW) == converted.tokenizer.decode(want)
+
+
+def test_images_are_padded_to_squares_where_training_padded_them(vlm, tmp_path):
+  assert vlm.pad_colour is None  # shapes-world conversations: square images, cropped
+  config = llava_config()
+  source = config.data.datasets.conversations.source
+  source.update(image_aspect_ratio="pad", pad_colour=(1, 2, 3))
+  assert inference._llava_pad_colour(config, tmp_path) == (1, 2, 3)
+  source.image_aspect_ratio = "square"
+  with pytest.raises(UserError, match="config.data.datasets: image_aspect_ratio='square'"):
+    inference._llava_pad_colour(config, tmp_path)
+  del config["data"]  # a converted checkpoint: LLaVA-1.5's padding
+  assert inference._llava_pad_colour(config, tmp_path) == sources.CLIP_PAD_COLOUR
+  wide = np.random.default_rng(0).integers(0, 256, (20, 48, 3), np.uint8)
+  Image.fromarray(wide).save(tmp_path / "wide.png")
+  padded = dataclasses.replace(vlm, pad_colour=(1, 2, 3))
+  want = sources.decode_image((tmp_path / "wide.png").read_bytes(), SIZE, (1, 2, 3))
+  assert (want[0] == (1, 2, 3)).all()  # the padding shows
+  for x in (tmp_path / "wide.png", wide, Image.fromarray(wide)):
+    np.testing.assert_array_equal(padded.conversation(x).image, want)
+  np.testing.assert_array_equal(vlm.conversation(wide).image,
+                                sources.resize_center_crop(Image.fromarray(wide), SIZE))
 
 
 def test_mistakes_are_named(run, vlm, tmp_path):
