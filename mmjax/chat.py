@@ -35,8 +35,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens only.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set of tokens whose "
                             "probability reaches p only.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "The most tokens an answer "
-                                       "gets.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "The most tokens an answer "
+                                       "gets (default: 256, fewer where the model's learned "
+                                       "positions end sooner).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each answer uses seed + its turn).")
 
 HELP = "Commands: /reset (new conversation), /image PATH (new image), /quit."
