@@ -45,7 +45,7 @@ stacks (a leading "layers" axis on every leaf) are handled alike.
 
 Training (`from_config`, called where the trainer, evaluation, inference and the summary
 build a recipe's model): `config.peft` with `lora=dict(...)` (`LoraConfig` fields;
-`dropout` must stay 0.0 there, as the tasks' losses draw no dropout rng),
+LoRA dropout applies in the train step, whose loss runs inside `training(key)`),
 `adapters=dict(...)` (`AdapterConfig` fields) and `modules_to_save` (regexes on parameter
 paths, e.g. r"^projector/") wraps the model the task builds and replaces
 `config.trainable` with `trainable_pattern(config)`: only the LoRA and adapter parameters
@@ -53,6 +53,7 @@ and the modules to save train; everything else is frozen and has no optimizer st
 peft's adapter files for converted LMs: `mmjax.convert.peft`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -249,9 +250,25 @@ def interceptor(lora: LoraConfig | None = None, adapters: AdapterConfig | None =
 # ---------------------------------------------------------------------------------------
 class _Active(threading.local):
   depth = 0
+  dropout_key = None  # set by `training`: the applies inside draw LoRA dropout from it
+  applies = 0
 
 
 _ACTIVE = _Active()
+
+
+@contextlib.contextmanager
+def training(key: jax.Array):
+  """Inside, every `apply` of a wrapped model that is given no "dropout" rng draws one
+  from `key` (folded with a count of the applies, so each differs): how the trainer's
+  step turns LoRA dropout on without the tasks' losses knowing. Outside (evaluation,
+  inference) the LoRA branch is deterministic."""
+  previous = _ACTIVE.dropout_key, _ACTIVE.applies
+  _ACTIVE.dropout_key, _ACTIVE.applies = key, 0
+  try:
+    yield
+  finally:
+    _ACTIVE.dropout_key, _ACTIVE.applies = previous
 
 
 @functools.cache
@@ -265,6 +282,12 @@ def _wrapped_class(cls: type[nn.Module]) -> type[nn.Module]:
     def run(self, *args, **kwargs):
       if _ACTIVE.depth:  # `init` calls `init_with_output`: one interceptor, not two
         return method(self, *args, **kwargs)
+      if _ACTIVE.dropout_key is not None and method is nn.Module.apply:
+        rngs = dict(kwargs.get("rngs") or {})
+        if "dropout" not in rngs:
+          rngs["dropout"] = jax.random.fold_in(_ACTIVE.dropout_key, _ACTIVE.applies)
+          _ACTIVE.applies += 1
+          kwargs["rngs"] = rngs
       _ACTIVE.depth += 1
       try:
         with nn.intercept_methods(interceptor(self.peft_lora, self.peft_adapters)):
@@ -476,11 +499,8 @@ def problems(config) -> list[str]:
   if lora:
     if lora.get("rank", 1) < 1:
       found.append(f"config.peft.lora.rank={lora['rank']} must be >= 1")
-    if lora.get("dropout", 0.0) != 0:
-      # The tasks' losses apply their models without a "dropout" rng: it would be ignored.
-      found.append(f"config.peft.lora.dropout={lora['dropout']} is not applied by the "
-                   "trainer (the tasks' losses draw no dropout rng); set it to 0.0 (LoRA "
-                   "dropout works where `apply` is given rngs={'dropout': key})")
+    if not 0 <= lora.get("dropout", 0.0) < 1:
+      found.append(f"config.peft.lora.dropout={lora['dropout']} must be in [0, 1)")
   if adapters and adapters.get("dim", 1) < 1:
     found.append(f"config.peft.adapters.dim={adapters['dim']} must be >= 1")
   for pattern in modules_to_save(config):

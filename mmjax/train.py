@@ -237,11 +237,14 @@ def make_train_step(config, parts: Parts):
 
   def loss_sum(trainable, frozen, batch, rng, model_state):
     params = merge_params(trainable, frozen)
-    if model_state is None:
-      total, count, terms = task.loss_terms(model, params, batch, rng)
-    else:  # the collections come back updated (BatchNorm's running statistics)
-      total, count, terms, model_state = task.loss_terms(
-          model, params, batch, rng, model_state=model_state, train=True)
+    # LoRA dropout, where config.peft asks for it, from a key of its own (the task's `rng`
+    # stays as it was).
+    with peft.training(jax.random.fold_in(rng, 0x10A)):
+      if model_state is None:
+        total, count, terms = task.loss_terms(model, params, batch, rng)
+      else:  # the collections come back updated (BatchNorm's running statistics)
+        total, count, terms, model_state = task.loss_terms(
+            model, params, batch, rng, model_state=model_state, train=True)
     return total, (count, terms, model_state)
 
   def only_token_rows(tree):

@@ -122,6 +122,22 @@ def test_lora_computes_x_w_plus_scale_times_dropout_x_a_b(rslora):
                              + scale * (x @ a) @ b, atol=1e-5)
 
 
+def test_the_train_steps_context_turns_lora_dropout_on_and_only_it():
+  cfg = peft.LoraConfig(rank=3, alpha=6, dropout=0.5, targets=r".*")
+  model = peft.wrap(Dense(5, ("embed", "mlp")), lora=cfg)
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  params = _random(model, x)
+  deterministic = _run(model, params, x)
+  with peft.training(jax.random.key(3)):  # as the trainer runs a task's loss
+    first, second = _run(model, params, x), _run(model, params, x)
+  with peft.training(jax.random.key(3)):
+    again = _run(model, params, x)
+  assert not np.allclose(first, deterministic)
+  assert not np.allclose(first, second)  # each apply draws its own mask
+  np.testing.assert_array_equal(first, again)  # from the step's key alone
+  np.testing.assert_array_equal(_run(model, params, x), deterministic)  # after: off again
+
+
 def test_merge_gives_the_base_model_the_wrapped_ones_function_and_unmerge_undoes_it(lm):
   model, wrapped, params = lm
   merged = peft.merge(params, LORA)
@@ -239,12 +255,12 @@ def test_config_peft_is_checked_field_by_field():
   from mmjax import config as config_lib
   config = _peft_lm_config(1)
   config.peft = {"lora": {"rank": 0, "rnak": 4, "targets": "(", "init": "kaiming",
-                          "dropout": 0.1},
+                          "dropout": 1.5},
                  "modules_to_save": ("[",)}
   found = "\n".join(config_lib.problems(config))
   for text in ("rnak", "config.peft.lora.init='kaiming' is not one of ('peft', 'gaussian')",
                "config.peft.lora.rank=0 must be >= 1", "targets='(' is not a regular",
-               "dropout=0.1 is not applied by the trainer",
+               "dropout=1.5 must be in [0, 1)",
                "modules_to_save='[' is not a regular"):
     assert text in found, (text, found)
 
