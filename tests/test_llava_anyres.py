@@ -2,14 +2,19 @@
 (`anyres.pack_anyres_features`), rows of different grids batched together, and the logits
 and image-token counts of transformers' LlavaNextForConditionalGeneration."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from mmjax.convert import clip, common, llama
-from mmjax.data import anyres
+from mmjax.data import anyres, conversation, sources
+from mmjax.data.tokenizer import Tokenizer
 from mmjax.models.llava import Llava, LlavaConfig, generate
 from mmjax.models.lm import LMConfig
 from mmjax.models.vit import ViTConfig
@@ -64,7 +69,8 @@ def test_packed_features_match_the_per_image_reference_and_rows_batch():
   for r, row in enumerate(rows):
     for i, (w, h) in enumerate(row):
       images[r, i], image_sizes[r, i] = views(rng.integers(0, 256, (h, w, 3), np.uint8), v)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, jnp.zeros((1, 4), jnp.int32),
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images,
+                                        jnp.zeros((1, 4), jnp.int32),
                                         image_sizes=image_sizes)["params"])
   packed = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s,
                                                method=Llava.image_features))(
@@ -190,3 +196,42 @@ def test_logits_and_image_token_counts_match_transformers_llava_next(tmp_path):
                  jax.random.key(0), max_new_tokens=1, image_sizes=image_sizes)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0],
                                 want[np.arange(2), lengths + 2].argmax(-1))
+
+
+def test_llava_json_anyres_documents_expand_each_image_to_its_own_count(tmp_path):
+  rng = np.random.default_rng(2)
+  pictures = {"a.png": rng.integers(0, 256, (30, 50, 3), np.uint8),
+              "b.png": rng.integers(0, 256, (70, 33, 3), np.uint8)}
+  for name, picture in pictures.items():
+    Image.fromarray(picture).save(tmp_path / name)
+  records = [
+      {"id": "two", "image": ["a.png", "b.png"], "conversations": [
+          {"from": "human", "value": "<image> and <image>: which is wider?"},
+          {"from": "gpt", "value": "the first"}]},
+      {"id": "text", "conversations": [{"from": "human", "value": "hi"},
+                                       {"from": "gpt", "value": "hello"}]}]
+  (tmp_path / "data.json").write_text(json.dumps(records))
+  source = sources.LlavaJson(str(tmp_path / "data.json"), TILE,
+                             image_aspect_ratio="anyres", grid_pinpoints=GRID)
+  cfg = tiny_config()
+  config = ml_collections.ConfigDict({"data": {
+      "template": "vicuna_v1", "system": "", "image_tokens": 4, "image_size": TILE,
+      "grid_pinpoints": GRID}})
+  fmt = conversation.format_of(config)
+  tokenizer = Tokenizer()
+  built = [conversation.build_conversation(source[i], tokenizer, fmt, 160, 2,
+                                          (TILE, TILE, 3))[0] for i in range(2)]
+  two, text = built
+  assert two["images"].shape == (2, cfg.anyres_views, TILE, TILE, 3)
+  for i, picture in enumerate(pictures.values()):
+    np.testing.assert_array_equal(two["images"][i], anyres.views(picture, GRID, TILE))
+  assert two["image_sizes"].tolist() == [[50, 30], [33, 70]]
+  assert not text["images"].any() and not text["image_sizes"].any()
+  batch = {k: np.stack([b[k] for b in built]) for k in ("tokens", "image_sizes")}
+  counts = np.sum(batch["tokens"] == tokenizer.media_id, axis=1)
+  assert counts.tolist() == cfg.anyres_lengths(batch["image_sizes"]).sum(1).tolist()
+  assert counts[0] == (anyres.feature_length((50, 30), GRID, TILE, 2)
+                       + anyres.feature_length((33, 70), GRID, TILE, 2))
+  # The prompt at inference counts alike.
+  prompt = fmt.prompt([("user", "<image>\nwhat is it?")], tokenizer, [(50, 30)])
+  assert prompt.count(tokenizer.media_id) == anyres.feature_length((50, 30), GRID, TILE, 2)

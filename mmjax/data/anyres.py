@@ -21,6 +21,7 @@ The number of image tokens therefore depends on each image's size (`feature_leng
 (numpy or jax.numpy), so that a jitted model packs images of different grids together.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -331,3 +332,37 @@ def packed_index(lay: dict, patches_per_side: int, max_tiles: int, length: int, 
   index = xp.where(col == ex(lay["width"]), newline, from_tile)
   index = xp.where(line >= ex(lay["height"]), zero, index)
   return xp.where(j < p, j, index).astype(xp.int32)
+
+
+def views(image: np.ndarray, grid_pinpoints: Sequence[Size], patch_size: int
+          ) -> np.ndarray:
+  """uint8 `"h w 3"` -> `"(1 + max_tiles) p p 3"`: the base view, the tiles row by row
+  (`tiles`), and zero views after them, so that every image of a grid has one shape."""
+  base, cut, _ = tiles(image, grid_pinpoints, patch_size)
+  out = np.zeros((1 + max_tiles(grid_pinpoints, patch_size), patch_size, patch_size, 3),
+                 np.uint8)
+  out[0], out[1:1 + len(cut)] = base, cut
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresTokens:
+  """The image tokens of an image of `(width, height)` under anyres (`layout`'s
+  `length`): what a conversation's `<image>` expands to (`conversation.Format`).
+  `views` is the count of views per image (`views`)."""
+
+  grid_pinpoints: tuple[Size, ...]
+  patch_size: int
+  patches_per_side: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "grid_pinpoints",
+                       tuple(tuple(int(v) for v in p) for p in self.grid_pinpoints))
+
+  @property
+  def views(self) -> int:
+    return 1 + max_tiles(self.grid_pinpoints, self.patch_size)
+
+  def __call__(self, size: Size) -> int:
+    return int(layout(np.asarray(size), self.grid_pinpoints, self.patch_size,
+                      self.patches_per_side)["length"])
