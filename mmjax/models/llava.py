@@ -250,8 +250,9 @@ class Llava(nn.Module):
     return jnp.where((q[None] < ends[:, -1:])[..., None], out, 0)
 
   def __call__(self, images: jax.Array | None, tokens: jax.Array, *,
-               image_sizes: jax.Array | None = None, token_mask: jax.Array | None = None, positions: jax.Array | None = None,
-               features: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               image_sizes: jax.Array | None = None, token_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, features: jax.Array | None = None,
+               decode: bool = False) -> jax.Array:
     """LM logits of `tokens`, image-token positions reading the features of `images`
     (or precomputed `features "b n d"`); neither is needed when no token is an image
     token (decoding after the prompt).
