@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmjax import flops, summary
+from mmjax.config import validate
 from mmjax.convert import clip, common, llama
 from mmjax.data import anyres, conversation, sources
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models.llava import Llava, LlavaConfig, generate
 from mmjax.models.lm import LMConfig
 from mmjax.models.vit import ViTConfig
+from mmjax.tasks import llava as task
 
 TILE = 28  # the vision tower's input side: 2 x 2 patches of 14
 # LLaVA-1.6's grid, scaled from 336 to TILE pixels.
@@ -235,3 +238,24 @@ def test_llava_json_anyres_documents_expand_each_image_to_its_own_count(tmp_path
   # The prompt at inference counts alike.
   prompt = fmt.prompt([("user", "<image>\nwhat is it?")], tokenizer, [(50, 30)])
   assert prompt.count(tokenizer.media_id) == anyres.feature_length((50, 30), GRID, TILE, 2)
+
+
+def test_llava_16_7b_shapes_views_and_flops():
+  from mmjax.configs import llava as recipe  # the recipes' folder, importable in tests
+  config = recipe.get_config("llava-1.6-7b")
+  validate(config)
+  assert task.check_config(config) == []
+  model, inputs, _, _ = summary.model_and_inputs(config, jax.random.key(0))
+  assert inputs[0].shape == (2, 1, 5, 336, 336, 3)
+  assert int(np.sum(inputs[1][0] == model.config.image_token_id)) == 2928
+  args, kwargs = task.init_inputs(config)  # as training initialises it
+  assert args[0].shape == (1, 1, 5, 336, 336, 3) and kwargs["image_sizes"].shape == (1, 1, 2)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs)["params"])
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(shapes)))
+  # llava-hf/llava-v1.6-vicuna-7b-hf: llava-1.5-7b's 7,063,427,072 and the 4096-wide
+  # image_newline, less the vision layer and norm after the feature layer.
+  assert count == 7_063_427_072 + 4_096 - 12_596_224 - 2_048
+  def vision(c):
+    return sum(f for p, f, _ in flops.components(c) if p.startswith("vision/"))
+
+  assert vision(config) == 5 * vision(recipe.get_config("llava-1.5-7b"))

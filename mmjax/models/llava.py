@@ -249,8 +249,8 @@ class Llava(nn.Module):
     out = jnp.take_along_axis(packed, source[..., None], axis=1)
     return jnp.where((q[None] < ends[:, -1:])[..., None], out, 0)
 
-  def __call__(self, images: jax.Array | None, tokens: jax.Array, *,
-               image_sizes: jax.Array | None = None, token_mask: jax.Array | None = None,
+  def __call__(self, images: jax.Array | None, tokens: jax.Array,
+               image_sizes: jax.Array | None = None, *, token_mask: jax.Array | None = None,
                positions: jax.Array | None = None, features: jax.Array | None = None,
                decode: bool = False) -> jax.Array:
     """LM logits of `tokens`, image-token positions reading the features of `images`
