@@ -16,6 +16,8 @@ from mmjax import flops, summary
 from mmjax.config import validate
 from mmjax.convert import clip, common, llama
 from mmjax.data import anyres, conversation, sources
+from mmjax.data.pipeline import Dataset, make_dataset
+from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models.llava import Llava, LlavaConfig, generate
 from mmjax.models.lm import LMConfig
@@ -59,6 +61,21 @@ def test_layout_matches_llavas_grid_and_feature_length():
     assert (lay["rows"][i], lay["cols"][i]) == anyres.grid_shape(size, GRID, TILE), size
     assert lay["length"][i] == anyres.feature_length(size, GRID, TILE, 2), size
   assert anyres.layout(np.zeros((1, 2), int), GRID, TILE, 2)["length"].tolist() == [0]
+
+
+def test_float_floor_is_pythons_int_of_a_float_product():
+  rng = np.random.default_rng(0)
+  mult, den = rng.integers(1, 4000, 20000), rng.integers(1, 4000, 20000)
+  # Half of the cases with mult * num / den whole, where the float product can fall short.
+  num = np.where(np.arange(20000) % 2, rng.integers(1, 4000, 20000),
+                 den // np.gcd(den, mult) * rng.integers(1, 8, 20000))
+  want = [int(m * (n / d)) for m, n, d in zip(mult.tolist(), num.tolist(), den.tolist(),
+                                              strict=True)]
+  assert np.any(np.asarray(want) != mult * num // den)  # the cases that matter are here
+  np.testing.assert_array_equal(anyres.float_floor(mult, num, den), want)
+  np.testing.assert_array_equal(
+      jax.jit(lambda *a: anyres.float_floor(*a, xp=jnp))(mult[:2000], num[:2000], den[:2000]),
+      want[:2000])
 
 
 def test_packed_features_match_the_per_image_reference_and_rows_batch():
@@ -235,6 +252,15 @@ def test_llava_json_anyres_documents_expand_each_image_to_its_own_count(tmp_path
   assert counts.tolist() == cfg.anyres_lengths(batch["image_sizes"]).sum(1).tolist()
   assert counts[0] == (anyres.feature_length((50, 30), GRID, TILE, 2)
                        + anyres.feature_length((33, 70), GRID, TILE, 2))
+  # Batched by the pipeline: images "b m v p p 3" and image_sizes "b m 2".
+  spec = SequenceSpec(seq_len=160, max_images=2, image_size=TILE, mode="conversation",
+                      conversation=fmt)
+  batch = next(iter(make_dataset([Dataset("llava", source)], tokenizer, spec, batch_size=4,
+                                 seed=0)))
+  assert batch["images"].shape == (4, 2, cfg.anyres_views, TILE, TILE, 3)
+  assert batch["image_sizes"].shape == (4, 2, 2)
+  counts = np.sum(batch["tokens"] == tokenizer.media_id, axis=1)
+  assert counts.tolist() == cfg.anyres_lengths(batch["image_sizes"]).sum(1).tolist()
   # The prompt at inference counts alike.
   prompt = fmt.prompt([("user", "<image>\nwhat is it?")], tokenizer, [(50, 30)])
   assert prompt.count(tokenizer.media_id) == anyres.feature_length((50, 30), GRID, TILE, 2)
