@@ -135,4 +135,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "anyres_grid" in model:  # <image> expands to each image's own count of tokens
     config.data.grid_pinpoints = model["anyres_grid"]
     config.data.seq_len = config.summary.seq_len = 4096  # LLaVA-1.6's context
+    config.trainable = r"^(projector|lm)/|^image_newline$"  # stage 2 trains the newline too
   return config
