@@ -14,6 +14,8 @@ TEST = [
     # build of torch.
     "torch==2.13.0",
     "transformers>=4.57,<6",
+    # The LoRA parity tests (tests/test_peft.py): peft's adapters, files and logits.
+    "peft==0.21.0",
     # open_flamingo's modules import it; open_flamingo itself pins torch 2.0 and is
     # installed without its dependencies (README, "Test").
     "einops-exts==0.0.4",

@@ -1,7 +1,8 @@
 """mmjax: multimodal vision-language pretraining in JAX/Flax.
 
-`mmjax.load(path)` gives a trained model ready to caption, answer and generate
-(`mmjax.inference`); importing `mmjax` itself imports nothing heavy.
+`mmjax.load(path)` gives a trained model ready to caption, answer, chat and generate
+(`mmjax.inference`; `python -m mmjax.chat` chats with a LLaVA in the terminal); importing
+`mmjax` itself imports nothing heavy.
 """
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from mmjax import cli, sharding
+from mmjax import cli, peft, sharding
 from mmjax.data import conversation
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate.prompts import FORMATS
@@ -93,6 +93,14 @@ class Named:
   """A mapping from names the recipe chooses (datasets, backbones) to entries."""
 
   entry: Any
+  optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Struct:
+  """A mapping of the fields of a config dataclass (`check_model`)."""
+
+  cls: type
   optional: bool = False
 
 
@@ -195,6 +203,11 @@ SCHEMA = Section({
     # Contrastive recipes: the log logit scale clamped to [0, ln 100] after every step.
     "clamp_logit_scale": Field(BOOL, optional=True),
     "trainable_token_rows": Field(SEQUENCE, optional=True),
+    # LoRA and adapters (mmjax.peft); set, they replace `trainable`.
+    "peft": Section({"lora": Struct(peft.LoraConfig, optional=True),
+                     "adapters": Struct(peft.AdapterConfig, optional=True),
+                     "modules_to_save": Field((str, tuple, list), optional=True)},
+                    optional=True),
     "init": Named(BACKBONE, optional=True),
     "data": Section({
         "seq_len": Field(INT, min=1),
@@ -341,6 +354,8 @@ def _check(spec, value, path: str, model_class: type | None) -> list[str]:
     return _check_field(spec, value, path)
   if isinstance(spec, Model):
     return check_model(model_class, value, path) if model_class else []
+  if isinstance(spec, Struct):
+    return check_model(spec.cls, value, path)
   if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
     return [f"{path}={_show(value)} must be a mapping"
             + (" of names to entries" if isinstance(spec, Named) else "")]
@@ -443,7 +458,8 @@ def problems(config: ml_collections.ConfigDict, *, process_count: int = 1,
   if config.get("task") in TASKS:
     task = get_task(config.task)
   found = _check(SCHEMA, config, "config", getattr(task, "MODEL_CONFIG", None))
-  checks = [lambda: _check_data(config, process_count), lambda: _check_init(config)]
+  checks = [lambda: _check_data(config, process_count), lambda: _check_init(config),
+            lambda: peft.problems(config)]
   if num_devices is not None:
     checks.append(lambda: _check_mesh(config, num_devices))
   if task is not None and hasattr(task, "check_config"):

@@ -6,6 +6,13 @@
   vlm.answer(image, "what colour is the circle?")           # -> "red"
   vlm.generate("<image>a red circle.<|endofchunk|><image>", [image_1, image_2])
 
+  llava = mmjax.load("/tmp/llava")                          # a LLaVA run or converted model
+  llava.chat(image, "what colour is the circle?")           # -> "red"
+  chat = llava.conversation(image)                          # a chat that remembers its turns
+  chat.ask("what colour is the circle?"); chat.ask("and the square?")
+  for piece in chat.ask("describe the image.", stream=True):  # text as tokens arrive
+    print(piece, end="", flush=True)
+
 `load` reads the directory's `config.json` (the config a run was trained with, or a
 converted checkpoint's `{"task", "model"}`) and its latest complete checkpoint, builds the
 model the recipe's task builds and the tokenizer the run used (or, for a converted
@@ -13,27 +20,46 @@ checkpoint, the Hugging Face tokenizer directory passed as `tokenizer=`), and re
 
   FlamingoModel  (task "flamingo")  caption, answer, and generate from interleaved prompts
   TextModel      (task "lm")        generate from text prompts
+  LlavaModel     (task "llava")     chat about an image: `chat`, `conversation`, `generate`
 
 Images are PIL images, uint8 numpy arrays (`"h w 3"`, `"h w"` grey or `"h w 4"` RGBA) or
 image file paths, prepared exactly as the training data were (`mmjax.data.sources`: RGB,
 the shorter side resized to the model's image size and the centre square kept; the model
-normalises pixels itself). Captioning and question prompts, zero- or few-shot, are
-written as the evaluation writes them (`mmjax.evaluate.chunk_text`, `few_shot_text`) and
-answers read as it reads them (`answer_text`), so these calls return what
-`mmjax.evaluate` scores.
+normalises pixels itself; a LLaVA run trained on images padded to squares,
+`image_aspect_ratio="pad"`, pads them alike). Captioning and question prompts, zero- or
+few-shot, are written as the evaluation writes them (`mmjax.evaluate.chunk_text`,
+`few_shot_text`) and answers read as it reads them (`answer_text`), so these calls return
+what `mmjax.evaluate` scores.
 
 A list of prompts (or images) is one batch. Each distinct batch shape (prompts, longest
 prompt in tokens, images per prompt, `max_new_tokens`) compiles once, in seconds on a CPU
 for the embedded models, and is reused by later calls of that shape. The model
 runs on the default device, unsharded: for models that do not fit one device, use the
 lower-level `mmjax.models.flamingo.generate` under a mesh.
+
+LLaVA conversations are rendered by the run's `mmjax.data.conversation.Format` (its
+`config.data` template, system prompt and image tokens), so a prompt is token for token
+what training built before each answer, and images are padded to squares where its
+training data were (`image_aspect_ratio="pad"`). A converted checkpoint (no `config.data`)
+gets LLaVA-1.5's: vicuna_v1 with its system prompt, images padded with CLIP's mean colour.
+A `Conversation` holds one image and the `(role, text)` turns so far (`turns`; the first
+question gets "<image>\\n" in front): each `ask` renders them with the new question,
+generates until EOS and adds the answer; `reset` starts over, with the same or another
+image. `stream=True` returns an iterator of text pieces instead, produced as the tokens
+are: the prompt is run once into the KV cache, then a compiled one-token step is called
+per token, and each piece is what the answer's decoded text gained (whole characters, and
+words spaced as the tokenizer spells them); the pieces join to the answer `stream=False`
+gives, and the answer joins the turns once the iterator is exhausted (or closed: then the
+part produced). A run trained with `config.peft` LoRA loads with the LoRA updates folded
+into its kernels.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Union
 
 import jax
@@ -43,22 +69,25 @@ import numpy as np
 from flax import linen as nn
 from PIL import Image
 
-from mmjax import checkpoints
-from mmjax import evaluate
+from mmjax import checkpoints, decoding, evaluate, peft
 from mmjax.cli import UserError
-from mmjax.data.sequences import CorruptRecord
+from mmjax.data import conversation as conversation_lib
+from mmjax.data import sources
+from mmjax.data.sequences import CorruptRecord, right_pad
 from mmjax.data.shapes_world import MEDIA_TOKEN
 from mmjax.data.sources import decode_image, resize_center_crop
 from mmjax.data.tokenizer import HFTokenizer, Tokenizer, make_tokenizer
 from mmjax.decoding import SamplingConfig
 from mmjax.models import flamingo as flamingo_model
+from mmjax.models import llava as llava_model
 from mmjax.models import lm as lm_model
 from mmjax.tasks import get_task
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
 SERVED = {"flamingo": "captioning, question answering and generation from interleaved "
                       "text and images (FlamingoModel)",
-          "lm": "text generation (TextModel)"}
+          "lm": "text generation (TextModel)",
+          "llava": "chat about an image (LlavaModel)"}
 _DESCRIPTIONS = {"clip": "a CLIP dual encoder (image and text embeddings)",
                  "bert": "a BERT text encoder"}
 
@@ -67,7 +96,7 @@ _DESCRIPTIONS = {"clip": "a CLIP dual encoder (image and text embeddings)",
 # Loading.
 # ---------------------------------------------------------------------------------------
 def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-         step: int | None = None) -> Union["FlamingoModel", "TextModel"]:
+         step: int | None = None) -> Union["FlamingoModel", "TextModel", "LlavaModel"]:
   """The model in `path` (a run's workdir or a converted checkpoint), ready to use.
 
   Args:
@@ -103,14 +132,35 @@ def load(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
   except (ValueError, FileNotFoundError) as error:
     raise UserError(f"Tokenizer for {path}: {error}") from error
   try:
-    model = get_task(task).build_model(config)
+    model = build_model(config)
   except (TypeError, ValueError) as error:  # config_from_dict's unknown or missing fields
     raise UserError(f"{path / 'config.json'}: its model config does not build a {task} "
                     f"model: {error}") from error
   params = checkpoints.load_params(path, step)  # verified; UserError if there is none
   _check_params(params, model, path)
+  model, params = _merged(model, params)
+  if task == "llava":
+    return LlavaModel(model, jax.device_put(params), tok, config, path,
+                      _llava_format(config, model, tok, path), _llava_pad_colour(config, path))
   cls = FlamingoModel if task == "flamingo" else TextModel
   return cls(model, jax.device_put(params), tok, config, path)
+
+
+def build_model(config) -> nn.Module:
+  """The model a run of `config` trained: its task's, wrapped by `mmjax.peft` as
+  `config.peft` says (the parameters then hold the LoRA or adapter leaves too)."""
+  model = get_task(config.task).build_model(config)
+  lora, adapters = peft.configs(config)
+  return model if lora is None and adapters is None else peft.wrap(model, lora=lora,
+                                                                    adapters=adapters)
+
+
+def _merged(model: nn.Module, params: dict) -> tuple[nn.Module, dict]:
+  """A LoRA-wrapped model as its base model with the LoRA updates folded into the kernels
+  (the same function, at the base model's cost); other models as they are."""
+  if not hasattr(model, "peft_base") or model.peft_adapters is not None:
+    return model, params  # adapters add layers: they cannot be folded away
+  return peft.unwrap(model), peft.merge(params, model.peft_lora)
 
 
 def read_config(path: pathlib.Path) -> ml_collections.ConfigDict:
@@ -139,6 +189,9 @@ def _check_params(params: dict, model: nn.Module, path: pathlib.Path) -> None:
   if isinstance(model, flamingo_model.Flamingo):
     size = model.config.vision.image_size
     args = (jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1, 1, size, size, 3), jnp.uint8))
+  elif isinstance(model, llava_model.Llava):
+    size = model.config.vision.image_size
+    args = (jnp.zeros((1, 1, size, size, 3), jnp.uint8), jnp.zeros((1, 2), jnp.int32))
   else:
     args = (jnp.zeros((1, 2), jnp.int32),)
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)["params"]))
@@ -153,18 +206,22 @@ def _check_params(params: dict, model: nn.Module, path: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Images.
 # ---------------------------------------------------------------------------------------
-def prepare_image(image: ImageLike, size: int) -> np.ndarray:
+def prepare_image(image: ImageLike, size: int,
+                  pad_colour: Sequence[int] | None = None) -> np.ndarray:
   """uint8 `"size size 3"` of a PIL image, a uint8 array (`"h w 3"`, `"h w"`, `"h w 4"`)
-  or an image file's path, prepared as training data are (`mmjax.data.sources`)."""
+  or an image file's path, prepared as training data are (`mmjax.data.sources`); with
+  `pad_colour`, first padded to a square of that colour (LLaVA-1.5's `expand2square`)."""
   if isinstance(image, (str, os.PathLike)):
     file = pathlib.Path(image).expanduser()
     if not file.is_file():
       raise UserError(f"No image file {file}.")
     try:
-      return decode_image(file.read_bytes(), size)
+      return decode_image(file.read_bytes(), size, pad_colour)
     except CorruptRecord as error:
       raise UserError(f"{file}: {error}") from error
   if isinstance(image, Image.Image):
+    if pad_colour is not None:
+      image = sources.expand_to_square(sources.to_rgb(image), pad_colour)
     return resize_center_crop(image, size)
   if isinstance(image, (np.ndarray, jax.Array)):
     array = np.asarray(image)
@@ -175,7 +232,7 @@ def prepare_image(image: ImageLike, size: int) -> np.ndarray:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
       raise UserError(f"An image array must be 'h w 3' (RGB), 'h w 4' (RGBA) or 'h w' (grey),"
                       f" got shape {array.shape}.")
-    return resize_center_crop(Image.fromarray(array), size)
+    return prepare_image(Image.fromarray(array), size, pad_colour)
   raise UserError(f"An image must be a PIL image, a uint8 numpy array or a file path, got "
                   f"{type(image).__name__}.")
 
@@ -215,8 +272,7 @@ class _Loaded:
 
   def _encode(self, texts: list[str], max_new_tokens: int, max_len: int | None
               ) -> tuple[jax.Array, jax.Array]:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-      raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    _check_new_tokens(max_new_tokens)
     for i, text in enumerate(texts):
       if not isinstance(text, str):
         raise UserError(f"Prompt {i} is a {type(text).__name__}; prompts are strings.")
@@ -245,6 +301,11 @@ class _Loaded:
   @property
   def _stop_ids(self) -> tuple[int, ...]:
     return (self.tokenizer.endofchunk_id, self.tokenizer.eos_id)
+
+
+def _check_new_tokens(max_new_tokens) -> None:
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
 
 
 def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> SamplingConfig:
@@ -436,3 +497,328 @@ class TextModel(_Loaded):
                             sampling=_sampling(temperature, top_k, top_p))
     results = self._texts(out)
     return results[0] if single else results
+
+
+# ---------------------------------------------------------------------------------------
+# LLaVA.
+# ---------------------------------------------------------------------------------------
+Turns = Sequence[tuple[str, str]]
+DEFAULT_ANSWER_TOKENS = 256
+
+
+def _llava_format(config, model: llava_model.Llava, tok, path: pathlib.Path
+                  ) -> conversation_lib.Format:
+  """The run's conversation format (LLaVA-1.5's vicuna_v1 for a converted checkpoint),
+  checked against the model's image tokens and the tokenizer's image token."""
+  image_tokens = model.config.image_tokens
+  if "data" in config:
+    try:
+      fmt = conversation_lib.format_of(config)
+    except ValueError as error:
+      raise UserError(f"{path / 'config.json'}: config.data: {error}") from error
+  else:
+    fmt = conversation_lib.Format("vicuna_v1", None, image_tokens)
+  if fmt.image_tokens != image_tokens:
+    raise UserError(f"{path / 'config.json'}: config.data.image_tokens={fmt.image_tokens}, "
+                    f"but the model gives each image {image_tokens} features; set it to "
+                    f"{image_tokens}.")
+  if tok.media_id != model.config.image_token_id:
+    raise UserError(f"The tokenizer's {MEDIA_TOKEN} is id {tok.media_id}, the model's image "
+                    f"token id {model.config.image_token_id} ({path / 'config.json'}, "
+                    "model.image_token_id): pass the tokenizer the model was trained or "
+                    "converted with.")
+  return fmt
+
+
+def _llava_pad_colour(config, path: pathlib.Path) -> tuple[int, ...] | None:
+  """The colour a run's images were padded to squares with (None: centre-cropped), read
+  from its training mixture's most weighted source (`image_aspect_ratio`, `pad_colour`);
+  LLaVA-1.5's for a converted checkpoint: padded with CLIP's mean colour."""
+  if "data" not in config:
+    return sources.CLIP_PAD_COLOUR
+  entries = sorted((config.data.get("datasets") or {}).items())
+  if not entries:
+    return None
+  _, entry = max(entries, key=lambda item: item[1].get("weight", 1.0))
+  source = entry.get("source") or {}
+  try:
+    return sources._pad_colour_for(source.get("image_aspect_ratio", "crop"),
+                                   source.get("pad_colour", sources.CLIP_PAD_COLOUR))
+  except ValueError as error:
+    raise UserError(f"{path / 'config.json'}: config.data.datasets: {error}") from error
+
+
+def _cache_size(needed: int, lm) -> int:
+  """KV cache positions for `needed`, rounded up to a multiple of 128 (within learned
+  positions) so that the one-token step compiles once for many prompt lengths; slots past
+  a row's position are never attended."""
+  size = -(-needed // 128) * 128
+  return max(needed, min(size, lm.max_len)) if lm.position == "learned" else size
+
+
+@functools.partial(jax.jit, static_argnames=("model", "size"))
+def _prefill(model: llava_model.Llava, params, images: jax.Array, prompt: jax.Array,
+             length: jax.Array, *, size: int) -> tuple[jax.Array, Any]:
+  """`(logits "b v" after each prompt's last token, the KV cache of `size` positions)` of
+  prompts `"b t"` (right-padded to `length "b"`) about `images "b m h w c"`, as
+  `mmjax.models.llava.generate` prefills."""
+  b, t = prompt.shape
+  variables = {"params": params}
+  features = model.apply(variables, images, method=llava_model.Llava.image_features)
+  cache = decoding.init_cache(model.apply, variables, None, jnp.zeros((b, size), jnp.int32),
+                              positions=jnp.broadcast_to(jnp.arange(size), (b, size)),
+                              decode=True, mutable=["cache"])
+  logits, state = model.apply({"params": params, "cache": cache}, None, prompt,
+                              positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
+                              features=features, decode=True, mutable=["cache"])
+  last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]
+  return last, state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"),
+                   donate_argnames=("cache",))
+def _step(model: llava_model.Llava, params, cache, logits: jax.Array, position: jax.Array,
+          done: jax.Array, rng: jax.Array, *, sampling: SamplingConfig,
+          stop_ids: tuple[int, ...], pad_id: int):
+  """One iteration of `mmjax.decoding.generate`'s loop: the next token `"b"` from `logits
+  "b v"` (the same key split, so the same tokens), then the model on it at `position
+  "b"`. Returns `(token, logits, cache, done, rng)`."""
+  rng, key = jax.random.split(rng)
+  token = jnp.where(done, pad_id, decoding.sample_logits(logits, key, sampling))
+  done = done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
+  logits, state = model.apply({"params": params, "cache": cache}, None, token[:, None],
+                              positions=position[:, None], decode=True, mutable=["cache"])
+  return token, logits[:, 0], state["cache"], done, rng
+
+
+def _pieces(decode, tokens: Iterator[int]) -> Iterator[str]:
+  """What the decoded text of `tokens` so far gains with each token: held back while it
+  ends in an incomplete character (U+FFFD) or rewrites what was already given, so the
+  pieces join to `decode(all tokens)` whenever that extends what was given."""
+  ids, sent = [], ""
+  for token in tokens:
+    ids.append(token)
+    text = decode(ids)
+    if not text.endswith("\ufffd") and text.startswith(sent) and len(text) > len(sent):
+      yield text[len(sent):]
+      sent = text
+  text = decode(ids)
+  if text.startswith(sent) and len(text) > len(sent):
+    yield text[len(sent):]
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class LlavaModel(_Loaded):
+  """A LLaVA with its tokenizer and conversation format: `chat`, `conversation` and
+  `generate`. Fields as `FlamingoModel`'s, `format` (`mmjax.data.conversation.Format`),
+  which renders every prompt, and `pad_colour`, that of the squares images are padded to
+  (None: centre-cropped), both as the run's training data had them.
+  """
+
+  model: llava_model.Llava
+  format: conversation_lib.Format
+  pad_colour: tuple[int, ...] | None = None
+
+  def preprocess(self, image: ImageLike) -> np.ndarray:
+    """uint8 `"s s 3"` (s = `image_size`): the image as the model sees it (padded to a
+    square of `pad_colour` first, where training padded)."""
+    return prepare_image(image, self.image_size, self.pad_colour)
+
+  @property
+  def image_size(self) -> int:
+    return self.model.config.vision.image_size
+
+  @property
+  def _stop_ids(self) -> tuple[int, ...]:
+    return (self.tokenizer.eos_id,)
+
+  def conversation(self, image: ImageLike) -> "Conversation":
+    """A new chat about `image`; `ask` it questions."""
+    return Conversation(self, image)
+
+  def chat(self, image: ImageLike, text: str, *, stream: bool = False,
+           **options) -> str | Iterator[str]:
+    """The answer to one question about an image (a new conversation); options as
+    `Conversation.ask`'s. For follow-up questions, use `conversation`."""
+    return self.conversation(image).ask(text, stream=stream, **options)
+
+  def prompt(self, turns: Turns) -> list[int]:
+    """The token ids the model continues to answer the last user turn of `turns`
+    (`[(role, text)]`, the first user turn holding `<image>`), as training renders them."""
+    turns = _turns(turns)
+    markers = sum(text.count(MEDIA_TOKEN) for _, text in turns)
+    if markers != 1:
+      raise UserError(f"A conversation holds one {MEDIA_TOKEN} (in its first question, where "
+                      f"the image goes), got {markers}.")
+    try:
+      return self.format.prompt(turns, self.tokenizer)
+    except (CorruptRecord, ValueError) as error:
+      raise UserError(f"Cannot render the conversation: {error}") from error
+
+  def generate(self, images: ImageLike | Sequence[ImageLike], prompts, *,
+               max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               stream: bool = False) -> str | list[str] | Iterator[str]:
+    """Answers about images, decoded together as one batch.
+
+    Args:
+      images: one image, or a list with one image per prompt.
+      prompts: a question (the image goes before it, as LLaVA places it), a conversation
+        (`[(role, text)]` turns ending with the user's, "<image>" in the first), or a list
+        of those, one per image.
+      max_new_tokens: the most tokens an answer gets (default: 256, fewer where the
+        model's learned positions end sooner).
+      temperature, top_k, top_p, seed: sampling, as `FlamingoModel.generate`'s.
+      stream: one prompt only: an iterator of the answer's text pieces, as produced.
+    Returns:
+      Each answer as text, without EOS: a string for one prompt, a list for a list.
+    """
+    single = isinstance(prompts, str) or _is_turns(prompts)
+    if single:
+      prompts, images = [prompts], [images]
+    elif not isinstance(prompts, (list, tuple)) or not prompts:
+      raise UserError(f"prompts must be a question, a conversation ([(role, text)]) or a "
+                      f"non-empty list of them, got {prompts!r:.80}.")
+    elif not _is_batch(images) or len(_image_list(images, "images")) != len(prompts):
+      raise UserError(f"{len(prompts)} prompts need a list of {len(prompts)} images (one per "
+                      "prompt).")
+    ids = [self.prompt(_conversation_of(p)) for p in prompts]
+    pixels = np.stack([self.preprocess(x)
+                       for x in (images if single else _image_list(images, "images"))])
+    sampling = _sampling(temperature, top_k, top_p)
+    max_new_tokens = self._budget(ids, max_new_tokens)
+    if stream:
+      if not single:
+        raise UserError("stream=True streams one answer: pass one prompt.")
+      return self._stream(pixels, ids[0], max_new_tokens, sampling, seed)
+    length = max(map(len, ids))
+    tokens = np.stack([right_pad(np.asarray(i, np.int32), length, self.tokenizer.pad_id)
+                       for i in ids])
+    out = llava_model.generate(
+        self.model, self.params, jnp.asarray(pixels[:, None]), jnp.asarray(tokens),
+        jnp.asarray([len(i) for i in ids], jnp.int32), jax.random.key(seed),
+        max_new_tokens=max_new_tokens, stop_ids=self._stop_ids, pad_id=self.tokenizer.pad_id,
+        sampling=sampling)
+    results = self._texts(out)
+    return results[0] if single else results
+
+  def _budget(self, ids: list[list[int]], max_new_tokens: int | None) -> int:
+    """`max_new_tokens`, checked against the learned positions left after the longest
+    prompt (and, when None, the default 256 cut to them)."""
+    lm = self.model.config.lm
+    left = lm.max_len - max(map(len, ids)) if lm.position == "learned" else None
+    if max_new_tokens is None:
+      max_new_tokens = DEFAULT_ANSWER_TOKENS if left is None else min(DEFAULT_ANSWER_TOKENS,
+                                                                       left)
+      if max_new_tokens < 1:
+        raise UserError(f"The prompt has {max(map(len, ids))} tokens, all the {lm.max_len} "
+                        "positions the model learned: start a new conversation.")
+    _check_new_tokens(max_new_tokens)
+    if left is not None and max_new_tokens > left:
+      raise UserError(f"The longest prompt has {max(map(len, ids))} tokens; with "
+                      f"max_new_tokens={max_new_tokens} that exceeds the {lm.max_len} "
+                      "positions the model learned. Ask for fewer new tokens or start a new "
+                      "conversation.")
+    return max_new_tokens
+
+  def _tokens(self, pixels: np.ndarray, ids: list[int], max_new_tokens: int,
+              sampling: SamplingConfig, seed: int) -> Iterator[int]:
+    """The answer's tokens one by one, EOS left out: the prompt prefilled into the KV
+    cache, then `_step` per token, as `mmjax.models.llava.generate` decodes."""
+    logits, cache = _prefill(self.model, self.params, jnp.asarray(pixels[:, None]),
+                             jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)], jnp.int32),
+                             size=_cache_size(len(ids) + max_new_tokens, self.model.config.lm))
+    position, done = jnp.asarray([len(ids)], jnp.int32), jnp.zeros((1,), bool)
+    rng = jax.random.key(seed)
+    for _ in range(max_new_tokens):
+      token, logits, cache, done, rng = _step(
+          self.model, self.params, cache, logits, position, done, rng, sampling=sampling,
+          stop_ids=self._stop_ids, pad_id=self.tokenizer.pad_id)
+      token = int(token[0])
+      if token in self._stop_ids:
+        return
+      yield token
+      position = position + 1
+
+  def _stream(self, pixels, ids, max_new_tokens, sampling, seed) -> Iterator[str]:
+    return _pieces(self.tokenizer.decode,
+                   self._tokens(pixels, ids, max_new_tokens, sampling, seed))
+
+
+def _is_turns(value) -> bool:
+  """`[(role, text), ...]`: one conversation (rather than a list of prompts)."""
+  return (isinstance(value, (list, tuple)) and bool(value)
+          and all(isinstance(t, (list, tuple)) and len(t) == 2 and isinstance(t[0], str)
+                  for t in value))
+
+
+def _turns(value) -> list[tuple[str, str]]:
+  if not _is_turns(value) or not all(isinstance(t[1], str) for t in value):
+    raise UserError(f"A conversation is a list of (role, text) turns, got {value!r:.100}.")
+  return [tuple(t) for t in value]
+
+
+def _conversation_of(prompt) -> list[tuple[str, str]]:
+  """A prompt as turns: a question becomes the first user turn, after the image."""
+  if isinstance(prompt, str):
+    return [("user", prompt if MEDIA_TOKEN in prompt else f"{MEDIA_TOKEN}\n{prompt}")]
+  return _turns(prompt)
+
+
+class Conversation:
+  """A chat about one image with a `LlavaModel`: `ask` questions, each answered with the
+  earlier turns before it, rendered by the model's `format`.
+
+  Attributes:
+    model: the LlavaModel.
+    image: the image, as the model sees it (uint8 `"s s 3"`).
+    turns: `[(role, text)]` so far; the first question holds "<image>" in front.
+  """
+
+  def __init__(self, model: LlavaModel, image: ImageLike):
+    self.model = model
+    self.turns: list[tuple[str, str]] = []
+    self.image = model.preprocess(image)
+
+  def __repr__(self) -> str:
+    return f"Conversation({len(self.turns) // 2} answered, {self.model!r})"
+
+  def reset(self, image: ImageLike | None = None) -> None:
+    """Starts over: no turns, the same image or `image`."""
+    if image is not None:
+      self.image = self.model.preprocess(image)
+    self.turns = []
+
+  def prompt(self, text: str) -> list[int]:
+    """The token ids the model would continue to answer `text` next."""
+    return self.model.prompt(self._with(text))
+
+  def ask(self, text: str, *, stream: bool = False, max_new_tokens: int | None = None,
+          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+          seed: int = 0) -> str | Iterator[str]:
+    """The answer to `text` (a string; with `stream`, an iterator of its pieces), which
+    joins the turns after the question. Options as `LlavaModel.generate`'s."""
+    turns = self._with(text)
+    result = self.model.generate(self.image, turns, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                 stream=stream)
+    if not stream:
+      self.turns = turns + [("assistant", result)]
+      return result
+    return self._recorded(turns, result)
+
+  def _recorded(self, turns, pieces: Iterator[str]) -> Iterator[str]:
+    answer = []
+    try:
+      for piece in pieces:
+        answer.append(piece)
+        yield piece
+    finally:
+      self.turns = turns + [("assistant", "".join(answer))]
+
+  def _with(self, text: str) -> list[tuple[str, str]]:
+    text = _text(text, "question")
+    if MEDIA_TOKEN in text:
+      raise UserError(f"A question holds no {MEDIA_TOKEN}: the conversation's image goes "
+                      "before its first question by itself.")
+    return self.turns + [("user", f"{MEDIA_TOKEN}\n{text}" if not self.turns else text)]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mmjax import checkpoints, cli
+from mmjax import checkpoints, cli, peft
 from mmjax import config as config_lib
 from mmjax.models import blip2, flamingo, llava
 from mmjax.tasks import blip2 as blip2_task
@@ -63,18 +63,18 @@ def model_and_inputs(config, rng):
   lengths, rng, **settings)` on its images (None for a model that does not generate:
   BLIP-2's stage 1)."""
   if config.task == "flamingo":
-    model = flamingo_task.build_model(config)
+    model = peft.from_config(config, flamingo_task.build_model(config))
     tokens, images, num_images = example_batch(config, rng)
     return model, (tokens, images, num_images), tokens, functools.partial(
         flamingo.generate, model, images=images, num_images=num_images)
   s, m = config.summary, config.model
   if config.task in ("clip", "medclip"):
-    model = get_task(config.task).build_model(config)
+    model = peft.from_config(config, get_task(config.task).build_model(config))
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
     images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
     return model, (images, tokens), tokens, None
   if config.task == "llava":
-    model = get_task("llava").build_model(config)
+    model = peft.from_config(config, get_task("llava").build_model(config))
     cfg, side = model.config, m.vision["image_size"]
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.lm["vocab_size"])
     if cfg.anyres_grid:  # one image on the largest grid: every view and feature used
@@ -87,7 +87,7 @@ def model_and_inputs(config, rng):
     images = jax.random.normal(rng, (s.batch_size, 1, *views, side, side, 3))
     return model, (images, tokens, sizes), tokens, functools.partial(
         llava.generate, model, images=images, image_sizes=sizes)
-  model = blip2_task.build_model(config)
+  model = peft.from_config(config, blip2_task.build_model(config))
   vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
   tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)
   images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))

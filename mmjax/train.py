@@ -34,7 +34,7 @@ import tensorboardX
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import checkpoints, cli, evaluate, losses, sharding
+from mmjax import checkpoints, cli, evaluate, losses, peft, sharding
 from mmjax import config as config_lib
 from mmjax.data import conversation
 from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
@@ -173,7 +173,7 @@ def build(config, devices=None) -> Parts:
   mesh = sharding.make_mesh(config.get("mesh") or {"data": -1}, devices)
   rules = sharding.rules(config.get("sharding", "fsdp"))
   task = get_task(config.task)
-  model = task.build_model(config)
+  model = peft.from_config(config, task.build_model(config))  # config.peft: LoRA, adapters
   args, kwargs = task.init_inputs(config)
   init_variables = lambda rng: dict(model.init(rng, *args, **kwargs))
   variables = jax.eval_shape(init_variables, jax.random.key(0))

@@ -205,3 +205,66 @@ def test_paper_shapes_count_llava_15_7bs_parameters():
   # llava-hf/llava-1.5-7b-hf has 7,063,427,072, of which the vision tower's last layer
   # (12,596,224) and post_layernorm (2,048) are never run, so never created here.
   assert count == 7_063_427_072 - 12_596_224 - 2_048
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe at toy size: training, frozen parts, skipped records, evaluation.
+# ---------------------------------------------------------------------------------------
+def llava_config(variant: str = "tiny", steps: int = 4):
+  """The LLaVA recipe at toy size, from random weights: 32 px images of 16 patches, a
+  two-layer ViT and LM."""
+  from mmjax.configs import llava as recipe
+  config = recipe.get_config(variant)
+  with config.unlocked():
+    del config["init"]
+  config.model.vision.update(image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+  config.model.lm.update(width=32, depth=2, num_heads=2, max_len=128)
+  config.data.update(image_size=32, batch_size=4, seq_len=96, image_tokens=16)
+  for entry in (*config.data.datasets.values(), *config.data.eval_datasets.values()):
+    entry.source.image_size = 32
+  config.train.update(steps=steps, log_every=2, checkpoint_every=2, eval_every=2,
+                      eval_batches=1)
+  if "evaluate" in config:
+    config.evaluate.update(episodes=4, batch_size=4, max_new_tokens=3)
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  from test_train import run
+  config = llava_config()
+  workdir = tmp_path_factory.mktemp("llava")
+  return config, workdir, run(config, workdir)
+
+
+def test_a_run_trains_the_projector_and_lm_and_reports_held_out_accuracy(trained):
+  from mmjax import checkpoints
+  config, workdir, metrics = trained
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["eval_loss"])
+  report = __import__("json").loads((workdir / "eval.json").read_text())
+  scores = report["scores"]["instruct"]["0"]
+  assert 0.0 <= scores["accuracy"] <= 1.0 and "accuracy/colour" in scores or scores
+  predictions = report["predictions"]["instruct"]["0"]
+  assert predictions and {"question", "answer", "prediction", "correct"} <= set(predictions[0])
+  # The vision tower never trains: its weights are those of the initialisation.
+  from mmjax import train
+  parts = train.build(config, jax.devices()[:1])
+  fresh = train.init_state(config, parts, pretrained=False)
+  loaded = checkpoints.load(workdir)
+  trained_params = checkpoints.flat_params(loaded.params)
+  for path, value in checkpoints.flat_params(fresh["frozen"]).items():
+    assert path.startswith("vision/")
+    np.testing.assert_array_equal(trained_params[path], value)
+  changed = [p for p, v in checkpoints.flat_params(fresh["params"]).items()
+             if not np.array_equal(trained_params[p], v)]
+  assert any(p.startswith("projector/") for p in changed)
+  assert any(p.startswith("lm/") for p in changed)
+
+
+def test_data_image_tokens_must_match_the_model():
+  from mmjax import config as config_lib
+  from mmjax.cli import UserError
+  config = llava_config()
+  config.data.image_tokens = 17
+  with pytest.raises(UserError, match="image_tokens=17 differs from the 16 features"):
+    config_lib.validate(config)

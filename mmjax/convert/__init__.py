@@ -6,7 +6,9 @@ reads a Hugging Face model directory (config.json and model.safetensors, sharded
 safetensors with their index, or pytorch_model.bin; nothing is downloaded) and writes
 `output/checkpoints/0` (the parameters, as a run's checkpoint) and `output/config.json`
 (`{"task": "lm", "model": ...}`). OpenFlamingo (`--openflamingo=checkpoint.pt --vision=...
---hf_dir=<its LM>`) and IDEFICS convert to a whole Flamingo; see `__main__`.
+--hf_dir=<its LM>`) and IDEFICS convert to a whole Flamingo; LLaVA (Hugging Face's
+`model_type: llava`, or original LLaVA's directory with `--vision=<its CLIP directory>`) to
+mmjax's `Llava` (`"task": "llava"`); see `__main__`.
 
 Every conversion is strict in both directions, so that it cannot be silently wrong: each
 tensor of the source is consumed or listed as ignored on purpose (a module's
@@ -18,7 +20,7 @@ the tree the mmjax model's `init` builds (`common.check_tree`). Anything else is
 
 One module per checkpoint family: `gpt2`, `opt`, `llama` (and Mistral), `mpt` (dispatched
 by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert`, `t5` (T5,
-FLAN-T5), `blip2`, `idefics`, `openflamingo`, `resnet` (torchvision ResNets), `medclip`
+FLAN-T5), `blip2`, `idefics`, `openflamingo`, `llava`, `resnet` (torchvision ResNets), `medclip`
 (MedCLIP's ResNet checkpoint, `--medclip`; its BatchNorm statistics are saved beside the
 parameters as the checkpoint's "model_state"); shared readers and checks in `common`. Adding
 a family means a module `<family>.py` that reads its config with `common.Fields` (finishing with its
@@ -37,6 +39,7 @@ from mmjax.convert.common import (ConversionError, count, read_hf_config, read_h
                                   read_hf_weights, read_state_file, save, save_hf)
 from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
+from mmjax.convert.llava import convert_llava, llava_config
 from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
 from mmjax.convert.medclip import convert_medclip
 from mmjax.convert.open_clip import convert_open_clip, open_clip_model, open_clip_vision
@@ -47,9 +50,9 @@ from mmjax.convert.t5 import convert_t5, t5_config, t5_params
 
 __all__ = ["LM_TYPES", "ROPE_SCALINGS", "ConversionError", "bert_config", "blip2_config",
            "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision", "convert_clip",
-           "convert_idefics", "convert_lm", "convert_medclip", "convert_open_clip",
+           "convert_idefics", "convert_llava", "convert_lm", "convert_medclip", "convert_open_clip",
            "convert_openflamingo", "convert_resnet", "convert_siglip", "convert_t5", "count",
-           "export_lm", "lm_config", "lm_params", "open_clip_model", "open_clip_vision",
-           "read_hf_config", "read_hf_dir", "read_hf_weights", "read_state_file", "resnet_config",
-           "rope_settings", "save", "save_hf", "siglip_config", "t5_config", "t5_params",
-           "text_config", "vit_config", "vit_params"]
+           "export_lm", "llava_config", "lm_config", "lm_params", "open_clip_model",
+           "open_clip_vision", "read_hf_config", "read_hf_dir", "read_hf_weights",
+           "read_state_file", "resnet_config", "rope_settings", "save", "save_hf", "siglip_config",
+           "t5_config", "t5_params", "text_config", "vit_config", "vit_params"]

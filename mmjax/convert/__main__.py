@@ -1,10 +1,13 @@
 """`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
 
   python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, SigLIP, BERT, T5, BLIP-2,
-                                                      # IDEFICS
+                                                      # IDEFICS, LLaVA (Hugging Face's)
+  python -m mmjax.convert --hf_dir=LLAVA --vision=CLIP_DIR [--media_token_id=ID] \
+      --output=OUT                                    # original LLaVA (haotian-liu/LLaVA)
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
   python -m mmjax.convert --medclip=pytorch_model.bin --hf_dir=BERT --output=OUT
+  python -m mmjax.convert --hf_dir=LM --peft_adapter=ADAPTER --output=OUT  # LoRA merged
 
 The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
 """
@@ -14,15 +17,17 @@ import pathlib
 
 from absl import flags
 
-from mmjax import cli
+from mmjax import cli, peft
 from mmjax.convert import common
 from mmjax.convert.bert import convert_bert
 from mmjax.convert.blip2 import convert_blip2
 from mmjax.convert.clip import convert_clip
 from mmjax.convert.idefics import convert_idefics
+from mmjax.convert.llava import LLAVA_TYPES, convert_llava
 from mmjax.convert.lm import LM_TYPES, convert_lm
 from mmjax.convert.medclip import convert_medclip
 from mmjax.convert.openflamingo import convert_openflamingo
+from mmjax.convert.peft import load_adapter
 from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
 
@@ -30,19 +35,26 @@ flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
 flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
 flags.DEFINE_string("openflamingo", None, "OpenFlamingo's checkpoint.pt; --hf_dir is then "
                     "its language model and --vision its CLIP vision tower.")
-flags.DEFINE_string("vision", None, "OpenFlamingo: open_clip / OpenAI CLIP weights file, "
-                    "or a Hugging Face CLIP directory.")
+flags.DEFINE_string("vision", None, "The vision tower of a checkpoint that keeps it apart: "
+                    "OpenFlamingo's (open_clip / OpenAI CLIP weights file, or a Hugging Face "
+                    "CLIP directory); original LLaVA's (its mm_vision_tower's Hugging Face "
+                    "CLIP directory).")
 flags.DEFINE_string("vision_activation", "quick_gelu", "OpenFlamingo: the open_clip "
                     "tower's activation (quick_gelu: OpenAI's weights; gelu: LAION's).")
-flags.DEFINE_integer("media_token_id", None, "IDEFICS, OpenFlamingo: the <image> token id "
-                     "(OpenFlamingo: default from --hf_dir's tokenizer).")
+flags.DEFINE_integer("media_token_id", None, "IDEFICS, OpenFlamingo, original LLaVA: the "
+                     "<image> token id (OpenFlamingo: default from --hf_dir's tokenizer; "
+                     "original LLaVA: default a new id appended to the vocabulary, see "
+                     "mmjax.convert.llava).")
 flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the end-of-chunk "
                      "token id.")
 flags.DEFINE_string("medclip", None, "MedCLIP's (ResNet) pytorch_model.bin; --hf_dir is "
                     "then a directory with its text model's config.json (Bio_ClinicalBERT's).")
+flags.DEFINE_string("peft_adapter", None, "An LM: a peft LoRA adapter directory (its "
+                    "adapter_config.json and adapter_model.safetensors) for --hf_dir, merged "
+                    "into the converted weights (mmjax.convert.peft).")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
-SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics")
+SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics") + LLAVA_TYPES
 
 
 def main(argv):
@@ -55,6 +67,9 @@ def main(argv):
                         "model directory (save_pretrained's output).")
   kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
   model_state = None
+  if f.peft_adapter and (kind not in LM_TYPES or f.medclip or f.openflamingo):
+    raise cli.UserError(f"--peft_adapter applies to a Hugging Face LM ({', '.join(LM_TYPES)}) "
+                        f"converted alone; {hf_dir} is {kind!r}.")
   if f.medclip:
     if f.openflamingo:
       raise cli.UserError("Give one of --medclip and --openflamingo.")
@@ -87,8 +102,14 @@ def main(argv):
     task, (cfg, params) = "t5", convert_t5(hf_dir)
   elif kind == "blip-2":
     task, (cfg, params) = "blip2", convert_blip2(hf_dir)
+  elif kind in LLAVA_TYPES:
+    task, (cfg, params) = "llava", convert_llava(hf_dir, vision=f.vision,
+                                                 image_token_id=f.media_token_id)
   elif kind in LM_TYPES:
     task, (cfg, params) = "lm", convert_lm(hf_dir)
+    if f.peft_adapter:
+      lora, lora_params = load_adapter(f.peft_adapter, hf_dir)
+      params = peft.merge(peft.combine(params, lora_params), lora)
   else:
     raise cli.UserError(f"{hf_dir / 'config.json'} has model_type {kind!r}; supported: "
                         f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo, "

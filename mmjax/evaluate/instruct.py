@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from mmjax import peft
 from mmjax.data import conversation
 from mmjax.data.pipeline import ShapesWorldConversations
 from mmjax.data.sequences import right_pad
@@ -60,7 +61,7 @@ def evaluate(config, params, items: list[Question], *, batch_size: int | None = 
   e = config.evaluate
   tokenizer = make_tokenizer(config)
   fmt = conversation.format_of(config)
-  model = llava_task.build_model(config)
+  model = peft.from_config(config, llava_task.build_model(config))
   batch_size = batch_size or e.get("batch_size", 32)
   prompts = [fmt.prompt(q.turns, tokenizer) for q in items]
   length = max(len(p) for p in prompts)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import peft
 from mmjax.data.pipeline import ShapesWorldClasses, base_new_split, few_shot_indices
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import zeroshot
@@ -96,6 +97,6 @@ def evaluate_run(config, params) -> dict[str, float]:
   """The base-to-new scores of a prompt-learning (`task: "coop"`) run's `params` with the
   settings of its `config.evaluate` (`episodes`: held-out images per half; `seed`)."""
   e = config.evaluate
-  return base_to_new(coop.build_model(config), params, make_tokenizer(config),
+  return base_to_new(peft.from_config(config, coop.build_model(config)), params, make_tokenizer(config),
                      config.data.seq_len, size=e.episodes, image_size=config.data.image_size,
                      seed=e.seed)

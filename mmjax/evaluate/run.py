@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mmjax import cli, decoding
+from mmjax import cli, decoding, peft
 from mmjax.data import shapes_world as sw
 from mmjax.data.sources import resize_center_crop
 from mmjax.data.tokenizer import make_tokenizer
@@ -147,7 +147,7 @@ def _model_fns(config, params):
   ranking, or a text-only LM's next tokens (images ignored)."""
   tokenizer = make_tokenizer(config)
   if config.task == "lm":
-    model = lm_task.build_model(config)
+    model = peft.from_config(config, lm_task.build_model(config))
 
     @jax.jit
     def next_token(tokens, lengths):
@@ -164,9 +164,9 @@ def _model_fns(config, params):
   beams = (decoding.BeamConfig(e.num_beams, e.get("length_penalty", 0.0))
            if e.get("num_beams", 1) > 1 else None)
   if config.task == "blip2":
-    return (scoring.make_answer_fn(blip2_task.build_model(config), tokenizer,
-                                   e.max_new_tokens, beams), None, tokenizer)
-  model = flamingo_task.build_model(config)
+    model = peft.from_config(config, blip2_task.build_model(config))
+    return scoring.make_answer_fn(model, tokenizer, e.max_new_tokens, beams), None, tokenizer
+  model = peft.from_config(config, flamingo_task.build_model(config))
   answer = scoring.make_answer_fn(model, tokenizer, e.max_new_tokens, beams)
   return answer, scoring.make_rank_fn(model, tokenizer), tokenizer
 
