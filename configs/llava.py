@@ -15,6 +15,9 @@ Variants (`--config=configs/llava.py:<variant>`):
   lora           stage 2 with LoRA on every linear map of the LM (rank 8, alpha 16) and
                  the projector trained in full; the LM's own weights stay frozen.
   stage1         stage 1.
+  llava-1.6-7b   LLaVA-1.6 (LLaVA-NeXT) Vicuna-7B: llava-1.5-7b's shapes with anyres
+                 images (a 336px base view and up to 4 tiles of LLaVA-1.6's grid, at most
+                 2928 image tokens an image); for `mmjax.summary` and FLOP counts.
   llava-1.5-7b, llava-1.5-13b
                  the paper's shapes (Liu et al. 2024): CLIP ViT-L/14 at 336px read at its
                  penultimate layer (576 patches), mlp2x_gelu, Vicuna-7B or 13B; for
@@ -49,7 +52,10 @@ VARIANTS = {
                           image_token_id=32000, pad_token_id=32001),
 }
 VARIANTS["stage1"] = VARIANTS["lora"] = VARIANTS["tiny"]
-PAPER_VARIANTS = ("llava-1.5-7b", "llava-1.5-13b")
+# LLaVA-1.6's anyres grid (its `image_grid_pinpoints`, (width, height)).
+LLAVA_16_GRID = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+VARIANTS["llava-1.6-7b"] = dict(VARIANTS["llava-1.5-7b"], anyres_grid=LLAVA_16_GRID)
+PAPER_VARIANTS = ("llava-1.5-7b", "llava-1.5-13b", "llava-1.6-7b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -126,4 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokens = dict(pad=flamingo.PAD, eos=flamingo.EOS, bos=flamingo.BOS)
   config.summary = dict(batch_size=2, num_images=1, seq_len=config.data.seq_len,
                         max_new_tokens=16)
+  if "anyres_grid" in model:  # <image> expands to each image's own count of tokens
+    config.data.grid_pinpoints = model["anyres_grid"]
+    config.data.seq_len = config.summary.seq_len = 4096  # LLaVA-1.6's context
+    config.trainable = r"^(projector|lm)/|^image_newline$"  # stage 2 trains the newline too
   return config

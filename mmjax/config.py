@@ -221,6 +221,9 @@ SCHEMA = Section({
         "template": Field(STR, choices=conversation.TEMPLATES, optional=True),
         "system": Field((str, type(None)), optional=True),
         "image_tokens": Field(INT, min=0, optional=True),
+        # LLaVA-1.6 anyres: the tile grid's resolutions, (width, height) pairs; each
+        # <image> then expands to its own image's count (mmjax.data.anyres).
+        "grid_pinpoints": Field(SEQUENCE, optional=True),
         "datasets": Named(DATASET),
         "eval_datasets": Named(DATASET, optional=True),
     }),

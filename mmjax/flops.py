@@ -246,6 +246,7 @@ def components(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
     # trained (an over-count: the frozen kernels' own gradients are not formed).
     cfg = model_config(LlavaConfig, config)
     images = batch * max(config.data.get("max_images", 1), 1)
+    images *= cfg.anyres_views if cfg.anyres_grid else 1  # anyres: every view, tiles too
     widths = [cfg.vision.width] + [cfg.lm.width] * projector_depth(cfg.projector)
     projector = [(f"linear_{i}", 2 * cfg.image_tokens * widths[i] * widths[i + 1])
                  for i in range(len(widths) - 1)]

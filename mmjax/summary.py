@@ -75,11 +75,18 @@ def model_and_inputs(config, rng):
     return model, (images, tokens), tokens, None
   if config.task == "llava":
     model = peft.from_config(config, get_task("llava").build_model(config))
+    cfg, side = model.config, m.vision["image_size"]
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.lm["vocab_size"])
-    tokens = tokens.at[:, 1:1 + model.config.image_tokens].set(m.image_token_id)
-    images = jax.random.normal(rng, (s.batch_size, 1, *[m.vision["image_size"]] * 2, 3))
-    return model, (images, tokens), tokens, functools.partial(llava.generate, model,
-                                                              images=images)
+    if cfg.anyres_grid:  # one image on the largest grid: every view and feature used
+      largest = max(cfg.anyres_grid, key=lambda size: size[0] * size[1])
+      views, sizes = (cfg.anyres_views,), jnp.tile(jnp.asarray(largest), (s.batch_size, 1, 1))
+      count = int(cfg.anyres_lengths(np.asarray(sizes[:1, 0]))[0])
+    else:
+      views, sizes, count = (), None, cfg.image_tokens
+    tokens = tokens.at[:, 1:1 + count].set(m.image_token_id)
+    images = jax.random.normal(rng, (s.batch_size, 1, *views, side, side, 3))
+    return model, (images, tokens, sizes), tokens, functools.partial(
+        llava.generate, model, images=images, image_sizes=sizes)
   model = peft.from_config(config, blip2_task.build_model(config))
   vocab = (m.get("lm") or m.get("t5") or m.qformer)["vocab_size"]
   tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, vocab)

@@ -25,17 +25,24 @@ either side tokenised separately, as LLaVA's `tokenizer_image_token` does); sequ
 truncated after that expansion, as in LLaVA. A sample left without a trained token is
 skipped and counted by reason with its id (`no_trained_token`, `answer_truncated_away`);
 one whose last answer was cut is kept and counted (`answer_truncated`).
+
+LLaVA-1.6's anyres images (`mmjax.data.anyres`) take a number of image tokens that depends
+on each image's size: `Format.image_tokens` is then an `anyres.AnyresTokens`, documents
+carry `image_sizes "n 2"` (original width, height) with `images "n v s s 3"` (each
+image's views), and the built example adds `image_sizes "m 2"` (0 0 where none).
 """
 
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from mmjax.data import anyres
 from mmjax.data.sequences import CorruptRecord, right_pad
 from mmjax.data.shapes_world import MEDIA_TOKEN
 
@@ -189,9 +196,10 @@ def _chat_template_segments(source: str | None, turns, system, special, generati
   return [s for s in out if s.text]
 
 
-def encode_segment(segment: Segment, tokenizer, image_tokens: int) -> list[int]:
+def encode_segment(segment: Segment, tokenizer, image_tokens) -> list[int]:
   """One segment's ids: `BOS`/`EOS` as the special ids; text split at each `<image>`,
-  each piece tokenised on its own and `image_tokens` image-token ids between them."""
+  each piece tokenised on its own and `image_tokens` image-token ids between them (an
+  int, or an iterator giving each image's count in turn)."""
   if segment.text == BOS:
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
   if segment.text == EOS:
@@ -199,16 +207,20 @@ def encode_segment(segment: Segment, tokenizer, image_tokens: int) -> list[int]:
   ids: list[int] = []
   for i, piece in enumerate(segment.text.split(MEDIA_TOKEN)):
     if i:
-      ids += [tokenizer.media_id] * image_tokens
+      ids += [tokenizer.media_id] * (image_tokens if isinstance(image_tokens, int)
+                                     else next(image_tokens))
     if piece:
       ids += tokenizer.encode(piece)
   return ids
 
 
-def encode(parts: Sequence[Segment], tokenizer, image_tokens: int
+def encode(parts: Sequence[Segment], tokenizer, image_tokens: int | Sequence[int]
            ) -> tuple[np.ndarray, np.ndarray]:
-  """`(ids "n", trained "n" bool)` of the segments, concatenated."""
+  """`(ids "n", trained "n" bool)` of the segments, concatenated; `image_tokens` per
+  `<image>`, or each image's in order."""
   ids, trained = [], []
+  if not isinstance(image_tokens, int):
+    image_tokens = iter(image_tokens)
   for segment in parts:
     piece = encode_segment(segment, tokenizer, image_tokens)
     ids += piece
@@ -219,11 +231,13 @@ def encode(parts: Sequence[Segment], tokenizer, image_tokens: int
 @dataclasses.dataclass(frozen=True)
 class Format:
   """How conversations become token ids: the template, its system prompt (None: the
-  template's own), the image tokens per `<image>`, and the chat template's source."""
+  template's own), the image tokens per `<image>` (or, under anyres, an
+  `anyres.AnyresTokens` counting each image's from its size), and the chat template's
+  source."""
 
   template: str = "vicuna_v1"
   system: str | None = None
-  image_tokens: int = 0
+  image_tokens: int | anyres.AnyresTokens = 0
   chat_template: str | None = None
 
   def __post_init__(self):
@@ -239,10 +253,22 @@ class Format:
     return segments(self.template, image_first(turns), system=self.system,
                     chat_template=self.chat_template, special=special, generation=generation)
 
-  def prompt(self, turns: Sequence[tuple[str, str]], tokenizer) -> list[int]:
-    """The ids a model continues to answer the last user turn of `turns`."""
+  def counts(self, image_sizes=None) -> int | list[int]:
+    """The image tokens of each `<image>`: `image_tokens`, or under anyres each image's of
+    `image_sizes "n 2"` (original width, height)."""
+    if isinstance(self.image_tokens, int):
+      return self.image_tokens
+    if image_sizes is None:
+      raise ValueError("Anyres conversations need each image's original size "
+                       "(image_sizes) to count its image tokens.")
+    return [self.image_tokens(tuple(int(v) for v in size)) for size in image_sizes]
+
+  def prompt(self, turns: Sequence[tuple[str, str]], tokenizer, image_sizes=None
+             ) -> list[int]:
+    """The ids a model continues to answer the last user turn of `turns` (`image_sizes`:
+    under anyres, the original sizes of its images, in order)."""
     ids, _ = encode(self.segments(turns, tokenizer, generation=True), tokenizer,
-                    self.image_tokens)
+                    self.counts(image_sizes))
     return ids.tolist()
 
 
@@ -264,7 +290,11 @@ def format_of(config) -> Format:
   `image_tokens`, and the chat template of `config.tokenizer` (a Hugging Face directory)."""
   d = config.data
   tokenizer = config.get("tokenizer")
-  return Format(d.get("template", "vicuna_v1"), d.get("system"), d.get("image_tokens", 0),
+  image_tokens = d.get("image_tokens", 0)
+  if d.get("grid_pinpoints"):  # anyres: `image_tokens` are the base view's, s * s
+    image_tokens = anyres.AnyresTokens(d.grid_pinpoints, d.image_size,
+                                       math.isqrt(image_tokens))
+  return Format(d.get("template", "vicuna_v1"), d.get("system"), image_tokens,
                 chat_template_of(tokenizer) if tokenizer else None)
 
 
@@ -276,7 +306,9 @@ def build_conversation(document: dict[str, Any], tokenizer, fmt: Format, seq_len
   Returns:
     ({"tokens": int32 "t", "targets": int32 "t", "loss_mask": float32 "t", "images":
       uint8 "m h w c", "num_images": int32}, stats), `t = seq_len`, `m = max_images`
-    (zero images where the record has fewer; a text-only record has none).
+    (zero images where the record has fewer; a text-only record has none). Under anyres
+    (`fmt.image_tokens` an `AnyresTokens`): images `"m v h w c"` and `image_sizes`
+    int32 `"m 2"` from the document's.
   Raises:
     CorruptRecord: a malformed conversation, images that do not match its `<image>`s, or
       no trained token (before or after truncation); the message names the record's id.
@@ -287,10 +319,17 @@ def build_conversation(document: dict[str, Any], tokenizer, fmt: Format, seq_len
     raise CorruptRecord("bad_conversation", f"{where}no `conversations` list")
   turns = turns_of(conversations, where)
   images = document.get("images")
+  tiled = not isinstance(fmt.image_tokens, int)
+  if tiled:
+    image_shape = (fmt.image_tokens.views, *image_shape)
   images = np.zeros((0, *image_shape), np.uint8) if images is None else np.asarray(images)
-  if images.ndim != 4 or images.shape[1:] != image_shape or images.dtype != np.uint8:
+  if images.shape[1:] != image_shape or images.dtype != np.uint8:
     raise CorruptRecord("bad_image", f"{where}images must be uint8 'n "
                         f"{' '.join(map(str, image_shape))}', got {images.dtype} {images.shape}")
+  sizes = np.asarray(document.get("image_sizes", np.zeros((0, 2))), np.int32).reshape(-1, 2)
+  if tiled and len(sizes) != len(images):
+    raise CorruptRecord("bad_image", f"{where}{len(sizes)} image_sizes for {len(images)} "
+                        "anyres images; the source must give each image's original size")
   placeholders = sum(text.count(MEDIA_TOKEN) for _, text in turns)
   if placeholders != len(images):
     raise CorruptRecord("image_token_mismatch", f"{where}{placeholders} <image> placeholders "
@@ -302,7 +341,7 @@ def build_conversation(document: dict[str, Any], tokenizer, fmt: Format, seq_len
     parts = fmt.segments(turns, tokenizer)
   except CorruptRecord as error:
     raise CorruptRecord(error.reason, where + str(error).split(": ", 1)[1]) from None
-  ids, trained = encode(parts, tokenizer, fmt.image_tokens)
+  ids, trained = encode(parts, tokenizer, fmt.counts(sizes))
   if not trained.any():
     raise CorruptRecord("no_trained_token", f"{where}no answer token to train on")
   stats = {}
@@ -319,5 +358,9 @@ def build_conversation(document: dict[str, Any], tokenizer, fmt: Format, seq_len
   mask[:len(trained)] = trained
   out_images = np.zeros((max_images, *image_shape), np.uint8)
   out_images[:len(images)] = images
-  return {"tokens": padded[:-1], "targets": padded[1:], "loss_mask": mask[1:],
-          "images": out_images, "num_images": np.int32(len(images))}, stats
+  example = {"tokens": padded[:-1], "targets": padded[1:], "loss_mask": mask[1:],
+             "images": out_images, "num_images": np.int32(len(images))}
+  if tiled:
+    example["image_sizes"] = np.zeros((max_images, 2), np.int32)
+    example["image_sizes"][:len(sizes)] = sizes
+  return example, stats

@@ -41,7 +41,8 @@ LLaVA's instruction data (`LlavaJson`): the JSON list or JSONL of `{"id", "image
 same records converted to ArrayRecord (`ArrayRecordConversations`). Images are brought to
 `image_size` as LLaVA does: "crop" as above (LLaVA's default, stage 1) or "pad" (LLaVA-1.5's
 `expand2square`: padded to a centred square of `pad_colour`, the processor's mean colour,
-then resized).
+then resized) or "anyres" (LLaVA-1.6: each image as its base view and tiles,
+`mmjax.data.anyres.views`, `"n v s s 3"`, with its original size in `image_sizes "n 2"`).
 """
 
 import base64
@@ -61,6 +62,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from etils import epath
 from PIL import Image, ImageOps
 
+from mmjax.data import anyres
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.shapes_world import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 
@@ -224,7 +226,7 @@ def mean_colour(image_mean: Sequence[float]) -> tuple[int, ...]:
 
 
 CLIP_PAD_COLOUR = mean_colour(CLIP_MEAN)  # (122, 116, 104)
-ASPECT_RATIOS = ("crop", "pad")
+ASPECT_RATIOS = ("crop", "pad", "anyres")
 
 
 def expand_to_square(image: Image.Image, colour: Sequence[int]) -> Image.Image:
@@ -252,6 +254,18 @@ def decode_image(data: bytes, size: int, pad_colour: Sequence[int] | None = None
     if pad_colour is not None:
       image = expand_to_square(image, pad_colour)
     return resize_center_crop(image, size)
+  except UnsupportedImage as error:
+    raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
+  except Exception as error:
+    raise CorruptRecord("bad_image", f"cannot decode a {len(data)}-byte image "
+                        f"({type(error).__name__}: {error})") from error
+
+
+def decode_full(data: bytes) -> np.ndarray:
+  """Encoded image -> uint8 `"h w 3"` at full size (anyres tiles it), with
+  `decode_image`'s `CorruptRecord`s."""
+  try:
+    return np.asarray(load_image(data), np.uint8)
   except UnsupportedImage as error:
     raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
   except Exception as error:
@@ -791,10 +805,28 @@ def _pad_colour_for(image_aspect_ratio: str, pad_colour: Sequence[int]
   return colour if image_aspect_ratio == "pad" else None
 
 
+def _grid_for(image_aspect_ratio: str, grid_pinpoints, image_size: int
+              ) -> tuple[tuple[int, int], ...] | None:
+  """The anyres grid (None unless `image_aspect_ratio` is "anyres"), checked."""
+  if image_aspect_ratio != "anyres":
+    return None
+  grid = tuple(tuple(int(v) for v in p) for p in grid_pinpoints or ())
+  if not grid or any(len(p) != 2 or min(p) <= 0 or p[0] % image_size or p[1] % image_size
+                     for p in grid):
+    raise ValueError(f"image_aspect_ratio='anyres' needs grid_pinpoints, (width, height) "
+                     f"multiples of image_size={image_size}; got {grid_pinpoints!r} (LLaVA-1.6: "
+                     "[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]).")
+  return grid
+
+
 def conversation_document(record: Any, images: Sequence[bytes], image_size: int,
-                          pad_colour: Sequence[int] | None, where: str) -> dict[str, Any]:
+                          pad_colour: Sequence[int] | None, where: str,
+                          grid_pinpoints: Sequence[tuple[int, int]] | None = None
+                          ) -> dict[str, Any]:
   """A LLaVA record (`{"id", "conversations", ...}`) and its encoded images -> a
-  conversation document `{"id", "images": uint8 "n s s 3", "conversations"}`.
+  conversation document `{"id", "images": uint8 "n s s 3", "conversations"}`; with
+  `grid_pinpoints` (anyres), images `"n v s s 3"` (`anyres.views`) and `image_sizes`
+  int32 `"n 2"` (original width, height).
 
   Raises `CorruptRecord` naming the record's id and `where` it is: "bad_record" (not an
   object), "bad_conversation" (no non-empty `conversations` list), or an image's reason.
@@ -807,15 +839,26 @@ def conversation_document(record: Any, images: Sequence[bytes], image_size: int,
   if not isinstance(conversations, list) or not conversations:
     raise CorruptRecord("bad_conversation", f"record {name!r} ({where}): no `conversations` "
                         f"list (got {conversations!r:.60})")
-  decoded = []
+  decoded, sizes = [], []
   for i, data in enumerate(images):
     try:
-      decoded.append(decode_image(data, image_size, pad_colour))
+      if grid_pinpoints:
+        image = decode_full(data)
+        decoded.append(anyres.views(image, grid_pinpoints, image_size))
+        sizes.append((image.shape[1], image.shape[0]))
+      else:
+        decoded.append(decode_image(data, image_size, pad_colour))
     except CorruptRecord as error:
       detail = str(error).removeprefix(f"{error.reason}: ")
       raise CorruptRecord(error.reason, f"record {name!r} ({where}), image {i}: {detail}") \
           from error
-  return {"id": name, "images": _stack(decoded, image_size), "conversations": conversations}
+  if not grid_pinpoints:
+    return {"id": name, "images": _stack(decoded, image_size), "conversations": conversations}
+  views = anyres.max_tiles(grid_pinpoints, image_size) + 1
+  return {"id": name, "conversations": conversations,
+          "images": np.stack(decoded) if decoded else np.zeros(
+              (0, views, image_size, image_size, 3), np.uint8),
+          "image_sizes": np.asarray(sizes, np.int32).reshape(-1, 2)}
 
 
 def image_names(record: dict[str, Any]) -> list[Any]:
@@ -872,7 +915,8 @@ class LlavaJson:
   or JSONL of `{"id", "image": path relative to image_folder (absent: text-only),
   "conversations": [{"from": "human" | "gpt", "value"}, ...]}` records.
 
-  Documents: `{"id", "images": uint8 "n s s 3" (n: 0 or the record's images), "conversations"}`.
+  Documents: `{"id", "images": uint8 "n s s 3" (n: 0 or the record's images), "conversations"}`
+  (anyres: images `"n v s s 3"` and `image_sizes "n 2"`).
   The file is indexed once, when the source is made (a JSON list is read whole, see
   `read_json_records`); images are read and decoded when a record is. A missing image
   file, an undecodable image, a record without conversations or a JSONL line that is not
@@ -885,10 +929,12 @@ class LlavaJson:
     image_size: images come out `"image_size image_size 3"`.
     image_folder: where image paths start; default: the file's folder.
     image_aspect_ratio: "crop" (shorter side resized, centre kept: LLaVA's default, used
-      in stage 1) or "pad" (LLaVA-1.5's instruction tuning: padded to a square of
-      `pad_colour` first, so nothing is cut off).
+      in stage 1), "pad" (LLaVA-1.5's instruction tuning: padded to a square of
+      `pad_colour` first, so nothing is cut off) or "anyres" (LLaVA-1.6: base view and
+      tiles of `grid_pinpoints`).
     pad_colour: the padding's 8-bit RGB colour: the vision encoder's mean colour
       (`mean_colour(image_mean)`), CLIP's by default.
+    grid_pinpoints: anyres only: the grid's resolutions `((width, height), ...)`.
   """
 
   path: str
@@ -896,6 +942,7 @@ class LlavaJson:
   image_folder: str = ""
   image_aspect_ratio: str = "crop"
   pad_colour: tuple[int, ...] = CLIP_PAD_COLOUR
+  grid_pinpoints: tuple[tuple[int, int], ...] | None = None
   _blob: bytes = dataclasses.field(init=False, repr=False, compare=False)
   _offsets: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
   _positions: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
@@ -908,6 +955,8 @@ class LlavaJson:
     object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
     object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
                                                      self.pad_colour))
+    object.__setattr__(self, "grid_pinpoints", _grid_for(
+        self.image_aspect_ratio, self.grid_pinpoints, self.image_size))
     if not epath.Path(self.path).exists():
       raise FileNotFoundError(f"LLaVA data file {self.path!r} does not exist.")
     blob, offsets, positions, unit = read_json_records(self.path)
@@ -948,7 +997,8 @@ class LlavaJson:
           raise CorruptRecord("missing_image", f"record {name!r} ({where}): cannot read "
                               f"{file} ({type(error).__name__}); check image_folder") \
               from error
-    return conversation_document(record, images, self.image_size, self._pad, where)
+    return conversation_document(record, images, self.image_size, self._pad, where,
+                                 self.grid_pinpoints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -959,13 +1009,14 @@ class ArrayRecordConversations:
 
   Attributes:
     paths: a glob, a file, or a list of them.
-    image_size, image_aspect_ratio, pad_colour: as `LlavaJson`'s.
+    image_size, image_aspect_ratio, pad_colour, grid_pinpoints: as `LlavaJson`'s.
   """
 
   paths: str | tuple[str, ...]
   image_size: int
   image_aspect_ratio: str = "crop"
   pad_colour: tuple[int, ...] = CLIP_PAD_COLOUR
+  grid_pinpoints: tuple[tuple[int, int], ...] | None = None
   _records: ArrayRecordDataSource = dataclasses.field(init=False, repr=False, compare=False)
   _pad: tuple[int, ...] | None = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -977,6 +1028,8 @@ class ArrayRecordConversations:
     object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
     object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
                                                      self.pad_colour))
+    object.__setattr__(self, "grid_pinpoints", _grid_for(
+        self.image_aspect_ratio, self.grid_pinpoints, self.image_size))
     object.__setattr__(self, "_records", ArrayRecordDataSource(resolve_shards(self.paths)))
 
   def __len__(self) -> int:
@@ -997,7 +1050,8 @@ class ArrayRecordConversations:
     except json.JSONDecodeError as error:
       raise CorruptRecord("bad_record", f"{where}: the conversation is not JSON ({error})") \
           from error
-    return conversation_document(record, content[1:], self.image_size, self._pad, where)
+    return conversation_document(record, content[1:], self.image_size, self._pad, where,
+                                 self.grid_pinpoints)
 
 
 # ---------------------------------------------------------------------- labelled (CheXpert)
