@@ -792,6 +792,18 @@ def _document(content: Sequence[str | bytes], image_size: int,
 
 # ---------------------------------------------------------------------- LLaVA conversations
 
+def _check_image_options(source) -> None:
+  """A conversation source's image settings checked and normalised in place (frozen
+  dataclasses: `object.__setattr__`)."""
+  if source.image_size <= 0:
+    raise ValueError(f"image_size must be positive, got {source.image_size}.")
+  object.__setattr__(source, "pad_colour", tuple(source.pad_colour))
+  object.__setattr__(source, "_pad", _pad_colour_for(source.image_aspect_ratio,
+                                                       source.pad_colour))
+  object.__setattr__(source, "grid_pinpoints", _grid_for(
+      source.image_aspect_ratio, source.grid_pinpoints, source.image_size))
+
+
 def _pad_colour_for(image_aspect_ratio: str, pad_colour: Sequence[int]
                     ) -> tuple[int, ...] | None:
   """The colour `decode_image` pads with for `image_aspect_ratio` (None: no padding)."""
@@ -950,13 +962,7 @@ class LlavaJson:
   _pad: tuple[int, ...] | None = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    if self.image_size <= 0:
-      raise ValueError(f"image_size must be positive, got {self.image_size}.")
-    object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
-    object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
-                                                     self.pad_colour))
-    object.__setattr__(self, "grid_pinpoints", _grid_for(
-        self.image_aspect_ratio, self.grid_pinpoints, self.image_size))
+    _check_image_options(self)
     if not epath.Path(self.path).exists():
       raise FileNotFoundError(f"LLaVA data file {self.path!r} does not exist.")
     blob, offsets, positions, unit = read_json_records(self.path)
@@ -1023,13 +1029,7 @@ class ArrayRecordConversations:
   def __post_init__(self):
     if not isinstance(self.paths, str):
       object.__setattr__(self, "paths", tuple(self.paths))
-    if self.image_size <= 0:
-      raise ValueError(f"image_size must be positive, got {self.image_size}.")
-    object.__setattr__(self, "pad_colour", tuple(self.pad_colour))
-    object.__setattr__(self, "_pad", _pad_colour_for(self.image_aspect_ratio,
-                                                     self.pad_colour))
-    object.__setattr__(self, "grid_pinpoints", _grid_for(
-        self.image_aspect_ratio, self.grid_pinpoints, self.image_size))
+    _check_image_options(self)
     object.__setattr__(self, "_records", ArrayRecordDataSource(resolve_shards(self.paths)))
 
   def __len__(self) -> int:
