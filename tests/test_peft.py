@@ -377,3 +377,42 @@ def test_adapters_mmjax_cannot_compute_or_write_are_refused_by_name(tmp_path):
   with pytest.raises(ConversionError, match="transformer.h.1.attn.c_attn.*LoRA A's differ"):
     convert_peft.save_adapter(tmp_path / "saved", checkpoints.tree_params(flat), lora,
                               tmp_path / "base")
+
+
+@pytest.mark.parametrize("family", ["flamingo", "clip"])
+def test_lora_wraps_flamingos_lm_and_clips_towers(family):
+  """The same patterns on other families: LoRA leaves where they match, a fresh LoRA
+  leaves the outputs alone, and a nonzero B changes them."""
+  from conftest import flamingo_config
+
+  from mmjax.models.flamingo import Flamingo
+  from mmjax.models.two_towers import TwoTowers, TwoTowersConfig
+  from mmjax.models.vit import ViTConfig
+  if family == "flamingo":
+    model, targets = Flamingo(flamingo_config()), r"lm/layers_\d+/attn/(query|value)"
+    tokens = jnp.array([[1, 5, 6, 2, 0]])  # <image> text <|endofchunk|> pad
+    args = (tokens, jnp.zeros((1, 1, 1, 16, 16, 3)), jnp.ones((1,), jnp.int32))
+  else:
+    model = TwoTowers(TwoTowersConfig(
+        vision=ViTConfig(image_size=16, patch_size=8, width=32, depth=2, num_heads=4,
+                         output_dim=16),
+        text=LMConfig(vocab_size=64, width=32, depth=1, num_heads=4, max_len=8),
+        embed_dim=16))
+    targets = ("query", "value")
+    args = (jnp.zeros((1, 16, 16, 3), jnp.uint8), jnp.ones((1, 8), jnp.int32))
+  wrapped = peft.wrap(model, lora=peft.LoraConfig(rank=2, targets=targets))
+  params = _random(wrapped, *args)
+  lora, base = peft.split(params)
+  paths = [p for p in checkpoints.flat_params(lora) if p.endswith("lora_a")]
+  if family == "flamingo":
+    assert sorted(paths) == [f"lm/layers_{i}/attn/{m}/lora_a" for i in range(4)
+                             for m in ("query", "value")]
+  else:  # both towers
+    assert {p.split("/")[0] for p in paths} == {"image", "text"}
+  zero_b = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(path) else x,
+      params)
+  first = lambda out: jax.tree_util.tree_leaves(out)[0]
+  np.testing.assert_allclose(first(_run(wrapped, zero_b, *args)),
+                             first(_run(model, base, *args)), atol=1e-5)
+  assert not np.allclose(first(_run(wrapped, params, *args)), first(_run(model, base, *args)))
