@@ -36,11 +36,10 @@ weight decay. Both first losses and both trainable counts are recorded (they mus
 All six are timed alternately (`side_by_side.alternate`), on every core. Memory: the mmjax
 step's compiled `memory_analysis`, and for both systems the peak resident memory of a
 fresh process (`--rss_child`) that builds that one system and variant (the mmjax step
-compiled), runs one step (which allocates torch's AdamW moments), then steps alone: the
-peak over those (VmHWM, reset before them through /proc/self/clear_refs; `ru_maxrss`
-where that is not possible) less the resident memory before them, i.e. what a step needs
-beyond the train state both keep; the resident memory after the build and after the
-first step are recorded too. One JSON line per
+compiled, its AdamW state made), runs one step (which makes torch's AdamW moments), then
+steps alone: their peak (VmHWM, reset before them through /proc/self/clear_refs;
+`ru_maxrss` where that is not possible) less the resident memory after the build (the
+table's column), and the resident memory after the first step. One JSON line per
 system, variant and size to benchmarks/results/llava.jsonl.
 """
 
@@ -285,8 +284,10 @@ def _peak_bytes(reset: bool = False) -> int:
 def rss_child(spec: str, steps: int) -> dict:
   """`--rss_child`: builds one system and variant, runs one step (the optimizer's state,
   first allocations), then `steps` steps alone: the resident memory after the build and
-  after that step, and the peak over the later steps less the latter (what a step needs
-  beyond the train state it keeps)."""
+  after that step, and the peak over the later steps. The peak less the built memory is
+  what training adds to the built model; the peak less the memory after the first step
+  what a step adds to what the first left resident (XLA keeps its step's temporaries
+  resident, so this is small for mmjax)."""
   import gc
 
   import torch
@@ -370,11 +371,15 @@ def step_table(lines: list[dict]) -> str:
   """A markdown table of `train_steps`' lines."""
   t = lambda s: f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
   ms = lambda x: f"{t(x['step_s'])} ({t(x['step_min_s'])}–{t(x['step_max_s'])})"
-  mib = lambda x, key: f"{x[key] / 2**20:.0f} MiB" if key in x else "–"
+  def mib(x, system):  # the peak over the steps less the resident memory after the build
+    if f"rss_peak_bytes_{system}" not in x:
+      return "–"
+    return f"{(x[f'rss_peak_bytes_{system}'] - x[f'rss_built_bytes_{system}']) / 2**20:.0f} MiB"
+
   by = {(x["size"], x["variant"], x["system"]): x for x in lines}
   out = [("| size | variant | trainable (mmjax / torch) | first loss (mmjax / torch) | "
           "mmjax step | torch step | torch / mmjax | mmjax compiled temp + arguments | "
-          "peak RSS over steps: mmjax / torch |"), "| --- " * 9 + "|"]
+          "peak RSS less built: mmjax / torch |"), "| --- " * 9 + "|"]
   for size, variant, _ in by:
     if _ != "mmjax":
       continue
@@ -384,7 +389,7 @@ def step_table(lines: list[dict]) -> str:
         f"{ours['loss_mmjax']:.5f} / {ours['loss_torch']:.5f} | {ms(ours)} | {ms(theirs)} | "
         f"{ours['speedup_vs_torch']:.2f} | "
         f"{(ours['temp_bytes'] + ours['argument_bytes']) / 2**20:.0f} MiB | "
-        f"{mib(ours, 'rss_step_bytes_mmjax')} / {mib(ours, 'rss_step_bytes_torch')} |")
+        f"{mib(ours, 'mmjax')} / {mib(ours, 'torch')} |")
   return "\n".join(out)
 
 
