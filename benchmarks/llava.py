@@ -4,7 +4,7 @@ train step of both beside transformers + peft on the same weights and batch (`--
 
   python -m benchmarks.llava --out=/tmp/llava/runs            # the accuracy table
   python -m benchmarks.llava --seeds=0,1,2 --variants=tiny,lora
-  python -m benchmarks.llava --step [--rounds=3 --runs=2]
+  python -m benchmarks.llava --step [--sizes=small --step_variants=full,lora8,lora64]
 
 The claim: each (variant, seed) trains `configs/llava.py:<variant>` with `seed` set (the
 initial projector and LoRA weights and the data order; the backbones and stage 1 are
