@@ -166,3 +166,21 @@ def test_medclip_torch_step_computes_mmjax_loss():
   assert np.isfinite(step.loss)
   assert not torch.equal(before, step.model.text_model.projection_head.weight)
   assert sum(p.numel() for p in step.model.parameters()) > 200_000  # the recipe's towers
+
+
+def test_llava_step_compares_like_with_like(tmp_path):
+  """The LLaVA step benchmark compares like with like: on the same converted weights and
+  batch, mmjax with LoRA (config.peft) and transformers + peft start from the same loss and
+  train the same number of parameters, and the step path records both systems."""
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  pytest.importorskip("peft", reason="peft is in the dev extra")
+  from benchmarks import llava
+  lines = llava.train_steps(["tiny"], ["lora8"], rounds=1, runs=1, rss_steps=0,
+                            out=str(tmp_path / "llava.jsonl"))
+  assert [x["system"] for x in lines] == ["mmjax", "torch"]
+  ours = lines[0]
+  assert ours["loss_mmjax"] == pytest.approx(ours["loss_torch"], abs=1e-4)
+  assert ours["trainable_mmjax"] == ours["trainable_torch"] > 0
+  assert ours["temp_bytes"] > 0 and ours["speedup_vs_torch"] > 0
+  assert "| tiny | lora8 |" in llava.step_table(lines)
