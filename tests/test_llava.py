@@ -168,14 +168,18 @@ def test_features_are_the_chosen_vit_layer_before_any_norm_through_the_projector
   model = Llava(cfg)
   images = jax.random.randint(jax.random.key(1), (2, 1, 16, 16, 3), 0, 255).astype(jnp.uint8)
   tokens = jnp.full((2, 8), 7)
-  params = nn.unbox(model.init(jax.random.key(0), images, tokens)["params"])
-  features = model.apply({"params": params}, images, method=Llava.image_features)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"])
+  rng = np.random.default_rng(0)  # random values of init's shapes, without compiling it
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), params)
+  features = jax.jit(lambda p: model.apply({"params": p}, images,
+                                           method=Llava.image_features))(params)
   assert features.shape == (2, cfg.image_tokens, 48)
   assert cfg.image_tokens == 4 + (select == "full")
   vit_cfg = ViTConfig(**{**cfg.vision.__dict__, "keep_class_token": True})
   vit_params = dict(params["vision"])
-  hidden = ViT(vit_cfg).apply({"params": vit_params}, images[:, 0],
-                              feature_layer=layer)["tokens"]
+  hidden = jax.jit(lambda p: ViT(vit_cfg).apply({"params": p}, images[:, 0],
+                                                feature_layer=layer)["tokens"])(vit_params)
   hidden = hidden if select == "full" else hidden[:, 1:]
   p = params["projector"]
   h = jax.nn.gelu(hidden @ p["linear_0"]["kernel"] + p["linear_0"]["bias"], approximate=False)
