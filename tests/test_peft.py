@@ -333,6 +333,14 @@ def test_a_peft_adapter_loads_with_peft_s_logits_and_saves_back_to_peft(tmp_path
   np.testing.assert_allclose(_torch_logits(reloaded, tokens), expected, atol=1e-5)
   saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
   assert sorted(saved["target_modules"]) == sorted(targets)
+  # Merged, then exported by the LM export: plain weights transformers loads with the
+  # adapted model's logits.
+  from mmjax.convert.common import save_hf
+  from mmjax.convert.lm import export_lm
+  save_hf(tmp_path / "exported", *export_lm(
+      peft.merge(peft.combine(params, lora_params), lora), like=tmp_path / "base"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+  np.testing.assert_allclose(_torch_logits(exported, tokens), expected, atol=1e-4)
   if family == "llama":  # the command line merges the adapter into the converted LM
     import subprocess
     import sys
