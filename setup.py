@@ -29,8 +29,9 @@ TEST = [
 setuptools.setup(
     name="mmjax",
     version="0.1.0",
-    description=("Multimodal vision-language pretraining in JAX/Flax: Flamingo today "
-                 "(training, sharding, few-shot evaluation, checkpoint conversion)."),
+    description=("Multimodal vision-language pretraining in JAX/Flax: Flamingo, BLIP-2, "
+                 "CLIP/SigLIP, MedCLIP and LLaVA (training, LoRA, sharding, evaluation, "
+                 "checkpoint conversion)."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -64,6 +65,9 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "safetensors>=0.4,<1",  # reading Hugging Face checkpoints (mmjax.convert)
         "tokenizers>=0.20,<1",  # their tokenizers (mmjax.data.tokenizer.HFTokenizer)
+        # Their chat templates, rendered as transformers renders them (LLaVA's
+        # `chat_template` conversation format, mmjax.data.conversation).
+        "jinja2>=3.1,<4",
         # The COCO caption toolkit's PTB tokenizer (Java) for CIDEr and BLEU as published
         # (mmjax.evaluate.metrics; without Java a pure-Python tokenizer stands in).
         "pycocoevalcap>=1.2,<1.3",
