@@ -66,22 +66,28 @@ from mmjax import checkpoints, convert, sharding, train
 from mmjax.configs import llava as llava_recipe
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "/tmp/llava/runs", "Where the runs are kept.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the runs.")
-flags.DEFINE_list("variants", ["tiny", "lora"], "Stage-2 recipe variants.")
-flags.DEFINE_integer("steps", 0, "train.steps (0: the recipe's).")
-flags.DEFINE_integer("episodes", 0, "Held-out conversations (0: the recipe's).")
-flags.DEFINE_bool("step", False, "Time the train step of full fine-tuning and LoRA against "
-                  "transformers + peft instead of running the claim.")
-flags.DEFINE_list("sizes", ["small"], "--step: sizes (STEP_SIZES).")
-flags.DEFINE_list("step_variants", ["full", "lora8", "lora64"], "--step: VARIANTS.")
-flags.DEFINE_integer("rounds", 3, "--step: alternating rounds.")
-flags.DEFINE_integer("runs", 1, "--step: timed calls per system per round.")
-flags.DEFINE_integer("rss_steps", 3, "--step: steps of each peak-memory process (0: none).")
-flags.DEFINE_string("results", None, "--step: results file (default: benchmarks/results/"
-                    "llava.jsonl).")
-flags.DEFINE_string("rss_child", None, "Internal: 'system,variant,size,hf_dir': build that "
-                    "one system, run --rss_steps steps and print its peak memory as JSON.")
+
+
+def _define_flags():
+  """The command line's flags: defined when this module runs, not when it is imported
+  (tests import it beside benchmarks.medclip, whose flags share names)."""
+  flags.DEFINE_string("out", "/tmp/llava/runs", "Where the runs are kept.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the runs.")
+  flags.DEFINE_list("variants", ["tiny", "lora"], "Stage-2 recipe variants.")
+  flags.DEFINE_integer("steps", 0, "train.steps (0: the recipe's).")
+  flags.DEFINE_integer("episodes", 0, "Held-out conversations (0: the recipe's).")
+  flags.DEFINE_bool("step", False, "Time the train step of full fine-tuning and LoRA against "
+                    "transformers + peft instead of running the claim.")
+  flags.DEFINE_list("sizes", ["small"], "--step: sizes (STEP_SIZES).")
+  flags.DEFINE_list("step_variants", ["full", "lora8", "lora64"], "--step: VARIANTS.")
+  flags.DEFINE_integer("rounds", 3, "--step: alternating rounds.")
+  flags.DEFINE_integer("runs", 1, "--step: timed calls per system per round.")
+  flags.DEFINE_integer("rss_steps", 3, "--step: steps of each peak-memory process (0: none).")
+  flags.DEFINE_string("results", None, "--step: results file (default: benchmarks/results/"
+                      "llava.jsonl).")
+  flags.DEFINE_string("rss_child", None, "Internal: 'system,variant,size,hf_dir': build that "
+                      "one system, run --rss_steps steps and print its peak memory as JSON.")
+
 
 # The train step's sizes: transformers `vision_config` and `text_config`, the batch.
 STEP_SIZES = {
@@ -423,4 +429,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
