@@ -97,6 +97,7 @@ def evaluate_run(config, params) -> dict[str, float]:
   """The base-to-new scores of a prompt-learning (`task: "coop"`) run's `params` with the
   settings of its `config.evaluate` (`episodes`: held-out images per half; `seed`)."""
   e = config.evaluate
-  return base_to_new(peft.from_config(config, coop.build_model(config)), params, make_tokenizer(config),
+  model = peft.from_config(config, coop.build_model(config))
+  return base_to_new(model, params, make_tokenizer(config),
                      config.data.seq_len, size=e.episodes, image_size=config.data.image_size,
                      seed=e.seed)
