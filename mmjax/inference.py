@@ -563,16 +563,13 @@ def _prefill(model: llava_model.Llava, params, images: jax.Array, prompt: jax.Ar
   prompts `"b t"` (right-padded to `length "b"`) about `images "b m h w c"`, as
   `mmjax.models.llava.generate` prefills."""
   b, t = prompt.shape
-  variables = {"params": params}
-  features = model.apply(variables, images, method=llava_model.Llava.image_features)
-  cache = decoding.init_cache(model.apply, variables, None, jnp.zeros((b, size), jnp.int32),
-                              positions=jnp.broadcast_to(jnp.arange(size), (b, size)),
-                              decode=True, mutable=["cache"])
-  logits, state = model.apply({"params": params, "cache": cache}, None, prompt,
-                              positions=jnp.broadcast_to(jnp.arange(t), (b, t)),
-                              features=features, decode=True, mutable=["cache"])
+  features = model.apply({"params": params}, images,
+                         method=llava_model.Llava.image_features)
+  run, cache_for = llava_model.decode_fns(model, params, size)
+  logits, cache = run(cache_for(b), prompt, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                      features)
   last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]
-  return last, state["cache"]
+  return last, cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"),
@@ -586,9 +583,9 @@ def _step(model: llava_model.Llava, params, cache, logits: jax.Array, position: 
   rng, key = jax.random.split(rng)
   token = jnp.where(done, pad_id, decoding.sample_logits(logits, key, sampling))
   done = done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
-  logits, state = model.apply({"params": params, "cache": cache}, None, token[:, None],
-                              positions=position[:, None], decode=True, mutable=["cache"])
-  return token, logits[:, 0], state["cache"], done, rng
+  run, _ = llava_model.decode_fns(model, params, 0)  # the cache has its size already
+  logits, cache = run(cache, token[:, None], position[:, None])
+  return token, logits[:, 0], cache, done, rng
 
 
 def _pieces(decode, tokens: Iterator[int]) -> Iterator[str]:

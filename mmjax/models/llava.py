@@ -25,7 +25,7 @@ tokens (`anyres.layout(...)["length"]`).
 import dataclasses
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -296,6 +296,20 @@ def generate(model: Llava, params: Any, images: jax.Array, prompt: jax.Array,
     raise ValueError(f"Prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
                      f"exceeds the LM's learned positions (max_len={lm.max_len}).")
 
+  run, cache_for = decode_fns(model, params, max_len)
+  return decoding.decode(run, cache_for, prompt, prompt_lengths, rng,
+                         max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                         pad_id=pad_id, sampling=sampling, beams=beams,
+                         prefill_fn=functools.partial(run, features=features))
+
+
+def decode_fns(model: Llava, params: Any, max_len: int
+               ) -> tuple[decoding.StepFn, Callable[[int], Any]]:
+  """`(run, cache_for)`: KV-cached decoding of a LLaVA, as `decoding` takes it.
+  `run(cache, tokens, positions, features=None)` runs the model on `tokens` (their
+  image-token positions reading `features "b n d"`, given on the prefill); `cache_for(n)`
+  is an empty cache of `max_len` positions for `n` rows."""
+
   def run(cache, tokens, positions, features=None):
     logits, state = model.apply({"params": params, "cache": cache}, None, tokens,
                                 positions=positions, features=features, decode=True,
@@ -308,7 +322,4 @@ def generate(model: Llava, params: Any, images: jax.Array, prompt: jax.Array,
         positions=jnp.broadcast_to(jnp.arange(max_len), (n, max_len)), decode=True,
         mutable=["cache"])
 
-  return decoding.decode(run, cache_for, prompt, prompt_lengths, rng,
-                         max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
-                         pad_id=pad_id, sampling=sampling, beams=beams,
-                         prefill_fn=functools.partial(run, features=features))
+  return run, cache_for
