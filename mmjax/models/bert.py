@@ -4,6 +4,11 @@ Word, learned position and token-type embeddings are summed and normalised; each
 `x = norm(x + attn(x))`, then `x = norm(x + mlp(x))` (the norm after the residual sum,
 unlike the pre-norm ViT and LM); "pooled" is a tanh projection of the first ([CLS]) token.
 
+RoBERTa is this model with `position_offset` = its pad id + 1 (= 2): its position table
+(514 rows) is read from row 2 on, one token type, and pad id 1. (RoBERTa numbers only the
+non-pad tokens; with rows right-padded, as mmjax's pipelines pad them, the real tokens get
+the same positions.)
+
 A layer is a sequence of post-norm sub-blocks, each a sublayer named `<name>` and its
 norm `<name>_norm`: `attn`, then `mlp`. BLIP-2's Q-Former (a BERT with cross-attention in
 every other layer) adds one more sub-block between the two, so its layers keep BERT's
@@ -30,6 +35,8 @@ class BertConfig:
     type_vocab_size: number of token types (segments A and B in BERT).
     mlp_dim: feed-forward width; None means 4 x width.
     pooler: compute "pooled" (BertModel has the pooler; BertForMaskedLM has none).
+    position_offset: row of the position table for the first token (RoBERTa: 2); tokens
+      are at positions `position_offset .. position_offset + t - 1`, below `max_len`.
   """
 
   vocab_size: int
@@ -42,6 +49,7 @@ class BertConfig:
   activation: str = "gelu"
   norm_eps: float = 1e-12
   pooler: bool = True
+  position_offset: int = 0
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: Literal["xla", "cudnn"] | None = None
@@ -52,6 +60,9 @@ class BertConfig:
     if self.width % self.num_heads:
       raise ValueError(f"BertConfig: width={self.width} is not divisible by "
                        f"num_heads={self.num_heads}.")
+    if not 0 <= self.position_offset < self.max_len:
+      raise ValueError(f"BertConfig: position_offset={self.position_offset} must be in "
+                       f"[0, max_len={self.max_len}).")
 
 
 def post_norm(x: jax.Array, sublayer: nn.Module, norm_eps: float, *args, **kwargs
@@ -93,7 +104,7 @@ class Bert(nn.Module):
     """Encodes token sequences.
 
     Args:
-      tokens: `"b t"` token ids, at positions `0..t-1`.
+      tokens: `"b t"` token ids, at positions `0..t-1` (plus `position_offset`).
       token_types: `"b t"` segment ids below `type_vocab_size`; default all 0.
       token_mask: `"b t"` True for real tokens; padding keys are hidden from every query
         (padding positions still get outputs, which mean nothing).
@@ -108,8 +119,10 @@ class Bert(nn.Module):
     cfg = self.config
     kw = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
     b, t = tokens.shape
-    if t > cfg.max_len:
-      raise ValueError(f"Bert: {t} tokens exceed max_len={cfg.max_len}.")
+    if t + cfg.position_offset > cfg.max_len:
+      raise ValueError(f"Bert: {t} tokens exceed max_len={cfg.max_len}"
+                       + (f" less position_offset={cfg.position_offset}"
+                          if cfg.position_offset else "") + ".")
     if token_types is None:
       token_types = jnp.zeros_like(tokens)
     embed = lambda size, axes, name: nn.Embed(
@@ -117,7 +130,7 @@ class Bert(nn.Module):
             nn.initializers.normal(0.02), axes), name=name, **kw)
     x = embed(cfg.vocab_size, ("vocab", "embed"), "embed")(tokens)
     x = x + embed(cfg.type_vocab_size, (None, "embed"), "token_types")(token_types)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + cfg.position_offset, (b, t))
     x = x + LearnedPositions(cfg.max_len, cfg.width, kw["param_dtype"],
                              name="positions")(positions).astype(x.dtype)
     x = Norm("layernorm", cfg.norm_eps, name="embed_norm", **kw)(x)

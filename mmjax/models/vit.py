@@ -12,6 +12,14 @@ SigLIP's layout: no class token (`class_token=False`), a patch bias, no `ln_pre`
 on all tokens, and attention pooling (`pooling="map"`, big_vision's MAP head): a learned
 probe query attends over the normed tokens, then a residual MLP after a LayerNorm; the
 probe's output is the pooled embedding.
+
+Hugging Face's ViTModel layout (DINO's ViTs, google/vit-*) and the original DINO / timm
+one (`DINO_VIT_S8`): a patch bias, no `ln_pre`, exact GELU, and the final LayerNorm on all
+tokens, class token included (`token_norm=True, keep_class_token=True`: "tokens" is
+ViTModel's `last_hidden_state`), no projection (`output_dim=None`), so that "pooled" is
+`last_hidden_state[:, 0]`, the normed class token: DINO's feature. ViTModel's optional
+pooler (a dense layer and tanh on it) is not part of the tower. Images are normalised with
+ImageNet's statistics.
 """
 
 import dataclasses
@@ -109,6 +117,13 @@ class ViTConfig:
 EVA_VIT_G = dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16,
                  mlp_dim=6144, activation="gelu", norm_eps=1e-6, patch_bias=True,
                  pre_norm=False, key_bias=False)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# DINO's ViT-S/8 (facebookresearch/dino `vit_small`, patch 8: `dino_vits8`; Hugging Face's
+# facebook/dino-vits8), MMBCD's region encoder. Its LayerNorms' epsilon is the original's.
+DINO_VIT_S8 = dict(image_size=224, patch_size=8, width=384, depth=12, num_heads=6,
+                   mlp_dim=1536, activation="gelu", norm_eps=1e-6, output_dim=None,
+                   token_norm=True, keep_class_token=True, patch_bias=True, pre_norm=False,
+                   pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
 
 
 class EncoderBlock(nn.Module):
