@@ -1,5 +1,10 @@
-"""BERT (`model_type: bert`): the encoder of a BertModel or of any BertFor* model
-(`task: "bert"`), with its pooler where the checkpoint has one; task heads are left out."""
+"""BERT (`model_type: bert`) and RoBERTa (`model_type: roberta`): the encoder of a
+BertModel / RobertaModel or of any BertFor* / RobertaFor* model (`task: "bert"`), with its
+pooler where the checkpoint has one; task heads are left out.
+
+RoBERTa is BERT with its positions read from row `pad_token_id + 1` of the table on
+(`BertConfig.position_offset`); its encoder is under `roberta.` in the RobertaFor* models.
+"""
 
 import dataclasses
 import pathlib
@@ -21,19 +26,27 @@ IGNORED_FIELDS = {
     "tie_word_embeddings": "ties the masked-LM head, which is not converted",
 }
 IGNORED_TENSORS = {
-    r"(bert\.)?embeddings\.(position_ids|token_type_ids)": "buffers of aranges and zeros",
+    r"((bert|roberta)\.)?embeddings\.(position_ids|token_type_ids)": "buffers of aranges "
+                                                                    "and zeros",
     r"cls\..*": "BertForPreTraining's / BertForMaskedLM's heads: not part of the encoder",
-    r"(classifier|qa_outputs)\..*": "BertFor{Sequence,Token}Classification's, "
-                                    "BertForMultipleChoice's, BertForQuestionAnswering's "
-                                    "heads: not part of the encoder",
+    r"lm_head\..*": "RobertaForMaskedLM's head: not part of the encoder",
+    r"(classifier|qa_outputs)\..*": "{Bert,Roberta}For{Sequence,Token}Classification's, "
+                                    "-ForMultipleChoice's, -ForQuestionAnswering's heads: "
+                                    "not part of the encoder",
 }
+# Where the encoder is in the -For* models.
+PREFIXES = ("bert.", "roberta.")
+FAMILIES = {"bert": "BERT", "roberta": "RoBERTa"}
 
 
 def bert_config(hf: dict[str, Any]) -> BertConfig:
-  """The `BertConfig` of a Hugging Face BERT config, every field read or ignored on purpose
-  (`IGNORED_FIELDS`)."""
-  f = common.Fields(hf, "BERT")
-  f.require("model_type", ("bert",))
+  """The `BertConfig` of a Hugging Face BERT or RoBERTa config, every field read or ignored
+  on purpose (`IGNORED_FIELDS`)."""
+  f = common.Fields(hf, FAMILIES.get(hf.get("model_type"), "BERT"))
+  kind = f.require("model_type", tuple(FAMILIES))
+  # RoBERTa numbers its tokens from padding_idx + 1 (transformers'
+  # create_position_ids_from_input_ids), its padding_idx being the pad id.
+  offset = f.get("pad_token_id", 1) + 1 if kind == "roberta" else 0
   f.require("position_embedding_type", ("absolute",), "absolute",
             "only learned absolute positions are")
   f.require("is_decoder", (False,), False, "only the bidirectional encoder is")
@@ -43,36 +56,47 @@ def bert_config(hf: dict[str, Any]) -> BertConfig:
       num_heads=f["num_attention_heads"], mlp_dim=f["intermediate_size"],
       max_len=f["max_position_embeddings"], type_vocab_size=f.get("type_vocab_size", 2),
       activation=common.activation(f, "hidden_act", "gelu"),
-      norm_eps=f.get("layer_norm_eps", 1e-12))
+      norm_eps=f.get("layer_norm_eps", 1e-12), position_offset=offset)
   f.finish(IGNORED_FIELDS)
   return cfg
 
 
-def attention_block(read: common.Reader, p: str, d: int, h: int, kv_width: int | None = None,
-                    inner: str = "self") -> tuple[dict, dict]:
-  """BERT's post-norm attention sub-block `p` as mmjax's `(attention, norm)`:
-  `{p}.{inner}.{query,key,value}` (keys and values projecting from `kv_width`, default
-  `d`: cross-attention reads another width), `{p}.output.dense`, `{p}.output.LayerNorm`."""
+def attention(read: common.Reader, p: str, d: int, h: int, kv_width: int | None = None,
+              inner: str = "self") -> dict:
+  """BERT's attention `p` as mmjax's: `{p}.{inner}.{query,key,value}` (keys and values
+  projecting from `kv_width`, default `d`: cross-attention reads another width) and
+  `{p}.output.dense` (Hugging Face's ViT names them so too, `inner="attention"`)."""
   k, e = d // h, kv_width or d
   lin = lambda name, in_shape, out_shape: common.linear(read, name, in_shape, out_shape, True)
-  return ({"query": lin(f"{p}.{inner}.query", (d,), (h, k)),
-           "key": lin(f"{p}.{inner}.key", (e,), (h, k)),
-           "value": lin(f"{p}.{inner}.value", (e,), (h, k)),
-           "out": lin(f"{p}.output.dense", (h, k), (d,))},
+  return {"query": lin(f"{p}.{inner}.query", (d,), (h, k)),
+          "key": lin(f"{p}.{inner}.key", (e,), (h, k)),
+          "value": lin(f"{p}.{inner}.value", (e,), (h, k)),
+          "out": lin(f"{p}.output.dense", (h, k), (d,))}
+
+
+def feed_forward(read: common.Reader, up: str, down: str, d: int, m: int) -> dict:
+  """BERT's feed-forward as mmjax's `Mlp`: `{up}.dense`, `{down}.dense`."""
+  return {"up": common.linear(read, up + ".dense", (d,), (m,), True),
+          "down": common.linear(read, down + ".dense", (m,), (d,), True)}
+
+
+def attention_block(read: common.Reader, p: str, d: int, h: int, kv_width: int | None = None,
+                    inner: str = "self") -> tuple[dict, dict]:
+  """BERT's post-norm attention sub-block `p` as mmjax's `(attention, norm)`: `attention`
+  and `{p}.output.LayerNorm`."""
+  return (attention(read, p, d, h, kv_width, inner),
           common.norm(read, f"{p}.output.LayerNorm", d))
 
 
 def feed_forward_block(read: common.Reader, up: str, down: str, d: int, m: int
                        ) -> tuple[dict, dict]:
-  """BERT's post-norm feed-forward as mmjax's `(mlp, norm)`: `{up}.dense`, `{down}.dense`,
+  """BERT's post-norm feed-forward as mmjax's `(mlp, norm)`: `feed_forward` and
   `{down}.LayerNorm`."""
-  return ({"up": common.linear(read, up + ".dense", (d,), (m,), True),
-           "down": common.linear(read, down + ".dense", (m,), (d,), True)},
-          common.norm(read, down + ".LayerNorm", d))
+  return feed_forward(read, up, down, d, m), common.norm(read, down + ".LayerNorm", d)
 
 
 def bert_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
-  read = common.Reader(state, ("bert.",))
+  read = common.Reader(state, PREFIXES)
   d, h, m = cfg.width, cfg.num_heads, cfg.mlp_dim
   lin = lambda name, in_shape, out_shape: common.linear(read, name, in_shape, out_shape, True)
   params = {
@@ -95,9 +119,10 @@ def bert_params(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
 
 
 def convert_bert(hf_dir: str | pathlib.Path) -> tuple[BertConfig, dict]:
-  """`(BertConfig, parameters)` of a Hugging Face BERT directory: a BertModel, or a BertFor*
-  model, whose encoder is under `bert.` and whose task heads are left out. `config.pooler`
-  says whether the checkpoint has the pooler."""
+  """`(BertConfig, parameters)` of a Hugging Face BERT or RoBERTa directory: a BertModel /
+  RobertaModel, or a BertFor* / RobertaFor* model, whose encoder is under `bert.` /
+  `roberta.` and whose task heads are left out. `config.pooler` says whether the
+  checkpoint has the pooler."""
   import jax.numpy as jnp
   cfg = bert_config(common.read_hf_config(hf_dir))
   state = common.read_hf_weights(hf_dir)
@@ -105,7 +130,7 @@ def convert_bert(hf_dir: str | pathlib.Path) -> tuple[BertConfig, dict]:
   # gamma and beta.
   state = {k.replace("LayerNorm.gamma", "LayerNorm.weight")
            .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in state.items()}
-  prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+  prefix = common.Reader(state, PREFIXES).prefix
   cfg = dataclasses.replace(cfg, pooler=prefix + "pooler.dense.weight" in state)
   params = bert_params(state, cfg)
   common.check_tree(params, Bert(cfg), jnp.zeros((1, 1), jnp.int32))

@@ -283,6 +283,17 @@ def linear(read: Reader, name: str, in_shape: tuple[int, ...], out_shape: tuple[
                read(name + ".bias", (n_out,)) if bias else None, in_shape, out_shape)
 
 
+def packed_qkv(read: Reader, weight: str, bias: str | None, d: int, h: int) -> dict:
+  """Queries, keys and values projected by one torch `Linear` (DINO's and timm's `qkv`,
+  `MultiheadAttention`'s `in_proj_weight` / `in_proj_bias`: weight `[3 * d, d]`, the three
+  stacked on the output dim in that order) as the `Attention`'s `query`, `key`, `value`
+  `Dense`s (kernels `[d, h, d // h]`)."""
+  w = read(weight, (3 * d, d))
+  b = np.split(read(bias, (3 * d,)), 3) if bias else (None,) * 3
+  return {name: dense(wi.T, bi, (d,), (h, d // h))
+          for name, wi, bi in zip(("query", "key", "value"), np.split(w, 3), b, strict=True)}
+
+
 def norm(read: Reader, name: str, width: int, bias: bool = True) -> dict:
   """A LayerNorm (`weight`, `bias`) or, without bias, an RMSNorm or bias-free LayerNorm
   (`weight`)."""
