@@ -55,7 +55,10 @@ def _conv(read: common.Reader, name: str, out: int, inp: int, k: int) -> dict:
   return {"kernel": np.transpose(read(name + ".weight", (out, inp, k, k)), (2, 3, 1, 0))}
 
 
-def _bn(read: common.Reader, name: str, c: int, params: dict, stats: dict, to: str) -> None:
+def batch_norm(read: common.Reader, name: str, c: int, params: dict, stats: dict, to: str
+               ) -> None:
+  """A torch BatchNorm `name` (`c` channels) as `params[to]` (`scale`, `bias`) and its
+  running statistics as `stats[to]` (`mean`, `var`)."""
   params[to] = {"scale": read(name + ".weight", (c,)), "bias": read(name + ".bias", (c,))}
   stats[to] = {"mean": read(name + ".running_mean", (c,)),
                "var": read(name + ".running_var", (c,))}
@@ -65,7 +68,7 @@ def resnet_params(read: common.Reader, cfg: ResNetConfig) -> tuple[dict, dict]:
   """`(params, batch_stats)` of a ResNet read by `read` (its prefix set); the caller
   finishes the reader."""
   params, stats = {"conv1": _conv(read, "conv1", cfg.width, 3, 7)}, {}
-  _bn(read, "bn1", cfg.width, params, stats, "bn1")
+  batch_norm(read, "bn1", cfg.width, params, stats, "bn1")
   channels = cfg.width
   for s, depth in enumerate(cfg.depths):
     planes = cfg.width * 2 ** s
@@ -79,11 +82,11 @@ def resnet_params(read: common.Reader, cfg: ResNetConfig) -> tuple[dict, dict]:
         convs = ((channels, planes, 3), (planes, planes, 3))
       for j, (c_in, c_out, k) in enumerate(convs, 1):
         bp[f"conv{j}"] = _conv(read, f"{p}conv{j}", c_out, c_in, k)
-        _bn(read, f"{p}bn{j}", c_out, bp, bs, f"bn{j}")
+        batch_norm(read, f"{p}bn{j}", c_out, bp, bs, f"bn{j}")
       out = convs[-1][1]
       if (s and not i) or channels != out:
         bp["downsample_conv"] = _conv(read, p + "downsample.0", out, channels, 1)
-        _bn(read, p + "downsample.1", out, bp, bs, "downsample_bn")
+        batch_norm(read, p + "downsample.1", out, bp, bs, "downsample_bn")
       channels = out
   if cfg.output_dim is not None:
     params["fc"] = common.linear(read, "fc", (channels,), (cfg.output_dim,))
