@@ -138,8 +138,10 @@ def make_optimizer(config, trainable: dict):
       decay_steps=max(steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_fraction)
   decay_mask = checkpoints.tree_params(
       {k: re.search(o.decay_pattern, k) is not None for k in checkpoints.flat_params(trainable)})
+  # clip_norm 0: no clipping (MMBCD's reference clips nothing).
+  clip = optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity()
   tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
+      clip,
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=decay_mask))
   return tx, schedule
