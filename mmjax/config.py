@@ -274,6 +274,8 @@ SCHEMA = Section({
         # class score the mean or max of its logits against them.
         "prompts_per_class": Field(INT, min=1, optional=True),
         "prompt_scoring": Field(STR, choices=("mean", "max"), optional=True),
+        # Classifiers' (MMBCD's) calibration: bins of the reliability diagram and its ECE.
+        "bins": Field(INT, min=1, optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},
