@@ -60,7 +60,14 @@ def sequence_spec(config) -> SequenceSpec:
                       image_size=d.get("image_size", 0), mode=mode,
                       conversation=conversation.format_of(config)
                       if mode == "conversation" else None,
-                      regions=RegionSpec(**regions) if mode == "regions" else None)
+                      regions=_region_spec(regions) if mode == "regions" else None)
+
+
+def _region_spec(settings) -> RegionSpec:
+  try:
+    return RegionSpec(**settings)
+  except (TypeError, ValueError) as e:
+    raise cli.UserError(f"config.data.regions: {e}") from e
 
 
 def keyword_mask(config, training: list[Dataset]) -> KeywordMask | None:
