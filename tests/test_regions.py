@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import train
+from mmjax import cli, train
 from mmjax import config as config_lib
 from mmjax.data.keywords import KeywordMask, top_keywords
 from mmjax.data.pipeline import (DataHealth, Dataset, balanced_order, class_weights,
@@ -331,6 +331,10 @@ def test_only_the_training_mixture_is_masked(monkeypatch):
   assert spec.regions == RegionSpec(num_regions=2, region_size=8) and spec.seq_len == 16
   assert mask.words == top_keywords([d["text"] for d in docs], 2)[0]
   assert given["eval_datasets"][1] is None
+  config.data.regions.crop = "gpu"
+  with pytest.raises(cli.UserError, match="config.data.regions: .*crop='gpu'"):
+    train.sequence_spec(config)
+  config.data.regions.crop = "device"
   config.data.keyword_mask.mode = "none"
   assert train.keyword_mask(config, [Dataset("d", Documents(docs))]) is None
   data_schema = config_lib.SCHEMA.fields["data"].fields

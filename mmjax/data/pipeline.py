@@ -1,8 +1,9 @@
 """Grain pipelines: sources -> sequences -> mixture -> per-process batches.
 
-Every dataset is read in a shuffled, repeated order that depends only on the seed; the
-mixture picks datasets in fixed proportions; each process takes every
-`process_count`-th element. The iterator's state (`get_state`/`set_state`) is small
+Every dataset is read in a shuffled, repeated order that depends only on the seed (or,
+with `balance`, drawn class-balanced with replacement, each position from the seed and
+the position alone); the mixture picks datasets in fixed proportions; each process takes
+every `process_count`-th element. The iterator's state (`get_state`/`set_state`) is small
 and goes into every checkpoint, so a resumed run sees exactly the data an uninterrupted
 run would.
 
