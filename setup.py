@@ -71,6 +71,9 @@ setuptools.setup(
         # The COCO caption toolkit's PTB tokenizer (Java) for CIDEr and BLEU as published
         # (mmjax.evaluate.metrics; without Java a pure-Python tokenizer stands in).
         "pycocoevalcap>=1.2,<1.3",
+        # MMBCD's keyword masking ranks the training texts' words by tf-idf exactly as its
+        # reference does, with TfidfVectorizer and its English stop words (mmjax.data.keywords).
+        "scikit-learn>=1.3,<2",
     ],
     extras_require={
         "tfds": TFDS,

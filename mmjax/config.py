@@ -40,7 +40,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmjax import cli, peft, sharding
-from mmjax.data import conversation
+from mmjax.data import conversation, keywords
+from mmjax.data.regions import RegionSpec
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate.prompts import FORMATS
 from mmjax.evaluate.zeroshot import template_set_names
@@ -160,6 +161,15 @@ def _formats(value) -> str | None:
       else None
 
 
+def _class_weights(value) -> str | None:
+  if isinstance(value, bool):
+    return None
+  if not value or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                          for w in value) or not sum(value) > 0:
+    return "must be True, False or class weights >= 0 (one per label), not all 0"
+  return None
+
+
 INT, FLOAT, STR, BOOL = (int,), (int, float), (str,), (bool,)
 SEQUENCE = (tuple, list)
 
@@ -168,6 +178,9 @@ DATASET = Section({
     "source": Field(Mapping, check=lambda s: None if "kind" in s else "has no 'kind'"),
     "weight": Field(FLOAT, min=0, optional=True),  # 0: left out of the mixture
     "loss_weight": Field(FLOAT, min=0, optional=True),
+    # Class-balanced sampling with replacement (mmjax.data.pipeline.balanced_order): True
+    # for equal class weights, or one weight per label.
+    "balance": Field((bool, tuple, list), check=_class_weights, optional=True),
 })
 
 BACKBONE = Section({
@@ -214,8 +227,15 @@ SCHEMA = Section({
         "batch_size": Field(INT, min=1),
         "max_images": Field(INT, min=0, optional=True),
         "image_size": Field(INT, min=1, optional=True),
-        "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation"),
-                      optional=True),
+        "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation",
+                                    "regions"), optional=True),
+        # MMBCD's detector regions (mmjax.data.regions) and the tf-idf keyword masking of
+        # the training texts (mmjax.data.keywords).
+        "regions": Struct(RegionSpec, optional=True),
+        "keyword_mask": Section({"mode": Field(STR, choices=keywords.MODES),
+                                 "top": Field(INT, min=1, optional=True),
+                                 "rate": Field(FLOAT, min=0, max=1, optional=True),
+                                 "seed": Field(INT, optional=True)}, optional=True),
         # Conversations (LLaVA): their template and system prompt (None: the template's),
         # and the image tokens each <image> expands to (mmjax.data.conversation).
         "template": Field(STR, choices=conversation.TEMPLATES, optional=True),
@@ -274,6 +294,8 @@ SCHEMA = Section({
         # class score the mean or max of its logits against them.
         "prompts_per_class": Field(INT, min=1, optional=True),
         "prompt_scoring": Field(STR, choices=("mean", "max"), optional=True),
+        # Classifiers' (MMBCD's) calibration: bins of the reliability diagram and its ECE.
+        "bins": Field(INT, min=1, optional=True),
         "seed": Field(INT),
     }, optional=True),
     "tokens": Section({name: Field(INT, min=0) for name in ("pad", "eos", "bos")},

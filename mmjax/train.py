@@ -37,7 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mmjax import checkpoints, cli, evaluate, losses, peft, sharding
 from mmjax import config as config_lib
 from mmjax.data import conversation
+from mmjax.data.keywords import KeywordMask
 from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
+from mmjax.data.regions import RegionSpec
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.tasks import get_task
@@ -53,10 +55,37 @@ class NonFiniteError(FloatingPointError):
 def sequence_spec(config) -> SequenceSpec:
   d = config.data
   mode = d.get("mode", "interleaved")
+  regions = d.get("regions") or {}
   return SequenceSpec(seq_len=d.seq_len, max_images=d.get("max_images", 0),
                       image_size=d.get("image_size", 0), mode=mode,
                       conversation=conversation.format_of(config)
-                      if mode == "conversation" else None)
+                      if mode == "conversation" else None,
+                      regions=_region_spec(regions) if mode == "regions" else None)
+
+
+def _region_spec(settings) -> RegionSpec:
+  try:
+    return RegionSpec(**settings)
+  except (TypeError, ValueError) as e:
+    raise cli.UserError(f"config.data.regions: {e}") from e
+
+
+def keyword_mask(config, training: list[Dataset]) -> KeywordMask | None:
+  """`config.data.keyword_mask` (mode "none", "fixed" or "random"; top, rate, seed) fitted
+  on the texts of the `training` datasets' sources, or None when masking is off."""
+  settings = dict(config.data.get("keyword_mask") or {})
+  mode = settings.pop("mode", "none")
+  if mode == "none":
+    return None
+  texts = []
+  for dataset in training:
+    if not hasattr(dataset.source, "texts"):
+      raise cli.UserError(f"config.data.keyword_mask.mode={mode!r} fits its keywords on the "
+                          f"training texts, but dataset {dataset.name!r} "
+                          f"({type(dataset.source).__name__}) has no texts(); set "
+                          "--config.data.keyword_mask.mode=none.")
+    texts += dataset.source.texts()
+  return KeywordMask.fit(texts, mode, **settings)
 
 
 def datasets(config, field: str = "datasets") -> list[Dataset]:
@@ -77,11 +106,14 @@ def datasets(config, field: str = "datasets") -> list[Dataset]:
 
 def make_data(config, field: str = "datasets", *, seed: int, health: DataHealth
               ) -> grain.IterDataset:
-  """Per-process batches of the mixture `config.data.<field>` (see `datasets`)."""
+  """Per-process batches of the mixture `config.data.<field>` (see `datasets`); the
+  training mixture ("datasets") has its keywords masked (`keyword_mask`), others never."""
+  mixture = datasets(config, field)
   return make_dataset(
-      datasets(config, field), make_tokenizer(config), sequence_spec(config),
+      mixture, make_tokenizer(config), sequence_spec(config),
       batch_size=config.data.batch_size // jax.process_count(), seed=seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), health=health)
+      process_index=jax.process_index(), process_count=jax.process_count(), health=health,
+      keyword_mask=keyword_mask(config, mixture) if field == "datasets" else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,8 +170,10 @@ def make_optimizer(config, trainable: dict):
       decay_steps=max(steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_fraction)
   decay_mask = checkpoints.tree_params(
       {k: re.search(o.decay_pattern, k) is not None for k in checkpoints.flat_params(trainable)})
+  # clip_norm 0: no clipping (MMBCD's reference clips nothing).
+  clip = optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity()
   tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
+      clip,
       optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=decay_mask))
   return tx, schedule

@@ -346,3 +346,33 @@ def test_retrieval_recall_ties_and_errors():
   with pytest.raises(UserError, match="image indices"):
     metrics.retrieval_recall(np.zeros((2, 2)), np.array([0, 2]))
 
+
+
+def test_f1_and_calibration_against_scikit_learn_and_hand_values():
+  sklearn_metrics = pytest.importorskip("sklearn.metrics")
+  rng = np.random.default_rng(0)
+  predictions, labels = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+  assert metrics.f1_score(predictions, labels) == pytest.approx(
+      sklearn_metrics.f1_score(labels, predictions))
+  assert metrics.f1_score(np.zeros(4), np.zeros(4)) == 0.0
+  # Two bins by hand: confidences 0.6 (2 examples, 1 right) and 0.9 (2, both right).
+  probabilities = np.array([[0.6, 0.4], [0.4, 0.6], [0.9, 0.1], [0.1, 0.9]])
+  diagram = metrics.reliability(probabilities, np.array([0, 0, 0, 1]), bins=10)
+  assert list(diagram["count"][[5, 8]]) == [2, 2] and diagram["count"].sum() == 4
+  assert metrics.expected_calibration_error(probabilities, np.array([0, 0, 0, 1]),
+                                            bins=10) == pytest.approx((2 * 0.1 + 2 * 0.1) / 4)
+
+
+def test_temperature_scaling_recovers_the_temperature_that_made_the_labels():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(4000, 3)) * 4
+  true_t = 2.5
+  p = np.exp(metrics.log_softmax(logits / true_t))
+  labels = np.array([rng.choice(3, p=row) for row in p])
+  t = metrics.fit_temperature(logits, labels)
+  assert t == pytest.approx(true_t, rel=0.1)
+  assert (metrics.negative_log_likelihood(logits, labels, t)
+          < metrics.negative_log_likelihood(logits, labels, 1.0))
+  before = metrics.expected_calibration_error(np.exp(metrics.log_softmax(logits)), labels)
+  after = metrics.expected_calibration_error(np.exp(metrics.log_softmax(logits / t)), labels)
+  assert after < before / 3

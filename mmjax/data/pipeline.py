@@ -1,8 +1,9 @@
 """Grain pipelines: sources -> sequences -> mixture -> per-process batches.
 
-Every dataset is read in a shuffled, repeated order that depends only on the seed; the
-mixture picks datasets in fixed proportions; each process takes every
-`process_count`-th element. The iterator's state (`get_state`/`set_state`) is small
+Every dataset is read in a shuffled, repeated order that depends only on the seed (or,
+with `balance`, drawn class-balanced with replacement, each position from the seed and
+the position alone); the mixture picks datasets in fixed proportions; each process takes
+every `process_count`-th element. The iterator's state (`get_state`/`set_state`) is small
 and goes into every checkpoint, so a resumed run sees exactly the data an uninterrupted
 run would.
 
@@ -27,6 +28,8 @@ from absl import logging
 
 from mmjax import cli
 from mmjax.data import conversation, findings_world, shapes_world
+from mmjax.data.keywords import KeywordMask
+from mmjax.data.regions import build_regions
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
 from mmjax.data.sources import (ArrayRecordConversations, ArrayRecordDocuments,
                                 ArrayRecordPairs, DecoupledPairs, LabelledClasses,
@@ -41,7 +44,9 @@ class Source(Protocol):
   Classification sources add `"label"` (int). Labelled sources (MedCLIP's) declare
   `label_names` (the columns of their label vectors) and add `"image_labels"` and
   `"text_labels"` (float32 `"l"`: 1, 0, -1, NaN unknown); a document without one of them
-  gets all NaN.
+  gets all NaN. MMBCD's sources give `{"image", "boxes", "text", "label", "id"}`
+  (`mmjax.data.regions`) and add `labels` (every record's label, for class-balanced
+  sampling) and `texts()` (every record's text, to fit the masked keywords).
   """
 
   def __len__(self) -> int: ...
@@ -333,12 +338,68 @@ SKIP_WINDOW = 1000
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """One entry of a mixture: a source, its sampling weight and its loss weight."""
+  """One entry of a mixture: a source, its sampling weight and its loss weight.
+
+  `balance` (True, or class weights indexed by label) reads the source class-balanced,
+  with replacement, instead of in shuffled passes (`balanced_order`).
+  """
 
   name: str
   source: Source
   weight: float = 1.0
   loss_weight: float = 1.0
+  balance: bool | tuple[float, ...] = False
+
+  def __post_init__(self):
+    if self.balance is None:
+      object.__setattr__(self, "balance", False)
+    elif not isinstance(self.balance, bool):
+      object.__setattr__(self, "balance", tuple(float(w) for w in self.balance))
+
+
+def class_weights(balance: bool | Sequence[float], labels: Sequence[int]) -> np.ndarray:
+  """float64 `"c"`: the weight of each class (label 0 .. c - 1) in the balanced stream.
+  True: equal weights (MMBCD's `[1 - p, p]` with p = 0.5); a sequence: those."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not len(labels) or not np.issubdtype(labels.dtype, np.integer) \
+     or labels.min() < 0:
+    raise ValueError(f"Class-balanced sampling needs one int label >= 0 per record, got "
+                     f"{labels.dtype} {labels.shape}.")
+  num_classes = int(labels.max()) + 1
+  weights = np.full(num_classes, 1.0) if balance is True else np.asarray(balance, np.float64)
+  if weights.ndim != 1 or len(weights) < num_classes or weights.min() < 0 \
+     or not weights.sum() > 0:
+    raise ValueError(f"Class weights {balance} must be >= 0, not all 0, one per class; "
+                     f"the labels run from 0 to {num_classes - 1}.")
+  counts = np.bincount(labels, minlength=len(weights))
+  empty = [c for c in range(len(weights)) if weights[c] > 0 and not counts[c]]
+  if empty:
+    raise ValueError(f"Class-balanced sampling gives weight to classes {empty}, which have "
+                     "no records; give them weight 0 or add records.")
+  return weights
+
+
+def balanced_order(labels: Sequence[int], weights: Sequence[float], seed: int
+                   ) -> grain.MapDataset:
+  """An endless MapDataset of record indices drawn with replacement, record r with
+  probability proportional to `weights[labels[r]] / count(labels[r])` (PyTorch's
+  `WeightedRandomSampler` as MMBCD weights it). Position i draws from a generator seeded
+  by (seed, i) alone, so a saved position resumes exactly."""
+  labels = np.asarray(labels)
+  counts = np.bincount(labels, minlength=len(weights))
+  per_record = np.asarray(weights, np.float64)[labels] / counts[labels]
+  cdf = np.cumsum(per_record)
+  cdf /= cdf[-1]
+  last = len(labels) - 1
+
+  def draw(position: int, _) -> int:
+    u = np.random.default_rng([seed, _BALANCE_TAG, position]).random()
+    return min(int(np.searchsorted(cdf, u, side="right")), last)
+
+  return grain.MapDataset.range(len(labels)).repeat().map_with_index(draw)
+
+
+_BALANCE_TAG, _REGIONS_TAG = 0x62616c, 0x726567  # separate the pipeline's random streams
 
 
 class UnusableSource(cli.UserError):
@@ -536,18 +597,40 @@ def _label_vector(value: Any, width: int, key: str) -> np.ndarray:
 
 
 def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: SequenceSpec,
-               seed: int, num_labels: int = 0) -> grain.MapDataset:
-  """An endless, shuffled MapDataset of `_Built` records; with `num_labels`, every example
-  has `image_labels` and `text_labels` float32 `"num_labels"` (NaN where unknown)."""
+               seed: int, num_labels: int = 0,
+               keyword_mask: KeywordMask | None = None) -> grain.MapDataset:
+  """An endless, shuffled (or class-balanced) MapDataset of `_Built` records; with
+  `num_labels`, every example has `image_labels` and `text_labels` float32 `"num_labels"`
+  (NaN where unknown). `keyword_mask` deletes keywords from each document's text, drawn
+  by record and pass (`epoch = position // len(source)`), as do region duplicates."""
   source = dataset.source
   if len(source) == 0:
     raise ValueError(f"Dataset {dataset.name!r} is empty.")
   name = dataset.name
+  if dataset.balance is not False:
+    if not hasattr(source, "labels"):
+      raise ValueError(f"Dataset {name!r}: balance needs a source with `labels` (one class "
+                       f"per record); {type(source).__name__} has none.")
+    labels = source.labels
+    try:
+      weights = class_weights(dataset.balance, labels)
+    except ValueError as e:
+      raise ValueError(f"Dataset {name!r}: {e}") from e
+    order = balanced_order(labels, weights, seed)
+  else:
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
 
-  def build(index: int) -> _Built:
+  def build(position: int, index: int) -> _Built:
+    epoch = position // len(source)
     try:
       document = source[index]
-      if spec.mode == "conversation":
+      if keyword_mask is not None:
+        document = {**document, "text": keyword_mask.apply(document.get("text") or "",
+                                                           index, epoch)}
+      if spec.mode == "regions":
+        rng = np.random.default_rng([seed, _REGIONS_TAG, index, epoch])
+        example, stats = build_regions(document, tokenizer, spec.regions, spec.seq_len, rng)
+      elif spec.mode == "conversation":
         example, stats = conversation.build_conversation(
             document, tokenizer, spec.conversation, spec.seq_len, max(spec.max_images, 1),
             (spec.image_size, spec.image_size, spec.channels))
@@ -566,17 +649,19 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
     example["dataset_id"] = np.int32(dataset_id)
     return _Built(name, example, tuple((r, c) for r, c in stats.items() if c))
 
-  return (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat().map(build))
+  return order.map_with_index(build)
 
 
 def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: SequenceSpec, *,
                  batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, health: DataHealth | None = None,
-                 skip_window: int = SKIP_WINDOW) -> grain.IterDataset:
-  """Batches of `build_sequence` outputs plus `loss_weight` and `dataset_id`, `"b ..."`;
-  classification sources add `label` (int32), and where any dataset is labelled (has
-  `label_names`, all of the same length `l`) every example has `image_labels` and
-  `text_labels` (float32 `"l"`: 1, 0, -1, NaN unknown; all NaN from unlabelled sources).
+                 skip_window: int = SKIP_WINDOW,
+                 keyword_mask: KeywordMask | None = None) -> grain.IterDataset:
+  """Batches of `build_sequence` outputs (`build_regions`' in mode "regions") plus
+  `loss_weight` and `dataset_id`, `"b ..."`; classification sources add `label` (int32),
+  and where any dataset is labelled (has `label_names`, all of the same length `l`) every
+  example has `image_labels` and `text_labels` (float32 `"l"`: 1, 0, -1, NaN unknown; all
+  NaN from unlabelled sources).
 
   Args:
     datasets: the mixture; sampled in proportion to their `weight`.
@@ -588,6 +673,8 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
       the iterator with `UnusableSource` (so does, in a one-process run, a dataset with
       every record of two full passes skipped, which proves none is usable). A partly bad
       dataset keeps going, its skips counted.
+    keyword_mask: deletes keywords from every document's text (training data only:
+      `mmjax.data.keywords`).
   """
   if not datasets:
     raise ValueError("make_dataset needs at least one dataset.")
@@ -605,7 +692,7 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
     raise ValueError(f"The labelled datasets of a mixture must share one label vocabulary; "
                      f"their label counts differ: {widths}.")
   num_labels = next(iter(widths.values()), 0)
-  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i, num_labels)
+  parts = [_sequences(d, i, tokenizer, spec, seed + 1000 * i, num_labels, keyword_mask)
            for i, d in enumerate(datasets)]
   weights = [d.weight for d in datasets]
   if min(weights) <= 0:
@@ -615,9 +702,10 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
   mixed = mixed[process_index::process_count]
   # Each pass over a dataset is a permutation of all its records, so with one process
   # (which reads every dataset's stream contiguously) 2 * len consecutive skips cover a
-  # whole pass: no record is usable, and waiting for the full window is pointless.
-  limits = {d.name: min(skip_window, 2 * len(d.source)) if process_count == 1
-            else skip_window for d in datasets}
+  # whole pass: no record is usable, and waiting for the full window is pointless. A
+  # balanced dataset draws with replacement: it has no passes, only the window.
+  limits = {d.name: min(skip_window, 2 * len(d.source))
+            if process_count == 1 and d.balance is False else skip_window for d in datasets}
   counted = _CountingDataset(mixed.to_iter_dataset(), health, limits, skip_window)
   return counted.batch(batch_size, drop_remainder=True)
 
@@ -658,7 +746,7 @@ def resplit_position(states: Sequence[Mapping[str, Any]], process_index: int,
 
 
 def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
-  """`{"name", "source": {"kind", ...}, "weight", "loss_weight"}` -> `Dataset`.
+  """`{"name", "source": {"kind", ...}, "weight", "loss_weight", "balance"}` -> `Dataset`.
 
   E.g. `{"name": "cc", "source": {"kind": "arrayrecord_pairs", "paths":
   "/data/cc-*.array_record", "image_size": 224}}`; the other keys of `source` are the
@@ -684,4 +772,4 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
     raise ValueError(f"Dataset {config['name']!r}: unknown source kind {kind!r}; "
                      f"expected one of {sorted(kinds)}.")
   return Dataset(config["name"], kinds[kind](**source), config.get("weight", 1.0),
-                 config.get("loss_weight", 1.0))
+                 config.get("loss_weight", 1.0), config.get("balance", False))

@@ -52,21 +52,27 @@ class SequenceSpec:
     "conversation": LLaVA's instruction data, rendered by `conversation` (a
       `mmjax.data.conversation.Format`: template, system prompt, image tokens per
       `<image>`), the answers trained.
+    "regions": MMBCD's examples: a mammogram's detector regions, its clinical history
+      and label, built by `regions` (a `mmjax.data.regions.RegionSpec`).
   """
 
   seq_len: int
   max_images: int = 0
   image_size: int = 0
   channels: int = 3
-  mode: Literal["interleaved", "text", "pair", "conversation"] = "interleaved"
+  mode: Literal["interleaved", "text", "pair", "conversation", "regions"] = "interleaved"
   conversation: Any = None
+  regions: Any = None
 
   def __post_init__(self):
-    if self.mode not in ("interleaved", "text", "pair", "conversation"):
+    if self.mode not in ("interleaved", "text", "pair", "conversation", "regions"):
       raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
-                       "'text', 'pair' or 'conversation'.")
+                       "'text', 'pair', 'conversation' or 'regions'.")
     if (self.mode == "conversation") != (self.conversation is not None):
       raise ValueError("SequenceSpec: mode 'conversation' and a `conversation` format go "
+                       "together.")
+    if (self.mode == "regions") != (self.regions is not None):
+      raise ValueError("SequenceSpec: mode 'regions' and a `regions` spec (RegionSpec) go "
                        "together.")
     if self.mode == "interleaved" and self.max_images < 1:
       # Every record would lose all its images and be skipped: refuse now, not after a

@@ -9,7 +9,8 @@ its numbers can be compared with those of the papers and toolkits that use it:
   which; scores made with the imitation may differ in rare cases, see `simple_tokenize`).
 - VQA: the VQAv2 accuracy of the official evaluation script (answer normalisation, then the
   mean over the ten leave-one-out subsets of the human answers), and OpenFlamingo's variant.
-- Classification: top-k accuracy and binary ROC-AUC.
+- Classification: top-k accuracy, binary ROC-AUC and F1; calibration: the reliability
+  diagram, expected calibration error and temperature scaling (Guo et al., 2017).
 - Retrieval: image-to-text and text-to-image recall@k with several captions per image.
 
 All scores are fractions in [0, 1] (CIDEr: in the toolkit's units, usually 0..~3); papers and
@@ -600,6 +601,86 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   _check_scores(scores, "roc_auc")
   rank_sum = _average_ranks(scores)[positive].sum()
   return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def f1_score(predictions: np.ndarray, labels: np.ndarray) -> float:
+  """Binary F1 of the positive class (1): `2 TP / (2 TP + FP + FN)`; 0 when there is no
+  positive among the predictions or the labels (scikit-learn's `zero_division=0`)."""
+  predictions, labels = np.asarray(predictions).astype(bool), np.asarray(labels).astype(bool)
+  if predictions.shape != labels.shape or predictions.ndim != 1:
+    raise UserError(f"f1_score: predictions and labels must both be 'n'; got "
+                    f"{predictions.shape} and {labels.shape}.")
+  tp = int(np.sum(predictions & labels))
+  wrong = int(np.sum(predictions != labels))
+  return 2 * tp / (2 * tp + wrong) if tp else 0.0
+
+
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10
+                ) -> dict[str, np.ndarray]:
+  """The reliability diagram's bins of a classifier's top-label confidence (Guo et al.,
+  2017): `bins` equal-width bins of `(0, 1]` (a confidence of exactly `k / bins` falls in
+  bin k - 1), each with its example `count`, mean `confidence` and `accuracy` (NaN when
+  empty).
+
+  Args:
+    probabilities: `"n c"` class probabilities (rows summing to 1).
+    labels: `"n"` class indices.
+  """
+  probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels)
+  if probabilities.ndim != 2 or labels.shape != probabilities.shape[:1] or bins < 1:
+    raise UserError(f"reliability: probabilities must be 'n c', labels 'n' and bins >= 1; "
+                    f"got {probabilities.shape}, {labels.shape}, {bins}.")
+  _check_scores(probabilities, "reliability")
+  confidence = probabilities.max(axis=1)
+  correct = probabilities.argmax(axis=1) == labels
+  index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+  count = np.bincount(index, minlength=bins)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = lambda values: np.bincount(index, values, minlength=bins) / count
+    return {"count": count, "confidence": mean(confidence),
+            "accuracy": mean(correct.astype(np.float64)),
+            "edges": np.linspace(0.0, 1.0, bins + 1)}
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
+                               bins: int = 10) -> float:
+  """ECE (Guo et al., 2017): the count-weighted mean over `reliability` bins of
+  `|accuracy - confidence|` of the top-label confidence."""
+  diagram = reliability(probabilities, labels, bins)
+  filled = diagram["count"] > 0
+  gap = np.abs(diagram["accuracy"][filled] - diagram["confidence"][filled])
+  return float(np.sum(diagram["count"][filled] * gap) / np.sum(diagram["count"]))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
+                            temperature: float = 1.0) -> float:
+  """The mean cross-entropy of `softmax(logits / temperature)` against `labels`."""
+  log_p = log_softmax(np.asarray(logits, np.float64) / temperature)
+  return float(-np.mean(np.take_along_axis(log_p, np.asarray(labels)[:, None], axis=1)))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+  """Temperature scaling (Guo et al., 2017): the one `T` in `bounds` minimising the
+  held-out negative log-likelihood of `softmax(logits / T)`, found on `log T` by bounded
+  scalar minimisation (the NLL is convex in `1 / T`). Accuracy is unchanged by `T`."""
+  from scipy import optimize  # noqa: PLC0415 (only calibration needs it)
+  logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+  if logits.ndim != 2 or labels.shape != logits.shape[:1] or not len(labels):
+    raise UserError(f"fit_temperature: logits must be 'n c' and labels 'n' with n > 0; "
+                    f"got {logits.shape} and {labels.shape}.")
+  _check_scores(logits, "fit_temperature")
+  result = optimize.minimize_scalar(
+      lambda log_t: negative_log_likelihood(logits, labels, math.exp(log_t)),
+      bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
+      options={"xatol": 1e-6})
+  return float(math.exp(result.x))
 
 
 # ------------------------------------------------------------------------------------------

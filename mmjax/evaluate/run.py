@@ -189,6 +189,9 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
     return _evaluate_prompt_learning(config, params, tasks, protocol)
   if config.task == "llava":
     return _evaluate_instruct(config, params, tasks, protocol, should_stop, progress)
+  if config.task == "mmbcd":
+    return _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
+                              model_state)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -270,6 +273,27 @@ def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -
                   "seconds": {instruct.TASK: {0: time.monotonic() - start}}})
 
 
+def _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
+                       model_state) -> Results:
+  from mmjax.evaluate import classify  # noqa: PLC0415 (reads the regions pipeline)
+  names = list(tasks or config.evaluate.get("tasks", (classify.TASK,)))
+  if names != [classify.TASK]:
+    raise cli.UserError(f"An MMBCD run is evaluated on held-out cases "
+                        f"(--tasks={classify.TASK}), not on {names}.")
+  bar = Progress(classify.case_count(config), enabled=progress)
+  start = time.monotonic()
+
+  def step(n: int, label: str) -> None:
+    if should_stop():
+      raise Stopped
+    bar.update(n, label)
+
+  scores, predictions = classify.evaluate(config, params, model_state, step=step)
+  return Results({classify.TASK: {0: scores}}, {classify.TASK: {0: predictions}},
+                 {"protocol": dataclasses.asdict(protocol),
+                  "seconds": {classify.TASK: {0: time.monotonic() - start}}})
+
+
 def _evaluate_prompt_learning(config, params, tasks, protocol) -> Results:
   names = list(tasks or config.evaluate.get("tasks", ("base_to_new",)))
   if names != ["base_to_new"]:
@@ -293,7 +317,8 @@ def _jsonable(value):
 # Rows of the table: (task, metric) in this order when present; others follow.
 ORDER = ("accuracy", "chance", "ceiling", "colour", "CIDEr", "BLEU-4", "top1", "top5",
          "base", "new", "h",
-         "roc_auc", *(f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image")
+         "roc_auc", "f1", "nll", "nll_scaled", "ece", "ece_scaled", "temperature",
+         *(f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image")
                       for k in zeroshot.RECALL_AT))
 
 

@@ -106,9 +106,14 @@ class ResNetConfig:
 
 
 class BatchNorm(nn.Module):
-  """torch's BatchNorm2d over the last axis of `"b h w c"`: parameters `scale`, `bias`;
+  """torch's BatchNorm over the last axis (BatchNorm2d of `"b h w c"`, BatchNorm1d of
+  `"n c"`): the statistics reduce over every other axis. Parameters `scale`, `bias`;
   running statistics `mean`, `var` in "batch_stats" (updated when not
-  `use_running_average` and not initialising)."""
+  `use_running_average` and not initialising).
+
+  `mask` (the shape of `x` less its last axis, True for real rows) leaves padding rows out
+  of the batch statistics (MMBCD's padded regions); without it every row counts, as in
+  torch."""
 
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -117,7 +122,8 @@ class BatchNorm(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool,
+               mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     init = nn.initializers.zeros_init() if self.zero_scale else nn.initializers.ones_init()
     scale = self.param("scale", nn.with_logical_partitioning(init, ("mlp",)), (c,),
@@ -130,11 +136,18 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-      if not self.is_initializing():
+      axes = tuple(range(x.ndim - 1))
+      if mask is None:
         n = x.size // c
-        unbiased = var * (n / max(n - 1, 1))
+        mean = jnp.mean(xf, axis=axes)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      else:
+        weight = mask.astype(jnp.float32)[..., None]
+        n = jnp.maximum(jnp.sum(weight), 1.0)
+        mean = jnp.sum(xf * weight, axis=axes) / n
+        var = jnp.sum(jnp.square(xf - mean) * weight, axis=axes) / n
+      if not self.is_initializing():
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
     mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
