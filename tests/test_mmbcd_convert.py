@@ -202,3 +202,100 @@ def test_roberta_conversion_gives_transformers_hidden_states(cls, tmp_path):
     np.testing.assert_allclose(got["pooled"], out.pooler_output.numpy(), atol=1e-5)
   with pytest.raises(ValueError, match="less position_offset=2"):
     Bert(cfg).apply({"params": params}, jnp.zeros((1, 19), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# The whole MMBCD checkpoint, in the layout of the reference's code/model.py.
+# ---------------------------------------------------------------------------------------
+EMBED = 16
+
+
+class TorchMMBCD(torch.nn.Module):
+  """The reference's MMBCD module (code/model.py), its layers named as there, with small
+  towers: `img_fc1` registered on its own and inside `img_fc_layer` (so saved twice)."""
+
+  def __init__(self):
+    super().__init__()
+    nn = torch.nn
+    self.image_encoder = DinoViT()
+    self.img_fc1 = nn.Linear(WIDTH, EMBED)
+    self.img_fc_layer = nn.Sequential(nn.BatchNorm1d(WIDTH), self.img_fc1, nn.GELU())
+    self.text_encoder = _roberta("RobertaForSequenceClassification")
+    self.txt_fc1 = nn.Linear(WIDTH, EMBED)
+    self.txt_fc_layer = nn.Sequential(nn.BatchNorm1d(WIDTH), self.txt_fc1, nn.GELU())
+    self.attention = nn.MultiheadAttention(EMBED, num_heads=1, batch_first=True, dropout=0.3)
+    self.model_fc2 = nn.Linear(3 * EMBED, 2)
+
+  def forward(self, images, input_ids, attention_mask):
+    b, k = images.shape[:2]
+    features = self.image_encoder(images.view(-1, 3, SIZE, SIZE))
+    regions = self.img_fc_layer(features).view(b, k, -1)
+    text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=True).hidden_states[-1][:, 0]
+    text = self.txt_fc_layer(text)
+    attended, _ = self.attention(text.unsqueeze(1), regions, regions)
+    return self.model_fc2(torch.cat([attended.squeeze(1), text, regions.max(1).values], 1))
+
+
+@pytest.fixture(scope="module")
+def mmbcd_checkpoint(tmp_path_factory):
+  """`(torch module, its checkpoint as DataParallel saves it, RoBERTa's directory)`."""
+  path = tmp_path_factory.mktemp("mmbcd")
+  model = _randomised(TorchMMBCD())
+  with torch.no_grad():
+    for bn in (model.img_fc_layer[0], model.txt_fc_layer[0]):
+      bn.running_mean.copy_(torch.randn_like(bn.running_mean) * 0.3)
+      bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+      bn.num_batches_tracked.fill_(7)
+  state = model.state_dict()
+  assert "img_fc_layer.1.weight" in state and "img_fc1.weight" in state  # the alias
+  torch.save({"module." + k: v for k, v in state.items()}, path / "model_best.pt")
+  model.text_encoder.save_pretrained(path / "roberta")
+  return model, path / "model_best.pt", path / "roberta"
+
+
+def test_mmbcd_checkpoint_gives_the_reference_modules_logits(mmbcd_checkpoint):
+  from mmjax.models.mmbcd import MMBCD
+  model, checkpoint, roberta = mmbcd_checkpoint
+  cfg, params, state = convert.convert_mmbcd(checkpoint, roberta, num_heads=HEADS)
+  assert (cfg.embed_dim, cfg.num_classes, cfg.pad_id, cfg.vision.width, cfg.text.width) == (
+      EMBED, 2, 1, WIDTH, WIDTH)
+  assert params["attn"]["query"]["kernel"].shape == (EMBED, 1, EMBED)
+  assert params["attn"]["out"]["kernel"].shape == (1, EMBED, EMBED)
+  np.testing.assert_array_equal(state["batch_stats"]["vision_bn"]["var"],
+                                model.img_fc_layer[0].running_var.numpy())
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(2, 3, 3, SIZE, SIZE)).astype(np.float32)  # "b k c s s"
+  tokens, valid = _right_padded()
+  tokens, valid = tokens[:2], valid[:2]
+  with torch.no_grad():
+    expected = model(torch.tensor(images), torch.tensor(tokens),
+                     torch.tensor(valid.astype(int))).numpy()
+  out = MMBCD(cfg).apply({"params": params, **state}, jnp.asarray(images.transpose(
+      0, 1, 3, 4, 2)), jnp.asarray(tokens))
+  np.testing.assert_allclose(out["logits"], expected, atol=1e-4)
+
+
+def test_mmbcd_checkpoint_is_read_strictly(mmbcd_checkpoint, tmp_path):
+  from mmjax.convert import mmbcd
+  _, checkpoint, roberta = mmbcd_checkpoint
+  state = torch.load(checkpoint, weights_only=True)
+  save = lambda s: torch.save(s, tmp_path / "model.pt") or tmp_path / "model.pt"
+  bare = {k.removeprefix("module."): v for k, v in state.items()}
+  convert.convert_mmbcd(save(bare), roberta, num_heads=HEADS)  # without DataParallel's
+  alias = {k: v for k, v in bare.items() if not k.startswith("img_fc1.")}
+  convert.convert_mmbcd(save(alias), roberta, num_heads=HEADS)  # either name of the Linear
+  bad = dict(bare, **{"img_fc_layer.1.bias": bare["img_fc1.bias"] + 1})
+  with pytest.raises(convert.ConversionError, match="img_fc_layer.1.bias: differs from "
+                                                    "img_fc1.bias"):
+    convert.convert_mmbcd(save(bad), roberta, num_heads=HEADS)
+  with pytest.raises(convert.ConversionError, match=r"unexpected parameters \(1\): "
+                                                    r"\['model_fc3.weight'\]"):
+    convert.convert_mmbcd(save(bare | {"model_fc3.weight": torch.zeros(2)}), roberta,
+                          num_heads=HEADS)
+  with pytest.raises(convert.ConversionError, match=r"missing parameters \(1\): "
+                                                    r"\['attention.in_proj_bias'\]"):
+    convert.convert_mmbcd(save({k: v for k, v in bare.items()
+                                if k != "attention.in_proj_bias"}), roberta, num_heads=HEADS)
+  with pytest.raises(convert.ConversionError, match="dict of state dicts"):
+    mmbcd.unwrap({"model": {"a": np.zeros(1)}})

@@ -42,6 +42,7 @@ from mmjax.convert.llama import ROPE_SCALINGS, rope_settings
 from mmjax.convert.llava import convert_llava, llava_config
 from mmjax.convert.lm import LM_TYPES, convert_lm, export_lm, lm_config, lm_params
 from mmjax.convert.medclip import convert_medclip
+from mmjax.convert.mmbcd import convert_mmbcd
 from mmjax.convert.open_clip import convert_open_clip, open_clip_model, open_clip_vision
 from mmjax.convert.openflamingo import convert_openflamingo
 from mmjax.convert.resnet import convert_resnet, resnet_config
@@ -52,9 +53,9 @@ from mmjax.convert.vit import convert_dino, convert_vit
 __all__ = ["ConversionError", "LM_TYPES", "ROPE_SCALINGS", "bert_config", "blip2_config",
            "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision", "convert_clip",
            "convert_dino", "convert_idefics", "convert_llava", "convert_lm", "convert_medclip",
-           "convert_open_clip", "convert_openflamingo", "convert_resnet", "convert_siglip",
-           "convert_t5", "convert_vit", "count", "export_lm", "llava_config", "lm_config",
-           "lm_params", "open_clip_model", "open_clip_vision", "read_hf_config", "read_hf_dir",
-           "read_hf_weights", "read_state_file", "resnet_config", "rope_settings", "save",
-           "save_hf", "siglip_config", "t5_config", "t5_params", "text_config", "vit_config",
-           "vit_params"]
+           "convert_mmbcd", "convert_open_clip", "convert_openflamingo", "convert_resnet",
+           "convert_siglip", "convert_t5", "convert_vit", "count", "export_lm", "llava_config",
+           "lm_config", "lm_params", "open_clip_model", "open_clip_vision", "read_hf_config",
+           "read_hf_dir", "read_hf_weights", "read_state_file", "resnet_config", "rope_settings",
+           "save", "save_hf", "siglip_config", "t5_config", "t5_params", "text_config",
+           "vit_config", "vit_params"]
