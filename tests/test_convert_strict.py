@@ -300,6 +300,9 @@ def _add_tensor(path, name):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
         intermediate_size=48, max_position_embeddings=16)), "encoder.layer.0.extra.bias",
      convert.convert_bert),
+    (lambda: _roberta(), "roberta.encoder.layer.0.extra.bias", convert.convert_bert),
+    (lambda: _vit(), "encoder.layer.0.attention.attention.q_norm.weight",
+     convert.convert_vit),
     (lambda: _blip2(), "qformer.encoder.layer.0.extra.bias", convert.convert_blip2),
     (lambda: _t5(), "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
      convert.convert_t5),
@@ -464,6 +467,55 @@ def test_bert_conversion_is_init_tree_and_transformers_outputs(pooler, act, type
   assert np.abs(np.asarray(out["hidden"]) - expected.last_hidden_state.numpy())[valid].max() < 1e-4
   if pooler:
     assert np.abs(np.asarray(out["pooled"]) - expected.pooler_output.numpy()).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# RoBERTa (BERT with positions from pad id + 1) and ViT (Hugging Face's ViTModel layout);
+# tests/test_mmbcd_convert.py compares their outputs with transformers'.
+# ---------------------------------------------------------------------------------------
+def _roberta(**c):
+  return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**{
+      **dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+             intermediate_size=48, max_position_embeddings=20, type_vocab_size=1), **c}))
+
+
+def _vit(**c):
+  return transformers.ViTModel(transformers.ViTConfig(**{
+      **dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+             intermediate_size=48, image_size=16, patch_size=8), **c}))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(pad_token_id=0), None),
+    (dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
+    (dict(is_decoder=True), "is_decoder=True"),
+    (dict(hidden_act="gelu_10"), "hidden_act='gelu_10'"),
+    (dict(model_type="xlm-roberta"), "model_type='xlm-roberta'"),
+    (dict(some_new_setting=3), "some_new_setting"),
+])
+def test_roberta_settings_and_fields_it_does_not_know_are_refused_by_name(change, message):
+  hf = _roberta().config.to_dict()
+  assert convert.bert_config(hf).position_offset == 2  # pad id 1 + 1
+  if message is None:
+    assert convert.bert_config(hf | change).position_offset == change["pad_token_id"] + 1
+    return
+  with pytest.raises(convert.ConversionError, match=message):
+    convert.bert_config(hf | change)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(qkv_bias=False), "qkv_bias=False"),
+    (dict(image_size=[16, 24]), r"image_size=\[16, 24\]"),
+    (dict(hidden_act="gelu_10"), "hidden_act='gelu_10'"),
+    (dict(model_type="vit_mae"), "model_type='vit_mae'"),
+    (dict(some_new_setting=3), "some_new_setting"),
+])
+def test_vit_settings_and_fields_it_does_not_know_are_refused_by_name(change, message):
+  from mmjax.convert.vit import vit_config
+  hf = _vit().config.to_dict()
+  assert vit_config(hf).norm_eps == 1e-12 and vit_config(hf).token_norm
+  with pytest.raises(convert.ConversionError, match=message):
+    vit_config(hf | change)
 
 
 # ---------------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def test_roberta_conversion_gives_transformers_hidden_states(cls, tmp_path):
 # The whole MMBCD checkpoint, in the layout of the reference's code/model.py.
 # ---------------------------------------------------------------------------------------
 EMBED = 16
+DINO_WIDTH = 64  # one head, 64 wide: the number of heads DINO's convention infers
 
 
 class TorchMMBCD(torch.nn.Module):
@@ -217,9 +218,9 @@ class TorchMMBCD(torch.nn.Module):
   def __init__(self):
     super().__init__()
     nn = torch.nn
-    self.image_encoder = DinoViT()
-    self.img_fc1 = nn.Linear(WIDTH, EMBED)
-    self.img_fc_layer = nn.Sequential(nn.BatchNorm1d(WIDTH), self.img_fc1, nn.GELU())
+    self.image_encoder = DinoViT(width=DINO_WIDTH, heads=1, mlp=96)
+    self.img_fc1 = nn.Linear(DINO_WIDTH, EMBED)
+    self.img_fc_layer = nn.Sequential(nn.BatchNorm1d(DINO_WIDTH), self.img_fc1, nn.GELU())
     self.text_encoder = _roberta("RobertaForSequenceClassification")
     self.txt_fc1 = nn.Linear(WIDTH, EMBED)
     self.txt_fc_layer = nn.Sequential(nn.BatchNorm1d(WIDTH), self.txt_fc1, nn.GELU())
@@ -257,9 +258,10 @@ def mmbcd_checkpoint(tmp_path_factory):
 def test_mmbcd_checkpoint_gives_the_reference_modules_logits(mmbcd_checkpoint):
   from mmjax.models.mmbcd import MMBCD
   model, checkpoint, roberta = mmbcd_checkpoint
-  cfg, params, state = convert.convert_mmbcd(checkpoint, roberta, num_heads=HEADS)
-  assert (cfg.embed_dim, cfg.num_classes, cfg.pad_id, cfg.vision.width, cfg.text.width) == (
-      EMBED, 2, 1, WIDTH, WIDTH)
+  cfg, params, state = convert.convert_mmbcd(checkpoint, roberta)
+  assert (cfg.embed_dim, cfg.num_classes, cfg.pad_id, cfg.text.position_offset) == (
+      EMBED, 2, 1, 2)
+  assert (cfg.vision.width, cfg.vision.num_heads, cfg.vision.mlp_dim) == (DINO_WIDTH, 1, 96)
   assert params["attn"]["query"]["kernel"].shape == (EMBED, 1, EMBED)
   assert params["attn"]["out"]["kernel"].shape == (1, EMBED, EMBED)
   np.testing.assert_array_equal(state["batch_stats"]["vision_bn"]["var"],
@@ -282,20 +284,37 @@ def test_mmbcd_checkpoint_is_read_strictly(mmbcd_checkpoint, tmp_path):
   state = torch.load(checkpoint, weights_only=True)
   save = lambda s: torch.save(s, tmp_path / "model.pt") or tmp_path / "model.pt"
   bare = {k.removeprefix("module."): v for k, v in state.items()}
-  convert.convert_mmbcd(save(bare), roberta, num_heads=HEADS)  # without DataParallel's
+  convert.convert_mmbcd(save(bare), roberta)  # without DataParallel's
   alias = {k: v for k, v in bare.items() if not k.startswith("img_fc1.")}
-  convert.convert_mmbcd(save(alias), roberta, num_heads=HEADS)  # either name of the Linear
+  convert.convert_mmbcd(save(alias), roberta)  # either name of the Linear
   bad = dict(bare, **{"img_fc_layer.1.bias": bare["img_fc1.bias"] + 1})
   with pytest.raises(convert.ConversionError, match="img_fc_layer.1.bias: differs from "
                                                     "img_fc1.bias"):
-    convert.convert_mmbcd(save(bad), roberta, num_heads=HEADS)
+    convert.convert_mmbcd(save(bad), roberta)
   with pytest.raises(convert.ConversionError, match=r"unexpected parameters \(1\): "
                                                     r"\['model_fc3.weight'\]"):
-    convert.convert_mmbcd(save(bare | {"model_fc3.weight": torch.zeros(2)}), roberta,
-                          num_heads=HEADS)
+    convert.convert_mmbcd(save(bare | {"model_fc3.weight": torch.zeros(2)}), roberta)
   with pytest.raises(convert.ConversionError, match=r"missing parameters \(1\): "
                                                     r"\['attention.in_proj_bias'\]"):
     convert.convert_mmbcd(save({k: v for k, v in bare.items()
-                                if k != "attention.in_proj_bias"}), roberta, num_heads=HEADS)
+                                if k != "attention.in_proj_bias"}), roberta)
   with pytest.raises(convert.ConversionError, match="dict of state dicts"):
     mmbcd.unwrap({"model": {"a": np.zeros(1)}})
+
+
+def test_the_command_line_converts_mmbcd_and_a_vit(mmbcd_checkpoint, tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  _, checkpoint, roberta = mmbcd_checkpoint
+  _hf_vit().save_pretrained(tmp_path / "vit")
+  for flags, task in (([f"--mmbcd={checkpoint}", f"--hf_dir={roberta}"], "mmbcd"),
+                      ([f"--hf_dir={tmp_path / 'vit'}"], "vit")):
+    run = subprocess.run([sys.executable, "-m", "mmjax.convert", *flags,
+                          f"--output={tmp_path / task}"], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr
+    saved = json.loads((tmp_path / task / "config.json").read_text())
+    assert saved["task"] == task
+  assert saved["model"]["width"] == WIDTH

@@ -19,10 +19,12 @@ the tree the mmjax model's `init` builds (`common.check_tree`). Anything else is
 `ConversionError` naming what differs.
 
 One module per checkpoint family: `gpt2`, `opt`, `llama` (and Mistral), `mpt` (dispatched
-by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert`, `t5` (T5,
+by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert` (and RoBERTa),
+`vit` (Hugging Face's ViTModel, DINO's original layout), `t5` (T5,
 FLAN-T5), `blip2`, `idefics`, `openflamingo`, `llava`, `resnet` (torchvision ResNets), `medclip`
 (MedCLIP's ResNet checkpoint, `--medclip`; its BatchNorm statistics are saved beside the
-parameters as the checkpoint's "model_state"); shared readers and checks in `common`. Adding
+parameters as the checkpoint's "model_state"), `mmbcd` (the MMBCD authors' whole model,
+`--mmbcd`; its BatchNorm statistics likewise); shared readers and checks in `common`. Adding
 a family means a module `<family>.py` that reads its config with `common.Fields` (finishing with its
 `IGNORED_FIELDS`), its tensors with
 `common.Reader` (finishing with its `IGNORED_TENSORS`), checks the result with

@@ -1,12 +1,14 @@
 """`python -m mmjax.convert`: a checkpoint in, an mmjax checkpoint and config out.
 
-  python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, SigLIP, BERT, T5, BLIP-2,
-                                                      # IDEFICS, LLaVA (Hugging Face's)
+  python -m mmjax.convert --hf_dir=DIR --output=OUT   # LM, CLIP, SigLIP, BERT, RoBERTa,
+                                                      # ViT, T5, BLIP-2, IDEFICS, LLaVA
+                                                      # (Hugging Face's)
   python -m mmjax.convert --hf_dir=LLAVA --vision=CLIP_DIR [--media_token_id=ID] \
       --output=OUT                                    # original LLaVA (haotian-liu/LLaVA)
   python -m mmjax.convert --openflamingo=checkpoint.pt --vision=TOWER --hf_dir=LM \
       --output=OUT
   python -m mmjax.convert --medclip=pytorch_model.bin --hf_dir=BERT --output=OUT
+  python -m mmjax.convert --mmbcd=model_best.pt --hf_dir=ROBERTA --output=OUT
   python -m mmjax.convert --hf_dir=LM --peft_adapter=ADAPTER --output=OUT  # LoRA merged
 
 The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
@@ -26,10 +28,12 @@ from mmjax.convert.idefics import convert_idefics
 from mmjax.convert.llava import LLAVA_TYPES, convert_llava
 from mmjax.convert.lm import LM_TYPES, convert_lm
 from mmjax.convert.medclip import convert_medclip
+from mmjax.convert.mmbcd import convert_mmbcd
 from mmjax.convert.openflamingo import convert_openflamingo
 from mmjax.convert.peft import load_adapter
 from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
+from mmjax.convert.vit import convert_vit
 
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
 flags.DEFINE_string("output", None, "Where the checkpoint and config go.")
@@ -49,12 +53,16 @@ flags.DEFINE_integer("endofchunk_token_id", None, "IDEFICS, OpenFlamingo: the en
                      "token id.")
 flags.DEFINE_string("medclip", None, "MedCLIP's (ResNet) pytorch_model.bin; --hf_dir is "
                     "then a directory with its text model's config.json (Bio_ClinicalBERT's).")
+flags.DEFINE_string("mmbcd", None, "MMBCD's whole-model checkpoint (model_best.pt, its "
+                    "DINO ViT and RoBERTa inside); --hf_dir is then a directory with its text "
+                    "model's config.json (roberta-base's).")
 flags.DEFINE_string("peft_adapter", None, "An LM: a peft LoRA adapter directory (its "
                     "adapter_config.json and adapter_model.safetensors) for --hf_dir, merged "
                     "into the converted weights (mmjax.convert.peft).")
 flags.mark_flags_as_required(["hf_dir", "output"])
 
-SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "t5", "blip-2", "idefics") + LLAVA_TYPES
+SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "roberta", "vit", "t5", "blip-2",
+                       "idefics") + LLAVA_TYPES
 
 
 def main(argv):
@@ -67,13 +75,15 @@ def main(argv):
                         "model directory (save_pretrained's output).")
   kind = json.loads((hf_dir / "config.json").read_text()).get("model_type")
   model_state = None
-  if f.peft_adapter and (kind not in LM_TYPES or f.medclip or f.openflamingo):
+  if f.peft_adapter and (kind not in LM_TYPES or f.medclip or f.openflamingo or f.mmbcd):
     raise cli.UserError(f"--peft_adapter applies to a Hugging Face LM ({', '.join(LM_TYPES)}) "
                         f"converted alone; {hf_dir} is {kind!r}.")
+  if sum(map(bool, (f.medclip, f.openflamingo, f.mmbcd))) > 1:
+    raise cli.UserError("Give one of --medclip, --openflamingo and --mmbcd.")
   if f.medclip:
-    if f.openflamingo:
-      raise cli.UserError("Give one of --medclip and --openflamingo.")
     task, (cfg, params, model_state) = "medclip", convert_medclip(f.medclip, hf_dir)
+  elif f.mmbcd:
+    task, (cfg, params, model_state) = "mmbcd", convert_mmbcd(f.mmbcd, hf_dir)
   elif f.openflamingo:
     if f.vision is None:
       raise cli.UserError("--openflamingo needs --vision: the CLIP vision tower (open_clip "
@@ -96,8 +106,10 @@ def main(argv):
     task, (cfg, params) = "clip", convert_clip(hf_dir)
   elif kind == "siglip":
     task, (cfg, params) = "clip", convert_siglip(hf_dir)
-  elif kind == "bert":
+  elif kind in ("bert", "roberta"):
     task, (cfg, params) = "bert", convert_bert(hf_dir)
+  elif kind == "vit":
+    task, (cfg, params) = "vit", convert_vit(hf_dir)
   elif kind == "t5":
     task, (cfg, params) = "t5", convert_t5(hf_dir)
   elif kind == "blip-2":
@@ -113,9 +125,9 @@ def main(argv):
   else:
     raise cli.UserError(f"{hf_dir / 'config.json'} has model_type {kind!r}; supported: "
                         f"{', '.join(SUPPORTED)} (and OpenFlamingo with --openflamingo, "
-                        "MedCLIP with --medclip).")
+                        "MedCLIP with --medclip, MMBCD with --mmbcd).")
   common.save(output, task, cfg, params, model_state)
-  print(f"Converted {f.medclip or f.openflamingo or hf_dir} ({common.count(params):,} "
+  print(f"Converted {f.medclip or f.mmbcd or f.openflamingo or hf_dir} ({common.count(params):,} "
         f"parameters) to {output}.")
 
 
