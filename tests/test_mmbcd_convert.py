@@ -148,6 +148,17 @@ def test_dino_layout_gives_the_same_tower_as_transformers(tmp_path):
   np.testing.assert_allclose(got["pooled"], expected[:, 0], atol=1e-5)
 
 
+def test_dino_vit_s8_shapes_read_as_the_preset():
+  """The shapes of `dino_vits8`'s state dict (only shapes: broadcast zeros) give
+  `DINO_VIT_S8`, 6 heads of 64 by DINO's convention."""
+  from mmjax.models.vit import DINO_VIT_S8, ViTConfig
+  zeros = lambda *shape: np.broadcast_to(np.float32(0), shape)
+  state = {"cls_token": zeros(1, 1, 384), "pos_embed": zeros(1, 785, 384),
+           "patch_embed.proj.weight": zeros(384, 3, 8, 8),
+           **{f"blocks.{i}.mlp.fc1.weight": zeros(1536, 384) for i in range(12)}}
+  assert vit_conversion.dino_config(state) == ViTConfig(**DINO_VIT_S8)
+
+
 def test_vit_conversions_refuse_what_they_cannot_compute(tmp_path):
   model = _hf_vit()
   hf = model.config.to_dict()
