@@ -48,9 +48,9 @@ IGNORED_TENSORS = {
 DINO_IGNORED_TENSORS = {
     r"head\..*": "a classifier (timm's) or DINO's training head: not part of the encoder",
 }
-# The ViTConfig fields that say where the layout differs from CLIP's.
-LAYOUT = {k: DINO_VIT_S8[k] for k in ("output_dim", "token_norm", "keep_class_token",
-                                       "patch_bias", "pre_norm")}
+# The ViTConfig fields that say where the layout differs from CLIP's (besides no projection).
+LAYOUT = {k: DINO_VIT_S8[k] for k in ("token_norm", "keep_class_token", "patch_bias",
+                                       "pre_norm")}
 DINO_HEAD_DIM = 64
 
 
@@ -65,7 +65,7 @@ def vit_config(hf: dict[str, Any], preprocessor: dict[str, Any] | None = None) -
   mean = tuple(preprocessor.get("image_mean") or IMAGENET_MEAN)
   std = tuple(preprocessor.get("image_std") or IMAGENET_STD)
   cfg = clip.vit_config(f, None, activation="gelu", norm_eps=1e-12, pixel_mean=mean,
-                        pixel_std=std, **{k: v for k, v in LAYOUT.items() if k != "output_dim"})
+                        pixel_std=std, **LAYOUT)
   f.finish(IGNORED_FIELDS)
   return cfg
 
