@@ -80,9 +80,13 @@ NO_FAMILY = (0.4, "no family history of breast cancer")  # said of a share of th
 BIOPSY = ((0.12, 0.18), ("prior biopsy of the {side} breast was benign",
                          "history of fibroadenoma excision"))
 AGE = ((47.0, 11.0), (56.0, 10.0))  # (mean, sd) | benign, malignant
+# Every history holds a note "{what} {where}"; a leak puts a LEAK_PHRASES word before
+# `what`, so the note's other words are the same in both classes and the leak words alone
+# carry the leak.
+NOTES = (("density", "asymmetry", "change"),
+         ("on outside mammogram", "on clinical examination", "on prior ultrasound"))
+LEAK_PHRASES = ("suspicious", "spiculated", "birads 5")
 LEAK_WORDS = ("suspicious", "spiculated", "birads")
-LEAK_SENTENCES = ("suspicious lesion on clinical examination",
-                  "spiculated mass on outside films", "outside report birads 5 assessment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +121,10 @@ def draw_case(rng: np.random.Generator, malignant_fraction: float, leak: float,
     sentences.append(NO_FAMILY[1])
   if rng.random() < BIOPSY[0][label]:
     sentences.append(_pick(rng, BIOPSY[1]).format(**words))
+  note = f"{_pick(rng, NOTES[0])} {_pick(rng, NOTES[1])}"
   if rng.random() < (leak if label else leak_benign):
-    sentences.append(_pick(rng, LEAK_SENTENCES))
+    note = f"{_pick(rng, LEAK_PHRASES)} {note}"
+  sentences.append(note)
   rest = sentences[1:]
   sentences = sentences[:1] + [rest[i] for i in rng.permutation(len(rest))]
   history = "" if rng.random() < missing_text else ". ".join(sentences) + "."
