@@ -365,16 +365,16 @@ def _draw(image: np.ndarray, structure: Structure, rng: np.random.Generator, sca
 
 
 def render(layout: Layout, image_size: int, rng: np.random.Generator) -> np.ndarray:
-  """uint8 `"h w"`: the breast drawn at half resolution and doubled, then its structures
-  and the detector grain at full resolution."""
-  image = upsample2(_tissue(layout, image_size // 2, rng))
+  """uint8 `"h w"`: the breast and the detector's grain drawn at half resolution and
+  doubled, then its structures at full resolution."""
+  half = _tissue(layout, image_size // 2, rng)
+  grain = rng.random(half.shape, dtype=np.float32)
+  grain -= 0.5
+  half += np.where(half > 0.02, np.float32(0.06) * grain, np.float32(0))
+  image = upsample2(half)
   scale = image_size / REFERENCE_SIZE
   for structure in layout.structures:
     _draw(image, structure, rng, scale)
-  grain = rng.random(image.shape, dtype=np.float32)
-  grain -= 0.5
-  grain *= 0.04
-  image += np.where(image > 0.02, grain, np.float32(0))
   np.clip(image, 0, 1, out=image)
   image *= 255
   image += 0.5
