@@ -22,13 +22,19 @@ outputs are empty and some rows broken (outside the image, zero width, NaN score
 the robustness of the code that reads them.
 
 Clinical histories are short template sentences (age, complaint and side, family
-history, prior biopsy) whose words correlate with the label imperfectly. A few leak-like
-words ("suspicious", "spiculated", "birads 5") appear in malignant training histories far
-more often than in the held-out splits, where they barely differ between the classes:
-what the reference's tf-idf keyword masking of training texts counters. Histories are
-lower case and leak words never end a sentence, so the reference's exact, whitespace-token
-deletion can remove them. Some histories are empty. The model reads them as
+history, prior biopsy, a note on earlier imaging) whose words correlate with the label
+imperfectly. A few leak-like words ("suspicious", "spiculated", "birads 5", put before the
+note's finding) appear in malignant training histories far more often than in the
+held-out splits, where they barely differ between the classes: what the reference's
+tf-idf keyword masking of training texts counters. Only the leak words leak (the note
+around them reads the same in both classes), histories are lower case and leak words
+never end a sentence, so the reference's exact, whitespace-token deletion removes them
+(a bare "5" stays, as it would there). Some histories are empty. The model reads them as
 `INDICATION.format(text=history)` (code/data.py's prompt).
+
+Rendering takes about 30 ms per 1024 px image on one core (numpy, float32): the tissue is
+drawn at half resolution (noise pyramids of bilinear doublings, fibres looked up in a
+table along rays) and doubled; structures are drawn in local patches at full resolution.
 
 Splits, each its own stream of a pure function of (seed, split, index): "train",
 "validation" (calibration: temperature scaling) and "test"; the last two are held out.
