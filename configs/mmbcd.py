@@ -32,7 +32,7 @@ import ml_collections
 
 from mmjax.cli import UserError
 
-METHODS = ("vision", "concat", "attention", "masking", "whole_image")
+METHODS = ("vision", "concat", "attention", "masking", "masking_fixed", "whole_image")
 SHAPES = ("tiny", "large", "paper")
 
 
@@ -117,8 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  whole_image=method == "whole_image")
   config.data = dict(
       seq_len=seq_len, batch_size=16, mode="regions", regions=regions,
-      keyword_mask=dict(mode="random" if method == "masking" else "none", top=100,
-                        rate=0.2, seed=0),
+      keyword_mask=dict(mode={"masking": "random", "masking_fixed": "fixed"}.get(method, "none"),
+                        top=100, rate=0.2, seed=0),
       datasets=dict(train=dict(source=dict(world, split="train", size=4000), weight=1.0,
                                balance=True)),
       eval_datasets=dict(
