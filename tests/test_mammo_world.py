@@ -311,3 +311,14 @@ def test_the_folder_reader_refuses_a_csv_it_cannot_read(tmp_path):
   with pytest.raises(CorruptRecord, match="expected five numbers") as error:
     source[0]
   assert error.value.reason == "bad_boxes"
+
+
+def test_shipped_tokenizer_is_rebuilt_exactly_and_knows_every_history_word(tmp_path):
+  mw.write_tokenizer(tmp_path)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (tmp_path / name).read_text() == (mw.TOKENIZER_DIR / name).read_text()
+  tokenizer = HFTokenizer(mw.TOKENIZER_DIR)
+  world = mw.MammoWorld(seed=3)
+  for text in world.texts("train", 300) + world.texts("test", 100):
+    ids = tokenizer.encode("Indication: " + text, bos=True, eos=True)
+    assert 1 not in ids and len(ids) <= 48  # [UNK] is id 1

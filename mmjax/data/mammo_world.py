@@ -29,8 +29,12 @@ held-out splits, where they barely differ between the classes: what the referenc
 tf-idf keyword masking of training texts counters. Only the leak words leak (the note
 around them reads the same in both classes), histories are lower case and leak words
 never end a sentence, so the reference's exact, whitespace-token deletion removes them
-(a bare "5" stays, as it would there). Some histories are empty. The model reads them as
-`INDICATION.format(text=history)` (code/data.py's prompt).
+(a bare "5" stays, as it would there). Some histories are empty. The model reads them
+inside the reference's prompt, "Indication: {text}" (`mmjax.data.regions.RegionSpec`).
+The text tower's tokenizer (BERT-style WordPiece over `words()`, the histories' whole
+vocabulary and the prompt's) ships in `TOKENIZER_DIR`; to rebuild it:
+
+  python -m mmjax.data.mammo_world --output=mmjax/data/assets/mammo_world
 
 Rendering takes about 20-25 ms per 1024 px image on one core (numpy, float32): the tissue is
 drawn at half resolution over the rectangle that holds the breast (noise pyramids of
@@ -44,13 +48,16 @@ Splits, each its own stream of a pure function of (seed, split, index): "train",
 import dataclasses
 import functools
 import math
+import pathlib
 
 import numpy as np
+
+from mmjax.data.tokenizer import word_level_tokenizer, write_word_level_tokenizer
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT = ("validation", "test")
 SIDES = ("right", "left")
-INDICATION = "Indication: {text}"  # code/data.py's prompt around a history
+TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "mammo_world"
 REFERENCE_SIZE = 1024  # pixel sizes below are at this image size; they scale with it
 MIN_BOX, MAX_BOX = 40 / REFERENCE_SIZE, 200 / REFERENCE_SIZE  # detector box sides
 
@@ -94,6 +101,7 @@ NOTES = (("density", "asymmetry", "change"),
          ("on outside mammogram", "on clinical examination", "on prior ultrasound"))
 LEAK_PHRASES = ("suspicious", "spiculated", "birads 5")
 LEAK_WORDS = ("suspicious", "spiculated", "birads")
+PUNCTUATION = (".", ",", ":")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,3 +539,38 @@ class MammoWorld:
 @functools.lru_cache(maxsize=64)
 def _labels(seed: int, split: int, malignant_fraction: float, n: int) -> tuple[int, ...]:
   return tuple(int(_rng(seed, split, 0, i).random() < malignant_fraction) for i in range(n))
+
+
+def words() -> tuple[str, ...]:
+  """Every word a history (or the prompt around it) can hold, sorted: the templates'
+  words, the ages and month counts `draw_case` can write, "indication"."""
+  texts = [*OPENINGS, *FAMILY[1], NO_FAMILY[1], *BIOPSY[1], *LEAK_PHRASES, *NOTES[0],
+           *NOTES[1], *(p for _, phrasings in COMPLAINTS.values() for p in phrasings),
+           *SIDES, "indication"]
+  found = {str(n) for n in (*range(28, 86), *range(1, 13))}
+  for text in texts:
+    found.update(w for w in text.replace(",", " ").split() if not w.startswith("{"))
+  return tuple(sorted(found))
+
+
+def build_tokenizer():
+  """The world's word-level tokenizer (`mmjax.data.tokenizer.word_level_tokenizer`)."""
+  return word_level_tokenizer(words(), PUNCTUATION)
+
+
+def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
+  """Writes the tokenizer's files ([CLS] BOS, [SEP] EOS, [PAD] 0) into `directory`."""
+  return write_word_level_tokenizer(directory, build_tokenizer(), model_max_length=64)
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  directory = write_tokenizer(flags.FLAGS.output)
+  print(f"wrote {directory} ({build_tokenizer().get_vocab_size()} tokens)")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("output", str(TOKENIZER_DIR), "Directory for the tokenizer files.")
+  app.run(main)
