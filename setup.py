@@ -40,7 +40,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]) + ["mmjax.configs"],
     package_dir={"mmjax.configs": "configs"},
     package_data={"mmjax": ["data/assets/*.model", "data/assets/*.json",
-                           "data/assets/findings_world/*.json"]},
+                           "data/assets/findings_world/*.json",
+                           "data/assets/mammo_world/*.json"]},
     python_requires=">=3.10",
     # Upper bounds: the newest release of each that the test suite has passed with (jax
     # 0.10.2, flax 0.12.8, orbax-checkpoint 0.12.8, grain 0.2.18). Releases after those

@@ -31,8 +31,9 @@ after temperature scaling fitted on the validation split) end every run
 import ml_collections
 
 from mmjax.cli import UserError
+from mmjax.data import mammo_world
 
-METHODS = ("vision", "concat", "attention", "masking", "whole_image")
+METHODS = ("vision", "concat", "attention", "masking", "masking_fixed", "whole_image")
 SHAPES = ("tiny", "large", "paper")
 
 
@@ -92,13 +93,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     embed_dim, seq_len, pad_id = 256, 90, 1
     config.trainable = trainable_pattern(9, 2, 12)
   else:
-    config.tokenizer = ""  # the embedded sentencepiece tokenizer (<pad> 0, </s> 1, <s> 2)
-    config.tokens = dict(pad=0, eos=1, bos=2)
+    # The mammography world's word-level vocabulary ([CLS] ... [SEP], [PAD] 0).
+    config.tokenizer = str(mammo_world.TOKENIZER_DIR)
+    config.tokens = dict(pad=0, eos=3, bos=2)
     vision = dict(image_size=32, patch_size=8, width=64, depth=4, num_heads=2,
                   norm_eps=1e-6, **dino)
-    text = dict(vocab_size=512, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=96,
+    # 134 words and tokens; "Indication: <history>" is 40 tokens at most.
+    text = dict(vocab_size=134, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=64,
                 type_vocab_size=1, pooler=False)
-    embed_dim, seq_len, pad_id = 64, 64, 0
+    embed_dim, seq_len, pad_id = 64, 48, 0
     config.trainable = r".*"  # no pretrained towers to keep
   fusion = {"vision": "vision", "whole_image": "vision", "concat": "concat"}.get(method,
                                                                                 "attention")
@@ -117,8 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  whole_image=method == "whole_image")
   config.data = dict(
       seq_len=seq_len, batch_size=16, mode="regions", regions=regions,
-      keyword_mask=dict(mode="random" if method == "masking" else "none", top=100,
-                        rate=0.2, seed=0),
+      keyword_mask=dict(mode={"masking": "random", "masking_fixed": "fixed"}.get(method, "none"),
+                        top=100, rate=0.2, seed=0),
       datasets=dict(train=dict(source=dict(world, split="train", size=4000), weight=1.0,
                                balance=True)),
       eval_datasets=dict(

@@ -251,12 +251,20 @@ def test_whole_image_baseline_and_text_tokens():
   assert example["regions"].shape == (1, 8, 8, 3) and example["region_mask"].tolist() == [True]
   tokens = example["tokens"]
   assert stats["text_truncated"] == 1 and tokens[0] == TOK.bos_id and tokens[-1] == TOK.eos_id
+  # The history inside the reference's prompt, or bare with prompt "{text}".
   doc["text"] = "mass"
-  tokens, stats = (lambda e: (e[0]["tokens"], e[1]))(
-      build_regions(doc, TOK, RegionSpec(whole_image=True, region_size=8), 12))
-  ids = TOK.encode("mass", bos=True, eos=True)
-  assert stats["text_truncated"] == 0 and tokens[:len(ids)].tolist() == ids
-  assert (tokens[len(ids):] == TOK.pad_id).all()
+  for prompt, text in (("Indication: {text}", "Indication: mass"), ("{text}", "mass")):
+    tokens, stats = (lambda e: (e[0]["tokens"], e[1]))(build_regions(
+        doc, TOK, RegionSpec(whole_image=True, region_size=8, prompt=prompt), 32))
+    ids = TOK.encode(text, bos=True, eos=True)
+    assert stats["text_truncated"] == 0 and tokens[:len(ids)].tolist() == ids
+    assert (tokens[len(ids):] == TOK.pad_id).all()
+  doc["text"] = ""  # a hidden history still reads the prompt
+  tokens = build_regions(doc, TOK, RegionSpec(whole_image=True, region_size=8), 32)[0]["tokens"]
+  ids = TOK.encode("Indication:", bos=True, eos=True)
+  assert tokens[:len(ids)].tolist() == ids
+  with pytest.raises(ValueError, match="prompt"):
+    RegionSpec(prompt="Indication:")
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ in `TOKENIZER_DIR`; to rebuild it:
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from mmjax.data.tokenizer import word_level_tokenizer, write_word_level_tokenizer
 
 TOKENIZER_DIR = pathlib.Path(__file__).parent / "assets" / "findings_world"
 
@@ -537,7 +538,6 @@ class SentencePool:
 
 # ---------------------------------------------------------------------------------- tokenizer
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0 to 4
 PUNCTUATION = (".", ",", "-", ":", ";", "(", ")", "'")
 
 
@@ -558,32 +558,13 @@ def words() -> tuple[str, ...]:
 def build_tokenizer():
   """A BERT-style WordPiece tokenizer whose vocabulary is the special tokens, punctuation
   and `words()`: every sentence of the world is whole words, never `[UNK]`."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
-  vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, *PUNCTUATION, *words()))}
-  tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  tokenizer.decoder = decoders.WordPiece()
-  tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-  return tokenizer
+  return word_level_tokenizer(words(), PUNCTUATION)
 
 
 def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
   """Writes `tokenizer.json` and `tokenizer_config.json` (CLS as BOS, SEP as EOS, PAD id
   0) into `directory`: what `mmjax.data.tokenizer.HFTokenizer` reads."""
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  build_tokenizer().save(str(directory / "tokenizer.json"), pretty=True)
-  names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
-  config = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": True,
-            "model_max_length": 77, "bos_token": "[CLS]", "eos_token": "[SEP]",
-            **dict(zip(names, SPECIAL_TOKENS, strict=True)),
-            "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False,
-                                              "rstrip": False, "normalized": False,
-                                              "single_word": False}
-                                     for i, t in enumerate(SPECIAL_TOKENS)}}
-  (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-  return directory
+  return write_word_level_tokenizer(directory, build_tokenizer(), model_max_length=77)
 
 
 def main(argv):

@@ -27,14 +27,14 @@ import numpy as np
 from absl import logging
 
 from mmjax import cli
-from mmjax.data import conversation, findings_world, shapes_world
+from mmjax.data import conversation, findings_world, mammo_world, shapes_world
 from mmjax.data.keywords import KeywordMask
 from mmjax.data.regions import build_regions
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
 from mmjax.data.sources import (ArrayRecordConversations, ArrayRecordDocuments,
                                 ArrayRecordPairs, DecoupledPairs, LabelledClasses,
-                                LabelledDecoupled, LlavaJson, TfdsPairs, WebDatasetDocuments,
-                                WebDatasetPairs)
+                                LabelledDecoupled, LlavaJson, MammoFolder, TfdsPairs,
+                                WebDatasetDocuments, WebDatasetPairs)
 from mmjax.data.tokenizer import Tokenizer
 
 
@@ -331,6 +331,59 @@ class FindingsWorldPairs:
       text, text_labels = sentences[pick].text, sentences[pick].labels
     return {"images": example.image[None], "text": text, "image_labels": example.labels,
             "text_labels": text_labels}
+
+
+@functools.lru_cache(maxsize=16)
+def _mammo_texts(world: mammo_world.MammoWorld, split: str, size: int) -> tuple[str, ...]:
+  return tuple(world.texts(split, size))
+
+
+@dataclasses.dataclass(frozen=True)
+class MammoWorldDocuments:
+  """Mammography-world (`mmjax.data.mammo_world`) cases 0 to `size - 1` of `split` as MMBCD
+  documents `{"image": uint8 "h w", "boxes": float32 "n 5", "text", "label", "id"}`: the
+  full image, the simulated detector's raw rows and the history. The other fields are
+  `mammo_world.MammoWorld`'s."""
+
+  split: str = "train"
+  size: int = 2000
+  image_size: int = mammo_world.REFERENCE_SIZE
+  seed: int = 0
+  malignant_fraction: float = 0.28
+  recall: float = 0.85
+  tissue_boxes: float = 4.0
+  broken_rate: float = 0.0
+  leak: tuple[float, float] = (0.6, 0.06)
+  leak_benign: float = 0.04
+  missing_text: float = 0.03
+
+  def __post_init__(self):
+    object.__setattr__(self, "leak", tuple(self.leak))
+    mammo_world.split_id(self.split)
+    if self.size < 1:
+      raise ValueError(f"size must be at least 1, got {self.size}.")
+    self.world()  # checks the world's settings now, not at the first record
+
+  def world(self) -> mammo_world.MammoWorld:
+    return mammo_world.MammoWorld(**{f.name: getattr(self, f.name)
+                                     for f in dataclasses.fields(mammo_world.MammoWorld)})
+
+  @property
+  def labels(self) -> tuple[int, ...]:
+    return self.world().labels(self.split, self.size)
+
+  def texts(self) -> list[str]:
+    return list(_mammo_texts(self.world(), self.split, self.size))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self.size:
+      raise IndexError(f"Case {index} of a {self.size}-case mammography-world source.")
+    document = self.world().example(self.split, index)
+    del document["lesion_box"]  # the world's truth, not what a real source knows
+    return document
 
 
 SKIP_WINDOW = 1000
@@ -757,6 +810,8 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
            "shapes_world_conversations": ShapesWorldConversations,
            "shapes_world_classes": ShapesWorldClasses,
            "findings_world": FindingsWorldPairs,
+           "mammo_world": MammoWorldDocuments,
+           "mammo_folder": MammoFolder,
            "labelled_decoupled": LabelledDecoupled,
            "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,

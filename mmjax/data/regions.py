@@ -58,6 +58,9 @@ class RegionSpec:
     empty: a record with no valid box is skipped ("skip") or is one whole-image region
       ("whole_image").
     whole_image: one region, the whole image (the boxes are not read).
+    prompt: the text the model reads around the history, `{text}` where it goes
+      (MMBCD's code/data.py: "Indication: {text}"; an empty history leaves
+      "Indication:"). Keyword masking applies to the history before it.
   """
 
   num_regions: int = 8
@@ -68,6 +71,7 @@ class RegionSpec:
   pad: Literal["mask", "duplicate"] = "duplicate"
   empty: Literal["skip", "whole_image"] = "skip"
   whole_image: bool = False
+  prompt: str = "Indication: {text}"
 
   def __post_init__(self):
     for name, value, allowed in (("crop", self.crop, CROPS), ("pad", self.pad, PADS),
@@ -79,6 +83,9 @@ class RegionSpec:
         raise ValueError(f"RegionSpec.{name} must be >= 1, got {getattr(self, name)}.")
     if not 0 <= self.nms_iou <= 1:
       raise ValueError(f"RegionSpec.nms_iou must be in [0, 1], got {self.nms_iou}.")
+    if self.prompt.count("{text}") != 1:
+      raise ValueError(f"RegionSpec.prompt={self.prompt!r} must hold '{{text}}' once, where "
+                       "the history goes.")
 
   @property
   def regions_per_example(self) -> int:
@@ -281,7 +288,8 @@ def build_regions(document: dict[str, Any], tokenizer, spec: RegionSpec, seq_len
     rows, mask = select_boxes(rows, spec, rng)
   height, width = image.shape[:2]
   pixels = pixel_boxes(rows, height, width)
-  tokens, stats["text_truncated"] = text_tokens(text, tokenizer, seq_len)
+  tokens, stats["text_truncated"] = text_tokens(spec.prompt.replace("{text}", text).strip(),
+                                                tokenizer, seq_len)
   example = {"tokens": tokens, "label": np.int32(label), "region_mask": mask,
              "region_scores": np.where(mask, rows[:, 4], 0).astype(np.float32)}
   if spec.crop == "pipeline":

@@ -35,6 +35,10 @@ decoupled pairing of the two (`LabelledDecoupled`, `DecoupledPairs`) and CheXper
 blank (NaN); any other value stops the source when it is made, naming the file, line and
 column. Missing or undecodable images are counted skips, as above.
 
+Mammograms as MMBCD reads them (`MammoFolder`): a CSV of image paths, clinical histories
+and labels, full-resolution grey images and a detector's per-image box files, read as
+documents `{"image": uint8 "h w", "boxes": float32 "n 5", "text", "label", "id"}`.
+
 LLaVA's instruction data (`LlavaJson`): the JSON list or JSONL of `{"id", "image",
 "conversations"}` records with an image folder, read as conversation documents
 `{"id", "images": uint8 "n s s 3", "conversations"}` (`mmjax.data.conversation`), and the
@@ -261,11 +265,13 @@ def decode_image(data: bytes, size: int, pad_colour: Sequence[int] | None = None
                         f"({type(error).__name__}: {error})") from error
 
 
-def decode_full(data: bytes) -> np.ndarray:
-  """Encoded image -> uint8 `"h w 3"` at full size (anyres tiles it), with
-  `decode_image`'s `CorruptRecord`s."""
+def decode_full(data: bytes, grey: bool = False) -> np.ndarray:
+  """Encoded image -> uint8 `"h w 3"` at full size (anyres tiles it), or `"h w"` with
+  `grey` (mammograms: grey images are read exactly, 16-bit ones scaled as `to_rgb` does,
+  colour ones by luma), with `decode_image`'s `CorruptRecord`s."""
   try:
-    return np.asarray(load_image(data), np.uint8)
+    image = load_image(data)
+    return np.asarray(image.convert("L") if grey else image, np.uint8)
   except UnsupportedImage as error:
     raise CorruptRecord("unsupported_image", f"{len(data)}-byte image: {error}") from error
   except Exception as error:
@@ -1164,17 +1170,23 @@ class LabelledImages:
     if not relative.strip():
       raise CorruptRecord("missing_image", f"{where}: empty {self.path_column!r}")
     root = epath.Path(self.root) if self.root else epath.Path(self.csv).parent
-    path = root / relative
-    try:
-      data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
-      raise CorruptRecord("missing_image", f"{where}: cannot read {path} "
-                          f"({type(error).__name__})") from error
-    try:
-      return decode_image(data, self.image_size)
-    except CorruptRecord as error:
-      detail = str(error).removeprefix(f"{error.reason}: ")
-      raise CorruptRecord(error.reason, f"{where}: {path}: {detail}") from error
+    return read_image_file(root / relative, where,
+                           lambda data: decode_image(data, self.image_size))
+
+
+def read_image_file(path: epath.Path, where: str, decode) -> np.ndarray:
+  """`decode(the file's bytes)`; `CorruptRecord("missing_image")` if the file cannot be
+  read, and `decode`'s `CorruptRecord`s, each naming `where` (e.g. a CSV line) and `path`."""
+  try:
+    data = path.read_bytes()
+  except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+    raise CorruptRecord("missing_image", f"{where}: cannot read {path} "
+                        f"({type(error).__name__})") from error
+  try:
+    return decode(data)
+  except CorruptRecord as error:
+    detail = str(error).removeprefix(f"{error.reason}: ")
+    raise CorruptRecord(error.reason, f"{where}: {path}: {detail}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1400,3 +1412,116 @@ class LabelledClasses:
     text_labels[self.label_columns.index(self.classes[label])] = 1.0
     return {"images": self._images.image(row)[None], "text": self.classes[label].lower(),
             "label": label, "image_labels": labels, "text_labels": text_labels}
+
+
+# ----------------------------------------------------------------------------------- mammograms
+
+def read_box_file(path: epath.Path, where: str) -> np.ndarray:
+  """A detector's `<stem>_preds.txt` -> float32 `"n 5"` rows `(cx, cy, w, h, conf)` as
+  written (YOLO-normalised; not checked, sorted or suppressed; `n` may be 0).
+  `CorruptRecord("missing_boxes")` if the file cannot be read, `("bad_boxes")` if a line
+  is not five numbers."""
+  try:
+    text = path.read_text()
+  except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+    raise CorruptRecord("missing_boxes", f"{where}: cannot read the box file {path} "
+                        f"({type(error).__name__})") from error
+  rows = []
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = [float(value) for value in line.split()]
+    except ValueError:
+      row = []
+    if len(row) != 5:
+      raise CorruptRecord("bad_boxes", f"{where}: {path} line {number} is {line.strip()!r}; "
+                          "expected five numbers 'cx cy w h conf'")
+    rows.append(row)
+  return np.asarray(rows, np.float32).reshape(-1, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class MammoFolder:
+  """MMBCD's data on disk, as its code/data.py reads it: a CSV with one row per view (an
+  image path relative to `root`, the clinical history, the label), the images (PNG or
+  JPEG, read whole as grey), and per image a detector's box file `<path without its
+  suffix><box_suffix>` under `boxes` (YOLO rows `cx cy w h conf`).
+
+  Documents are `{"image": uint8 "h w", "boxes": float32 "n 5", "text", "label", "id"}`
+  (`id`: the image path). The reference's leak rule holds: where `other_side_column` (the
+  reference's `all_views_cancer`; "" when the CSV has none) says the other breast has
+  cancer and this view's label is 0, the text is empty, so that a history written about
+  the other breast cannot give this view's label away.
+
+  The CSV is read when the source is made: a missing column, or a label or other-side
+  cell that is not 0 or 1, is a ValueError naming the file (and line). Files are read per
+  record: a missing box file (`missing_boxes`), a malformed one (`bad_boxes`), a missing
+  image (`missing_image`) or an undecodable one (`bad_image`, `unsupported_image`) is a
+  `CorruptRecord` the pipeline counts.
+
+  Attributes:
+    root: the image folder (default: the CSV's folder).
+    boxes: the box-file folder, mirroring the image paths' sub-folders (default: `root`).
+  """
+
+  csv: str
+  root: str = ""
+  boxes: str = ""
+  path_column: str = "im_path"
+  text_column: str = "text"
+  label_column: str = "cancer"
+  other_side_column: str = "all_views_cancer"
+  box_suffix: str = "_preds.txt"
+  _paths: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+  _texts: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+  _labels: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
+  _hidden: tuple[bool, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    flags = [self.label_column] + ([self.other_side_column] if self.other_side_column else [])
+    values, table = read_label_table(self.csv, [self.path_column, self.text_column], flags)
+    for column, cells in zip(flags, table.T, strict=True):
+      bad = np.flatnonzero(~np.isin(cells, (0.0, 1.0)))
+      if len(bad):
+        raise ValueError(f"{self.csv} line {bad[0] + 2}: column {column!r} must be 0 or 1, "
+                         f"got {'blank' if np.isnan(cells[bad[0]]) else cells[bad[0]]}.")
+    labels = table[:, 0].astype(int)
+    other = table[:, 1] if self.other_side_column else np.zeros(len(labels))
+    object.__setattr__(self, "_paths", tuple(values[self.path_column]))
+    object.__setattr__(self, "_texts", tuple(t.strip() for t in values[self.text_column]))
+    object.__setattr__(self, "_labels", tuple(int(v) for v in labels))
+    object.__setattr__(self, "_hidden", tuple(bool(o == 1 and v == 0)
+                                              for o, v in zip(other, labels, strict=True)))
+
+  @property
+  def labels(self) -> tuple[int, ...]:
+    return self._labels
+
+  def texts(self) -> list[str]:
+    """Every row's history as the CSV has it, hidden ones included: the corpus the
+    reference fits its tf-idf keywords on (`text` of a document may be empty instead)."""
+    return list(self._texts)
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def box_path(self, index: int) -> epath.Path:
+    relative = self._paths[index]
+    stem = relative[:-len(os.path.splitext(relative)[1]) or None]
+    return self._folder(self.boxes or self.root) / f"{stem}{self.box_suffix}"
+
+  def _folder(self, folder: str) -> epath.Path:
+    return epath.Path(folder) if folder else epath.Path(self.csv).parent
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"Record {index} of a {len(self)}-row mammography CSV.")
+    where, relative = f"{self.csv} line {index + 2}", self._paths[index]
+    if not relative.strip():
+      raise CorruptRecord("missing_image", f"{where}: empty {self.path_column!r}")
+    boxes = read_box_file(self.box_path(index), where)
+    image = read_image_file(self._folder(self.root) / relative, where,
+                            lambda data: decode_full(data, grey=True))
+    return {"image": image, "boxes": boxes, "text": "" if self._hidden[index] else
+            self._texts[index], "label": self._labels[index], "id": relative}

@@ -266,6 +266,45 @@ class _LlamaSentencePiece:
     return text[1:] if self._strip_space and text.startswith(" ") else text
 
 
+# Word-level tokenizers of the embedded worlds whose texts come from templates (findings,
+# mammography): BERT's special tokens, ids 0 to 4.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def word_level_tokenizer(words: Sequence[str], punctuation: Sequence[str] = ()):
+  """A BERT-style WordPiece tokenizer (lower-cased, split at spaces and punctuation) whose
+  vocabulary is `SPECIAL_TOKENS`, `punctuation` and `words`, in that order: a text made of
+  those words is whole words, never `[UNK]`."""
+  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import Tokenizer as HFTokenizerModel
+  vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, *punctuation, *words))}
+  tokenizer = HFTokenizerModel(models.WordPiece(vocab, unk_token="[UNK]"))
+  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tokenizer.decoder = decoders.WordPiece()
+  tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+  return tokenizer
+
+
+def write_word_level_tokenizer(directory: str | pathlib.Path, tokenizer, *,
+                               model_max_length: int) -> pathlib.Path:
+  """Writes a `word_level_tokenizer`'s `tokenizer.json` and `tokenizer_config.json` ([CLS]
+  as BOS, [SEP] as EOS, [PAD] id 0) into `directory`: what `HFTokenizer` reads."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(str(directory / "tokenizer.json"), pretty=True)
+  names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+  config = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": True,
+            "model_max_length": model_max_length, "bos_token": "[CLS]", "eos_token": "[SEP]",
+            **dict(zip(names, SPECIAL_TOKENS, strict=True)),
+            "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False,
+                                              "rstrip": False, "normalized": False,
+                                              "single_word": False}
+                                     for i, t in enumerate(SPECIAL_TOKENS)}}
+  (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return directory
+
+
 def make_tokenizer(config) -> Tokenizer | HFTokenizer:
   """The tokenizer of a run: `HFTokenizer(config.tokenizer)`, or the embedded `Tokenizer`
   where `config.tokenizer` is unset or empty.
