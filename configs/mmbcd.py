@@ -82,32 +82,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   imagenet = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225))
   dino = dict(activation="gelu", output_dim=None, pre_norm=False, patch_bias=True,
               token_norm=True, **imagenet)
+  # The mammography world's word-level vocabulary ([CLS] ... [SEP], [PAD] 0); a real run
+  # gives roberta-base's tokenizer directory here, with --config.tokens.pad=1
+  # --config.tokens.bos=0 --config.tokens.eos=2 --config.model.pad_id=1.
+  config.tokenizer = str(mammo_world.TOKENIZER_DIR)
+  config.tokens = dict(pad=0, eos=3, bos=2)
   if paper:  # DINO ViT-S/8 and roberta-base, as the reference's code/model.py
-    config.tokenizer = ""  # a real run gives roberta-base's tokenizer directory here
-    config.tokens = dict(pad=1, eos=2, bos=0)  # <pad>, </s>, <s>
     vision = dict(image_size=224, patch_size=8, width=384, depth=12, num_heads=6,
                   norm_eps=1e-6, **dino)
     text = dict(vocab_size=50265, width=768, depth=12, num_heads=12, mlp_dim=3072,
                 max_len=514, type_vocab_size=1, position_offset=2, norm_eps=1e-5,
                 pooler=False)
-    embed_dim, seq_len, pad_id = 256, 90, 1
+    embed_dim, seq_len = 256, 90
     config.trainable = trainable_pattern(9, 2, 12)
   else:
-    # The mammography world's word-level vocabulary ([CLS] ... [SEP], [PAD] 0).
-    config.tokenizer = str(mammo_world.TOKENIZER_DIR)
-    config.tokens = dict(pad=0, eos=3, bos=2)
     vision = dict(image_size=32, patch_size=8, width=64, depth=4, num_heads=2,
                   norm_eps=1e-6, **dino)
     # 134 words and tokens; "Indication: <history>" is 40 tokens at most.
     text = dict(vocab_size=134, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=64,
                 type_vocab_size=1, pooler=False)
-    embed_dim, seq_len, pad_id = 64, 48, 0
+    embed_dim, seq_len = 64, 48
     config.trainable = r".*"  # no pretrained towers to keep
   fusion = {"vision": "vision", "whole_image": "vision", "concat": "concat"}.get(method,
                                                                                 "attention")
   config.model = dict(vision=vision, text=text, embed_dim=embed_dim, num_classes=2,
                       fusion=fusion, head="linear", attn_dropout=0.3, mask_regions=True,
-                      pad_id=pad_id)
+                      pad_id=config.tokens.pad)
 
   world_size = {"tiny": 1024, "large": 2048, "paper": 1024}[shape]
   world = dict(kind="mammo_world", image_size=world_size, seed=0)

@@ -73,6 +73,12 @@ def model_and_inputs(config, rng):
     tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
     images = jax.random.normal(rng, (s.batch_size, *[m.vision["image_size"]] * 2, 3))
     return model, (images, tokens), tokens, None
+  if config.task == "mmbcd":  # one case: `num_regions` crops and its history
+    model = peft.from_config(config, get_task("mmbcd").build_model(config))
+    k = config.data.regions.num_regions
+    tokens = jax.random.randint(rng, (s.batch_size, s.seq_len), 5, m.text["vocab_size"])
+    regions = jax.random.normal(rng, (s.batch_size, k, *[m.vision["image_size"]] * 2, 3))
+    return model, (regions, tokens), tokens, None
   if config.task == "llava":
     model = peft.from_config(config, get_task("llava").build_model(config))
     cfg, side = model.config, m.vision["image_size"]
@@ -107,16 +113,16 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config_lib.validate(config)
-  if config.task not in ("flamingo", "blip2", "clip", "medclip", "llava"):
-    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2, CLIP, MedCLIP and LLaVA "
-                        f"recipes; this config's task is {config.task!r} "
+  if config.task not in ("flamingo", "blip2", "clip", "medclip", "llava", "mmbcd"):
+    raise cli.UserError(f"mmjax.summary inspects Flamingo, BLIP-2, CLIP, MedCLIP, LLaVA and "
+                        f"MMBCD recipes; this config's task is {config.task!r} "
                         "(--config=configs/flamingo.py[:variant]).")
   model, inputs, tokens, generate = model_and_inputs(config, jax.random.key(0))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)["params"]))
   rows = param_table(shapes, config.trainable)
   total = sum(count for _, count, _ in rows)
   name = {"flamingo": "Flamingo", "blip2": "BLIP-2", "clip": "CLIP",
-          "medclip": "MedCLIP", "llava": "LLaVA"}[config.task]
+          "medclip": "MedCLIP", "llava": "LLaVA", "mmbcd": "MMBCD"}[config.task]
   print(f"{name} '{config.variant}': {total / 1e6:,.2f}M parameters")
   for group, count, trains in sorted(rows):
     print(f"  {group:<14} {count / 1e6:>12,.2f}M  {'trainable' if trains else 'frozen'}")
