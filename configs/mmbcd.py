@@ -98,8 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     vision = dict(image_size=32, patch_size=8, width=64, depth=4, num_heads=2,
                   norm_eps=1e-6, **dino)
-    # 134 words and tokens; "Indication: <history>" is 40 tokens at most.
-    text = dict(vocab_size=134, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=64,
+    # The world's 134 words and tokens and the 2 every tokenizer here gains;
+    # "Indication: <history>" is 40 tokens at most.
+    text = dict(vocab_size=136, width=64, depth=2, num_heads=2, mlp_dim=128, max_len=64,
                 type_vocab_size=1, pooler=False)
     embed_dim, seq_len = 64, 48
     config.trainable = r".*"  # no pretrained towers to keep
