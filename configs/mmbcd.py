@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                                                 "attention")
   config.model = dict(vision=vision, text=text, embed_dim=embed_dim, num_classes=2,
                       fusion=fusion, head="linear", attn_dropout=0.3, mask_regions=True,
-                      pad_id=config.tokens.pad)
+                      pad_id=config.tokens.pad, crop_window=None)
 
   world_size = {"tiny": 1024, "large": 2048, "paper": 1024}[shape]
   world = dict(kind="mammo_world", image_size=world_size, seed=0)
@@ -119,6 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   regions = dict(num_regions=8, region_size=vision["image_size"], crop="pipeline",
                  canvas_size=world_size, nms_iou=0.1, pad="mask", empty="skip",
                  whole_image=method == "whole_image")
+  # Device crops resample each box from a patch around it: the world's boxes are 200 px
+  # at most at 1024 px (larger ones take the whole-image path, exactly).
+  config.model.crop_window = 256 * world_size // 1024
   config.data = dict(
       seq_len=seq_len, batch_size=16, mode="regions", regions=regions,
       keyword_mask=dict(mode={"masking": "random", "masking_fixed": "fixed"}.get(method, "none"),

@@ -219,3 +219,15 @@ def test_device_crops_train_the_same_model(trained, tmp_path):
   config.data.regions.crop = "pipeline"
   pipeline = run(config, tmp_path / "pipeline")
   assert abs(device["loss"] - pipeline["loss"]) < 0.05
+
+
+def test_windowed_crops_equal_whole_image_crops_and_fall_back_for_large_boxes():
+  rng = np.random.default_rng(3)
+  image = jnp.asarray(rng.integers(0, 256, (2, 96, 80, 1)), jnp.uint8)
+  boxes = jnp.asarray([[[3, 5, 30, 25], [60, 50, 96, 80], [10, 0, 11, 9]],
+                       [[0, 0, 32, 32], [70, 70, 90, 80], [40, 7, 65, 30]]], jnp.float32)
+  whole = crop_and_resize(image, boxes, 12)
+  np.testing.assert_allclose(crop_and_resize(image, boxes, 12, window=40), whole, atol=1e-3)
+  large = boxes.at[1, 2].set(jnp.asarray([0, 0, 90, 70], jnp.float32))  # wider than 40
+  np.testing.assert_allclose(crop_and_resize(image, large, 12, window=40),
+                             crop_and_resize(image, large, 12), atol=1e-3)

@@ -61,6 +61,8 @@ class MMBCDConfig:
       pads with duplicates instead).
     pad_id: the text's padding id (RoBERTa's 1), masked from the text tower.
     bn_momentum, bn_eps: the two BatchNorm1d's, in torch's convention.
+    crop_window: with whole images and boxes, each box is resampled from a patch this
+      wide around it (`crop_and_resize`); None: from the whole image.
   """
 
   vision: ViTConfig
@@ -75,6 +77,7 @@ class MMBCDConfig:
   pad_id: int = 1
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
+  crop_window: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -112,18 +115,44 @@ def resize_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: 
   return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-12)
 
 
-def crop_and_resize(image: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
+def crop_and_resize(image: jax.Array, boxes: jax.Array, size: int,
+                    window: int | None = None) -> jax.Array:
   """`image "b H W c"`, `boxes "b k 4"` (y0, x0, y1, x1 in pixels, ends exclusive) ->
   float32 `"b k size size c"` crops in the image's value range, each box resampled to
   `size x size` (aspect ratio not kept, as the reference's `Resize((224, 224))`).
 
   The resampling is separable: rows then columns, each a `"o i"` weight matrix of fixed
-  shape (`resize_weights`), so the shapes never depend on the boxes."""
+  shape (`resize_weights`), so the shapes never depend on the boxes. Over the whole image
+  that costs `k * size * H * W` per image; with `window`, each box is first cut out of a
+  `window x window` patch around it (a fixed-shape dynamic slice) and resampled there,
+  `(window / H) * (window / W)` of the cost: exact whenever every box of the batch fits
+  its window, and when one does not the batch takes the whole-image path (`lax.cond`)."""
   _, h, w, _ = image.shape
-  y0, x0, y1, x1 = jnp.moveaxis(boxes.astype(jnp.float32), -1, 0)
+  image = image.astype(jnp.float32)
+  if window is None or (window >= h and window >= w):
+    return _resample(image, boxes.astype(jnp.float32), size)
+  wy, wx = min(window, h), min(window, w)
+  boxes = boxes.astype(jnp.float32)
+  fits = jnp.all((boxes[..., 2] - boxes[..., 0] <= wy) & (boxes[..., 3] - boxes[..., 1] <= wx))
+
+  def windowed(image, boxes):
+    start = jnp.stack([jnp.clip(jnp.floor(boxes[..., 0]), 0, h - wy),
+                       jnp.clip(jnp.floor(boxes[..., 1]), 0, w - wx)], -1).astype(jnp.int32)
+    patches = jax.vmap(lambda im, s: jax.vmap(lambda t: jax.lax.dynamic_slice(
+        im, (t[0], t[1], 0), (wy, wx, im.shape[-1])))(s))(image, start)  # "b k wy wx c"
+    offset = jnp.concatenate([start, start], -1).astype(jnp.float32)
+    return jax.vmap(lambda p, b: _resample(p, b[:, None], size)[:, 0], in_axes=(1, 1),
+                    out_axes=1)(patches, boxes - offset)
+
+  return jax.lax.cond(fits, windowed, lambda im, bx: _resample(im, bx, size), image, boxes)
+
+
+def _resample(image: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
+  """`crop_and_resize` over the whole of each image: `"b H W c"`, `"b k 4"`."""
+  _, h, w, _ = image.shape
+  y0, x0, y1, x1 = jnp.moveaxis(boxes, -1, 0)
   rows = jax.vmap(jax.vmap(lambda s, n: resize_weights(s, n, h, size)))(y0, y1 - y0)
   cols = jax.vmap(jax.vmap(lambda s, n: resize_weights(s, n, w, size)))(x0, x1 - x0)
-  image = image.astype(jnp.float32)
   out = jnp.einsum("bkoh,bhwc->bkowc", rows, image)
   return jnp.einsum("bkpw,bkowc->bkopc", cols, out)
 
@@ -226,7 +255,7 @@ class MMBCD(nn.Module):
     if regions is None:
       if image is None or boxes is None:
         raise ValueError("MMBCD needs `regions`, or `image` and `boxes` to crop them from.")
-      regions = crop_and_resize(image, boxes, cfg.vision.image_size)
+      regions = crop_and_resize(image, boxes, cfg.vision.image_size, cfg.crop_window)
       if regions.shape[-1] == 1:  # grey mammograms, as RGB
         regions = jnp.repeat(regions, 3, axis=-1)
       if jnp.issubdtype(image.dtype, jnp.integer):  # normalised as the ViT normalises uint8
