@@ -9,13 +9,14 @@ import ml_collections
 
 from mmjax import checkpoints, cli
 from mmjax import config as config_lib
-from mmjax.configs import blip2, clip, coop, flamingo, lm, medclip
+from mmjax.configs import blip2, clip, coop, flamingo, lm, medclip, mmbcd
 from mmjax.evaluate.run import Results, evaluate, report
 
 RECIPES = {"flamingo": flamingo, "lm": lm, "blip2": blip2}  # their evaluation settings
 RECIPES["clip"] = clip  # zero-shot classification and retrieval (mmjax.evaluate.zeroshot)
 RECIPES["coop"] = coop  # base-to-new accuracy (mmjax.evaluate.prompt_learning)
 RECIPES["medclip"] = medclip  # findings-world zero-shot and retrieval (zeroshot)
+RECIPES["mmbcd"] = mmbcd  # held-out cases and calibration (mmjax.evaluate.classify)
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
@@ -30,18 +31,23 @@ def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.
   if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no evaluation; "
                         "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP and "
-                        "MedCLIP runs (zero-shot), prompt-learning runs (base-to-new) and "
-                        "their converted checkpoints have one.")
+                        "MedCLIP runs (zero-shot), prompt-learning runs (base-to-new), "
+                        "MMBCD runs (held-out cases) and their converted checkpoints have "
+                        "one.")
   if "evaluate" not in config and "data" in config and task in ("clip", "coop"):
     config.evaluate = RECIPES[task].get_config().evaluate
   if "evaluate" not in config:  # a converted checkpoint
-    recipe = RECIPES[task].get_config()
+    recipe = RECIPES[task].get_config("paper" if task == "mmbcd" else None)
     recipe.model = config.model
     if task in ("clip", "medclip"):  # its images and context length, not the recipe's
       recipe.data.image_size = config.model.vision.image_size
       # CLIP: its learned context; MedCLIP: its tokenizer's 77 (BERT's 512 positions).
       recipe.data.seq_len = (config.model.text.max_len if task == "clip"
                              else min(config.model.text.max_len, 77))
+    elif task == "mmbcd":  # crops at its tower's size; RoBERTa's ids unless it says
+      recipe.data.regions.region_size = config.model.vision.image_size
+      recipe.tokens = config.get("tokens", dict(pad=1, bos=0, eos=2))
+      recipe.model.pad_id = recipe.tokens.pad
     else:
       recipe.tokens = config.get("tokens", recipe.tokens)
     config = recipe
