@@ -92,7 +92,8 @@ def _define_flags():
 
 # The train step's sizes: the DinoViT's arguments, the RoBERTa's (transformers names), the
 # projections' width, the batch, K regions, the history's tokens and the freezing (DINO's
-# frozen blocks, RoBERTa's trained layers; None: nothing frozen).
+# frozen blocks, RoBERTa's trained layers; None: nothing frozen) and, where given, the
+# world's image size (the recipe's: 1024 px).
 STEP_SIZES = {
     # The recipe's tiny towers (configs/mmbcd.py's default shape): nothing frozen.
     "tiny": {"vision": dict(width=64, depth=4, heads=2, mlp=256, size=32, patch=8),
@@ -112,7 +113,7 @@ STEP_SIZES = {
             "text": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64),
             "embed_dim": 16, "batch": 4, "num_regions": 2, "seq_len": 48,
-            "vision_frozen_blocks": 1, "text_trained_layers": 1},
+            "vision_frozen_blocks": 1, "text_trained_layers": 1, "world_size": 256},
 }
 
 
@@ -220,6 +221,8 @@ def crop_table(lines: list[dict]) -> str:
                f"{ms(x['device_s'])} | {x['pipeline_s'] / x['device_s']:.2f} | "
                f"{x['pipeline_bytes'] / 2**20:.1f} MiB / {x['device_bytes'] / 2**20:.1f} MiB |")
   return "\n".join(out)
+# The reference's RobertaForSequenceClassification's head, which MMBCD never uses.
+UNUSED = "text_encoder.classifier."
 
 
 def reference_model(size: dict, config, seed: int = 0):
@@ -254,7 +257,7 @@ def reference_model(size: dict, config, seed: int = 0):
 
 def step_recipe(cfg, size: dict):
   """configs/mmbcd.py:paper around `cfg` (an `MMBCDConfig`): `size`'s batch, regions,
-  history length and freezing, crops made in the pipeline and padded with duplicates (as
+  history length, freezing and world, crops made in the pipeline and padded with duplicates (as
   the reference pads), one device."""
   config = mmbcd_recipe.get_config("paper")
   config.model = dataclasses.asdict(cfg) | {"attn_dropout": config.model.attn_dropout}
@@ -264,6 +267,12 @@ def step_recipe(cfg, size: dict):
   config.data.update(batch_size=size["batch"], seq_len=size["seq_len"])
   config.data.regions.update(num_regions=size["num_regions"], region_size=size["vision"]["size"],
                              crop="pipeline", pad="duplicate")
+  world = size.get("world_size")
+  if world:
+    config.data.regions.canvas_size = world
+    for datasets in (config.data.datasets, config.data.eval_datasets):
+      for dataset in datasets.values():
+        dataset.source.image_size = world
   config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   return config
 
@@ -311,7 +320,9 @@ class TorchStep:
                    (tokens != config.tokens.pad).long())
     self.labels = torch.tensor(np.asarray(batch["label"]), dtype=torch.long)
     self.trainable_params = [p for p in model.parameters() if p.requires_grad]
-    self.trainable = sum(p.numel() for p in self.trainable_params)
+    # RoBERTa's classifier gets no gradient (MMBCD reads the hidden state) and Adam skips it.
+    self.trainable = sum(p.numel() for n, p in model.named_parameters()
+                         if p.requires_grad and not n.startswith(UNUSED))
     self.optimizer = torch.optim.Adam(self.trainable_params, lr=optim.lr,
                                       betas=(optim.b1, optim.b2), eps=optim.eps)
     self.loss = None
@@ -374,7 +385,7 @@ def train_steps(sizes, *, rounds: int, runs: int, out: str | None = None) -> lis
               "vision_frozen_blocks": size["vision_frozen_blocks"],
               "text_trained_layers": size["text_trained_layers"],
               "params": sum(p.numel() for n, p in model.named_parameters()
-                            if not n.startswith("text_encoder.classifier.")),  # unused
+                            if not n.startswith(UNUSED)),
               "trainable": theirs.trainable, "threads": os.cpu_count(),
               "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               **ours.memory, **check, **first}
