@@ -184,3 +184,21 @@ def test_llava_step_compares_like_with_like(tmp_path):
   assert ours["trainable_mmjax"] == ours["trainable_torch"] > 0
   assert ours["temp_bytes"] > 0 and ours["speedup_vs_torch"] > 0
   assert "| tiny | lora8 |" in llava.step_table(lines)
+
+
+def test_mmbcd_step_compares_like_with_like(tmp_path):
+  """The MMBCD step benchmark compares like with like: on the same converted weights and
+  the pipeline's crops, mmjax and the reference start from the same loss with the
+  attention's dropout off and train the same (partly frozen) parameters, and the step path
+  records both systems."""
+  pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
+  pytest.importorskip("transformers", reason="transformers is in the dev extra")
+  from benchmarks import mmbcd
+  lines = mmbcd.train_steps(["toy"], rounds=1, runs=1, out=str(tmp_path / "mmbcd.jsonl"))
+  assert [x["system"] for x in lines] == ["mmjax", "torch"]
+  ours = lines[0]
+  assert ours["loss0_nodropout_mmjax"] == pytest.approx(ours["loss0_nodropout_torch"],
+                                                         abs=1e-4)
+  assert 0 < ours["trainable"] < ours["params"]  # both froze the same, or it raised
+  assert ours["temp_bytes"] > 0 and ours["speedup_vs_torch"] > 0
+  assert "| toy (16 px) | 4 x 2 |" in mmbcd.step_table(lines)

@@ -2,7 +2,7 @@
 (and the same tensors in the original DINO layout) and RoBERTa, converted, give
 transformers' outputs (float32, within 1e-5); the authors' whole-model state dict
 converts to the tree `MMBCD.init` builds and gives a torch module's logits in the layout
-of the reference's `code/model.py`."""
+of the reference's `code/model.py` (benchmarks/mmbcd_torch.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch==2.13.0 (CPU) is in the dev extra")
 transformers = pytest.importorskip("transformers", reason="transformers is in the dev extra")
 
+from benchmarks.mmbcd_torch import DinoViT, TorchMMBCD  # noqa: E402
 from mmjax import convert  # noqa: E402
 from mmjax.convert import vit as vit_conversion  # noqa: E402
 from mmjax.models.bert import Bert  # noqa: E402
@@ -36,42 +37,6 @@ def _hf_vit(cls=transformers.ViTModel, eps=1e-12, **kwargs):
 
 def _pixels(n=2, seed=0):
   return np.random.default_rng(seed).normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
-
-
-class DinoViT(torch.nn.Module):
-  """The original DINO ViT's layout and forward (facebookresearch/dino
-  `vision_transformer.py`, `num_classes=0`): returns the normed class token."""
-
-  def __init__(self, width=WIDTH, depth=2, heads=HEADS, mlp=MLP, size=SIZE, patch=PATCH):
-    super().__init__()
-    nn = torch.nn
-    self.heads = heads
-    self.patch_embed = nn.Module()
-    self.patch_embed.proj = nn.Conv2d(3, width, patch, patch)
-    self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-    self.pos_embed = nn.Parameter(torch.zeros(1, (size // patch) ** 2 + 1, width))
-    self.blocks = nn.ModuleList()
-    for _ in range(depth):
-      block = nn.Module()
-      block.norm1, block.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
-      block.attn = nn.Module()
-      block.attn.qkv, block.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-      block.mlp = nn.Module()
-      block.mlp.fc1, block.mlp.fc2 = nn.Linear(width, mlp), nn.Linear(mlp, width)
-      self.blocks.append(block)
-    self.norm = nn.LayerNorm(width, eps=1e-6)
-
-  def forward(self, images):
-    x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-    b, n, d = x.shape
-    for block in self.blocks:
-      q, k, v = block.attn.qkv(block.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(
-          2, 0, 3, 1, 4)
-      attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)
-      x = x + block.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-      x = x + block.mlp.fc2(torch.nn.functional.gelu(block.mlp.fc1(block.norm2(x))))
-    return self.norm(x)[:, 0]
 
 
 def _as_dino(model, path, prefix=""):
@@ -133,7 +98,7 @@ def test_dino_layout_gives_the_same_tower_as_transformers(tmp_path):
   with torch.no_grad():
     expected = model(pixel_values=torch.tensor(pixels)).last_hidden_state.numpy()
   state = _as_dino(model, tmp_path, "image_encoder.")
-  dino = DinoViT().eval()
+  dino = DinoViT(WIDTH, 2, HEADS, MLP, SIZE, PATCH).eval()
   dino.load_state_dict({k.removeprefix("image_encoder."): v for k, v in state.items()})
   with torch.no_grad():  # the test's DINO module is transformers' ViT, in DINO's layout
     np.testing.assert_allclose(dino(torch.tensor(pixels)).numpy(), expected[:, 0], atol=1e-5)
@@ -178,11 +143,15 @@ def test_vit_conversions_refuse_what_they_cannot_compute(tmp_path):
 # ---------------------------------------------------------------------------------------
 # RoBERTa: BERT with positions from pad id + 1.
 # ---------------------------------------------------------------------------------------
-def _roberta(cls="RobertaModel"):
-  return _randomised(getattr(transformers, cls)(transformers.RobertaConfig(
+def _roberta_config():
+  return transformers.RobertaConfig(
       vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
       intermediate_size=MLP, max_position_embeddings=20, type_vocab_size=1, pad_token_id=1,
-      layer_norm_eps=1e-5, num_labels=2)))
+      layer_norm_eps=1e-5, num_labels=2)
+
+
+def _roberta(cls="RobertaModel"):
+  return _randomised(getattr(transformers, cls)(_roberta_config()))
 
 
 def _right_padded(pad=1):
@@ -222,38 +191,13 @@ EMBED = 16
 DINO_WIDTH = 64  # one head, 64 wide: the number of heads DINO's convention infers
 
 
-class TorchMMBCD(torch.nn.Module):
-  """The reference's MMBCD module (code/model.py), its layers named as there, with small
-  towers: `img_fc1` registered on its own and inside `img_fc_layer` (so saved twice)."""
-
-  def __init__(self):
-    super().__init__()
-    nn = torch.nn
-    self.image_encoder = DinoViT(width=DINO_WIDTH, heads=1, mlp=96)
-    self.img_fc1 = nn.Linear(DINO_WIDTH, EMBED)
-    self.img_fc_layer = nn.Sequential(nn.BatchNorm1d(DINO_WIDTH), self.img_fc1, nn.GELU())
-    self.text_encoder = _roberta("RobertaForSequenceClassification")
-    self.txt_fc1 = nn.Linear(WIDTH, EMBED)
-    self.txt_fc_layer = nn.Sequential(nn.BatchNorm1d(WIDTH), self.txt_fc1, nn.GELU())
-    self.attention = nn.MultiheadAttention(EMBED, num_heads=1, batch_first=True, dropout=0.3)
-    self.model_fc2 = nn.Linear(3 * EMBED, 2)
-
-  def forward(self, images, input_ids, attention_mask):
-    b, k = images.shape[:2]
-    features = self.image_encoder(images.view(-1, 3, SIZE, SIZE))
-    regions = self.img_fc_layer(features).view(b, k, -1)
-    text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                             output_hidden_states=True).hidden_states[-1][:, 0]
-    text = self.txt_fc_layer(text)
-    attended, _ = self.attention(text.unsqueeze(1), regions, regions)
-    return self.model_fc2(torch.cat([attended.squeeze(1), text, regions.max(1).values], 1))
-
-
 @pytest.fixture(scope="module")
 def mmbcd_checkpoint(tmp_path_factory):
   """`(torch module, its checkpoint as DataParallel saves it, RoBERTa's directory)`."""
   path = tmp_path_factory.mktemp("mmbcd")
-  model = _randomised(TorchMMBCD())
+  model = _randomised(TorchMMBCD(
+      dict(width=DINO_WIDTH, depth=2, heads=1, mlp=96, size=SIZE, patch=PATCH),
+      _roberta_config(), EMBED))
   with torch.no_grad():
     for bn in (model.img_fc_layer[0], model.txt_fc_layer[0]):
       bn.running_mean.copy_(torch.randn_like(bn.running_mean) * 0.3)
