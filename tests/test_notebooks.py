@@ -21,6 +21,7 @@ def test_notebook_runs(path, monkeypatch):
   monkeypatch.delenv("MMJAX_BLIP2_RUN", raising=False)
   monkeypatch.delenv("MMJAX_CLIP_RUN", raising=False)
   monkeypatch.delenv("MMJAX_MEDCLIP_STEPS", raising=False)
+  monkeypatch.delenv("MMJAX_MMBCD_STEPS", raising=False)
   client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
   client.execute()  # raises CellExecutionError naming the cell on the first failure
