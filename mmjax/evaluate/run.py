@@ -253,13 +253,20 @@ def _evaluate_contrastive(config, params, tasks, protocol, should_stop, progress
   return Results(scores, predictions, {"protocol": dataclasses.asdict(protocol), **info})
 
 
-def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -> Results:
-  names = list(tasks or config.evaluate.get("tasks", (instruct.TASK,)))
-  if names != [instruct.TASK]:
-    raise cli.UserError(f"A LLaVA run is evaluated on held-out conversations "
-                        f"(--tasks={instruct.TASK}), not on {names}.")
-  items = instruct.questions(config, config.evaluate.episodes)
-  bar = Progress(len(items), enabled=progress)
+def _check_single_task(config, tasks, task: str, what: str) -> None:
+  """Refuses `tasks` (default `config.evaluate.tasks`) other than the one `task` a run of
+  its kind is evaluated on; `what` says on what."""
+  names = list(tasks or config.evaluate.get("tasks", (task,)))
+  if names != [task]:
+    raise cli.UserError(f"{what} (--tasks={task}), not on {names}.")
+
+
+def _single_task_results(task: str, total: int, run, protocol, should_stop, progress
+                         ) -> Results:
+  """`run(step)` -> `(scores, predictions)` of one task with a progress bar over `total`
+  items (`step(n, label)` after each batch; it raises `Stopped` when `should_stop()`),
+  as `Results` with the time it took."""
+  bar = Progress(total, enabled=progress)
   start = time.monotonic()
 
   def step(n: int, label: str) -> None:
@@ -267,38 +274,36 @@ def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -
       raise Stopped
     bar.update(n, label)
 
-  scores, predictions = instruct.evaluate(config, params, items, step=step)
-  return Results({instruct.TASK: {0: scores}}, {instruct.TASK: {0: predictions}},
+  scores, predictions = run(step)
+  return Results({task: {0: scores}}, {task: {0: predictions}},
                  {"protocol": dataclasses.asdict(protocol),
-                  "seconds": {instruct.TASK: {0: time.monotonic() - start}}})
+                  "seconds": {task: {0: time.monotonic() - start}}})
+
+
+def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -> Results:
+  _check_single_task(config, tasks, instruct.TASK,
+                     "A LLaVA run is evaluated on held-out conversations")
+  items = instruct.questions(config, config.evaluate.episodes)
+  return _single_task_results(
+      instruct.TASK, len(items), lambda step: instruct.evaluate(config, params, items,
+                                                                step=step),
+      protocol, should_stop, progress)
 
 
 def _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
                        model_state) -> Results:
   from mmjax.evaluate import classify  # noqa: PLC0415 (reads the regions pipeline)
-  names = list(tasks or config.evaluate.get("tasks", (classify.TASK,)))
-  if names != [classify.TASK]:
-    raise cli.UserError(f"An MMBCD run is evaluated on held-out cases "
-                        f"(--tasks={classify.TASK}), not on {names}.")
-  bar = Progress(classify.case_count(config), enabled=progress)
-  start = time.monotonic()
-
-  def step(n: int, label: str) -> None:
-    if should_stop():
-      raise Stopped
-    bar.update(n, label)
-
-  scores, predictions = classify.evaluate(config, params, model_state, step=step)
-  return Results({classify.TASK: {0: scores}}, {classify.TASK: {0: predictions}},
-                 {"protocol": dataclasses.asdict(protocol),
-                  "seconds": {classify.TASK: {0: time.monotonic() - start}}})
+  _check_single_task(config, tasks, classify.TASK,
+                     "An MMBCD run is evaluated on held-out cases")
+  return _single_task_results(
+      classify.TASK, classify.case_count(config),
+      lambda step: classify.evaluate(config, params, model_state, step=step),
+      protocol, should_stop, progress)
 
 
 def _evaluate_prompt_learning(config, params, tasks, protocol) -> Results:
-  names = list(tasks or config.evaluate.get("tasks", ("base_to_new",)))
-  if names != ["base_to_new"]:
-    raise cli.UserError(f"A prompt-learning run is evaluated base-to-new "
-                        f"(--tasks=base_to_new), not on {names}.")
+  _check_single_task(config, tasks, "base_to_new",
+                     "A prompt-learning run is evaluated base-to-new")
   start = time.monotonic()
   scores = prompt_learning.evaluate_run(config, params)
   return Results({"base_to_new": {0: scores}}, {},
