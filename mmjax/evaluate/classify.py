@@ -31,12 +31,11 @@ SPLITS = ("validation", "test")
 @dataclasses.dataclass
 class Scored:
   """One split's model outputs: `logits "n c"`, `labels "n"`, `ids`, the attention over
-  regions `"n k"` (None without it), the boxes scored, and the skips by reason."""
+  regions `"n k"` (None without it), and the skips by reason."""
   logits: np.ndarray
   labels: np.ndarray
   ids: list[str]
   attention: np.ndarray | None
-  region_mask: np.ndarray
   skipped: dict[str, int]
 
 
@@ -91,7 +90,7 @@ def run_split(config, params, model_state, name: str, *,
     step(len(examples), name)
     examples.clear()
 
-  labels, masks = [], []
+  labels = []
   for index in range(count):
     document = source[index]
     try:
@@ -102,7 +101,6 @@ def run_split(config, params, model_state, name: str, *,
       continue
     labels.append(int(document["label"]))
     ids.append(str(document.get("id", index)))
-    masks.append(example["region_mask"])
     examples.append({k: v for k, v in example.items() if k != "label"})
     if len(examples) == batch_size:
       flush()
@@ -112,7 +110,7 @@ def run_split(config, params, model_state, name: str, *,
     raise UserError(f"No case of config.data.eval_datasets.{name} could be built "
                     f"(skipped: {skipped}).")
   return Scored(np.concatenate(logits), np.asarray(labels), ids,
-                np.concatenate(attention) if attention else None, np.stack(masks), skipped)
+                np.concatenate(attention) if attention else None, skipped)
 
 
 def scores_of(test: Scored, validation: Scored | None, bins: int = 10) -> dict[str, float]:
