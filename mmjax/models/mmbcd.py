@@ -36,7 +36,7 @@ from mmjax.layers import Dense
 from mmjax.models.bert import Bert, BertConfig
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.resnet import TORCH_LINEAR_INIT, BatchNorm
-from mmjax.models.vit import ViT, ViTConfig
+from mmjax.models.vit import ViT, ViTConfig, normalise_pixels
 
 FUSIONS = ("vision", "concat", "attention")
 
@@ -259,8 +259,7 @@ class MMBCD(nn.Module):
       if regions.shape[-1] == 1:  # grey mammograms, as RGB
         regions = jnp.repeat(regions, 3, axis=-1)
       if jnp.issubdtype(image.dtype, jnp.integer):  # normalised as the ViT normalises uint8
-        mean, std = jnp.asarray(cfg.vision.pixel_mean), jnp.asarray(cfg.vision.pixel_std)
-        regions = (regions / 255.0 - mean) / std
+        regions = normalise_pixels(regions, cfg.vision)
     b, k = regions.shape[:2]
     if region_mask is None:
       region_mask = jnp.ones((b, k), bool)

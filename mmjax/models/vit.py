@@ -126,6 +126,14 @@ DINO_VIT_S8 = dict(image_size=224, patch_size=8, width=384, depth=12, num_heads=
                    pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
 
 
+def normalise_pixels(pixels: jax.Array, config: ViTConfig) -> jax.Array:
+  """Pixels in [0, 255] (`"... c"`, integer or float) -> float32 scaled to [0, 1] and
+  normalised with the tower's `pixel_mean` and `pixel_std`: what the ViT does to uint8
+  images."""
+  mean, std = jnp.asarray(config.pixel_mean), jnp.asarray(config.pixel_std)
+  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+
+
 class EncoderBlock(nn.Module):
   """Pre-norm bidirectional block, `"b n d -> b n d"`."""
 
@@ -189,8 +197,7 @@ class ViT(nn.Module):
       raise ValueError(f"ViT expects images 'b h w c' of shape (*, {cfg.image_size}, "
                        f"{cfg.image_size}, {cfg.channels}), got {images.shape}.")
     if jnp.issubdtype(images.dtype, jnp.integer):
-      mean, std = jnp.asarray(cfg.pixel_mean), jnp.asarray(cfg.pixel_std)
-      images = (images.astype(jnp.float32) / 255.0 - mean) / std
+      images = normalise_pixels(images, cfg)
     layer = feature_layer % (cfg.depth + 1)
     p = cfg.patch_size
     patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
