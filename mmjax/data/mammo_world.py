@@ -52,7 +52,8 @@ import pathlib
 
 import numpy as np
 
-from mmjax.data.tokenizer import word_level_tokenizer, write_word_level_tokenizer
+from mmjax.data.tokenizer import (tokenizer_command, word_level_tokenizer,
+                                  write_word_level_tokenizer)
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT = ("validation", "test")
@@ -563,14 +564,5 @@ def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
   return write_word_level_tokenizer(directory, build_tokenizer(), model_max_length=64)
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  directory = write_tokenizer(flags.FLAGS.output)
-  print(f"wrote {directory} ({build_tokenizer().get_vocab_size()} tokens)")
-
-
 if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("output", str(TOKENIZER_DIR), "Directory for the tokenizer files.")
-  app.run(main)
+  tokenizer_command(write_tokenizer, TOKENIZER_DIR)

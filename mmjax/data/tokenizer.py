@@ -305,6 +305,21 @@ def write_word_level_tokenizer(directory: str | pathlib.Path, tokenizer, *,
   return directory
 
 
+def tokenizer_command(write, default_directory: pathlib.Path) -> None:
+  """`python -m mmjax.data.<world> [--output=DIR]`: runs `write(directory)` (a world's
+  `write_tokenizer`) into `--output` (default: the shipped one) and says what it wrote."""
+  flags.DEFINE_string("output", str(default_directory), "Directory for the tokenizer files.")
+
+  def main(argv):
+    del argv
+    from tokenizers import Tokenizer as HFTokenizerModel
+    directory = pathlib.Path(write(flags.FLAGS.output))
+    size = HFTokenizerModel.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    print(f"wrote {directory} ({size} tokens)")
+
+  app.run(main)
+
+
 def make_tokenizer(config) -> Tokenizer | HFTokenizer:
   """The tokenizer of a run: `HFTokenizer(config.tokenizer)`, or the embedded `Tokenizer`
   where `config.tokenizer` is unset or empty.
