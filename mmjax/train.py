@@ -36,10 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import checkpoints, cli, evaluate, losses, peft, sharding
 from mmjax import config as config_lib
-from mmjax.data import conversation
+from mmjax.data import conversation, regions
 from mmjax.data.keywords import KeywordMask
 from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
-from mmjax.data.regions import RegionSpec
 from mmjax.data.sequences import SequenceSpec
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.tasks import get_task
@@ -55,19 +54,11 @@ class NonFiniteError(FloatingPointError):
 def sequence_spec(config) -> SequenceSpec:
   d = config.data
   mode = d.get("mode", "interleaved")
-  regions = d.get("regions") or {}
   return SequenceSpec(seq_len=d.seq_len, max_images=d.get("max_images", 0),
                       image_size=d.get("image_size", 0), mode=mode,
                       conversation=conversation.format_of(config)
                       if mode == "conversation" else None,
-                      regions=_region_spec(regions) if mode == "regions" else None)
-
-
-def _region_spec(settings) -> RegionSpec:
-  try:
-    return RegionSpec(**settings)
-  except (TypeError, ValueError) as e:
-    raise cli.UserError(f"config.data.regions: {e}") from e
+                      regions=regions.spec_of(config) if mode == "regions" else None)
 
 
 def keyword_mask(config, training: list[Dataset]) -> KeywordMask | None:

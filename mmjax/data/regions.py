@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from mmjax import cli
 from mmjax.data.sequences import CorruptRecord, right_pad
 
 CROPS = ("pipeline", "device")
@@ -91,6 +92,15 @@ class RegionSpec:
   def regions_per_example(self) -> int:
     """k: 1 for the whole-image baseline, else `num_regions`."""
     return 1 if self.whole_image else self.num_regions
+
+
+def spec_of(config) -> RegionSpec:
+  """The `RegionSpec` of a run's `config.data.regions` (the trainer's and its evaluation's);
+  a bad field is a `UserError` naming it."""
+  try:
+    return RegionSpec(**dict(config.data.get("regions") or {}))
+  except (TypeError, ValueError) as e:
+    raise cli.UserError(f"config.data.regions: {e}") from e
 
 
 WHOLE_IMAGE_ROW = np.array([[0.5, 0.5, 1.0, 1.0, 0.0]], np.float32)  # no detector score

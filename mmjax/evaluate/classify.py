@@ -67,7 +67,7 @@ def run_split(config, params, model_state, name: str, *,
 
   source = _source(config, name)
   tokenizer = make_tokenizer(config)
-  spec = regions_lib.RegionSpec(**dict(config.data.regions))
+  spec = regions_lib.spec_of(config)
   model = mmbcd_task.build_model(config)
   batch_size = config.evaluate.get("batch_size", 64)
   count = _count(config, source)
