@@ -228,7 +228,12 @@ SCHEMA = Section({
         "max_images": Field(INT, min=0, optional=True),
         "image_size": Field(INT, min=1, optional=True),
         "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation",
-                                    "regions"), optional=True),
+                                    "regions", "video", "segment"), optional=True),
+        # Clips and labelled frames (mmjax.data.video): the clip length and resolution,
+        # and `noise` (the segmentation control: uniform noise images, the real masks).
+        "video": Section({"frames": Field(INT, min=1),
+                          "resolution": Field(INT, min=1),
+                          "noise": Field(BOOL, optional=True)}, optional=True),
         # MMBCD's detector regions (mmjax.data.regions) and the tf-idf keyword masking of
         # the training texts (mmjax.data.keywords).
         "regions": Struct(RegionSpec, optional=True),
@@ -247,6 +252,9 @@ SCHEMA = Section({
         "datasets": Named(DATASET),
         "eval_datasets": Named(DATASET, optional=True),
     }),
+    # Segmentation (the "segment" task): the mask loss and BCE's positive weight.
+    "loss": Section({"kind": Field(STR, choices=("dice", "bce", "jaccard")),
+                     "pos_weight": Field(FLOAT, min=0, optional=True)}, optional=True),
     "optim": Section({
         "lr": Field(FLOAT, min=0),
         "warmup_steps": Field(INT, min=0),
