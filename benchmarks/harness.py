@@ -29,6 +29,18 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 GPU_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
+def mean_std(values) -> str:
+  """`"mean ±sd"` of repeated runs' values (sd with one degree of freedom; 0 for one)."""
+  values = np.asarray(values, np.float64)
+  return f"{values.mean():.3f} ±{values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def final_scores(workdir, task: str) -> dict[str, float]:
+  """The held-out scores of `task` a finished run recorded (`finished.json`)."""
+  record = json.loads((pathlib.Path(workdir) / "finished.json").read_text())
+  return dict(record["metrics"]["few_shot"][task]["0"])
+
+
 def timed_runs(fn: Callable[[], Any], *, warmup: int, runs: int) -> dict[str, float]:
   """Calls `fn` (which must block until its work is done) `warmup` times, then times
   `runs` calls: `{"median_s", "min_s", "max_s", "runs"}`."""

@@ -60,7 +60,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import contrastive
+from benchmarks import contrastive, harness
 from benchmarks.side_by_side import alternate, record_systems
 from mmjax import checkpoints, convert, sharding, train
 from mmjax.configs import llava as llava_recipe
@@ -368,11 +368,6 @@ def scores(workdir: pathlib.Path) -> dict[str, float]:
   return dict(record["instruct"]["0"])
 
 
-def mean_std(values) -> str:
-  values = np.asarray(values, np.float64)
-  return f"{values.mean():.3f} ±{values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-
-
 def step_table(lines: list[dict]) -> str:
   """A markdown table of `train_steps`' lines."""
   t = lambda s: f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
@@ -424,7 +419,7 @@ def main(argv):
   print(f"\n| variant | trainable | seeds | {' | '.join(names)} |")
   print("| --- | --- | --- |" + " --- |" * len(names))
   for variant, count, results in rows:
-    cells = " | ".join(mean_std([r[n] for r in results]) for n in names)
+    cells = " | ".join(harness.mean_std([r[n] for r in results]) for n in names)
     print(f"| {variant} | {count:,} | {','.join(FLAGS.seeds)} | {cells} |")
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from mmjax.configs import medclip as medclip_recipe
 
-from benchmarks import contrastive
+from benchmarks import contrastive, harness
 from benchmarks.side_by_side import alternate, record_systems
 from mmjax import train
 
@@ -198,11 +198,6 @@ def scores(workdir: pathlib.Path) -> dict[str, float]:
           "image->report R@5": rt["image_to_text/R@5"]}
 
 
-def mean_std(values) -> str:
-  values = np.asarray(values, np.float64)
-  return f"{values.mean():.3f} ±{values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-
-
 def main(argv):
   del argv
   if FLAGS.step:
@@ -227,7 +222,7 @@ def main(argv):
   print(f"\n| method | paired studies | {' | '.join(names)} |")
   print("| --- | --- |" + " --- |" * len(names))
   for method, fraction, paired, results in rows:
-    cells = " | ".join(mean_std([r[n] for r in results]) for n in names)
+    cells = " | ".join(harness.mean_std([r[n] for r in results]) for n in names)
     print(f"| {method} | {paired} ({fraction:g}) | {cells} |")
 
 

@@ -136,11 +136,6 @@ def scores(workdir: pathlib.Path) -> dict[str, float]:
   return {name: cell[name] for name in METRICS if name in cell}
 
 
-def mean_std(values) -> str:
-  values = np.asarray(values, np.float64)
-  return f"{values.mean():.3f} ±{values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-
-
 def claim(methods, seeds, *, out: str, shape: str = "tiny", steps: int = 0) -> str:
   """Trains (or reuses) every (method, seed) run and returns the markdown table."""
   rows = []
@@ -158,7 +153,7 @@ def claim(methods, seeds, *, out: str, shape: str = "tiny", steps: int = 0) -> s
   lines = [f"| method | {' | '.join(names)} |", "| --- |" + " --- |" * len(names)]
   for method, results in rows:
     lines.append(f"| {method} | "
-                 + " | ".join(mean_std([r[n] for r in results]) for n in names) + " |")
+                 + " | ".join(harness.mean_std([r[n] for r in results]) for n in names) + " |")
   return "\n".join(lines)
 
 
