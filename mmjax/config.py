@@ -40,8 +40,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmjax import cli, peft, sharding
-from mmjax.data import conversation, keywords
+from mmjax.data import conversation, keywords, sequences
 from mmjax.data.regions import RegionSpec
+from mmjax.data.video import VideoSpec
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate.prompts import FORMATS
 from mmjax.evaluate.zeroshot import template_set_names
@@ -227,8 +228,9 @@ SCHEMA = Section({
         "batch_size": Field(INT, min=1),
         "max_images": Field(INT, min=0, optional=True),
         "image_size": Field(INT, min=1, optional=True),
-        "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation",
-                                    "regions"), optional=True),
+        "mode": Field(STR, choices=sequences.MODES, optional=True),
+        # Clips and labelled frames (modes "video", "segment"; mmjax.data.video).
+        "video": Struct(VideoSpec, optional=True),
         # MMBCD's detector regions (mmjax.data.regions) and the tf-idf keyword masking of
         # the training texts (mmjax.data.keywords).
         "regions": Struct(RegionSpec, optional=True),
