@@ -42,8 +42,8 @@ from ml_collections import config_flags
 from mmjax import cli, peft, sharding
 from mmjax.data import conversation, keywords, sequences
 from mmjax.data.regions import RegionSpec
-from mmjax.data.video import VideoSpec
 from mmjax.data.tokenizer import make_tokenizer
+from mmjax.data.video import VideoSpec
 from mmjax.evaluate.prompts import FORMATS
 from mmjax.evaluate.zeroshot import template_set_names
 from mmjax.layers import REMAT_POLICIES
