@@ -46,7 +46,9 @@ class Source(Protocol):
   `"text_labels"` (float32 `"l"`: 1, 0, -1, NaN unknown); a document without one of them
   gets all NaN. MMBCD's sources give `{"image", "boxes", "text", "label", "id"}`
   (`mmjax.data.regions`) and add `labels` (every record's label, for class-balanced
-  sampling) and `texts()` (every record's text, to fit the masked keywords).
+  sampling) and `texts()` (every record's text, to fit the masked keywords). Video sources
+  give clips `{"video", "masks", "id"}` or labelled frames `{"image", "mask", "id"}`
+  (`mmjax.data.video`).
   """
 
   def __len__(self) -> int: ...
