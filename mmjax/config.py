@@ -40,9 +40,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmjax import cli, peft, sharding
-from mmjax.data import conversation, keywords
+from mmjax.data import conversation, keywords, sequences
 from mmjax.data.regions import RegionSpec
 from mmjax.data.tokenizer import make_tokenizer
+from mmjax.data.video import VideoSpec
 from mmjax.evaluate.prompts import FORMATS
 from mmjax.evaluate.zeroshot import template_set_names
 from mmjax.layers import REMAT_POLICIES
@@ -227,13 +228,9 @@ SCHEMA = Section({
         "batch_size": Field(INT, min=1),
         "max_images": Field(INT, min=0, optional=True),
         "image_size": Field(INT, min=1, optional=True),
-        "mode": Field(STR, choices=("interleaved", "text", "pair", "conversation",
-                                    "regions", "video", "segment"), optional=True),
-        # Clips and labelled frames (mmjax.data.video): the clip length and resolution,
-        # and `noise` (the segmentation control: uniform noise images, the real masks).
-        "video": Section({"frames": Field(INT, min=1),
-                          "resolution": Field(INT, min=1),
-                          "noise": Field(BOOL, optional=True)}, optional=True),
+        "mode": Field(STR, choices=sequences.MODES, optional=True),
+        # Clips and labelled frames (modes "video", "segment"; mmjax.data.video).
+        "video": Struct(VideoSpec, optional=True),
         # MMBCD's detector regions (mmjax.data.regions) and the tf-idf keyword masking of
         # the training texts (mmjax.data.keywords).
         "regions": Struct(RegionSpec, optional=True),

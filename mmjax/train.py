@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import checkpoints, cli, evaluate, losses, peft, sharding
 from mmjax import config as config_lib
-from mmjax.data import conversation, regions
+from mmjax.data import conversation, regions, video
 from mmjax.data.keywords import KeywordMask
 from mmjax.data.pipeline import DataHealth, Dataset, dataset_from_config, make_dataset
 from mmjax.data.sequences import SequenceSpec
@@ -58,7 +58,8 @@ def sequence_spec(config) -> SequenceSpec:
                       image_size=d.get("image_size", 0), mode=mode,
                       conversation=conversation.format_of(config)
                       if mode == "conversation" else None,
-                      regions=regions.spec_of(config) if mode == "regions" else None)
+                      regions=regions.spec_of(config) if mode == "regions" else None,
+                      video=video.spec_of(config) if mode in video.MODES else None)
 
 
 def keyword_mask(config, training: list[Dataset]) -> KeywordMask | None:
@@ -99,9 +100,9 @@ def make_data(config, field: str = "datasets", *, seed: int, health: DataHealth
               ) -> grain.IterDataset:
   """Per-process batches of the mixture `config.data.<field>` (see `datasets`); the
   training mixture ("datasets") has its keywords masked (`keyword_mask`), others never."""
-  mixture = datasets(config, field)
+  mixture, spec = datasets(config, field), sequence_spec(config)
   return make_dataset(
-      mixture, make_tokenizer(config), sequence_spec(config),
+      mixture, make_tokenizer(config) if spec.needs_tokenizer else None, spec,
       batch_size=config.data.batch_size // jax.process_count(), seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count(), health=health,
       keyword_mask=keyword_mask(config, mixture) if field == "datasets" else None)

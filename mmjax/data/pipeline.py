@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from mmjax import cli
-from mmjax.data import conversation, findings_world, mammo_world, shapes_world
+from mmjax.data import conversation, findings_world, mammo_world, shapes_world, video
 from mmjax.data.keywords import KeywordMask
 from mmjax.data.regions import build_regions
 from mmjax.data.sequences import CorruptRecord, SequenceSpec, build_sequence
@@ -46,7 +46,9 @@ class Source(Protocol):
   `"text_labels"` (float32 `"l"`: 1, 0, -1, NaN unknown); a document without one of them
   gets all NaN. MMBCD's sources give `{"image", "boxes", "text", "label", "id"}`
   (`mmjax.data.regions`) and add `labels` (every record's label, for class-balanced
-  sampling) and `texts()` (every record's text, to fit the masked keywords).
+  sampling) and `texts()` (every record's text, to fit the masked keywords). Video sources
+  give clips `{"video", "masks", "id"}` or labelled frames `{"image", "mask", "id"}`
+  (`mmjax.data.video`).
   """
 
   def __len__(self) -> int: ...
@@ -649,7 +651,8 @@ def _label_vector(value: Any, width: int, key: str) -> np.ndarray:
   return vector
 
 
-def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: SequenceSpec,
+def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer | None,
+               spec: SequenceSpec,
                seed: int, num_labels: int = 0,
                keyword_mask: KeywordMask | None = None) -> grain.MapDataset:
   """An endless, shuffled (or class-balanced) MapDataset of `_Built` records; with
@@ -680,7 +683,9 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
       if keyword_mask is not None:
         document = {**document, "text": keyword_mask.apply(document.get("text") or "",
                                                            index, epoch)}
-      if spec.mode == "regions":
+      if spec.mode in video.MODES:
+        example, stats = video.build_video(document, spec.video, spec.mode, seed, index)
+      elif spec.mode == "regions":
         rng = np.random.default_rng([seed, _REGIONS_TAG, index, epoch])
         example, stats = build_regions(document, tokenizer, spec.regions, spec.seq_len, rng)
       elif spec.mode == "conversation":
@@ -705,12 +710,14 @@ def _sequences(dataset: Dataset, dataset_id: int, tokenizer: Tokenizer, spec: Se
   return order.map_with_index(build)
 
 
-def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: SequenceSpec, *,
+def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer | None, spec: SequenceSpec,
+                 *,
                  batch_size: int, seed: int, process_index: int = 0,
                  process_count: int = 1, health: DataHealth | None = None,
                  skip_window: int = SKIP_WINDOW,
                  keyword_mask: KeywordMask | None = None) -> grain.IterDataset:
-  """Batches of `build_sequence` outputs (`build_regions`' in mode "regions") plus
+  """Batches of `build_sequence` outputs (`build_regions`' in mode "regions",
+  `video.build_video`'s in modes "video" and "segment") plus
   `loss_weight` and `dataset_id`, `"b ..."`; classification sources add `label` (int32),
   and where any dataset is labelled (has `label_names`, all of the same length `l`) every
   example has `image_labels` and `text_labels` (float32 `"l"`: 1, 0, -1, NaN unknown; all
@@ -718,6 +725,7 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
 
   Args:
     datasets: the mixture; sampled in proportion to their `weight`.
+    tokenizer: None where `spec.needs_tokenizer` is false (the video modes).
     batch_size: per-process batch size.
     seed: fixes every dataset's order and the mixture.
     process_index, process_count: this process's slice of the global stream.
@@ -731,6 +739,9 @@ def make_dataset(datasets: Sequence[Dataset], tokenizer: Tokenizer, spec: Sequen
   """
   if not datasets:
     raise ValueError("make_dataset needs at least one dataset.")
+  if tokenizer is None and spec.needs_tokenizer:
+    raise ValueError(f"Sequence mode {spec.mode!r} needs a tokenizer; only the video modes "
+                     f"{video.MODES} are built without one.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   if skip_window < 1:
@@ -812,6 +823,9 @@ def dataset_from_config(config: Mapping[str, Any]) -> Dataset:
            "findings_world": FindingsWorldPairs,
            "mammo_world": MammoWorldDocuments,
            "mammo_folder": MammoFolder,
+           "video_world": video.VideoWorldClips,
+           "video_world_frames": video.VideoWorldFrames,
+           "bair_folder": video.BairFolder,
            "labelled_decoupled": LabelledDecoupled,
            "labelled_classes": LabelledClasses,
            "arrayrecord_documents": ArrayRecordDocuments,

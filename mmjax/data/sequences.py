@@ -38,6 +38,10 @@ class CorruptRecord(ValueError):
     self.reason = reason
 
 
+MODES = ("interleaved", "text", "pair", "conversation", "regions", "video", "segment")
+VIDEO_MODES = ("video", "segment")  # built without a tokenizer
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
   """What to build, and its shapes.
@@ -54,20 +58,26 @@ class SequenceSpec:
       `<image>`), the answers trained.
     "regions": MMBCD's examples: a mammogram's detector regions, its clinical history
       and label, built by `regions` (a `mmjax.data.regions.RegionSpec`).
+    "video", "segment": clips, or labelled frames and their masks, shaped by `video` (a
+      `mmjax.data.video.VideoSpec`); `seq_len` is unused and no tokenizer is needed.
   """
 
   seq_len: int
   max_images: int = 0
   image_size: int = 0
   channels: int = 3
-  mode: Literal["interleaved", "text", "pair", "conversation", "regions"] = "interleaved"
+  mode: Literal["interleaved", "text", "pair", "conversation", "regions", "video",
+                "segment"] = "interleaved"
   conversation: Any = None
   regions: Any = None
+  video: Any = None
 
   def __post_init__(self):
-    if self.mode not in ("interleaved", "text", "pair", "conversation", "regions"):
-      raise ValueError(f"Unknown sequence mode {self.mode!r}; expected 'interleaved', "
-                       "'text', 'pair', 'conversation' or 'regions'.")
+    if self.mode not in MODES:
+      raise ValueError(f"Unknown sequence mode {self.mode!r}; expected one of {MODES}.")
+    if (self.mode in VIDEO_MODES) != (self.video is not None):
+      raise ValueError("SequenceSpec: modes 'video' and 'segment' and a `video` spec "
+                       "(VideoSpec) go together.")
     if (self.mode == "conversation") != (self.conversation is not None):
       raise ValueError("SequenceSpec: mode 'conversation' and a `conversation` format go "
                        "together.")
@@ -80,6 +90,10 @@ class SequenceSpec:
       raise cli.UserError(f"Interleaved sequences need max_images >= 1, got "
                           f"{self.max_images}: every record would lose its images and be "
                           "skipped (set data.max_images).")
+
+  @property
+  def needs_tokenizer(self) -> bool:
+    return self.mode not in VIDEO_MODES
 
 
 def loss_mask(targets: np.ndarray, *, media_id: int, endofchunk_id: int,

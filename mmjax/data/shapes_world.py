@@ -119,7 +119,12 @@ def sample_scene(rng: np.random.Generator, image_size: int,
 def shape_mask(shape: str, centre: tuple[int, int], radius: float, image_size: int) -> np.ndarray:
   """Boolean `"h w"` mask of one object."""
   ys, xs = np.mgrid[:image_size, :image_size].astype(np.float32)
-  dy, dx = ys - centre[0], xs - centre[1]
+  return inside_shape(shape, ys - centre[0], xs - centre[1], radius)
+
+
+def inside_shape(shape: str, dy: np.ndarray, dx: np.ndarray, radius) -> np.ndarray:
+  """Boolean: whether the offsets `(dy, dx)` from a shape's centre (any arrays that
+  broadcast together, and with `radius`) fall inside it."""
   if shape == "circle":
     return dy ** 2 + dx ** 2 <= radius ** 2
   if shape == "square":

@@ -210,13 +210,15 @@ def load_image(data: bytes, draft_size: int | None = None) -> Image.Image:
   return to_rgb(ImageOps.exif_transpose(open_image(data, draft_size)))
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """uint8 `"size size 3"`: shorter side resized to `size` (bicubic), centre square kept."""
+def resize_center_crop(image: Image.Image, size: int,
+                       resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+  """uint8 `"size size 3"`: shorter side resized to `size` (bicubic, or `resample`: nearest
+  for masks), centre square kept."""
   image = to_rgb(image)  # a no-op for images from `load_image`
   width, height = image.size
   side = min(width, height)
   box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-  return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8)
+  return np.asarray(image.resize((size, size), resample, box=box), np.uint8)
 
 
 # CLIP's normalisation mean, and LLaVA-1.5's padding colour from it:
