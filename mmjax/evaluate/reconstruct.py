@@ -20,6 +20,7 @@ from mmjax.cli import UserError
 from mmjax.data import video as video_lib
 from mmjax.data.pipeline import dataset_from_config
 from mmjax.data.sequences import CorruptRecord
+from mmjax.models.vqvae import preprocess
 
 TASK = "reconstruct"
 
@@ -54,7 +55,7 @@ def evaluate(config, params, model_state=None, *,
   @jax.jit
   def forward(video):
     out, _ = vqvae_task.forward(model, {"params": params, **(model_state or {})}, video)
-    x = vqvae_task.preprocess(video)
+    x = preprocess(video)
     error = jnp.mean(jnp.square(out["recon"] - x), axis=(1, 2, 3, 4))
     clipped = jnp.mean(jnp.square(jnp.clip(out["recon"], -0.5, 0.5) - x), axis=(1, 2, 3, 4))
     return error, clipped, out["encodings"]
@@ -77,7 +78,7 @@ def evaluate(config, params, model_state=None, *,
   for index in range(clip_count(config)):
     try:
       document = source[index]
-      example = video_lib.build_clip(document, spec)
+      example, _ = video_lib.build_video(document, spec, "video", config.seed, index)
     except CorruptRecord as error:
       skipped[error.reason] = skipped.get(error.reason, 0) + 1
       continue

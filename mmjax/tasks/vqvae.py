@@ -14,7 +14,7 @@ use are measured by `mmjax.evaluate.reconstruct`.
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.vqvae import VQVAE, VQVAEConfig
+from mmjax.models.vqvae import VQVAE, VQVAEConfig, preprocess
 from mmjax.tasks import model_config
 
 MODEL_CONFIG = VQVAEConfig
@@ -71,7 +71,7 @@ def loss_terms(model, params, batch, rng, *, model_state, train=True):
   terms, and the updated state."""
   out, model_state = forward(model, {"params": params, **model_state}, batch["video"],
                              train=train, rng=rng)
-  x = model.preprocess(batch["video"])
+  x = preprocess(batch["video"])
   per_clip = jnp.mean(jnp.square(out["recon"].astype(jnp.float32) - x), axis=(1, 2, 3, 4))
   per_clip = per_clip / model.config.data_variance
   weight = batch.get("loss_weight", jnp.ones_like(per_clip))
