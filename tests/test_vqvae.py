@@ -121,8 +121,8 @@ def test_axial_block_matches_naive_attention():
   assert set(params) == {"attn_t", "attn_h", "attn_w"}
   assert set(params["attn_t"]["out"]) == {"kernel", "bias"}
   assert set(params["attn_t"]["query"]) == {"kernel"}
-  params = jax.tree.map(lambda a: jnp.asarray(
-      np.random.default_rng(a.size).normal(size=a.shape), jnp.float32), params)
+  rng = np.random.default_rng(1)  # different weights for each attention
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
   got = module.apply({"params": params}, x)
   np.testing.assert_allclose(got, naive_axial(x.astype(np.float64), jax.tree.map(
       np.asarray, params), 2), atol=1e-4, rtol=1e-4)
@@ -144,10 +144,10 @@ def near_rows(codes, flat, tol):
   return np.abs(codes[:, None, :] - flat[None]).max(-1).min(-1) <= tol
 
 
-def codebook_step(state, z, seed=0, train=True):
-  model = Codebook(state["embeddings"].shape[0])
-  out, new = model.apply({"codebook": state}, jnp.asarray(z), train=train,
-                         mutable=["codebook"], rngs={"codebook": jax.random.key(seed)})
+def codebook_step(state, z, seed=0, train=True, restart=True):
+  out, new = Codebook(state["embeddings"].shape[0], restart=restart).apply(
+      {"codebook": state}, jnp.asarray(z), train=train, mutable=["codebook"],
+      rngs={"codebook": jax.random.key(seed)})
   return out, jax.tree.map(np.asarray, new["codebook"])
 
 
@@ -205,6 +205,7 @@ def test_codebook_ema_step_laplace_smoothing_and_restart():
   k, e = 12, 3
   codes = rng.normal(size=(k, e)).astype(np.float32)
   counts = np.where(np.arange(k) % 3 == 0, 0.5, 4.0).astype(np.float32)
+  codes[1], counts[1] = 100.0, 0.0  # never chosen, never counted: smoothing keeps it finite
   state = {"embeddings": codes, "counts": counts, "sums": codes * counts[:, None] * 1.5,
            "initialized": np.array(True)}
   z = rng.normal(size=(2, 1, 3, 4, e)).astype(np.float32)
@@ -231,12 +232,10 @@ def test_codebook_ema_step_laplace_smoothing_and_restart():
                              rtol=1e-5)
   assert out["codes_used"] == len(set(idx.tolist()))
   # without restarts the dead codes keep their smoothed averages
-  _, kept = Codebook(k, restart=False).apply(
-      {"codebook": state}, jnp.asarray(z), train=True, mutable=["codebook"],
-      rngs={"codebook": jax.random.key(3)})
-  kept = jax.tree.map(np.asarray, kept["codebook"])
+  _, kept = codebook_step(state, z, seed=3, restart=False)
   np.testing.assert_allclose(kept["embeddings"], naive_laplace(want_counts, want_sums),
                              rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(kept["embeddings"][1], 0.0)
 
 
 def test_codebook_straight_through_and_eval():

@@ -17,6 +17,10 @@ training call replaces the vectors whose count fell below one by vectors of the 
 from the rng stream "codebook"). Under `jit` on a batch sharded over devices every sum is the
 global batch's, as VideoGPT's all-reduce makes it.
 
+`conv_last` always takes the `n` channels of the strided convolutions. VideoGPT sizes its
+input from a loop variable, 3 channels when the largest downsampling factor is 2: such a model
+fails on its first forward pass, so no trained checkpoint of it exists to load.
+
 Convolutions pad like VideoGPT's `SamePadConv3d`: `k - s` in all per axis, the odd one at the
 front; transposed convolutions equal its `SamePadConvTranspose3d` (that padding on the input,
 then torch's `ConvTranspose3d(padding=k - 1)`), with the kernel `"kt kh kw out in"` (torch's
