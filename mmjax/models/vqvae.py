@@ -51,7 +51,6 @@ def _torch_conv_init(key, shape, dtype=jnp.float32):
   XLA on CPU compiles the 5-d draw for several seconds."""
   flat = (math.prod(shape[:-1]), shape[-1])
   return jnp.reshape(TORCH_LINEAR_INIT(key, flat, dtype), shape)
-AXES = ("t", "h", "w")
 
 
 @dataclasses.dataclass(frozen=True)
