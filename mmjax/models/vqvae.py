@@ -17,6 +17,10 @@ training call replaces the vectors whose count fell below one by vectors of the 
 from the rng stream "codebook"). Under `jit` on a batch sharded over devices every sum is the
 global batch's, as VideoGPT's all-reduce makes it.
 
+`conv_last` always takes the `n` channels of the strided convolutions. VideoGPT sizes its
+input from a loop variable, 3 channels when the largest downsampling factor is 2: such a model
+fails on its first forward pass, so no trained checkpoint of it exists to load.
+
 Convolutions pad like VideoGPT's `SamePadConv3d`: `k - s` in all per axis, the odd one at the
 front; transposed convolutions equal its `SamePadConvTranspose3d` (that padding on the input,
 then torch's `ConvTranspose3d(padding=k - 1)`), with the kernel `"kt kh kw out in"` (torch's
@@ -41,9 +45,14 @@ from mmjax.models.resnet import TORCH_LINEAR_INIT, BatchNorm
 # channels whole: see mmjax.models.resnet.CONV_INPUT_AXES).
 CONV_AXES = (None, None, None, "embed", "mlp")
 CONV_INPUT_AXES = ("batch", None, None, None, None)
-# torch's default convolution initialisation: uniform within 1 / sqrt(fan_in).
-TORCH_CONV_INIT = TORCH_LINEAR_INIT
-AXES = ("t", "h", "w")
+
+
+def _torch_conv_init(key, shape, dtype=jnp.float32):
+  """torch's default convolution initialisation: uniform within 1 / sqrt(fan_in), fan_in
+  the receptive field times the kernel's next-to-last axis. Drawn as a matrix and reshaped:
+  XLA on CPU compiles the 5-d draw for several seconds."""
+  flat = (math.prod(shape[:-1]), shape[-1])
+  return jnp.reshape(TORCH_LINEAR_INIT(key, flat, dtype), shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +210,7 @@ class SameConv3d(nn.Module):
         if self.transpose else ((*k, c, self.features), CONV_AXES)
     # Fan-in over "kt kh kw" and the second-last axis: torch's for both (a transposed
     # convolution's weight "c f kt kh kw" has its fan-in over f).
-    kernel = self.param("kernel", nn.with_logical_partitioning(TORCH_CONV_INIT, axes), shape,
+    kernel = self.param("kernel", nn.with_logical_partitioning(_torch_conv_init, axes), shape,
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     y = (transposed_conv if self.transpose else strided_conv)(x, kernel, self.strides)
