@@ -192,6 +192,9 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
   if config.task == "mmbcd":
     return _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
                               model_state)
+  if config.task == "segment":
+    return _evaluate_segment(config, params, tasks, protocol, should_stop, progress,
+                             model_state)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -298,6 +301,17 @@ def _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
   return _single_task_results(
       classify.TASK, classify.case_count(config),
       lambda step: classify.evaluate(config, params, model_state, step=step),
+      protocol, should_stop, progress)
+
+
+def _evaluate_segment(config, params, tasks, protocol, should_stop, progress,
+                      model_state) -> Results:
+  from mmjax.evaluate import segment  # noqa: PLC0415 (reads the data pipeline)
+  _check_single_task(config, tasks, segment.TASK,
+                     "A segmentation run is evaluated on held-out labelled frames")
+  return _single_task_results(
+      segment.TASK, segment.image_count(config),
+      lambda step: segment.evaluate(config, params, model_state, step=step),
       protocol, should_stop, progress)
 
 
