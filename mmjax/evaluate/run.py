@@ -306,7 +306,7 @@ def _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
 
 def _evaluate_segment(config, params, tasks, protocol, should_stop, progress,
                       model_state) -> Results:
-  from mmjax.evaluate import segment  # noqa: PLC0415 (reads the data pipeline)
+  from mmjax.evaluate import segment  # here: it reads the data pipeline
   _check_single_task(config, tasks, segment.TASK,
                      "A segmentation run is evaluated on held-out labelled frames")
   return _single_task_results(

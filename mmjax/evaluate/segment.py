@@ -49,7 +49,7 @@ def segment_documents(config, params, model_state, documents: Sequence[dict], *,
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """`(predicted "n h w" bool, target "n h w" bool, ids)` of the run's model on
   `documents`, in fixed-size batches (`config.evaluate.batch_size`, default 32)."""
-  from mmjax.tasks import segment as segment_task  # noqa: PLC0415 (tasks import evaluate)
+  from mmjax.tasks import segment as segment_task  # here: the tasks import evaluate
 
   model = segment_task.build_model(config)
   size = model.config.resolution
