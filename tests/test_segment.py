@@ -63,24 +63,35 @@ def toy_batch(n: int = 4, seed: int = 0) -> dict:
   return {"image": jnp.asarray(images), "mask": jnp.asarray(masks)}
 
 
-def init(config, batch):
-  model = segment_task.build_model(config)
-  args, kwargs = segment_task.init_inputs(config)
-  variables = model.init(KEY, *args, **kwargs)
-  params = variables.pop("params")
-  return model, params, dict(variables)
-
-
 @pytest.fixture(scope="module")
-def latents():
-  """The toy encoder's "attention" latents of `toy_batch()` (computed once: compiling
-  its 3D convolutions is the slow part of these tests)."""
-  model, params, state = init(make_config("attention"), toy_batch())
+def encoded():
+  """The toy encoder's variables and its "attention" latents of `toy_batch()`'s frames, as
+  the segmenter makes them (initialised once: compiling its 3D convolutions is the slow
+  part of these tests)."""
+  video = jnp.repeat(toy_batch()["image"][:, None], 4, axis=1)
+  out, variables = jax.jit(Encoder(VQVAEConfig(**ENCODER)).init_with_output)(KEY, video)
+  return variables, out["attention"]
+
+
+def init(config, encoded):
+  """`(model, params, state)` of a segmenter: the encoder's from `encoded`, as a
+  pretrained one grafts in, and a fresh head (the same tree as `model.init`'s)."""
+  model = segment_task.build_model(config)
+  (image,), _ = segment_task.init_inputs(config)
+  expected = jax.eval_shape(model.init, KEY, image)
+  variables, latents = encoded
+  inputs = latents[:1] if model.config.encoder else preprocess(image)
+  params = {"head": jax.jit(make_head(model.config).init)(KEY, inputs)["params"]}
+  state = {}
+  if model.config.encoder:
+    params["encoder"] = variables["params"]
+    state = {"batch_stats": {"encoder": variables["batch_stats"]}}
+  assert jax.tree.structure({"params": params, **state}) == jax.tree.structure(expected)
   return model, params, state
 
 
 @pytest.mark.parametrize("head", ["linear", "conv", "heavy", "attention", "unet"])
-def test_each_head_gives_full_resolution_logits_and_fits_a_fixed_batch(head, latents):
+def test_each_head_gives_full_resolution_logits_and_fits_a_fixed_batch(head, encoded):
   """The head's own training, on the latents of a frozen encoder (what the segmenter's
   gradient reaches when the encoder is frozen)."""
   config = make_config(head)
@@ -93,10 +104,7 @@ def test_each_head_gives_full_resolution_logits_and_fits_a_fixed_batch(head, lat
   if head == "unet":
     inputs = preprocess(batch["image"])
   else:
-    encoder_model, encoder_params, encoder_state = latents
-    inputs = Encoder(encoder_model.config.encoder).apply(
-        {"params": encoder_params["encoder"], "batch_stats": encoder_state["batch_stats"][
-            "encoder"]}, jnp.repeat(batch["image"][:, None], 4, axis=1))["attention"]
+    inputs = encoded[1]
   head_module = make_head(model.config)
   params = {"head": jax.jit(head_module.init)(KEY, inputs)["params"]}
   spec = losses.SegmentLoss("bce", pos_weight=2.0)
@@ -120,51 +128,57 @@ def test_each_head_gives_full_resolution_logits_and_fits_a_fixed_batch(head, lat
   assert float(loss) < 0.8 * float(first), (head, float(first), float(loss))
 
 
-def _grads_and_state(freeze: bool, latent: str = "attention"):
-  config = make_config("conv", freeze_encoder=freeze, latent=latent)
+def _gradients_and_states(freeze: bool, encoded):
+  """The gradients of the loss, the state before, after a train step and after an
+  evaluation step, of a segmenter whose encoder is frozen or not."""
+  model, params, state = init(make_config("conv", freeze_encoder=freeze), encoded)
   batch = toy_batch()
-  model, params, state = init(config, batch)
-  def f(params):
-    total, count, _, new_state = segment_task.loss_terms(
-        model, params, batch, jax.random.key(0), model_state=state, train=True)
-    return total / count, new_state
-  grads, new_state = jax.jit(jax.grad(f, has_aux=True))(params)
-  return grads, state, new_state
+
+  @jax.jit
+  def run(params):
+    def f(params):
+      total, count, _, new_state = segment_task.loss_terms(
+          model, params, batch, jax.random.key(0), model_state=state, train=True)
+      return total / count, new_state
+    grads, trained = jax.grad(f, has_aux=True)(params)
+    *_, evaluated = segment_task.loss_terms(model, params, batch, jax.random.key(0),
+                                            model_state=state, train=False)
+    return grads, trained, evaluated
+
+  return state, *run(params)
 
 
 def _any_nonzero(tree) -> bool:
   return any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(tree))
 
 
-def test_a_frozen_encoder_gets_no_gradient_and_keeps_its_batch_statistics():
-  grads, state, new_state = _grads_and_state(freeze=True)
+def _same(a, b) -> bool:
+  return jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b))
+
+
+def test_a_frozen_encoder_gets_no_gradient_and_keeps_its_batch_statistics(encoded):
+  state, grads, trained, evaluated = _gradients_and_states(True, encoded)
   assert not _any_nonzero(grads["encoder"])
   assert _any_nonzero(grads["head"])
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state, new_state))
+  assert _same(state, trained) and _same(state, evaluated)
 
 
-def test_an_unfrozen_encoder_fine_tunes_and_updates_its_batch_statistics():
-  grads, state, new_state = _grads_and_state(freeze=False)
+def test_an_unfrozen_encoder_fine_tunes_and_updates_its_batch_statistics(encoded):
+  state, grads, trained, evaluated = _gradients_and_states(False, encoded)
   assert _any_nonzero(grads["encoder"]["convs_0"]) and _any_nonzero(grads["head"])
-  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state, new_state)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state, trained)
   assert all(jax.tree.leaves(changed)), changed  # every BatchNorm saw the batch
-
-
-def test_evaluation_mode_leaves_an_unfrozen_encoders_statistics():
-  config = make_config("conv", freeze_encoder=False)
-  batch = toy_batch()
-  model, params, state = init(config, batch)
-  *_, new_state = segment_task.loss_terms(model, params, batch, jax.random.key(0),
-                                          model_state=state, train=False)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state, new_state))
+  assert _same(state, evaluated)  # evaluation leaves them
 
 
 def test_the_unet_reads_pixels_and_has_no_encoder_nor_state():
   config = make_config("unet")
   batch = toy_batch()
-  model, params, state = init(config, batch)
-  assert list(params) == ["head"] and not state
-  out = segment_task.loss_terms(model, params, batch, jax.random.key(0))
+  model = segment_task.build_model(config)
+  variables = jax.eval_shape(model.init, KEY, batch["image"])
+  assert list(variables) == ["params"] and list(variables["params"]) == ["head"]
+  out = jax.eval_shape(lambda p: segment_task.loss_terms(model, p, batch, jax.random.key(0)),
+                       variables["params"])
   assert len(out) == 3 and set(out[2]) == {"iou"}
 
 
@@ -297,13 +311,13 @@ def test_sinusoidal_positions_are_sines_and_cosines_of_row_and_column():
 # ---------------------------------------------------------------------------------------
 # Held-out evaluation.
 # ---------------------------------------------------------------------------------------
-def test_held_out_evaluation_scores_the_models_thresholded_masks(monkeypatch):
-  config = make_config("conv")
+def test_held_out_evaluation_scores_the_models_thresholded_masks(monkeypatch, encoded):
+  config = make_config("linear")
   batch = toy_batch(6, seed=1)
   documents = [{"image": np.asarray(batch["image"][i]), "mask": np.asarray(batch["mask"][i]),
                 "id": f"frame{i}"} for i in range(6)]
   monkeypatch.setattr(segment_eval, "_source", lambda config: documents)
-  model, params, state = init(config, batch)
+  model, params, state = init(config, encoded)
   results = run_lib.evaluate(config, params, model_state=state, progress=False)
   scores = results.scores["segment"][0]
   logits = model.apply({"params": params, **state}, batch["image"])
