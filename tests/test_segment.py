@@ -4,6 +4,7 @@ layer, latents of stride 4)."""
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,7 +18,7 @@ from mmjax.evaluate import run as run_lib
 from mmjax.evaluate import segment as segment_eval
 from mmjax.layers.embeddings import sinusoidal_positions_2d
 from mmjax.models import seg_heads
-from mmjax.models.segment import SegmenterConfig, make_head
+from mmjax.models.segment import Segmenter, SegmenterConfig, make_head
 from mmjax.models.vqvae import VQVAE, Encoder, VQVAEConfig, preprocess
 from mmjax.tasks import get_task
 from mmjax.tasks import segment as segment_task
@@ -340,3 +341,16 @@ def test_held_out_evaluation_scores_the_models_thresholded_masks(monkeypatch, en
   assert noisy.scores["segment"][0]["iou"] != pytest.approx(scores["iou"])
   with pytest.raises(Exception, match="held-out labelled frames"):
     run_lib.evaluate(config, params, model_state=state, tasks=["zeroshot"], progress=False)
+
+
+@pytest.mark.parametrize("head", ["linear", "conv", "heavy", "attention", "unet"])
+def test_the_papers_shapes_trace(head):
+  """64 px frames repeated over 16 steps through the default VQ-VAE (latents 4 x 16 x 16 x
+  240, stride 4), abstractly: only shapes are computed."""
+  model = Segmenter(SegmenterConfig(None if head == "unet" else VQVAEConfig(), head=head,
+                                    image_size=64 if head == "unet" else None))
+  image = jnp.zeros((2, 64, 64, 3), jnp.uint8)
+  logits, variables = jax.eval_shape(lambda: model.init_with_output(KEY, image))
+  assert logits.shape == (2, 64, 64)
+  if head == "linear":  # the probe: 4 * 240 channels -> a 4 x 4 block of logits per cell
+    assert nn.unbox(variables)["params"]["head"]["linear"]["kernel"].shape == (960, 16)
