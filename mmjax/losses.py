@@ -1,6 +1,8 @@
 """Losses, written as (sum, count) pairs so that accumulated micro-batches average exactly
 as one large batch would."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -125,3 +127,82 @@ def query_text_similarity(image: jax.Array, text: jax.Array) -> jax.Array:
   """BLIP-2's image-text similarity: `image "b q k"` (one embedding per query), `text
   "c k"` -> `"b c"`, the largest query-text dot product for each image and text."""
   return jnp.max(jnp.einsum("bqk,ck->bcq", image, text), axis=-1)
+
+
+# Binary segmentation: mask logits `"b h w"` against masks `"b h w"` in [0, 1]. Each loss is
+# one value per image (`"b"`), summed over the batch with a count of images, so that
+# micro-batches accumulate exactly as one batch would.
+SEGMENT_LOSSES = ("dice", "bce", "jaccard")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentLoss:
+  """A segmentation recipe's loss (`config.loss`): `kind` one of `SEGMENT_LOSSES`,
+  `pos_weight` the weight of the positive pixels' term in "bce", `smooth` the additive
+  smoothing of the soft Dice and Jaccard ratios (an empty mask predicted empty scores 0)."""
+
+  kind: str = "dice"
+  pos_weight: float = 1.0
+  smooth: float = 1.0
+
+  def __post_init__(self):
+    if self.kind not in SEGMENT_LOSSES:
+      raise ValueError(f"SegmentLoss: kind={self.kind!r} is not one of {SEGMENT_LOSSES}.")
+    if self.pos_weight < 0 or self.smooth < 0:
+      raise ValueError(f"SegmentLoss: pos_weight={self.pos_weight} and smooth={self.smooth} "
+                       "must be >= 0.")
+
+
+def _per_image_sum(per_image: jax.Array, loss_weight: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array]:
+  if loss_weight is None:
+    return jnp.sum(per_image), jnp.float32(per_image.shape[0])
+  weight = loss_weight.astype(jnp.float32)
+  return jnp.sum(per_image * weight), jnp.sum(weight)
+
+
+def _overlaps(logits, masks):
+  """Per image: `(sum p y, sum p, sum y)` with `p = sigmoid(logits)`, each `"b"`."""
+  p = jax.nn.sigmoid(logits.astype(jnp.float32))
+  y = masks.astype(jnp.float32)
+  axes = tuple(range(1, p.ndim))
+  return jnp.sum(p * y, axes), jnp.sum(p, axes), jnp.sum(y, axes)
+
+
+def soft_dice_loss(logits: jax.Array, masks: jax.Array, loss_weight: jax.Array | None = None,
+                   smooth: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Soft Dice: per image `1 - (2 sum(p y) + smooth) / (sum p + sum y + smooth)`, `p` the
+  sigmoid of the logits. `(sum over images (weighted by `loss_weight "b"`), image count)`."""
+  inter, p, y = _overlaps(logits, masks)
+  return _per_image_sum(1 - (2 * inter + smooth) / (p + y + smooth), loss_weight)
+
+
+def soft_jaccard_loss(logits: jax.Array, masks: jax.Array,
+                      loss_weight: jax.Array | None = None,
+                      smooth: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Soft Jaccard (IoU): per image `1 - (sum(p y) + smooth) / (sum p + sum y - sum(p y) +
+  smooth)`. `(sum over images, image count)` as `soft_dice_loss`."""
+  inter, p, y = _overlaps(logits, masks)
+  return _per_image_sum(1 - (inter + smooth) / (p + y - inter + smooth), loss_weight)
+
+
+def weighted_bce_loss(logits: jax.Array, masks: jax.Array,
+                      loss_weight: jax.Array | None = None,
+                      pos_weight: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Positive-weighted binary cross-entropy (torch's `BCEWithLogitsLoss(pos_weight=)`):
+  per pixel `-(pos_weight y log sigmoid(x) + (1 - y) log sigmoid(-x))`, averaged over each
+  image's pixels. `(sum over images, image count)` as `soft_dice_loss`."""
+  x = logits.astype(jnp.float32)
+  y = masks.astype(jnp.float32)
+  per_pixel = -(pos_weight * y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x))
+  return _per_image_sum(jnp.mean(per_pixel, axis=tuple(range(1, x.ndim))), loss_weight)
+
+
+def segment_loss(logits: jax.Array, masks: jax.Array, spec: SegmentLoss,
+                 loss_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The loss `spec` names, as `(sum over images, image count)`."""
+  if spec.kind == "dice":
+    return soft_dice_loss(logits, masks, loss_weight, spec.smooth)
+  if spec.kind == "jaccard":
+    return soft_jaccard_loss(logits, masks, loss_weight, spec.smooth)
+  return weighted_bce_loss(logits, masks, loss_weight, spec.pos_weight)

@@ -19,10 +19,9 @@ import numpy as np
 
 from mmjax.cli import UserError
 from mmjax.data import regions as regions_lib
-from mmjax.data.pipeline import dataset_from_config
 from mmjax.data.sequences import CorruptRecord
 from mmjax.data.tokenizer import make_tokenizer
-from mmjax.evaluate import metrics
+from mmjax.evaluate import held_out, metrics
 
 TASK = "classify"
 SPLITS = ("validation", "test")
@@ -40,23 +39,15 @@ class Scored:
 
 
 def _source(config, name: str):
-  datasets = config.data.get("eval_datasets") or {}
-  if name not in datasets:
-    raise UserError(f"The classify evaluation needs config.data.eval_datasets.{name} "
-                    f"(held-out cases); the config has {sorted(datasets)}.")
-  return dataset_from_config({"name": name, **datasets[name]}).source
+  return held_out.source(config, name, "held-out cases")
 
 
-def _count(config, source) -> int:
-  limit = config.evaluate.get("episodes", -1)
-  return len(source) if limit < 0 else min(limit, len(source))
-
-
-def case_count(config) -> int:
+def count(config) -> int:
   """How many cases `evaluate` reads: the test split's, and the validation split's when
   there is one (each capped at `config.evaluate.episodes` unless it is -1)."""
   datasets = config.data.get("eval_datasets") or {}
-  return sum(_count(config, _source(config, name)) for name in SPLITS if name in datasets)
+  return sum(held_out.limit(config, _source(config, name)) for name in SPLITS
+             if name in datasets)
 
 
 def run_split(config, params, model_state, name: str, *,
@@ -69,47 +60,34 @@ def run_split(config, params, model_state, name: str, *,
   tokenizer = make_tokenizer(config)
   spec = regions_lib.spec_of(config)
   model = mmbcd_task.build_model(config)
-  batch_size = config.evaluate.get("batch_size", 64)
-  count = _count(config, source)
 
   @jax.jit
   def forward(batch):
     out, _ = mmbcd_task.forward(model, {"params": params, **(model_state or {})}, batch)
     return out["logits"], out.get("attention")
 
-  examples, ids, skipped = [], [], {}
-  logits, attention = [], []
+  labels, ids, skipped = [], [], {}
 
-  def flush():
-    rows = examples + [examples[-1]] * (batch_size - len(examples))  # one compiled shape
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    out, weights = forward(batch)
-    logits.append(np.asarray(out)[:len(examples)])
-    if weights is not None:
-      attention.append(np.asarray(weights)[:len(examples)])
-    step(len(examples), name)
-    examples.clear()
+  def examples():
+    for index in range(held_out.limit(config, source)):
+      document = source[index]
+      try:
+        example, _ = regions_lib.build_regions(document, tokenizer, spec,
+                                               config.data.seq_len, np.random.default_rng(index))
+      except CorruptRecord as error:
+        skipped[error.reason] = skipped.get(error.reason, 0) + 1
+        continue
+      labels.append(int(document["label"]))
+      ids.append(str(document.get("id", index)))
+      yield {k: v for k, v in example.items() if k != "label"}
 
-  labels = []
-  for index in range(count):
-    document = source[index]
-    try:
-      example, _ = regions_lib.build_regions(document, tokenizer, spec, config.data.seq_len,
-                                             np.random.default_rng(index))
-    except CorruptRecord as error:
-      skipped[error.reason] = skipped.get(error.reason, 0) + 1
-      continue
-    labels.append(int(document["label"]))
-    ids.append(str(document.get("id", index)))
-    examples.append({k: v for k, v in example.items() if k != "label"})
-    if len(examples) == batch_size:
-      flush()
-  if examples:
-    flush()
+  outputs = held_out.batched(forward, examples(), config.evaluate.get("batch_size", 64),
+                             step=lambda n: step(n, name))
   if not labels:
     raise UserError(f"No case of config.data.eval_datasets.{name} could be built "
                     f"(skipped: {skipped}).")
-  return Scored(np.concatenate(logits), np.asarray(labels), ids,
+  attention = [w for _, w in outputs if w is not None]
+  return Scored(np.concatenate([logits for logits, _ in outputs]), np.asarray(labels), ids,
                 np.concatenate(attention) if attention else None, skipped)
 
 

@@ -763,3 +763,66 @@ def retrieval_recall(similarity: np.ndarray, text_to_image: np.ndarray,
     recalls[f"image_to_text/R@{k}"] = float(np.mean(image_rank < k))
     recalls[f"text_to_image/R@{k}"] = float(np.mean(text_rank < k))
   return recalls
+
+
+# ------------------------------------------------------------------------------------------
+# Binary segmentation masks
+# ------------------------------------------------------------------------------------------
+
+
+def _masks(predicted: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  predicted, target = np.asarray(predicted).astype(bool), np.asarray(target).astype(bool)
+  if predicted.shape != target.shape or predicted.ndim < 2:
+    raise UserError(f"Segmentation metrics: predicted and target masks must both be "
+                    f"'n h w'; got {predicted.shape} and {target.shape}.")
+  return predicted.reshape(len(predicted), -1), target.reshape(len(target), -1)
+
+
+def mask_overlaps(predicted: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+  """Per image of boolean masks `"n h w"`: `intersection`, `union`, `predicted` and
+  `target` pixel counts, each `"n"` int64."""
+  p, t = _masks(predicted, target)
+  return {"intersection": np.sum(p & t, axis=1), "union": np.sum(p | t, axis=1),
+          "predicted": np.sum(p, axis=1), "target": np.sum(t, axis=1)}
+
+
+def mask_iou(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """Per-image IoU (Jaccard index) `|P & T| / |P | T|` of boolean masks `"n h w"`, `"n"`;
+  1 for an image whose union is empty (nothing predicted where there is nothing)."""
+  o = mask_overlaps(predicted, target)
+  return np.where(o["union"] > 0, o["intersection"] / np.maximum(o["union"], 1), 1.0)
+
+
+def mask_dice(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """Per-image Dice (F1) `2 |P & T| / (|P| + |T|)` of boolean masks `"n h w"`, `"n"`; 1 for
+  an image whose union is empty."""
+  o = mask_overlaps(predicted, target)
+  total = o["predicted"] + o["target"]
+  return np.where(total > 0, 2 * o["intersection"] / np.maximum(total, 1), 1.0)
+
+
+def segmentation_scores(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+  """Scores of boolean masks `"n h w"` against their targets:
+
+  iou, iou_se: the mean per-image IoU (`mask_iou`, 1 where the union is empty) and its
+    standard error over images (sample standard deviation / sqrt(n); 0 for one image);
+  dataset_iou: the summed intersections over the summed unions (1 if every union is
+    empty): large masks weigh more;
+  dice, dice_se: the mean per-image Dice (`mask_dice`) and its standard error;
+  pixel_accuracy: the fraction of all pixels classified right;
+  empty_union: how many images have neither a target nor a predicted pixel (their IoU
+    and Dice are the 1 above); empty_target: how many have no target pixel;
+  images: n.
+  """
+  o = mask_overlaps(predicted, target)
+  iou, dice = mask_iou(predicted, target), mask_dice(predicted, target)
+  p, t = _masks(predicted, target)
+  n = len(iou)
+  se = lambda v: float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+  union = int(o["union"].sum())
+  return {"iou": float(iou.mean()), "iou_se": se(iou),
+          "dataset_iou": float(o["intersection"].sum() / union) if union else 1.0,
+          "dice": float(dice.mean()), "dice_se": se(dice),
+          "pixel_accuracy": float(np.mean(p == t)),
+          "empty_union": float(np.sum(o["union"] == 0)),
+          "empty_target": float(np.sum(o["target"] == 0)), "images": float(n)}

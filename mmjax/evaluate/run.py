@@ -2,6 +2,7 @@
 `eval.json` with every prediction beside the scores."""
 
 import dataclasses
+import importlib
 import json
 import pathlib
 import sys
@@ -189,12 +190,9 @@ def evaluate(config: ml_collections.ConfigDict, params, *, tasks: Sequence[str] 
     return _evaluate_prompt_learning(config, params, tasks, protocol)
   if config.task == "llava":
     return _evaluate_instruct(config, params, tasks, protocol, should_stop, progress)
-  if config.task == "mmbcd":
-    return _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
+  if config.task in HELD_OUT:
+    return _evaluate_held_out(config, params, tasks, protocol, should_stop, progress,
                               model_state)
-  if config.task == "vqvae":
-    return _evaluate_reconstruct(config, params, tasks, protocol, should_stop, progress,
-                                 model_state)
   names = list(tasks or config.evaluate.get("tasks", SHAPES_TASKS))
   if config.task == "lm" and set(names) != {"naming"}:
     raise ValueError(f"A language model is evaluated on the text of the naming task only "
@@ -293,25 +291,24 @@ def _evaluate_instruct(config, params, tasks, protocol, should_stop, progress) -
       protocol, should_stop, progress)
 
 
-def _evaluate_classify(config, params, tasks, protocol, should_stop, progress,
+# Runs evaluated on one held-out task of their own: config.task -> (the module in
+# mmjax.evaluate, with TASK, count(config) and evaluate(config, params, model_state, step=)),
+# and what the task scores.
+HELD_OUT = {"mmbcd": ("classify", "An MMBCD run is evaluated on held-out cases"),
+            "vqvae": ("reconstruct", "A VQ-VAE run is evaluated on held-out clips"),
+            "segment": ("segment", "A segmentation run is evaluated on held-out labelled "
+                                   "frames")}
+
+
+def _evaluate_held_out(config, params, tasks, protocol, should_stop, progress,
                        model_state) -> Results:
-  from mmjax.evaluate import classify  # noqa: PLC0415 (reads the regions pipeline)
-  _check_single_task(config, tasks, classify.TASK,
-                     "An MMBCD run is evaluated on held-out cases")
+  name, what = HELD_OUT[config.task]
+  # Imported here: these modules read the data pipeline.
+  module = importlib.import_module(f"mmjax.evaluate.{name}")
+  _check_single_task(config, tasks, module.TASK, what)
   return _single_task_results(
-      classify.TASK, classify.case_count(config),
-      lambda step: classify.evaluate(config, params, model_state, step=step),
-      protocol, should_stop, progress)
-
-
-def _evaluate_reconstruct(config, params, tasks, protocol, should_stop, progress,
-                          model_state) -> Results:
-  from mmjax.evaluate import reconstruct  # noqa: PLC0415 (reads the video pipeline)
-  _check_single_task(config, tasks, reconstruct.TASK,
-                     "A VQ-VAE run is evaluated on held-out clips")
-  return _single_task_results(
-      reconstruct.TASK, reconstruct.clip_count(config),
-      lambda step: reconstruct.evaluate(config, params, model_state, step=step),
+      module.TASK, module.count(config),
+      lambda step: module.evaluate(config, params, model_state, step=step),
       protocol, should_stop, progress)
 
 

@@ -17,6 +17,9 @@ RECIPES["clip"] = clip  # zero-shot classification and retrieval (mmjax.evaluate
 RECIPES["coop"] = coop  # base-to-new accuracy (mmjax.evaluate.prompt_learning)
 RECIPES["medclip"] = medclip  # findings-world zero-shot and retrieval (zeroshot)
 RECIPES["mmbcd"] = mmbcd  # held-out cases and calibration (mmjax.evaluate.classify)
+# Runs that carry their evaluation settings in their own config (no converted checkpoints
+# to evaluate): held-out masks (mmjax.evaluate.segment).
+OWN_SETTINGS = ("segment",)
 
 
 def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.ConfigDict:
@@ -28,12 +31,14 @@ def eval_config(workdir: pathlib.Path, tokenizer: str | None) -> ml_collections.
   from mmjax.inference import read_config  # noqa: PLC0415 (inference imports this package)
   config = read_config(workdir)
   task = config.get("task")
+  if task in OWN_SETTINGS and "evaluate" in config:
+    return config
   if task not in RECIPES or (task == "blip2" and not config.model.get("lm")):
     raise cli.UserError(f"The run in {workdir} (task {task!r}) has no evaluation; "
                         "Flamingo, LM and stage-2 BLIP-2 runs (few-shot), CLIP and "
                         "MedCLIP runs (zero-shot), prompt-learning runs (base-to-new), "
-                        "MMBCD runs (held-out cases) and their converted checkpoints have "
-                        "one.")
+                        "MMBCD runs (held-out cases) and their converted checkpoints, and "
+                        "segmentation runs (held-out masks) have one.")
   if "evaluate" not in config and "data" in config and task in ("clip", "coop"):
     config.evaluate = RECIPES[task].get_config().evaluate
   if "evaluate" not in config:  # a converted checkpoint

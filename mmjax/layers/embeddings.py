@@ -124,3 +124,25 @@ def alibi_bias(q_positions: jax.Array, k_positions: jax.Array, slopes: jax.Array
   """
   distance = q_positions[:, None, :, None] - k_positions[:, None, None, :]  # b 1 t s
   return -slopes[:, None, None] * distance.astype(jnp.float32)
+
+
+def sinusoidal_positions_2d(height: int, width: int, features: int,
+                            theta: float = 10000.0) -> jax.Array:
+  """Fixed 2D sine-cosine positions of a `height x width` grid, float32 `"(h w) d"`.
+
+  The first half of the channels encodes the row, the second the column, each as
+  `[sin(p * f), cos(p * f)]` with frequencies `f_i = theta^(-i / q)`, `q = features // 4`
+  (MAE's and ViT-22B's fixed positions); `features` must be a multiple of 4.
+  """
+  if features % 4:
+    raise ValueError(f"sinusoidal_positions_2d: features={features} must be a multiple of 4 "
+                     "(sin and cos of the row and of the column).")
+  q = features // 4
+  freqs = theta ** (-jnp.arange(q, dtype=jnp.float32) / q)
+
+  def encode(p):  # "n" -> "n 2q"
+    angles = p.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
+  return jnp.concatenate([encode(rows.reshape(-1)), encode(cols.reshape(-1))], axis=-1)

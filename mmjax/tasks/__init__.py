@@ -29,7 +29,8 @@ from types import ModuleType
 from mmjax.cli import UserError
 from mmjax.models.common import config_from_dict
 
-TASKS = ("lm", "clip", "flamingo", "blip2", "coop", "medclip", "llava", "mmbcd", "vqvae")
+TASKS = ("lm", "clip", "flamingo", "blip2", "coop", "medclip", "llava", "mmbcd", "vqvae",
+         "segment")
 
 
 def get_task(name: str) -> ModuleType:
