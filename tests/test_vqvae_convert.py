@@ -129,3 +129,89 @@ def test_written_out_reference_equals_videogpt(downsample):
   # rounding of 0 may move it either way.
   for name in state_a:
     _close(state_a[name], state_b[name], f"after the train step: {name}", atol=2.1 * 3e-4)
+
+
+def _checkpoint(tmp_path, args, seed: int = 0):
+  """A random written-out reference (BatchNorm and codebook randomised) saved as VideoGPT's
+  Lightning checkpoint."""
+  torch.manual_seed(seed)
+  model = _randomise(vqvae_torch.VQVAE(args), seed + 1).eval()
+  path = tmp_path / "vqvae.ckpt"
+  torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"args": args},
+              "epoch": 3, "global_step": 1000}, path)
+  return model, path
+
+
+# (4, 4, 4): two strided convs on every axis; (1, 4, 4): time kept (stride 1 there),
+# 8 frames, 3 heads' worth of mixed strides.
+PARITY = ((4, 4, 4), (1, 4, 4))
+
+
+@pytest.mark.parametrize("downsample", PARITY)
+def test_converted_videogpt_matches_reference(tmp_path, downsample):
+  import jax.numpy as jnp
+
+  from mmjax import convert
+  from mmjax.models.vqvae import VQVAE
+  args = _args(downsample)
+  model, path = _checkpoint(tmp_path, args)
+  cfg, params, state = convert.convert_videogpt(path)
+  assert (cfg.n_hiddens, cfg.n_res_layers, cfg.downsample, cfg.embedding_dim, cfg.n_codes,
+          cfg.frames, cfg.resolution) == (32, 2, downsample, 16, 32, 8, 16)
+  assert bool(state["codebook"]["codebook"]["initialized"])
+
+  video = _video(4)  # "b 3 t h w"
+  with torch.no_grad():
+    theirs = model.features(torch.tensor(video))
+    _, recon, _ = model(torch.tensor(video))
+  variables = {"params": params, **state}
+  ours_video = jnp.asarray(video.transpose(0, 2, 3, 4, 1))  # "b t h w 3"
+  ours = VQVAE(cfg).apply(variables, ours_video, method="encode")
+  out = VQVAE(cfg).apply(variables, ours_video, train=False)
+  last = lambda x: vqvae_torch.channels_last(x).numpy()
+  for name in ("resnet", "attention", "pre_vq"):
+    np.testing.assert_allclose(np.asarray(ours[name]), last(theirs[name]), atol=1e-4,
+                               rtol=1e-4, err_msg=name)
+  np.testing.assert_array_equal(np.asarray(ours["encodings"]), theirs["encodings"].numpy())
+  np.testing.assert_array_equal(np.asarray(out["encodings"]), theirs["encodings"].numpy())
+  np.testing.assert_allclose(np.asarray(out["recon"]), last(recon), atol=1e-4, rtol=1e-4)
+  decoded = VQVAE(cfg).apply(variables, jnp.asarray(theirs["encodings"].numpy()),
+                             method="decode")
+  np.testing.assert_allclose(np.asarray(decoded), last(recon), atol=1e-4, rtol=1e-4)
+
+
+
+def test_bare_state_dict_with_config_converts(tmp_path):
+  from mmjax import convert
+  args = _args((4, 4, 4))
+  model = vqvae_torch.VQVAE(args)
+  cfg, params, _ = convert.convert_videogpt(model.state_dict(), vars(args))
+  assert cfg.n_hiddens == 32
+  path = tmp_path / "state.pt"
+  torch.save(model.state_dict(), path)
+  with pytest.raises(convert.ConversionError, match="hyper_parameters.args"):
+    convert.convert_videogpt(path)
+  _, params2, _ = convert.convert_videogpt(path, vars(args))
+  np.testing.assert_array_equal(params2["pre_vq"]["kernel"], params["pre_vq"]["kernel"])
+
+
+def test_conversion_refuses_what_it_cannot_convert(tmp_path):
+  from mmjax import convert
+  args = _args((4, 4, 4))
+  state = dict(vqvae_torch.VQVAE(args).state_dict())
+  with pytest.raises(convert.ConversionError, match="unexpected parameters.*extra.weight"):
+    convert.convert_videogpt(state | {"extra.weight": torch.zeros(2)}, vars(args))
+  missing = {k: v for k, v in state.items() if k != "codebook.N"}
+  with pytest.raises(convert.ConversionError, match="missing parameters.*codebook.N"):
+    convert.convert_videogpt(missing, vars(args))
+  with pytest.raises(convert.ConversionError, match="shape mismatches.*pre_vq_conv"):
+    convert.convert_videogpt(state, vars(args) | {"embedding_dim": 8})
+  with pytest.raises(convert.ConversionError, match="n_codes"):
+    convert.convert_videogpt(state, {k: v for k, v in vars(args).items() if k != "n_codes"})
+  # Every factor at most 2: VideoGPT's conv_last takes 3 channels (its loop variable), so
+  # a 32-wide model cannot run there; refused, naming why.
+  quirk = _args((2, 2, 2), n_hiddens=32)
+  with pytest.raises(convert.ConversionError, match="conv_last.*loop"):
+    convert.convert_videogpt(vqvae_torch.VQVAE(quirk).state_dict(), vars(quirk))
+  with pytest.raises(RuntimeError):  # ... as the reference itself shows
+    vqvae_torch.VQVAE(quirk).eval()(torch.tensor(_video(0)))
