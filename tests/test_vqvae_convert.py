@@ -149,6 +149,7 @@ PARITY = ((4, 4, 4), (1, 4, 4))
 
 @pytest.mark.parametrize("downsample", PARITY)
 def test_converted_videogpt_matches_reference(tmp_path, downsample):
+  import jax
   import jax.numpy as jnp
 
   from mmjax import convert
@@ -166,8 +167,15 @@ def test_converted_videogpt_matches_reference(tmp_path, downsample):
     _, recon, _ = model(torch.tensor(video))
   variables = {"params": params, **state}
   ours_video = jnp.asarray(video.transpose(0, 2, 3, 4, 1))  # "b t h w 3"
-  ours = VQVAE(cfg).apply(variables, ours_video, method="encode")
-  out = VQVAE(cfg).apply(variables, ours_video, train=False)
+  model_j = VQVAE(cfg)
+
+  @jax.jit  # one compilation: encode, reconstruct, decode the reference's codes
+  def run(variables, video, codes):
+    return (model_j.apply(variables, video, method="encode"),
+            model_j.apply(variables, video, train=False),
+            model_j.apply(variables, codes, method="decode"))
+
+  ours, out, decoded = run(variables, ours_video, jnp.asarray(theirs["encodings"].numpy()))
   last = lambda x: vqvae_torch.channels_last(x).numpy()
   for name in ("resnet", "attention", "pre_vq"):
     np.testing.assert_allclose(np.asarray(ours[name]), last(theirs[name]), atol=1e-4,
@@ -175,8 +183,6 @@ def test_converted_videogpt_matches_reference(tmp_path, downsample):
   np.testing.assert_array_equal(np.asarray(ours["encodings"]), theirs["encodings"].numpy())
   np.testing.assert_array_equal(np.asarray(out["encodings"]), theirs["encodings"].numpy())
   np.testing.assert_allclose(np.asarray(out["recon"]), last(recon), atol=1e-4, rtol=1e-4)
-  decoded = VQVAE(cfg).apply(variables, jnp.asarray(theirs["encodings"].numpy()),
-                             method="decode")
   np.testing.assert_allclose(np.asarray(decoded), last(recon), atol=1e-4, rtol=1e-4)
 
 
@@ -215,3 +221,22 @@ def test_conversion_refuses_what_it_cannot_convert(tmp_path):
     convert.convert_videogpt(vqvae_torch.VQVAE(quirk).state_dict(), vars(quirk))
   with pytest.raises(RuntimeError):  # ... as the reference itself shows
     vqvae_torch.VQVAE(quirk).eval()(torch.tensor(_video(0)))
+
+
+def test_train_steps_of_both_systems_agree():
+  """benchmarks/vqvae.py's two steps (forward, backward, Adam, EMA) on the same converted
+  weights and clips: equal losses at the first and third step, equal codebook counts and
+  sums after three."""
+  from benchmarks import vqvae as bench
+  size = bench.STEP_SIZES["toy"]
+  model, cfg, params, model_state = bench.reference_model(size)
+  video = bench.clips(size)
+  theirs = bench.TorchStep(model, video)
+  ours = bench.MmjaxStep(cfg, params, model_state, video)
+  for _ in range(3):
+    ours(), theirs()
+  assert ours.loss0 == pytest.approx(theirs.loss0, rel=1e-5)
+  assert ours.loss == pytest.approx(theirs.loss, rel=1e-4)
+  book = ours.state["codebook"]["codebook"]
+  np.testing.assert_allclose(np.asarray(book["counts"]), model.codebook.N.numpy(), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(book["sums"]), model.codebook.z_avg.numpy(), atol=1e-4)
