@@ -1,6 +1,14 @@
 """VideoGPT's VQ-VAE train step beside the PyTorch reference (`--step`).
 
-  python -m benchmarks.vqvae --step [--sizes=tiny,base --rounds=3 --runs=2]
+  python -m benchmarks.vqvae --step [--sizes=tiny,medium,base --rounds=3 --runs=2]
+  python -m benchmarks.vqvae --convs [--rounds=3]
+
+`--convs`: where the step's time goes on a CPU. The model's 3D convolutions at the tiny
+size's first downsampling/last-but-one upsampling shape (4 clips, 64 channels, 8x32x32 <->
+4x16x16, kernel 4, stride 2): XLA's strided convolution forward, its input gradient and its
+kernel gradient, and the transposed convolution forward, each jitted, against
+`torch.nn.functional`'s (the gradients through autograd), timed alternately. One JSON line
+per op to benchmarks/results/vqvae.jsonl.
 
 At each of `STEP_SIZES` (64 px, 16 frames), one step of VideoGPT's training: forward in
 train mode (BatchNorm on the batch), `mse(recon, x) / 0.06 + 0.25 mse(z, sg(e))`, backward,
@@ -20,8 +28,8 @@ batch).
 Timed alternately (`side_by_side.alternate`: two warm-up calls each, then `rounds` rounds of
 `runs` calls each, medians), torch on every core (OMP_WAIT_POLICY=PASSIVE unless the
 environment sets it). Memory: the mmjax step's compiled buffers (`memory_analysis`) and,
-for both, the peak resident memory over two steady steps less the resident memory before
-them (VmHWM, reset through /proc/self/clear_refs). One JSON line per size and system to
+for both, the peak resident memory over one steady step less the resident memory before
+it (VmHWM, reset through /proc/self/clear_refs). One JSON line per size and system to
 benchmarks/results/vqvae.jsonl.
 """
 
@@ -30,6 +38,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
 
 import argparse
+import gc
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +62,14 @@ STEP_SIZES = {
     "tiny": {"n_hiddens": 64, "n_res_layers": 2, "downsample": (4, 4, 4),
              "embedding_dim": 64, "n_codes": 512, "frames": 16, "resolution": 64,
              "batch": 4},
+    # Twice as wide, batch 2: PyTorch's step takes a few seconds on 2 shared cores.
+    "medium": {"n_hiddens": 128, "n_res_layers": 2, "downsample": (4, 4, 4),
+               "embedding_dim": 128, "n_codes": 1024, "frames": 16, "resolution": 64,
+               "batch": 2},
     # VideoGPT's default model (its BAIR/UCF-101 shape: 240 wide, 4 residual blocks,
-    # 2048 codes of 256), batch 2 (a few seconds a step on 2 shared cores).
+    # 2048 codes of 256), batch 2. On a 2-core CPU mmjax's step takes minutes: XLA:CPU's
+    # transposed and input-gradient 3D convolutions (lhs-dilated) are 20-35x slower than
+    # PyTorch's (see BENCHMARKS.md).
     "base": {"n_hiddens": 240, "n_res_layers": 4, "downsample": (4, 4, 4),
              "embedding_dim": 256, "n_codes": 2048, "frames": 16, "resolution": 64,
              "batch": 2},
@@ -67,7 +82,8 @@ STEP_SIZES = {
 def _define_flags():
   """The command line's flags: defined when this module runs, not when it is imported."""
   flags.DEFINE_bool("step", False, "Time the train step against the PyTorch reference.")
-  flags.DEFINE_list("sizes", ["tiny", "base"], "--step: sizes (STEP_SIZES).")
+  flags.DEFINE_bool("convs", False, "Time the 3D convolution primitives of both systems.")
+  flags.DEFINE_list("sizes", ["tiny", "medium"], "--step: sizes (STEP_SIZES).")
   flags.DEFINE_integer("rounds", 3, "--step: alternating rounds.")
   flags.DEFINE_integer("runs", 2, "--step: timed calls per system per round.")
   flags.DEFINE_string("results", None, "Results file (default: benchmarks/results/"
@@ -171,8 +187,9 @@ class TorchStep:
     self.loss0 = self.loss if self.loss0 is None else self.loss0
 
 
-def step_memory(fn, steps: int = 2) -> int:
+def step_memory(fn, steps: int = 1) -> int:
   """Peak resident memory over `steps` calls of `fn` less the resident memory before."""
+  gc.collect()
   before = harness.resident_bytes()
   harness.resident_peak_bytes(reset=True)
   for _ in range(steps):
@@ -229,10 +246,62 @@ def step_table(lines: list[dict]) -> str:
   return "\n".join(out)
 
 
+def conv_timings(rounds: int, out: str | None = None) -> list[dict]:
+  """Times the 3D convolution primitives of both systems (see `--convs`); records and
+  returns one line per op."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  rng = np.random.default_rng(0)
+  fine = rng.standard_normal((4, 8, 32, 32, 64), np.float32)  # "b t h w c"
+  coarse = rng.standard_normal((4, 4, 16, 16, 64), np.float32)
+  kernel = rng.standard_normal((4, 4, 4, 64, 64), np.float32) * 0.02  # "kt kh kw i o"
+  dims = ("NDHWC", "DHWIO", "NDHWC")
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2, 2), [(1, 1)] * 3,
+                                                   dimension_numbers=dims)
+  convt = lambda x, k: jax.lax.conv_transpose(x, k, (2, 2, 2), [(2, 2)] * 3,
+                                              dimension_numbers=dims, transpose_kernel=True)
+  ours = {
+      "conv_forward": (jax.jit(conv), (fine, kernel)),
+      "conv_input_grad": (jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
+                          (fine, kernel, coarse)),
+      "conv_kernel_grad": (jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
+                           (fine, kernel, coarse)),
+      "conv_transpose_forward": (jax.jit(convt), (coarse, kernel)),
+  }
+  tx = torch.tensor(fine.transpose(0, 4, 1, 2, 3)).requires_grad_()
+  tw = torch.tensor(kernel.transpose(4, 3, 0, 1, 2).copy()).requires_grad_()  # "o i kt kh kw"
+  tg = torch.tensor(coarse.transpose(0, 4, 1, 2, 3))
+  tconv = lambda: torch.nn.functional.conv3d(tx, tw, stride=2, padding=1)
+  theirs = {
+      "conv_forward": lambda: tconv().detach(),
+      "conv_input_grad": lambda: torch.autograd.grad(tconv(), tx, tg)[0],
+      "conv_kernel_grad": lambda: torch.autograd.grad(tconv(), tw, tg)[0],
+      "conv_transpose_forward": lambda: torch.nn.functional.conv_transpose3d(
+          tg, tw.detach().transpose(0, 1), stride=2, padding=1),
+  }
+  lines = []
+  for op, (fn, inputs) in ours.items():
+    inputs = [jnp.asarray(x) for x in inputs]
+    timing = alternate({"mmjax": lambda fn=fn, inputs=inputs: jax.block_until_ready(
+        fn(*inputs)), "torch": theirs[op]}, rounds, 1)
+    line = {"measurement": "conv3d", "op": op, "input": list(fine.shape),
+            "output": list(coarse.shape), "kernel": list(kernel.shape),
+            "mmjax_s": timing["mmjax"]["median_s"], "torch_s": timing["torch"]["median_s"],
+            "torch_over_mmjax": timing["torch"]["median_s"] / timing["mmjax"]["median_s"]}
+    lines.append(harness.record("vqvae", line, out))
+  return lines
+
+
 def main(argv):
   del argv
+  if FLAGS.convs:
+    for x in conv_timings(FLAGS.rounds, FLAGS.results):
+      print(f"{x['op']}: mmjax {x['mmjax_s'] * 1e3:.1f} ms, PyTorch {x['torch_s'] * 1e3:.1f} "
+            f"ms")
+    return
   if not FLAGS.step:
-    raise app.UsageError("Give --step (the train step against the PyTorch reference).")
+    raise app.UsageError("Give --step (the train step against the PyTorch reference) or "
+                         "--convs.")
   print(step_table(train_steps(FLAGS.sizes, rounds=FLAGS.rounds, runs=FLAGS.runs,
                                out=FLAGS.results)))
 
