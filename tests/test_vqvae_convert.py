@@ -240,3 +240,22 @@ def test_train_steps_of_both_systems_agree():
   book = ours.state["codebook"]["codebook"]
   np.testing.assert_allclose(np.asarray(book["counts"]), model.codebook.N.numpy(), atol=1e-5)
   np.testing.assert_allclose(np.asarray(book["sums"]), model.codebook.z_avg.numpy(), atol=1e-4)
+
+
+def test_the_command_line_converts_videogpt(tmp_path):
+  import json
+
+  from absl import flags
+
+  from mmjax.convert import __main__ as command
+  _, path = _checkpoint(tmp_path, _args((4, 4, 4), n_res_layers=1))
+  argv = ["convert", f"--videogpt={path}", f"--output={tmp_path / 'out'}"]
+  flags.FLAGS(argv)
+  try:
+    command.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  saved = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert saved["task"] == "vqvae"
+  assert saved["model"]["n_hiddens"] == 32 and saved["model"]["downsample"] == [4, 4, 4]
+  assert (tmp_path / "out" / "checkpoints" / "0").is_dir()
