@@ -17,6 +17,10 @@ training call replaces the vectors whose count fell below one by vectors of the 
 from the rng stream "codebook"). Under `jit` on a batch sharded over devices every sum is the
 global batch's, as VideoGPT's all-reduce makes it.
 
+`conv_last` always takes the `n` channels of the strided convolutions. VideoGPT sizes its
+input from a loop variable, 3 channels when the largest downsampling factor is 2: such a model
+fails on its first forward pass, so no trained checkpoint of it exists to load.
+
 Convolutions pad like VideoGPT's `SamePadConv3d`: `k - s` in all per axis, the odd one at the
 front; transposed convolutions equal its `SamePadConvTranspose3d` (that padding on the input,
 then torch's `ConvTranspose3d(padding=k - 1)`), with the kernel `"kt kh kw out in"` (torch's
@@ -39,9 +43,14 @@ from mmjax.models.resnet import TORCH_LINEAR_INIT, BatchNorm
 # channels whole: see mmjax.models.resnet.CONV_INPUT_AXES).
 CONV_AXES = (None, None, None, "embed", "mlp")
 CONV_INPUT_AXES = ("batch", None, None, None, None)
-# torch's default convolution initialisation: uniform within 1 / sqrt(fan_in).
-TORCH_CONV_INIT = TORCH_LINEAR_INIT
-AXES = ("t", "h", "w")
+
+
+def _torch_conv_init(key, shape, dtype=jnp.float32):
+  """torch's default convolution initialisation: uniform within 1 / sqrt(fan_in), fan_in
+  the receptive field times the kernel's next-to-last axis. Drawn as a matrix and reshaped:
+  XLA on CPU compiles the 5-d draw for several seconds."""
+  flat = (math.prod(shape[:-1]), shape[-1])
+  return jnp.reshape(TORCH_LINEAR_INIT(key, flat, dtype), shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +140,7 @@ def conv3d(features: int, kernel: int, strides: Sequence[int] = (1, 1, 1), *,
   `"kt kh kw c f"`, `bias "f"` (without `use_bias`, none)."""
   k = (kernel,) * 3
   return nn.Conv(features, k, tuple(strides), same_padding(k, strides), use_bias=use_bias,
-                 kernel_init=nn.with_logical_partitioning(TORCH_CONV_INIT, CONV_AXES),
+                 kernel_init=nn.with_logical_partitioning(_torch_conv_init, CONV_AXES),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
                  name=name, **kw)
 
@@ -149,7 +158,7 @@ def conv_transpose3d(features: int, kernel: int, strides: Sequence[int], *,
   padding = [(a * s, b * s) for (a, b), s in zip(same_padding(k, strides), strides)]
   return nn.ConvTranspose(
       features, k, tuple(strides), padding, transpose_kernel=True,
-      kernel_init=nn.with_logical_partitioning(TORCH_CONV_INIT, (None, None, None, "mlp",
+      kernel_init=nn.with_logical_partitioning(_torch_conv_init, (None, None, None, "mlp",
                                                                  "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
       name=name, **kw)
