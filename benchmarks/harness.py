@@ -80,6 +80,25 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_bytes() -> int:
+  """The process's resident memory now (/proc/self/statm)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_peak_bytes(reset: bool = False) -> int:
+  """The process's peak resident memory (VmHWM; `reset` starts it again from now), or
+  `ru_maxrss` where /proc does not allow either."""
+  try:
+    if reset:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+  except OSError:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def machine() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"backend": jax.default_backend(), "device": device.device_kind,

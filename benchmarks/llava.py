@@ -51,7 +51,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -269,24 +268,6 @@ def build_system(system: str, variant: str, size: dict, hf_dir: str, cfg, params
   return TorchStep(hf_dir, step_recipe(cfg, size, variant), variant, batch, cfg)
 
 
-def _resident_bytes() -> int:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes(reset: bool = False) -> int:
-  """The process's peak resident memory (VmHWM; `reset` starts it again from now), or
-  `ru_maxrss` where /proc does not allow either."""
-  try:
-    if reset:
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    with open("/proc/self/status") as f:
-      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-  except OSError:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def rss_child(spec: str, steps: int) -> dict:
   """`--rss_child`: builds one system and variant, runs one step (the optimizer's state,
   first allocations), then `steps` steps alone: the resident memory after the build and
@@ -303,13 +284,13 @@ def rss_child(spec: str, steps: int) -> dict:
   fn = build_system(system, variant, STEP_SIZES[name], hf_dir, cfg, params)
   del params
   gc.collect()
-  built = _resident_bytes()
+  built = harness.resident_bytes()
   fn()
-  baseline = _resident_bytes()
-  _peak_bytes(reset=True)
+  baseline = harness.resident_bytes()
+  harness.resident_peak_bytes(reset=True)
   for _ in range(steps):
     fn()
-  peak = _peak_bytes()
+  peak = harness.resident_peak_bytes()
   return {"rss_built_bytes": built, "rss_baseline_bytes": baseline, "rss_peak_bytes": peak,
           "rss_step_bytes": peak - baseline}
 

@@ -24,7 +24,9 @@ by `lm`), `clip`, `siglip`, `open_clip` (vision towers, whole CLIPs), `bert` (an
 FLAN-T5), `blip2`, `idefics`, `openflamingo`, `llava`, `resnet` (torchvision ResNets), `medclip`
 (MedCLIP's ResNet checkpoint, `--medclip`; its BatchNorm statistics are saved beside the
 parameters as the checkpoint's "model_state"), `mmbcd` (the MMBCD authors' whole model,
-`--mmbcd`; its BatchNorm statistics likewise); shared readers and checks in `common`. Adding
+`--mmbcd`; its BatchNorm statistics likewise), `videogpt` (VideoGPT's VQ-VAE Lightning
+checkpoint, `--videogpt`: "task" "vqvae", its BatchNorm statistics and EMA codebook as the
+model state); shared readers and checks in `common`. Adding
 a family means a module `<family>.py` that reads its config with `common.Fields` (finishing with its
 `IGNORED_FIELDS`), its tensors with
 `common.Reader` (finishing with its `IGNORED_TENSORS`), checks the result with
@@ -50,14 +52,16 @@ from mmjax.convert.openflamingo import convert_openflamingo
 from mmjax.convert.resnet import convert_resnet, resnet_config
 from mmjax.convert.siglip import convert_siglip, siglip_config
 from mmjax.convert.t5 import convert_t5, t5_config, t5_params
+from mmjax.convert.videogpt import convert_videogpt, videogpt_config
 from mmjax.convert.vit import convert_dino, convert_vit
 
 __all__ = ["ConversionError", "LM_TYPES", "ROPE_SCALINGS", "bert_config", "blip2_config",
            "clip_config", "convert_bert", "convert_blip2", "convert_blip2_vision", "convert_clip",
            "convert_dino", "convert_idefics", "convert_llava", "convert_lm", "convert_medclip",
            "convert_mmbcd", "convert_open_clip", "convert_openflamingo", "convert_resnet",
-           "convert_siglip", "convert_t5", "convert_vit", "count", "export_lm", "llava_config",
-           "lm_config", "lm_params", "open_clip_model", "open_clip_vision", "read_hf_config",
+           "convert_siglip", "convert_t5", "convert_videogpt", "convert_vit", "count", "export_lm",
+           "llava_config", "lm_config", "lm_params", "open_clip_model", "open_clip_vision",
+           "read_hf_config",
            "read_hf_dir", "read_hf_weights", "read_state_file", "resnet_config", "rope_settings",
            "save", "save_hf", "siglip_config", "t5_config", "t5_params", "text_config",
-           "vit_config", "vit_params"]
+           "videogpt_config", "vit_config", "vit_params"]

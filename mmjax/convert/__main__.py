@@ -10,8 +10,10 @@
   python -m mmjax.convert --medclip=pytorch_model.bin --hf_dir=BERT --output=OUT
   python -m mmjax.convert --mmbcd=model_best.pt --hf_dir=ROBERTA --output=OUT
   python -m mmjax.convert --hf_dir=LM --peft_adapter=ADAPTER --output=OUT  # LoRA merged
+  python -m mmjax.convert --videogpt=vqvae.ckpt --output=OUT  # VideoGPT's VQ-VAE
 
-The kind of model comes from `DIR/config.json`'s `model_type`; see `mmjax.convert`.
+The kind of model comes from `DIR/config.json`'s `model_type` (VideoGPT's VQ-VAE, which has
+no Hugging Face directory, from its Lightning checkpoint's args); see `mmjax.convert`.
 """
 
 import json
@@ -33,6 +35,7 @@ from mmjax.convert.openflamingo import convert_openflamingo
 from mmjax.convert.peft import load_adapter
 from mmjax.convert.siglip import convert_siglip
 from mmjax.convert.t5 import convert_t5
+from mmjax.convert.videogpt import convert_videogpt
 from mmjax.convert.vit import convert_vit
 
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
@@ -59,7 +62,9 @@ flags.DEFINE_string("mmbcd", None, "MMBCD's whole-model checkpoint (model_best.p
 flags.DEFINE_string("peft_adapter", None, "An LM: a peft LoRA adapter directory (its "
                     "adapter_config.json and adapter_model.safetensors) for --hf_dir, merged "
                     "into the converted weights (mmjax.convert.peft).")
-flags.mark_flags_as_required(["hf_dir", "output"])
+flags.DEFINE_string("videogpt", None, "VideoGPT's VQ-VAE checkpoint (its Lightning .ckpt, "
+                    "whose hyper_parameters.args give the config); no --hf_dir.")
+flags.mark_flags_as_required(["output"])
 
 SUPPORTED = LM_TYPES + ("clip", "siglip", "bert", "roberta", "vit", "t5", "blip-2",
                        "idefics") + LLAVA_TYPES
@@ -69,6 +74,17 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"Unexpected arguments {argv[1:]}; every input is a --flag.")
   f = flags.FLAGS
+  if f.videogpt:
+    if f.hf_dir or f.medclip or f.openflamingo or f.mmbcd or f.peft_adapter:
+      raise cli.UserError("--videogpt converts the VQ-VAE checkpoint alone: give no "
+                          "--hf_dir, --medclip, --openflamingo, --mmbcd or --peft_adapter.")
+    cfg, params, model_state = convert_videogpt(f.videogpt)
+    common.save(f.output, "vqvae", cfg, params, model_state)
+    print(f"Converted {f.videogpt} ({common.count(params):,} parameters) to {f.output}.")
+    return
+  if f.hf_dir is None:
+    raise cli.UserError("--hf_dir is required (a Hugging Face model directory), unless "
+                        "--videogpt is given.")
   hf_dir, output = pathlib.Path(f.hf_dir), f.output
   if not (hf_dir / "config.json").is_file():
     raise cli.UserError(f"--hf_dir={hf_dir} has no config.json: expected a Hugging Face "
