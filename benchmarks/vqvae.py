@@ -20,10 +20,10 @@ BatchNorm and codebook randomised as tests/test_vqvae_convert.py does); mmjax's
 `mmjax.convert.convert_videogpt`, and steps under one `jit` with optax's Adam (params, Adam
 state and model state donated). Both see the same uint8 clips (torch as `x / 255 - 0.5`,
 `"b 3 t h w"`; mmjax `"b t h w 3"`, mapped inside the step); their first losses (the
-first step's, before its update) must agree (`loss0_*`), and so do the last (`loss_last_*`)
-while no code is restarted (their restart draws differ). The torch codebook starts initialised, as the converted
-one does (`_need_init` False: VideoGPT would re-initialise a loaded codebook from the first
-batch).
+first step's, before its update) must agree (`loss0_*`), and so do the last
+(`loss_last_*`) while no code is restarted (their restart draws differ). The torch codebook
+starts initialised, as the converted one does (`_need_init` False: VideoGPT would
+re-initialise a loaded codebook from the first batch).
 
 Timed alternately (`side_by_side.alternate`: two warm-up calls each, then `rounds` rounds of
 `runs` calls each, medians), torch on every core (OMP_WAIT_POLICY=PASSIVE unless the

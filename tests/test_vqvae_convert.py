@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import vqvae_torch
+from benchmarks import vqvae_torch  # noqa: E402 (torch first)
 
 # (n_hiddens, n_res_layers, downsample, embedding_dim, n_codes) of the random models.
 SMALL = {"n_hiddens": 32, "n_res_layers": 2, "embedding_dim": 16, "n_codes": 32}
