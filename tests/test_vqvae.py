@@ -72,23 +72,24 @@ def test_same_pad_conv_matches_torch(kernel, strides):
 
 
 @pytest.mark.parametrize("strides", [(2, 2, 2), (1, 2, 2)])
-def test_same_pad_conv_transpose_matches_torch(strides):
+@pytest.mark.parametrize("features", [4, 20])  # phases fused in one convolution, or not
+def test_same_pad_conv_transpose_matches_torch(strides, features):
   """The kernel is torch's ConvTranspose3d weight `"in out kt kh kw"` permuted to
   `"kt kh kw out in"`; torch pads the input, then crops `k - 1` on each side."""
   x = np.random.default_rng(0).normal(size=(2, 3, 4, 5, 6)).astype(np.float32)
-  module = Wrap(lambda h: vqvae.conv_transpose3d(4, 4, strides, name="convt")(h))
+  module = Wrap(lambda h: vqvae.conv_transpose3d(features, 4, strides, name="convt")(h))
   shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]["convt"]
-  assert shapes["kernel"].value.shape == (4, 4, 4, 4, 6)
+  assert shapes["kernel"].value.shape == (4, 4, 4, features, 6)
   rng = np.random.default_rng(1)
-  weight = rng.normal(size=(6, 4, 4, 4, 4)).astype(np.float32)  # torch: in out kt kh kw
-  bias = rng.normal(size=(4,)).astype(np.float32)
+  weight = rng.normal(size=(6, features, 4, 4, 4)).astype(np.float32)  # in out kt kh kw
+  bias = rng.normal(size=(features,)).astype(np.float32)
   params = {"convt": {"kernel": jnp.asarray(weight.transpose(2, 3, 4, 1, 0)),
                       "bias": jnp.asarray(bias)}}
   got = module.apply({"params": params}, x)
   want = F.conv_transpose3d(F.pad(ncthw(x), torch_same_pad((4, 4, 4), strides)),
                             torch.from_numpy(weight), torch.from_numpy(bias), stride=strides,
                             padding=3)
-  assert got.shape == (2, 3 * strides[0], 4 * strides[1], 5 * strides[2], 4)
+  assert got.shape == (2, 3 * strides[0], 4 * strides[1], 5 * strides[2], features)
   np.testing.assert_allclose(got, cthwn(want), atol=1e-4, rtol=1e-4)
 
 

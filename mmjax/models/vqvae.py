@@ -163,31 +163,53 @@ def strided_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax
   return _conv(x, kernel)
 
 
-def transposed_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+def _taps(k: int, s: int) -> np.ndarray:
+  """`"d p"`: the kernel index that tap `d` of output phase `p` reads in a transposed
+  convolution (kernel `k`, stride `s`, VideoGPT's padding), -1 where it reads none."""
+  d, p = np.arange((s + k - 2) // s + 1)[:, None], np.arange(s)[None]
+  j = p + k - 1 - s * d
+  return np.where((j >= 0) & (j < k), j, -1)
+
+
+def transposed_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                    fused_max: int = 64) -> jax.Array:
   """VideoGPT's `SamePadConvTranspose3d`, `"b t h w c -> b t*s h*s w*s f"` (kernel
-  `"kt kh kw f c"`: torch's weight `"c f kt kh kw"` permuted), as `prod(s)` stride-1
-  convolutions, one per output phase, interleaved: output `s*q + p` on an axis is
-  `sum_d x_pad[q + d] w[p + k - 1 - s*d]` over the taps `d` that index the kernel. The
-  same arithmetic as torch's (input padded by `same_padding`, then `ConvTranspose3d` with
-  padding `k - 1`) without the stride-dilated input, which XLA:CPU convolves tens of times
-  slower."""
-  k = kernel.shape[:3]
-  sizes = x.shape[1:4]
+  `"kt kh kw f c"`: torch's weight `"c f kt kh kw"` permuted), without the stride-dilated
+  input that XLA:CPU convolves tens of times slower: output `s*q + p` on an axis is
+  `sum_d x_pad[q + d] w[p + k - 1 - s*d]` over the taps `d` that index the kernel, so the
+  `prod(s)` output phases are stride-1 convolutions, interleaved. The same arithmetic as
+  torch's (the input padded by `same_padding`, then `ConvTranspose3d` with padding
+  `k - 1`). With at most `fused_max` output channels over all phases they are one
+  convolution over the union of their taps (zeros where a phase has none: more FLOPs,
+  but a narrow convolution is slow); otherwise one convolution per phase on its taps."""
+  k, sizes = kernel.shape[:3], x.shape[1:4]
   x = jnp.pad(x, [(0, 0), *same_padding(k, strides), (0, 0)])
   kernel = jnp.swapaxes(kernel, -1, -2)  # "kt kh kw c f"
-  phases = []
-  for phase in itertools.product(*(range(s) for s in strides)):
-    taps = [[d for d in range((kk + s - 1) // s + 1) if 0 <= p + kk - 1 - s * d < kk]
-            for p, s, kk in zip(phase, strides, k)]
-    index = [[p + kk - 1 - s * d for d in ds] for ds, p, s, kk in zip(taps, phase, strides, k)]
-    w = kernel[np.ix_(*index)]
-    window = x[:, taps[0][0]:taps[0][0] + sizes[0] + len(taps[0]) - 1,
-               taps[1][0]:taps[1][0] + sizes[1] + len(taps[1]) - 1,
-               taps[2][0]:taps[2][0] + sizes[2] + len(taps[2]) - 1]
-    phases.append(_conv(window, w))
-  (st, sh, sw), (t, h, w_) = strides, sizes
-  y = jnp.stack(phases).reshape(st, sh, sw, x.shape[0], t, h, w_, -1)
-  return y.transpose(3, 4, 0, 5, 1, 6, 2, 7).reshape(x.shape[0], t * st, h * sh, w_ * sw, -1)
+  taps = [_taps(kk, s) for kk, s in zip(k, strides)]
+  features, phases = kernel.shape[-1], math.prod(strides)
+  if phases * features <= fused_max:
+    # "dt pt kh kw c f" -> ... -> "dt dh dw c (pt ph pw f)", each axis gathered and masked
+    w = kernel
+    for axis, j in enumerate(taps):
+      w = jnp.take(w, np.maximum(j, 0).reshape(-1), axis=2 * axis)
+      w = w.reshape(*w.shape[:2 * axis], *j.shape, *w.shape[2 * axis + 1:])
+      w = w * (j >= 0).reshape(*j.shape, *(1,) * (w.ndim - 2 * axis - 2))
+    w = w.transpose(0, 2, 4, 6, 1, 3, 5, 7).reshape(*(len(j) for j in taps), -1,
+                                                   phases * features)
+    y = _conv(x, w)
+  else:
+    outputs = []
+    for phase in itertools.product(*(range(s) for s in strides)):
+      used = [np.flatnonzero(j[:, p] >= 0) for j, p in zip(taps, phase)]
+      w = kernel[np.ix_(*(j[d, p] for j, d, p in zip(taps, used, phase)))]
+      window = x[:, used[0][0]:used[0][0] + sizes[0] + len(used[0]) - 1,
+                 used[1][0]:used[1][0] + sizes[1] + len(used[1]) - 1,
+                 used[2][0]:used[2][0] + sizes[2] + len(used[2]) - 1]
+      outputs.append(_conv(window, w))
+    y = jnp.stack(outputs, axis=-2)  # "b t h w (pt ph pw) f"
+  (st, sh, sw), (t, h, w_), b = strides, sizes, x.shape[0]
+  y = y.reshape(b, t, h, w_, st, sh, sw, features)
+  return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * st, h * sh, w_ * sw, features)
 
 
 class SameConv3d(nn.Module):
