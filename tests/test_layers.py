@@ -198,3 +198,40 @@ def test_attention_misuse_is_explained():
     Attention(num_heads=4, head_dim=4, num_kv_heads=3).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="decoding needs the absolute `positions`"):
     Attention(num_heads=2, head_dim=4, causal=True).init(jax.random.key(0), x, decode=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Strided and transposed convolutions in stride-1 form (mmjax.layers.conv).
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k,s,padding", [
+    (2, 3, 2, "SAME"), (2, 2, 2, "SAME"), (2, 5, 2, "VALID"), (2, 4, 2, "VALID"),
+    (2, 3, 1, "SAME"), (3, 4, 2, "videogpt"), (3, 4, 1, "videogpt"), (3, 3, 2, "SAME")])
+def test_stride_one_convolutions_equal_lax(n, k, s, padding):
+  from mmjax.layers import conv as conv_lib  # noqa: PLC0415
+
+  rng = np.random.default_rng(k * 10 + s)
+  size = 8 if n == 2 else 6
+  dn = ("NHWC", "HWIO", "NHWC") if n == 2 else ("NDHWC", "DHWIO", "NDHWC")
+  x = jnp.asarray(rng.normal(size=(2, *(size,) * n, 5)), jnp.float32)
+  strides = (s,) * n
+  if padding == "videogpt":  # k - s in all, the odd one in front; the transpose's on the
+    pads = [((k - s + 1) // 2, (k - s) // 2)] * n  # dilated input: s times that
+    transpose_pads = [(a * s, b * s) for a, b in pads]
+  else:
+    pads = jax.lax.padtype_to_pads((size,) * n, (k,) * n, strides, padding)
+    transpose_pads = padding
+  for features in (3, 40):  # phases fused into one convolution or one per phase
+    kernel = jnp.asarray(rng.normal(size=(*(k,) * n, 5, features)), jnp.float32)
+    want = jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
+    np.testing.assert_allclose(conv_lib.conv(x, kernel, strides, pads), want, atol=1e-4)
+    for flip in (False, True):
+      kernel = jnp.asarray(rng.normal(size=(*(k,) * n, *((features, 5) if flip else
+                                                         (5, features)))), jnp.float32)
+      want = jax.lax.conv_transpose(x, kernel, strides, transpose_pads, dimension_numbers=dn,
+                                    transpose_kernel=flip)
+      if any(o % s for o in want.shape[1:-1]):
+        continue  # output sizes that are not whole phases are refused
+      module = conv_lib.Conv(features, (k,) * n, strides, transpose_pads, transpose=True,
+                             transpose_kernel=flip, use_bias=False)
+      got = module.apply({"params": {"kernel": kernel}}, x)
+      np.testing.assert_allclose(got, want, atol=1e-4)

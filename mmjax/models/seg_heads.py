@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers import Attention, Dense, LearnedPositions
+from mmjax.layers.conv import Conv
 from mmjax.layers.embeddings import sinusoidal_positions_2d
 from mmjax.models.resnet import CONV_AXES
 
@@ -58,11 +59,12 @@ def upsampling_levels(latent_size: int, size: int) -> int:
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype | None, param_dtype: Dtype,
-         transpose: bool = False, stride: int = 1) -> nn.Module:
-  """A same-padded 2D (transposed) convolution with bias, `"b h w c -> b h' w' features"`."""
-  layer = nn.ConvTranspose if transpose else nn.Conv
-  return layer(features, (kernel, kernel), (stride, stride), padding="SAME",
-               kernel_init=CONV_INIT, dtype=dtype, param_dtype=param_dtype, name=name)
+           transpose: bool = False, stride: int = 1) -> nn.Module:
+  """A same-padded 2D (transposed) convolution with bias, `"b h w c -> b h' w' features"`
+  (`flax.linen.Conv`'s / `ConvTranspose`'s arithmetic and parameters, in the stride-1
+  forms of `mmjax.layers.conv`)."""
+  return Conv(features, (kernel, kernel), (stride, stride), "SAME", transpose=transpose,
+              kernel_init=CONV_INIT, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ConvDecoder(nn.Module):

@@ -28,16 +28,15 @@ weight `"in out kt kh kw"` permuted).
 """
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmjax.layers import Dense
+from mmjax.layers.conv import Conv
 from mmjax.models.common import dtype as to_dtype
 from mmjax.models.resnet import TORCH_LINEAR_INIT, BatchNorm
 
@@ -136,126 +135,34 @@ def same_padding(kernel: Sequence[int], strides: Sequence[int]) -> list[tuple[in
   return [((k - s + 1) // 2, (k - s) // 2) for k, s in zip(kernel, strides)]
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A stride-1, unpadded convolution: `"b t h w c"`, kernel `"kt kh kw c f"`."""
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "VALID",
-                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-
-
-def strided_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
-  """VideoGPT's same-padded convolution, `"b t h w c -> b t/s h/s w/s f"` (kernel
-  `"kt kh kw c f"`), as one stride-1 convolution of the space-to-depth input: a stride-`s`
-  kernel of size `k` (a multiple of `s`) is a size-`k/s` kernel over `s`-blocks, with the
-  same arithmetic. XLA:CPU runs a strided convolution's input gradient (a dilated one)
-  tens of times slower than a plain one; this form has none."""
-  k = kernel.shape[:3]
-  x = jnp.pad(x, [(0, 0), *same_padding(k, strides), (0, 0)])
-  if all(s == 1 for s in strides):
-    return _conv(x, kernel)
-  if any(kk % s for kk, s in zip(k, strides)):
-    raise ValueError(f"strided_conv: kernel {k} is not a multiple of the strides {strides}.")
-  (st, sh, sw), (b, t, h, w, c) = strides, x.shape
-  x = x.reshape(b, t // st, st, h // sh, sh, w // sw, sw, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, t // st, h // sh, w // sw, st * sh * sw * c)
-  (kt, kh, kw), f = k, kernel.shape[-1]
-  kernel = kernel.reshape(kt // st, st, kh // sh, sh, kw // sw, sw, c, f)
-  kernel = kernel.transpose(0, 2, 4, 1, 3, 5, 6, 7).reshape(kt // st, kh // sh, kw // sw, -1, f)
-  return _conv(x, kernel)
-
-
-def _taps(k: int, s: int) -> np.ndarray:
-  """`"d p"`: the kernel index that tap `d` of output phase `p` reads in a transposed
-  convolution (kernel `k`, stride `s`, VideoGPT's padding), -1 where it reads none."""
-  d, p = np.arange((s + k - 2) // s + 1)[:, None], np.arange(s)[None]
-  j = p + k - 1 - s * d
-  return np.where((j >= 0) & (j < k), j, -1)
-
-
-def transposed_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                    fused_max: int = 64) -> jax.Array:
-  """VideoGPT's `SamePadConvTranspose3d`, `"b t h w c -> b t*s h*s w*s f"` (kernel
-  `"kt kh kw f c"`: torch's weight `"c f kt kh kw"` permuted), without the stride-dilated
-  input that XLA:CPU convolves tens of times slower: output `s*q + p` on an axis is
-  `sum_d x_pad[q + d] w[p + k - 1 - s*d]` over the taps `d` that index the kernel, so the
-  `prod(s)` output phases are stride-1 convolutions, interleaved. The same arithmetic as
-  torch's (the input padded by `same_padding`, then `ConvTranspose3d` with padding
-  `k - 1`). With at most `fused_max` output channels over all phases they are one
-  convolution over the union of their taps (zeros where a phase has none: more FLOPs,
-  but a narrow convolution is slow); otherwise one convolution per phase on its taps."""
-  k, sizes = kernel.shape[:3], x.shape[1:4]
-  x = jnp.pad(x, [(0, 0), *same_padding(k, strides), (0, 0)])
-  kernel = jnp.swapaxes(kernel, -1, -2)  # "kt kh kw c f"
-  taps = [_taps(kk, s) for kk, s in zip(k, strides)]
-  features, phases = kernel.shape[-1], math.prod(strides)
-  if phases * features <= fused_max:
-    # "dt pt kh kw c f" -> ... -> "dt dh dw c (pt ph pw f)", each axis gathered and masked
-    w = kernel
-    for axis, j in enumerate(taps):
-      w = jnp.take(w, np.maximum(j, 0).reshape(-1), axis=2 * axis)
-      w = w.reshape(*w.shape[:2 * axis], *j.shape, *w.shape[2 * axis + 1:])
-      w = w * (j >= 0).reshape(*j.shape, *(1,) * (w.ndim - 2 * axis - 2))
-    w = w.transpose(0, 2, 4, 6, 1, 3, 5, 7).reshape(*(len(j) for j in taps), -1,
-                                                   phases * features)
-    y = _conv(x, w)
-  else:
-    outputs = []
-    for phase in itertools.product(*(range(s) for s in strides)):
-      used = [np.flatnonzero(j[:, p] >= 0) for j, p in zip(taps, phase)]
-      w = kernel[np.ix_(*(j[d, p] for j, d, p in zip(taps, used, phase)))]
-      window = x[:, used[0][0]:used[0][0] + sizes[0] + len(used[0]) - 1,
-                 used[1][0]:used[1][0] + sizes[1] + len(used[1]) - 1,
-                 used[2][0]:used[2][0] + sizes[2] + len(used[2]) - 1]
-      outputs.append(_conv(window, w))
-    y = jnp.stack(outputs, axis=-2)  # "b t h w (pt ph pw) f"
-  (st, sh, sw), (t, h, w_), b = strides, sizes, x.shape[0]
-  y = y.reshape(b, t, h, w_, st, sh, sw, features)
-  return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, t * st, h * sh, w_ * sw, features)
-
-
-class SameConv3d(nn.Module):
-  """A same-padded 3D convolution (`transpose=False`, `strided_conv`) or transposed
-  convolution (`transposed_conv`) with VideoGPT's padding: params `kernel`
-  (`"kt kh kw c f"`, or `"kt kh kw f c"` transposed) and `bias "f"`."""
-
-  features: int
-  kernel_size: int
-  strides: tuple[int, int, int] = (1, 1, 1)
-  transpose: bool = False
-  use_bias: bool = True
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = (self.kernel_size,) * 3, x.shape[-1]
-    shape, axes = ((*k, self.features, c), (None, None, None, "mlp", "embed")) \
-        if self.transpose else ((*k, c, self.features), CONV_AXES)
-    # Fan-in over "kt kh kw" and the second-last axis: torch's for both (a transposed
-    # convolution's weight "c f kt kh kw" has its fan-in over f).
-    kernel = self.param("kernel", nn.with_logical_partitioning(_torch_conv_init, axes), shape,
-                        self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = (transposed_conv if self.transpose else strided_conv)(x, kernel, self.strides)
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                             ("mlp",)),
-                        (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
-
-
 def conv3d(features: int, kernel: int, strides: Sequence[int] = (1, 1, 1), *,
-           use_bias: bool = True, name: str | None = None, **kw) -> SameConv3d:
+           use_bias: bool = True, name: str | None = None, **kw) -> Conv:
   """VideoGPT's `SamePadConv3d`, `"b t h w c -> b t/s h/s w/s f"`: kernel
   `"kt kh kw c f"`, `bias "f"` (without `use_bias`, none)."""
-  return SameConv3d(features, kernel, tuple(strides), use_bias=use_bias, name=name, **kw)
+  k = (kernel,) * 3
+  return Conv(features, k, tuple(strides), same_padding(k, strides), use_bias=use_bias,
+              kernel_init=nn.with_logical_partitioning(_torch_conv_init, CONV_AXES),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+              name=name, **kw)
 
 
 def conv_transpose3d(features: int, kernel: int, strides: Sequence[int], *,
-                     name: str | None = None, **kw) -> SameConv3d:
+                     name: str | None = None, **kw) -> Conv:
   """VideoGPT's `SamePadConvTranspose3d`, `"b t h w c -> b t*s h*s w*s f"`: kernel
-  `"kt kh kw f c"` (torch's `ConvTranspose3d` weight `"c f kt kh kw"` permuted), `bias "f"`."""
-  return SameConv3d(features, kernel, tuple(strides), transpose=True, name=name, **kw)
+  `"kt kh kw f c"` (torch's `ConvTranspose3d` weight `"c f kt kh kw"` permuted), `bias "f"`.
+
+  torch pads the input by `same_padding` and then runs the transposed convolution with
+  padding `k - 1`, which crops nothing from the stride-dilated input: the same as padding
+  the dilated input by `s` times the input's padding and convolving with the flipped
+  kernel, `lax.conv_transpose` with that explicit padding (here in its stride-1 form,
+  `mmjax.layers.conv`)."""
+  k = (kernel,) * 3
+  padding = [(a * s, b * s) for (a, b), s in zip(same_padding(k, strides), strides)]
+  return Conv(features, k, tuple(strides), padding, transpose=True, transpose_kernel=True,
+              kernel_init=nn.with_logical_partitioning(_torch_conv_init,
+                                                       (None, None, None, "mlp", "embed")),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+              name=name, **kw)
 
 
 def _batch_split(x: jax.Array) -> jax.Array:
