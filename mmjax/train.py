@@ -307,8 +307,14 @@ def make_train_step(config, parts: Parts):
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
     zero = jnp.zeros((), jnp.float32)
-    (grads, total, count, model_state), terms = jax.lax.scan(
-        accumulate, (zeros, zero, zero, state.get("model_state")), (micro, jnp.arange(accum)))
+    carry = (zeros, zero, zero, state.get("model_state"))
+    if accum == 1:  # no loop: XLA:CPU runs a convolution inside one several times slower
+      (grads, total, count, model_state), terms = accumulate(
+          carry, jax.tree_util.tree_map(lambda x: x[0], (micro, jnp.arange(1))))
+      terms = jax.tree_util.tree_map(lambda x: x[None], terms)
+    else:
+      (grads, total, count, model_state), terms = jax.lax.scan(accumulate, carry,
+                                                               (micro, jnp.arange(accum)))
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
     grads = only_token_rows(grads)
     loss = losses.safe_mean(total, count)
