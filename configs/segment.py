@@ -93,8 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = dict(lr=1e-3, warmup_steps=20, final_lr_fraction=0.1, b1=0.9, b2=0.999,
                       eps=1e-8, weight_decay=1e-4, decay_pattern=r"kernel$", clip_norm=1.0,
                       accum_steps=1)
-  config.train = dict(steps=400, log_every=50, eval_every=200, eval_batches=4,
-                      checkpoint_every=200, keep_checkpoints=2, nonfinite="abort")
+  config.train = dict(steps=200, log_every=50, eval_every=100, eval_batches=4,
+                      checkpoint_every=100, keep_checkpoints=2, nonfinite="abort")
   # Held-out frames of `eval_datasets.test`: IoU of the masks thresholded at logit 0 (mean
   # over frames with its standard error, and over all pixels), Dice, pixel accuracy.
   config.evaluate = dict(tasks=("segment",), shots=(0,), episodes=-1, batch_size=32, seed=0)

@@ -55,6 +55,9 @@ class SegmenterConfig:
       levels ("unet" at the image's resolution, "heavy" at the latent's).
     num_heads, positions: the "attention" head's heads and positions ("learned" or
       "sinusoidal").
+    normalize_latents: each latent position's channels standardised (a LayerNorm
+      without parameters) before the head: the conv stack's raw outputs are unnormalised
+      and can saturate a freshly initialised head (its sigmoid, then zero gradients).
   """
 
   encoder: VQVAEConfig | None = None
@@ -69,6 +72,7 @@ class SegmenterConfig:
   unet_levels: int = 4
   num_heads: int = 8
   positions: Literal["learned", "sinusoidal"] = "learned"
+  normalize_latents: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -155,4 +159,7 @@ class Segmenter(nn.Module):
         video, train=train and not cfg.freeze_encoder)[cfg.latent]
     if cfg.freeze_encoder:
       latents = jax.lax.stop_gradient(latents)
+    if cfg.normalize_latents:
+      latents = nn.LayerNorm(use_bias=False, use_scale=False, name="latent_norm")(
+          latents.astype(jnp.float32)).astype(latents.dtype)
     return make_head(cfg)(latents).astype(jnp.float32)
