@@ -30,7 +30,7 @@ after temperature scaling fitted on the validation split) end every run
 
 import ml_collections
 
-from mmjax.cli import UserError
+from mmjax.configs import method_and_shape
 from mmjax.data import mammo_world
 
 METHODS = ("vision", "concat", "attention", "masking", "masking_fixed", "whole_image")
@@ -39,15 +39,7 @@ SHAPES = ("tiny", "large", "paper")
 
 def parse_variant(arg: str | None) -> tuple[str, str]:
   """`(method, shape)` of a variant name."""
-  method, _, shape = (arg or "").partition("-")
-  if method in SHAPES and not shape:
-    method, shape = "", method
-  method, shape = method or "attention", shape or "tiny"
-  if method not in METHODS or shape not in SHAPES:
-    raise UserError(f"Unknown mmbcd variant {arg!r}; choose a method of {METHODS}, a "
-                    f"shape of {SHAPES}, or <method>-<shape> "
-                    "(--config=configs/mmbcd.py:<variant>).")
-  return method, shape
+  return method_and_shape(arg, "mmbcd", METHODS, SHAPES, "attention")
 
 
 def trainable_pattern(vision_frozen_blocks: int, text_trained_layers: int | None,

@@ -27,7 +27,7 @@ Dice and pixel accuracy over the test frames end every run (`mmjax.evaluate.segm
 
 import ml_collections
 
-from mmjax.cli import UserError
+from mmjax.configs import method_and_shape
 
 from mmjax.configs import vqvae
 
@@ -48,15 +48,7 @@ SHAPES = ("tiny", "bair")
 
 def parse_variant(arg: str | None) -> tuple[str, str]:
   """`(method, shape)` of a variant name."""
-  method, _, shape = (arg or "").partition("-")
-  if method in SHAPES and not shape:
-    method, shape = "", method
-  method, shape = method or "resnet_attention_ft", shape or "tiny"
-  if method not in METHODS or shape not in SHAPES:
-    raise UserError(f"Unknown segment variant {arg!r}; choose a method of {tuple(METHODS)}, "
-                    f"a shape of {SHAPES}, or <method>-<shape> "
-                    "(--config=configs/segment.py:<variant>).")
-  return method, shape
+  return method_and_shape(arg, "segment", METHODS, SHAPES, "resnet_attention_ft")
 
 
 def frames(split: str, size: int, resolution: int = 64) -> dict:

@@ -8,10 +8,9 @@ into the channels (`"b t h w c -> b h w (t c)"`) and returns logits `"b (h s) (w
   LinearHead     a linear probe: each latent cell maps linearly to its `s x s` block of
                  logits (a 1x1 convolution to `s * s` channels, then depth-to-space).
   ConvHead       the light decoder: a per-position fully connected layer and ReLU, then
-                 `ConvDecoder`.
-  HeavyHead      a per-position fully connected layer and ReLU, a `UNetBody` (conv
-                 encoder and decoder with skip connections) at the latent's resolution,
-                 then `ConvDecoder`.
+                 `ConvDecoder`; with `unet_widths` the heavy one: a `UNetBody` (conv
+                 encoder and decoder with skip connections) at the latent's resolution
+                 before `ConvDecoder`.
   AttentionHead  multi-head self-attention over the latent positions (learned or
                  sinusoidal positions added first), ReLU, then `ConvDecoder`.
   UNet           the baseline from pixels, no encoder: a `UNetBody` on the image and a
@@ -144,11 +143,13 @@ class LinearHead(nn.Module):
 class ConvHead(nn.Module):
   """The light decoder: `latents "b t h w c"` -> logits `"b H W"`: a per-position fully
   connected layer (`fc`, to `width` channels; None: the folded latent's) and ReLU, then
-  `ConvDecoder` (`decoder`) up to `size`."""
+  `ConvDecoder` (`decoder`) up to `size`. With `unet_widths` the heavy decoder: a
+  `UNetBody` (`unet`, those widths per level) at the latent's resolution between them."""
 
   size: int
   width: int | None = None
   decoder_widths: Sequence[int] = (128, 32)
+  unet_widths: Sequence[int] = ()
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -158,29 +159,8 @@ class ConvHead(nn.Module):
     levels = upsampling_levels(x.shape[1], self.size)
     x = nn.relu(Dense(self.width or x.shape[-1], ("embed", "mlp"), use_bias=True,
                       dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x))
-    return ConvDecoder(levels, tuple(self.decoder_widths), self.dtype, self.param_dtype,
-                       name="decoder")(x)
-
-
-class HeavyHead(nn.Module):
-  """The heavy decoder: `latents "b t h w c"` -> logits `"b H W"`: a per-position fully
-  connected layer (`fc`) and ReLU, a `UNetBody` (`unet`, `unet_widths` per level) at the
-  latent's resolution, then `ConvDecoder` (`decoder`) up to `size`."""
-
-  size: int
-  width: int | None = None
-  unet_widths: Sequence[int] = (64, 128, 256, 512)
-  decoder_widths: Sequence[int] = (128, 32)
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, latents: jax.Array) -> jax.Array:
-    x = fold_time(latents)
-    levels = upsampling_levels(x.shape[1], self.size)
-    x = nn.relu(Dense(self.width or x.shape[-1], ("embed", "mlp"), use_bias=True,
-                      dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x))
-    x = UNetBody(tuple(self.unet_widths), self.dtype, self.param_dtype, name="unet")(x)
+    if self.unet_widths:
+      x = UNetBody(tuple(self.unet_widths), self.dtype, self.param_dtype, name="unet")(x)
     return ConvDecoder(levels, tuple(self.decoder_widths), self.dtype, self.param_dtype,
                        name="decoder")(x)
 

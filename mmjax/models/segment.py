@@ -120,7 +120,7 @@ def make_head(cfg: SegmenterConfig, name: str = "head") -> nn.Module:
   if cfg.head == "conv":
     return seg_heads.ConvHead(size, cfg.fc_width, cfg.decoder_widths, **kw)
   if cfg.head == "heavy":
-    return seg_heads.HeavyHead(size, cfg.fc_width, cfg.unet_widths, cfg.decoder_widths, **kw)
+    return seg_heads.ConvHead(size, cfg.fc_width, cfg.decoder_widths, cfg.unet_widths, **kw)
   if cfg.head == "attention":
     return seg_heads.AttentionHead(size, cfg.num_heads, cfg.positions, cfg.decoder_widths,
                                    **kw)
