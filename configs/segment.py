@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   encoder = vqvae.model_shape(shape) if latent else None
   resolution = 64
   config.model = dict(encoder=encoder, latent=latent or "resnet", head=head,
-                      freeze_encoder=frozen, frames=16)
+                      freeze_encoder=frozen, frames=16, image_size=resolution)
   # The frozen encoder's parameters stay as pretrained; the UNet has none.
   config.trainable = "^head/" if latent and frozen else ".*"
   if latent:

@@ -41,7 +41,7 @@ def segment_config(method: str, pretrained, steps: int = 3):
   if config.model.encoder is not None:
     config.model.encoder.update(TOY)
     config.init.encoder.workdir = str(pretrained)
-  config.model.frames = 4
+  config.model.update(frames=4, image_size=32)
   toy_sources(config, frames_kind=True)
   config.data.batch_size = 4
   config.train.update(steps=steps, log_every=steps, checkpoint_every=steps, eval_every=0)
@@ -103,8 +103,6 @@ def test_a_fine_tuned_encoder_moves_and_the_unet_and_noise_control_run(pretraine
   assert all(jax.tree.leaves({k: v for k, v in moved.items() if k.startswith("conv")}))
   for method in ("unet", "noise"):
     config = segment_config(method, vqvae_dir, steps=1)
-    if method == "unet":
-      config.model.image_size = 32
     scores = run(config, tmp_path / method)["few_shot"]["segment"][0]
     assert scores["images"] == 24
 
