@@ -19,7 +19,6 @@ import numpy as np
 
 from mmjax.cli import UserError
 from mmjax.data import regions as regions_lib
-from mmjax.data.sequences import CorruptRecord
 from mmjax.data.tokenizer import make_tokenizer
 from mmjax.evaluate import held_out, metrics
 
@@ -69,14 +68,9 @@ def run_split(config, params, model_state, name: str, *,
   labels, ids, skipped = [], [], {}
 
   def examples():
-    for index in range(held_out.limit(config, source)):
-      document = source[index]
-      try:
-        example, _ = regions_lib.build_regions(document, tokenizer, spec,
-                                               config.data.seq_len, np.random.default_rng(index))
-      except CorruptRecord as error:
-        skipped[error.reason] = skipped.get(error.reason, 0) + 1
-        continue
+    build = lambda document, index: regions_lib.build_regions(
+        document, tokenizer, spec, config.data.seq_len, np.random.default_rng(index))[0]
+    for index, document, example in held_out.built(config, source, build, skipped):
       labels.append(int(document["label"]))
       ids.append(str(document.get("id", index)))
       yield {k: v for k, v in example.items() if k != "label"}

@@ -2,13 +2,14 @@
 split's source, how many of its records are read, and running a jitted function over
 examples in batches of one compiled shape."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from mmjax.cli import UserError
 from mmjax.data.pipeline import dataset_from_config
+from mmjax.data.sequences import CorruptRecord
 
 
 def source(config, name: str, what: str):
@@ -26,6 +27,21 @@ def limit(config, records) -> int:
   is -1."""
   episodes = config.evaluate.get("episodes", -1)
   return len(records) if episodes < 0 else min(episodes, len(records))
+
+
+def built(config, records, build: Callable[[dict, int], dict], skipped: dict[str, int]
+          ) -> Iterator[tuple[int, dict, dict]]:
+  """`(index, document, example)` of each of the first `limit(config, records)` records
+  that `build(document, index)` makes an example of; a record it refuses (`CorruptRecord`)
+  is counted in `skipped` by reason."""
+  for index in range(limit(config, records)):
+    try:
+      document = records[index]
+      example = build(document, index)
+    except CorruptRecord as error:
+      skipped[error.reason] = skipped.get(error.reason, 0) + 1
+      continue
+    yield index, document, example
 
 
 def batched(fn: Callable[[dict[str, np.ndarray]], Any], examples: Iterable[dict],

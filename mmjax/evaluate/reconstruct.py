@@ -18,7 +18,6 @@ import numpy as np
 
 from mmjax.cli import UserError
 from mmjax.data import video as video_lib
-from mmjax.data.sequences import CorruptRecord
 from mmjax.evaluate import held_out
 from mmjax.models.vqvae import preprocess
 
@@ -57,13 +56,9 @@ def evaluate(config, params, model_state=None, *,
     return mse(out["recon"]), mse(jnp.clip(out["recon"], -0.5, 0.5)), out["encodings"]
 
   def examples():
-    for index in range(held_out.limit(config, source)):
-      try:
-        document = source[index]
-        example, _ = video_lib.build_video(document, spec, "video", config.seed, index)
-      except CorruptRecord as error:
-        skipped[error.reason] = skipped.get(error.reason, 0) + 1
-        continue
+    build = lambda document, index: video_lib.build_video(document, spec, "video",
+                                                          config.seed, index)[0]
+    for index, document, example in held_out.built(config, source, build, skipped):
       ids.append(str(document.get("id", index)))
       yield example
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from mmjax.cli import UserError
 from mmjax.data import video as video_lib
-from mmjax.data.sequences import CorruptRecord
 from mmjax.evaluate import held_out, metrics
 
 TASK = "segment"
@@ -55,13 +54,9 @@ def segment_split(config, params, model_state, *,
     return segment_task.forward(model, variables, batch["image"])[0] > 0
 
   def examples():
-    for index in range(held_out.limit(config, source)):
-      try:
-        document = source[index]
-        example, _ = video_lib.build_video(document, spec, "segment", config.seed, index)
-      except CorruptRecord as error:
-        skipped[error.reason] = skipped.get(error.reason, 0) + 1
-        continue
+    build = lambda document, index: video_lib.build_video(document, spec, "segment",
+                                                          config.seed, index)[0]
+    for index, document, example in held_out.built(config, source, build, skipped):
       targets.append(example["mask"] > 0.5)
       ids.append(str(document.get("id", index)))
       yield {"image": example["image"]}
