@@ -7,6 +7,7 @@ same process; code that should run on one device asks for `jax.devices()[:1]`.
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 # CPU only: with libtpu installed (for ahead-of-time TPU compilation), JAX would otherwise
@@ -76,9 +77,17 @@ def random_gates(params, seed: int = 7):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "checkout: compares against a reference that is a source checkout named by "
+      "an environment variable, not a package on PyPI; CI cannot install it, so there the "
+      "test's skip is reported and counted, not failed")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-  return _no_skip_in_ci((yield))
+  report = yield
+  return report if item.get_closest_marker("checkout") else _no_skip_in_ci(report)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -90,7 +99,8 @@ def _no_skip_in_ci(report):
   """In CI (`CI` set, as `.ci/run` runs) a skipped test or module fails: CI installs every
   reference the tests compare against (torch, transformers, open_flamingo, libtpu, TFDS),
   so a skip there means a missing install step, and a parity test must not pass by not
-  running. `MMJAX_ALLOW_SKIPS=1` lets a CI-like run skip anyway."""
+  running. `MMJAX_ALLOW_SKIPS=1` lets a CI-like run skip anyway. Tests marked `checkout`
+  are exempt: their reference is no package (see `videogpt_vqvae`)."""
   if (report.skipped and os.environ.get("CI") and not os.environ.get("MMJAX_ALLOW_SKIPS")
       and not hasattr(report, "wasxfail")):
     reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
@@ -98,6 +108,35 @@ def _no_skip_in_ci(report):
     report.longrepr = (f"Skipped in CI, where every test reference is installed: {reason}. "
                        "Install what it names (`bash .ci/run` installs everything).")
   return report
+
+
+def videogpt_vqvae():
+  """VideoGPT's `videogpt.vqvae` module, from the checkout of wilson1yan/VideoGPT that
+  `VIDEOGPT_SRC` names (PyPI's `videogpt` is an empty placeholder); skips without one.
+  Stubs stand in for what it imports but the VQ-VAE does not use: `pytorch_lightning` (the
+  module subclasses LightningModule and calls save_hyperparameters, nothing else),
+  `skvideo.io` (utils' video writer), and the package's `__init__` (which imports the GPT,
+  the data and the downloads). Tests that call it are marked `checkout`."""
+  src = os.environ.get("VIDEOGPT_SRC")
+  if not src:
+    pytest.skip("VIDEOGPT_SRC (a checkout of wilson1yan/VideoGPT) is not set; the written-out "
+                "reference benchmarks/vqvae_torch.py, held equal to it, runs instead")
+  import importlib
+  import types
+
+  import torch
+
+  class LightningModule(torch.nn.Module):
+    def save_hyperparameters(self, *args, **kwargs):
+      pass
+
+  stubs = {"pytorch_lightning": {"LightningModule": LightningModule}, "skvideo": {},
+           "skvideo.io": {}, "videogpt": {"__path__": [os.path.join(src, "videogpt")]}}
+  for name, attributes in stubs.items():
+    if name not in sys.modules:
+      module = sys.modules[name] = types.ModuleType(name)
+      module.__dict__.update(attributes)
+  return importlib.import_module("videogpt.vqvae")
 
 
 @pytest.fixture(scope="module")

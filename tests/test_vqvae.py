@@ -3,10 +3,7 @@ the axial attention and the EMA codebook, and (with VIDEOGPT_SRC naming a checko
 wilson1yan/VideoGPT) the reference model itself."""
 
 import functools
-import importlib
 import math
-import os
-import sys
 import types
 
 import flax
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import videogpt_vqvae
 
 from mmjax import sharding
 from mmjax.models import vqvae
@@ -319,28 +317,7 @@ def test_data_parallel_step_sums_the_global_batch(tiny_variables):
   np.testing.assert_allclose(counts.sum(), 0.99 * 16 + 0.01 * 8 * 2 * 4 * 4, rtol=1e-5)
 
 
-# The reference model (wilson1yan/VideoGPT), run from a checkout named by VIDEOGPT_SRC.
-
-def reference():
-  src = os.environ.get("VIDEOGPT_SRC")
-  if not src:
-    pytest.skip("VIDEOGPT_SRC (a checkout of wilson1yan/VideoGPT) is not set")
-  if "pytorch_lightning" not in sys.modules:
-    pl = types.ModuleType("pytorch_lightning")
-    pl.LightningModule = type("LightningModule", (torch.nn.Module,),
-                              {"save_hyperparameters": lambda self, *a, **k: None})
-    sys.modules["pytorch_lightning"] = pl
-  try:
-    import skvideo.io  # noqa: F401  (videogpt.utils imports it for saving videos)
-  except ImportError:
-    sys.modules["skvideo"] = types.ModuleType("skvideo")
-    sys.modules["skvideo.io"] = sys.modules["skvideo"].io = types.ModuleType("skvideo.io")
-  if "videogpt" not in sys.modules:  # the package without its __init__ (gpt, data, ...)
-    package = types.ModuleType("videogpt")
-    package.__path__ = [os.path.join(src, "videogpt")]
-    sys.modules["videogpt"] = package
-  return importlib.import_module("videogpt.vqvae")
-
+# The reference model (wilson1yan/VideoGPT), from the checkout VIDEOGPT_SRC names.
 
 def to_flax(state: dict, cfg: VQVAEConfig) -> dict:
   """The reference's state dict as this model's variables."""
@@ -403,9 +380,10 @@ def randomised(module):
   return module
 
 
+@pytest.mark.checkout
 @pytest.mark.parametrize("downsample", [(2, 4, 4), (4, 4, 4)])
 def test_matches_the_reference(downsample):
-  ref_module = reference()
+  ref_module = videogpt_vqvae()
   cfg = VQVAEConfig(embedding_dim=8, n_codes=16, n_hiddens=16, n_res_layers=2,
                     downsample=downsample, frames=8, resolution=16)
   torch.manual_seed(0)

@@ -3,9 +3,6 @@ VideoGPT's own code (when VIDEOGPT_SRC names its checkout), and the conversion o
 Lightning checkpoint into mmjax against that reference."""
 
 import argparse
-import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import vqvae_torch  # noqa: E402 (torch first)
+from conftest import videogpt_vqvae  # noqa: E402
 
 # (n_hiddens, n_res_layers, downsample, embedding_dim, n_codes) of the random models.
 SMALL = {"n_hiddens": 32, "n_res_layers": 2, "embedding_dim": 16, "n_codes": 32}
@@ -50,39 +48,15 @@ def _randomise(model, seed: int):
   return model
 
 
-def _videogpt():
-  """VideoGPT's `videogpt.vqvae` from VIDEOGPT_SRC. Stubs stand in for what it imports
-  but the VQ-VAE does not use: `pytorch_lightning` (the module subclasses LightningModule
-  and calls save_hyperparameters, nothing else), `skvideo.io` (utils' video writer), and
-  the package's `__init__` (which imports the GPT, the data and the downloads)."""
-  src = os.environ.get("VIDEOGPT_SRC")
-  if not src:
-    pytest.skip("VIDEOGPT_SRC (a checkout of wilson1yan/VideoGPT) is not set.")
-  if "videogpt.vqvae" in sys.modules:
-    return sys.modules["videogpt.vqvae"]
-
-  class LightningModule(torch.nn.Module):
-    def save_hyperparameters(self, *args, **kwargs):
-      pass
-
-  stubs = {"pytorch_lightning": {"LightningModule": LightningModule}, "skvideo": {},
-           "skvideo.io": {}, "videogpt": {"__path__": [os.path.join(src, "videogpt")]}}
-  for name, attributes in stubs.items():
-    if name not in sys.modules:
-      module = sys.modules[name] = types.ModuleType(name)
-      module.__dict__.update(attributes)
-  import importlib
-  return importlib.import_module("videogpt.vqvae")
-
-
 def _close(a, b, what, atol=1e-5):
   a, b = (x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (a, b))
   np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5, err_msg=what)
 
 
+@pytest.mark.checkout
 @pytest.mark.parametrize("downsample", DOWNSAMPLES)
 def test_written_out_reference_equals_videogpt(downsample):
-  vqvae = _videogpt()
+  vqvae = videogpt_vqvae()
   args = _args(downsample)
   torch.manual_seed(0)
   theirs = _randomise(vqvae.VQVAE(args), 1)
