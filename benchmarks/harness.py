@@ -135,7 +135,10 @@ def profile_ops(fn: Callable[[], Any], trace_dir: str, top: int = 25
   events = events["traceEvents"] if isinstance(events, dict) else events
   names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
-  devices = {pid for (pid, tid), name in names.items() if tid is None and "/device:" in name}
+  # GPU processes: a "/device:" process with kernel streams (libtpu adds a "/device:CUSTOM"
+  # process on any machine, which has none).
+  devices = {pid for (pid, tid), name in names.items() if tid is not None
+             and name.startswith("Stream") and "/device:" in names.get((pid, None), "")}
 
   def wanted(e):
     if devices:  # kernels, on the devices' streams

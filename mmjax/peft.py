@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers import Dense
+from mmjax.layers.dense import contract
 from mmjax.layers.mlp import activation_fn
 
 Patterns = str | tuple[str, ...]
@@ -193,8 +194,8 @@ def _lora(module: Dense, x: jax.Array, y: jax.Array, cfg: LoraConfig) -> jax.Arr
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - cfg.dropout), 0).astype(x.dtype)
   x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=module.dtype)
-  t = jax.lax.dot_general(x, a, ((axis, tuple(range(n_in))), ((), ())))  # "... r"
-  update = jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())))
+  t = contract(x, a, axis)  # "... r"
+  update = contract(t, b, (t.ndim - 1,))
   return y + (cfg.scale * update).astype(y.dtype)
 
 

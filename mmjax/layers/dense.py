@@ -11,6 +11,29 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def contract(x: jax.Array, kernel: jax.Array, axis: Sequence[int]) -> jax.Array:
+  """`x`'s `axis` (in order) contracted with `kernel`'s leading axes: `[*rest, *features]`.
+
+  When the contracted axes are trailing, the leading ones are folded into one before the
+  product and unfolded after (free reshapes of contiguous arrays). The value is the same as
+  one `dot_general`, but the weight gradient then contracts a single token axis: XLA:CPU
+  otherwise forms it by writing the output gradient transposed, fused into the elementwise
+  backward that produces it (e.g. GELU's), which measured up to half of a gated
+  cross-attention block's backward (BENCHMARKS.md). Folding a leading axis sharded over
+  the batch keeps the sharding: it is the major one.
+  """
+  axis = tuple(axis)
+  n = len(axis)
+  dims = ((axis, tuple(range(n))), ((), ()))
+  rest = x.shape[:x.ndim - n]
+  if len(rest) < 2 or axis != tuple(range(x.ndim - n, x.ndim)):
+    return jax.lax.dot_general(x, kernel, dims)
+  flat = jax.lax.dot_general(x.reshape((-1,) + x.shape[len(rest):]), kernel,
+                             ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
+  return flat.reshape(rest + flat.shape[1:])
+
+
+
 class Dense(nn.Module):
   """A linear map over one or more input axes to one or more output axes.
 
@@ -57,8 +80,7 @@ class Dense(nn.Module):
           nn.initializers.zeros_init(), tuple(self.axes[len(in_shape):])),
                         features, self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
-    # dot_general puts the remaining x axes first; contracted axes need not be trailing.
+    y = contract(x, kernel, axis)  # the remaining x axes first, then the features
     if bias is not None:
       y = y + bias
     return y
