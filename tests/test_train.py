@@ -268,6 +268,27 @@ def test_nonfinite_updates_abort_with_the_step_or_are_skipped(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
 
+def test_nonfinite_gradients_are_named_by_parameter():
+  config = lm_config(**{"optim.warmup_steps": 0})
+  parts = train.build(config, jax.devices()[:1])
+  state = train.init_state(config, parts, pretrained=False)
+  step = train.make_train_step(config, parts)
+  batch = sharding.global_batch(_lm_batch(config), sharding.batch_sharding(parts.mesh,
+                                                                           parts.rules))
+  state, metrics, nonfinite = step(state, batch)
+  assert bool(metrics["finite"]) and not any(bool(v) for v in nonfinite.values())
+  # A NaN in one parameter makes the loss NaN, and the gradients it flows into: named.
+  flat = checkpoints.flat_params(state["params"])
+  name = next(k for k in flat if "final_norm" in k)
+  flat[name] = flat[name].at[0].set(jnp.nan)
+  state["params"] = checkpoints.tree_params(flat)
+  _, metrics, nonfinite = step(state, batch)
+  assert not bool(metrics["finite"])
+  assert bool(nonfinite[name]) and sum(bool(v) for v in nonfinite.values()) > 1
+  with pytest.raises(train.NonFiniteError, match=r"non-finite gradients in \d+ parameter"):
+    train.check_finite(2, metrics, nonfinite)
+
+
 def test_contrastive_loss_matches_naive_infonce():
   from mmjax import losses
   rng = np.random.default_rng(0)
