@@ -33,7 +33,6 @@ def contract(x: jax.Array, kernel: jax.Array, axis: Sequence[int]) -> jax.Array:
   return flat.reshape(rest + flat.shape[1:])
 
 
-
 class Dense(nn.Module):
   """A linear map over one or more input axes to one or more output axes.
 
