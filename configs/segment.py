@@ -27,9 +27,7 @@ Dice and pixel accuracy over the test frames end every run (`mmjax.evaluate.segm
 
 import ml_collections
 
-from mmjax.configs import method_and_shape
-
-from mmjax.configs import vqvae
+from mmjax.configs import method_and_shape, vqvae
 
 # method: (latent, head, frozen encoder, noise images)
 METHODS = {
