@@ -331,13 +331,11 @@ def make_train_step(config, parts: Parts):
           lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
       model_state = keep(model_state, state.get("model_state"))
-    # Which parameters' gradients are non-finite, computed only in a step that is not
-    # finite: a reduction per parameter in every step was ~2.5% of a small model's CPU
-    # operation time.
-    flat_grads = checkpoints.flat_params(grads)
-    nonfinite_grads = jax.lax.cond(
-        finite, lambda: {k: jnp.zeros((), bool) for k in flat_grads},
-        lambda: {k: ~jnp.all(jnp.isfinite(g)) for k, g in flat_grads.items()})
+    # One reduction per parameter (~2.5% of a small model's CPU operation time). Under a
+    # `lax.cond` taken only in a non-finite step it cost nothing measurable on CPU but held
+    # every gradient as the cond's operand: +12% step temporaries for the 3B Flamingo on TPU.
+    nonfinite_grads = {k: ~jnp.all(jnp.isfinite(g))
+                       for k, g in checkpoints.flat_params(grads).items()}
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     if model_state is not None:
       new_state["model_state"] = model_state
